@@ -1,0 +1,63 @@
+"""What the client hands to an endpoint, and what every endpoint kind implements."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from ._channel import RunChannel
+from ._descriptors import EndpointKind
+from ._types import (
+    ChatMessage,
+    LocalEmbedOptions,
+    LocalTextOptions,
+    SippEmbeddingResponse,
+    SippTextOptions,
+    SippTextResponse,
+)
+
+__all__ = ["EmbedRequest", "Endpoint", "Operation", "TextRequest"]
+
+Operation = Literal["query", "chat", "embed"]
+
+
+@dataclass(frozen=True)
+class TextRequest:
+    """A validated `query` (prompt set) or `chat` (messages set)."""
+
+    operation: Literal["query", "chat"]
+    prompt: str | None
+    messages: tuple[ChatMessage, ...] | None
+    options: SippTextOptions
+    local: LocalTextOptions | None
+    emit_tokens: bool
+    endpoint_options: Mapping[str, Any] | None = None
+    provider_options: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    input: str
+    local: LocalEmbedOptions | None
+    endpoint_options: Mapping[str, Any] | None = None
+    provider_options: Mapping[str, Any] | None = None
+
+
+class Endpoint(Protocol):
+    """An endpoint runs requests without blocking the caller: `start_*` only enqueues
+    (or starts I/O) and later completes the channel from its own thread or task."""
+
+    kind: EndpointKind
+
+    def supports(self, operation: Operation) -> bool: ...
+
+    def start_text(self, request: TextRequest, channel: RunChannel[SippTextResponse]) -> None: ...
+
+    def start_embed(
+        self, request: EmbedRequest, channel: RunChannel[SippEmbeddingResponse]
+    ) -> None: ...
+
+    def runtime_metrics(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...

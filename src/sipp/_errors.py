@@ -1,0 +1,95 @@
+"""The `SippError` tree.
+
+Every error carries a stable `code`: the same string the gateway puts in the
+wire envelope `{"error": {"code", "message"}}`, so callers can branch on it
+without parsing messages. Codes never change once released; messages may.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendUnavailableError",
+    "ClientClosedError",
+    "ContextOverflowError",
+    "EndpointNotFoundError",
+    "ExecutionError",
+    "InvalidConfigError",
+    "InvalidRequestError",
+    "ModelLoadError",
+    "OverloadedError",
+    "SippError",
+    "UnsupportedOperationError",
+]
+
+
+class SippError(Exception):
+    """Base class of every error Sipp raises on purpose."""
+
+    code: str = "execution"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(code={self.code!r}, message={self.message!r})"
+
+
+class InvalidRequestError(SippError):
+    """A request argument is malformed or out of range (HTTP 400)."""
+
+    code = "invalid_request"
+
+
+class InvalidConfigError(SippError):
+    """A descriptor or runtime config field is invalid or not supported by this runtime."""
+
+    code = "invalid_config"
+
+
+class UnsupportedOperationError(SippError):
+    """The endpoint cannot run this operation (e.g. `chat` on a model without a template)."""
+
+    code = "unsupported_operation"
+
+
+class EndpointNotFoundError(SippError):
+    """No registered endpoint matches the request (HTTP 404 on the gateway)."""
+
+    code = "not_found"
+
+
+class ModelLoadError(SippError):
+    """The model file is missing, not GGUF, truncated, or llama.cpp refused it."""
+
+    code = "model_load"
+
+
+class BackendUnavailableError(SippError):
+    """The requested compute backend is not in the installed llama.cpp build."""
+
+    code = "backend_unavailable"
+
+
+class ContextOverflowError(SippError):
+    """Prompt plus requested output do not fit the context window."""
+
+    code = "context_overflow"
+
+
+class OverloadedError(SippError):
+    """The endpoint's queue is full (HTTP 429 on the gateway)."""
+
+    code = "overloaded"
+
+
+class ClientClosedError(SippError):
+    """The client (or endpoint) was closed before or during the call."""
+
+    code = "client_closed"
+
+
+class ExecutionError(SippError):
+    """Inference failed while running (HTTP 500 on the gateway)."""
+
+    code = "execution"

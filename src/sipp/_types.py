@@ -1,0 +1,248 @@
+"""Request options and responses shared by every endpoint kind.
+
+Everything here is a frozen dataclass validated in `__post_init__`, so a bad
+value fails where the caller wrote it, with a typed `InvalidRequestError`.
+Responses also read like mappings (`response["text"]`) because the spec's
+examples index them that way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, Union
+
+from ._errors import InvalidRequestError
+
+__all__ = [
+    "ChatMessage",
+    "ChatRole",
+    "FinishReason",
+    "LocalEmbedOptions",
+    "LocalStats",
+    "LocalTextOptions",
+    "MessageLike",
+    "SippEmbeddingResponse",
+    "SippTextOptions",
+    "SippTextResponse",
+    "TokenBatch",
+    "Usage",
+]
+
+ChatRole = Literal["system", "user", "assistant"]
+FinishReason = Literal["stop", "length", "cancelled"]
+_ROLES: frozenset[str] = frozenset(("system", "user", "assistant"))
+
+
+class _ReadsLikeMapping:
+    """`obj["field"]`, `obj.get`, `keys()` and `to_dict()` over dataclass fields."""
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._field_names():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in self._field_names() else default
+
+    def keys(self) -> list[str]:
+        return list(self._field_names())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._field_names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._field_names())
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in self._field_names():
+            value = getattr(self, name)
+            out[name] = value.to_dict() if isinstance(value, _ReadsLikeMapping) else value
+        return out
+
+    def _field_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(self))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class ChatMessage(_ReadsLikeMapping):
+    """One conversation turn: `ChatMessage("user", "Hello")`."""
+
+    role: ChatRole
+    content: str
+
+    def __post_init__(self) -> None:
+        if self.role not in _ROLES:
+            raise InvalidRequestError(
+                f"unknown chat role {self.role!r}; valid roles are system, user, assistant"
+            )
+        if not isinstance(self.content, str):
+            raise InvalidRequestError(
+                f"chat message content must be a string, got {type(self.content).__name__}"
+            )
+
+    @classmethod
+    def coerce(cls, message: MessageLike) -> ChatMessage:
+        """Accept a `ChatMessage` or a `{"role", "content"}` mapping."""
+        if isinstance(message, ChatMessage):
+            return message
+        if isinstance(message, Mapping):
+            extra = set(message) - {"role", "content"}
+            if extra or "role" not in message or "content" not in message:
+                raise InvalidRequestError(
+                    "a chat message mapping needs exactly the keys 'role' and 'content'"
+                )
+            return cls(message["role"], message["content"])
+        raise InvalidRequestError(
+            f"a chat message must be a ChatMessage or a mapping, got {type(message).__name__}"
+        )
+
+
+MessageLike = Union[ChatMessage, Mapping[str, str]]
+
+
+def _check_probability(name: str, value: float | None, *, allow_zero: bool) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise InvalidRequestError(f"{name} must be a number, got {value!r}")
+    low_ok = value >= 0 if allow_zero else value > 0
+    if not low_ok or value > 1:
+        bound = "[0, 1]" if allow_zero else "(0, 1]"
+        raise InvalidRequestError(f"{name} must be in {bound}, got {value}")
+
+
+def check_temperature(name: str, value: float | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise InvalidRequestError(f"{name} must be a number, got {value!r}")
+    if value < 0 or math.isinf(value):
+        raise InvalidRequestError(f"{name} must be >= 0 and finite, got {value}")
+
+
+def check_count(name: str, value: int | None, *, minimum: int) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequestError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise InvalidRequestError(f"{name} must be >= {minimum}, got {value}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SippTextOptions:
+    """Generation options every endpoint kind understands."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        check_count("max_tokens", self.max_tokens, minimum=1)
+        check_temperature("temperature", self.temperature)
+        _check_probability("top_p", self.top_p, allow_zero=False)
+        if self.stop is not None:
+            if isinstance(self.stop, str):
+                object.__setattr__(self, "stop", (self.stop,))
+            stops = tuple(self.stop)
+            if any(not isinstance(s, str) or s == "" for s in stops):
+                raise InvalidRequestError("stop must be a list of non-empty strings")
+            object.__setattr__(self, "stop", stops)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalTextOptions:
+    """Options only a local endpoint understands; gateway endpoints reject them.
+
+    `sampling` overrides the endpoint's load-time `SamplingRuntimeConfig` for
+    this one request (same fields, e.g. `seed`, `top_k`, `min_p`).
+    `json_schema` is a JSON Schema mapping; the output is constrained to match.
+    """
+
+    context_key: str | None = None
+    grammar: str | None = None
+    json_schema: Mapping[str, Any] | None = None
+    sampling: Any = None  # SamplingRuntimeConfig; typed loosely to keep _types import-free
+    media: Sequence[Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.context_key is not None and (
+            not isinstance(self.context_key, str) or not self.context_key
+        ):
+            raise InvalidRequestError("context_key must be a non-empty string")
+        if self.grammar is not None and not isinstance(self.grammar, str):
+            raise InvalidRequestError("grammar must be a GBNF string")
+        if self.grammar is not None and self.json_schema is not None:
+            raise InvalidRequestError("set either grammar or json_schema, not both")
+        if self.json_schema is not None and not isinstance(self.json_schema, Mapping):
+            raise InvalidRequestError("json_schema must be a mapping (a parsed JSON Schema)")
+        if self.media:
+            raise InvalidRequestError(
+                "media inputs need a vision projector, which this runtime does not support yet"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalEmbedOptions:
+    """Local embedding options: `normalize=True` scales the vector to unit L2 norm."""
+
+    context_key: str | None = None
+    normalize: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.normalize is not None and not isinstance(self.normalize, bool):
+            raise InvalidRequestError("normalize must be a bool")
+
+
+@dataclass(frozen=True)
+class TokenBatch(_ReadsLikeMapping):
+    """Text produced since the previous batch. `text` is always whole UTF-8 characters."""
+
+    text: str
+    token_ids: tuple[int, ...] = ()
+    sequence: int = 0
+
+
+@dataclass(frozen=True)
+class Usage(_ReadsLikeMapping):
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+
+
+@dataclass(frozen=True)
+class LocalStats(_ReadsLikeMapping):
+    """Timing of one local request. `tokens_per_second` is decode throughput."""
+
+    prompt_tokens: int
+    cached_prompt_tokens: int
+    generated_tokens: int
+    prefill_ms: float
+    decode_ms: float
+    tokens_per_second: float
+    queue_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class SippTextResponse(_ReadsLikeMapping):
+    text: str
+    finish_reason: FinishReason
+    usage: Usage | None = None
+    local_stats: LocalStats | None = None
+
+
+@dataclass(frozen=True)
+class SippEmbeddingResponse(_ReadsLikeMapping):
+    """One embedding. With pooling `none`, `values` holds every token's vector
+    back to back (`len(values) == token_count * dimensions`)."""
+
+    values: list[float]
+    pooling: str
+    normalized: bool
+    dimensions: int
+    usage: Usage | None = None
+    token_count: int = field(default=1)

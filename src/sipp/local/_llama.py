@@ -1,0 +1,419 @@
+"""The only module that imports `llama_cpp`.
+
+A thin, typed layer over llama-cpp-python's low-level ctypes API: model and
+context lifetime, tokenizer, batches, samplers, embeddings, metadata and the
+llama.cpp log. Everything above this module speaks Python types only, so a
+different binding could replace this file alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+try:
+    import llama_cpp as _lc
+    from llama_cpp import llama_grammar as _grammar
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "local endpoints need llama-cpp-python: pip install 'sipppy[local]'"
+    ) from exc
+
+__all__ = [
+    "Batch",
+    "Context",
+    "LlamaModel",
+    "Sampler",
+    "SamplerSettings",
+    "backend_init",
+    "cpu_has_amx",
+    "installed_backends",
+    "json_schema_to_grammar",
+    "llama_version",
+    "recent_log_errors",
+]
+
+logger = logging.getLogger("sipp.llama")
+
+POOLING = {"none": 0, "mean": 1, "cls": 2, "last": 3}
+POOLING_NAMES = {v: k for k, v in POOLING.items()}
+DEFAULT_SEED = 0xFFFFFFFF
+
+_init_lock = threading.Lock()
+_initialised = False
+_log_tail: deque[str] = deque(maxlen=20)
+_log_partial: list[str] = []
+
+
+@_lc.llama_log_callback  # type: ignore[misc]
+def _log_callback(level: int, text: bytes, _user: Any) -> None:
+    # llama.cpp streams log lines in pieces; join them before handing to logging.
+    piece = text.decode("utf-8", errors="replace") if text else ""
+    _log_partial.append(piece)
+    if not piece.endswith("\n"):
+        return
+    line = "".join(_log_partial).rstrip()
+    _log_partial.clear()
+    if not line:
+        return
+    if level == 2:  # GGML_LOG_LEVEL_ERROR
+        _log_tail.append(line)
+        logger.debug("llama.cpp error: %s", line)
+    else:
+        logger.debug("llama.cpp: %s", line)
+
+
+def backend_init() -> None:
+    global _initialised
+    with _init_lock:
+        if _initialised:
+            return
+        _lc.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        _lc.llama_backend_init()
+        _initialised = True
+
+
+def recent_log_errors() -> list[str]:
+    """llama.cpp's last error lines, to explain a failed load in our own error."""
+    lines = list(_log_tail)
+    _log_tail.clear()
+    return lines
+
+
+def llama_version() -> str:
+    return str(getattr(_lc, "__version__", "unknown"))
+
+
+def installed_backends() -> list[str]:
+    """Backends compiled into the installed llama.cpp build (`cpu` always)."""
+    lib_dir = Path(_lc.__file__).parent / "lib"
+    names = {p.name for p in lib_dir.glob("*")} if lib_dir.is_dir() else set()
+    found = ["cpu"]
+    for backend in ("cuda", "vulkan", "metal"):
+        if any(f"ggml-{backend}" in name for name in names):
+            found.append(backend)
+    if len(found) == 1 and _lc.llama_supports_gpu_offload():
+        found.append("gpu")
+    return found
+
+
+def cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            return "amx_tile" in fh.read()
+    except OSError:
+        return False
+
+
+def json_schema_to_grammar(schema: Mapping[str, Any]) -> str:
+    import json
+
+    return str(_grammar.json_schema_to_gbnf(json.dumps(schema)))
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    gpu_layers: int
+    main_gpu: int
+    use_mmap: bool
+    use_mlock: bool
+    use_extra_bufts: bool
+
+
+class LlamaModel:
+    """A loaded model plus its vocabulary. Free with `close()`."""
+
+    def __init__(self, path: Path, params: ModelParams) -> None:
+        backend_init()
+        mp = _lc.llama_model_default_params()
+        mp.n_gpu_layers = params.gpu_layers
+        mp.main_gpu = params.main_gpu
+        mp.use_mmap = params.use_mmap
+        mp.use_mlock = params.use_mlock
+        mp.use_extra_bufts = params.use_extra_bufts
+        recent_log_errors()
+        ptr = _lc.llama_model_load_from_file(os.fsencode(path), mp)
+        if not ptr:
+            raise RuntimeError("; ".join(recent_log_errors()) or "llama.cpp could not load it")
+        self._ptr = ptr
+        self.vocab = _lc.llama_model_get_vocab(ptr)
+        self.n_vocab = int(_lc.llama_vocab_n_tokens(self.vocab))
+        self.n_ctx_train = int(_lc.llama_model_n_ctx_train(ptr))
+        self.n_embd = int(_lc.llama_model_n_embd(ptr))
+        self.has_encoder = bool(_lc.llama_model_has_encoder(ptr))
+        self.has_decoder = bool(_lc.llama_model_has_decoder(ptr))
+        self.add_bos = bool(_lc.llama_vocab_get_add_bos(self.vocab))
+        self._piece_buf = ctypes.create_string_buffer(256)
+
+    @property
+    def ptr(self) -> Any:
+        return self._ptr
+
+    def close(self) -> None:
+        if self._ptr:
+            _lc.llama_model_free(self._ptr)
+            self._ptr = None
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = _lc.llama_model_meta_val_str(self._ptr, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            _lc.llama_model_meta_val_str(self._ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace")
+
+    def description(self) -> str:
+        buf = ctypes.create_string_buffer(256)
+        _lc.llama_model_desc(self._ptr, buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace")
+
+    def chat_template(self) -> str | None:
+        raw = _lc.llama_model_chat_template(self._ptr, None)
+        return raw.decode("utf-8", errors="replace") if raw else None
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        arr = (_lc.llama_token * cap)()
+        n = _lc.llama_tokenize(self.vocab, data, len(data), arr, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            arr = (_lc.llama_token * cap)()
+            n = _lc.llama_tokenize(self.vocab, data, len(data), arr, cap, add_special, parse_special)
+        return list(arr[:n])
+
+    def piece(self, token: int, *, special: bool = False) -> bytes:
+        buf = self._piece_buf
+        n = _lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = _lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def token_text(self, token: int) -> str:
+        return self.piece(token, special=True).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(_lc.llama_vocab_is_eog(self.vocab, token))
+
+    def bos(self) -> int:
+        return int(_lc.llama_vocab_bos(self.vocab))
+
+    def eos(self) -> int:
+        return int(_lc.llama_vocab_eos(self.vocab))
+
+    def apply_builtin_template(self, template: str, messages: Sequence[tuple[str, str]]) -> str:
+        """llama.cpp's own (non-Jinja) template renderer; used as an independent check."""
+        n = len(messages)
+        keep = [(r.encode(), c.encode()) for r, c in messages]
+        arr = (_lc.llama_chat_message * n)(
+            *[_lc.llama_chat_message(role=r, content=c) for r, c in keep]
+        )
+        cap = sum(len(c) for _, c in keep) * 2 + 1024
+        buf = ctypes.create_string_buffer(cap)
+        size = _lc.llama_chat_apply_template(template.encode(), arr, n, True, buf, cap)
+        if size < 0:
+            raise ValueError("llama.cpp does not recognise this template")
+        if size > cap:
+            buf = ctypes.create_string_buffer(size)
+            _lc.llama_chat_apply_template(template.encode(), arr, n, True, buf, size)
+        return buf.raw[:size].decode("utf-8")
+
+
+@dataclass(frozen=True)
+class ContextParams:
+    n_ctx: int
+    n_batch: int
+    n_ubatch: int
+    n_seq_max: int
+    n_threads: int
+    n_threads_batch: int
+    embeddings: bool
+    pooling: str | None
+    flash_attention: bool | None
+    offload_kqv: bool
+    op_offload: bool
+    profiling: bool
+
+
+class Context:
+    """One llama context. Only its owner thread may call `decode`."""
+
+    def __init__(self, model: LlamaModel, p: ContextParams) -> None:
+        cp = _lc.llama_context_default_params()
+        cp.n_ctx = p.n_ctx
+        cp.n_batch = p.n_batch
+        cp.n_ubatch = p.n_ubatch
+        cp.n_seq_max = p.n_seq_max
+        cp.n_threads = p.n_threads
+        cp.n_threads_batch = p.n_threads_batch
+        cp.embeddings = p.embeddings
+        cp.offload_kqv = p.offload_kqv
+        cp.op_offload = p.op_offload
+        cp.no_perf = not p.profiling
+        # Each sequence gets its own n_ctx / n_seq_max window: a slot is a slot.
+        cp.kv_unified = False
+        if p.pooling is not None:
+            cp.pooling_type = POOLING[p.pooling]
+        if p.flash_attention is not None:
+            cp.flash_attn_type = (
+                _lc.LLAMA_FLASH_ATTN_TYPE_ENABLED
+                if p.flash_attention
+                else _lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            )
+        recent_log_errors()
+        ptr = _lc.llama_init_from_model(model.ptr, cp)
+        if not ptr:
+            raise RuntimeError("; ".join(recent_log_errors()) or "llama.cpp could not create it")
+        self._ptr = ptr
+        self.model = model
+        self.n_ctx = int(_lc.llama_n_ctx(ptr))
+        self.n_ctx_seq = int(_lc.llama_n_ctx_seq(ptr))
+        self.n_batch = int(_lc.llama_n_batch(ptr))
+        self.n_seq_max = int(_lc.llama_n_seq_max(ptr))
+        self.pooling = POOLING_NAMES.get(int(_lc.llama_pooling_type(ptr)), "none")
+        self._memory = _lc.llama_get_memory(ptr)
+
+    @property
+    def ptr(self) -> Any:
+        return self._ptr
+
+    def close(self) -> None:
+        if self._ptr:
+            _lc.llama_free(self._ptr)
+            self._ptr = None
+
+    def decode(self, batch: Batch) -> int:
+        return int(_lc.llama_decode(self._ptr, batch.raw))
+
+    def seq_rm(self, seq_id: int, p0: int, p1: int = -1) -> bool:
+        if not self._memory:  # encoder-only models keep no KV memory
+            return True
+        return bool(_lc.llama_memory_seq_rm(self._memory, seq_id, p0, p1))
+
+    def clear_memory(self) -> None:
+        if self._memory:
+            _lc.llama_memory_clear(self._memory, True)
+
+    def embedding_seq(self, seq_id: int, n_embd: int) -> list[float]:
+        ptr = _lc.llama_get_embeddings_seq(self._ptr, seq_id)
+        if not ptr:
+            raise RuntimeError("llama.cpp returned no pooled embedding for the sequence")
+        return ptr[:n_embd]  # type: ignore[no-any-return]
+
+    def embedding_ith(self, i: int, n_embd: int) -> list[float]:
+        ptr = _lc.llama_get_embeddings_ith(self._ptr, i)
+        if not ptr:
+            raise RuntimeError("llama.cpp returned no embedding for the token")
+        return ptr[:n_embd]  # type: ignore[no-any-return]
+
+    def perf(self) -> dict[str, float]:
+        d = _lc.llama_perf_context(self._ptr)
+        return {
+            "load_ms": d.t_load_ms,
+            "prompt_eval_ms": d.t_p_eval_ms,
+            "eval_ms": d.t_eval_ms,
+            "prompt_eval_tokens": float(d.n_p_eval),
+            "eval_tokens": float(d.n_eval),
+        }
+
+
+class Batch:
+    """A reusable `llama_batch` with room for `capacity` tokens, one seq id each."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.raw = _lc.llama_batch_init(capacity, 0, 1)
+        self._token = self.raw.token
+        self._pos = self.raw.pos
+        self._n_seq_id = self.raw.n_seq_id
+        self._seq_id = self.raw.seq_id
+        self._logits = self.raw.logits
+        self.n = 0
+
+    def clear(self) -> None:
+        self.n = 0
+        self.raw.n_tokens = 0
+
+    def add(self, token: int, pos: int, seq_id: int, output: bool) -> int:
+        """Append one token; returns its index in the batch (for sampling/embeddings)."""
+        i = self.n
+        self._token[i] = token
+        self._pos[i] = pos
+        self._n_seq_id[i] = 1
+        self._seq_id[i][0] = seq_id
+        self._logits[i] = output
+        self.n = i + 1
+        self.raw.n_tokens = self.n
+        return i
+
+    def close(self) -> None:
+        if self.raw is not None:
+            _lc.llama_batch_free(self.raw)
+            self.raw = None
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    repeat_penalty: float
+    seed: int
+    order: tuple[str, ...]
+    logit_bias: Mapping[int, float]
+    grammar: str | None
+
+
+class Sampler:
+    """A llama.cpp sampler chain for one request."""
+
+    def __init__(self, model: LlamaModel, s: SamplerSettings) -> None:
+        chain = _lc.llama_sampler_chain_init(_lc.llama_sampler_chain_default_params())
+        self._ptr = chain
+        add = _lc.llama_sampler_chain_add
+        if s.logit_bias:
+            items = (_lc.llama_logit_bias * len(s.logit_bias))(
+                *[_lc.llama_logit_bias(token=t, bias=b) for t, b in s.logit_bias.items()]
+            )
+            add(chain, _lc.llama_sampler_init_logit_bias(model.n_vocab, len(s.logit_bias), items))
+        if s.repeat_penalty != 1.0:
+            add(chain, _lc.llama_sampler_init_penalties(64, s.repeat_penalty, 0.0, 0.0))
+        if s.grammar is not None:
+            g = _lc.llama_sampler_init_grammar(model.vocab, s.grammar.encode(), b"root")
+            if not g:
+                self.close()
+                raise ValueError("; ".join(recent_log_errors()) or "the grammar does not parse")
+            add(chain, g)
+        if s.temperature <= 0.0:
+            add(chain, _lc.llama_sampler_init_greedy())
+            return
+        for stage in s.order:
+            if stage == "top_k" and s.top_k > 0:
+                add(chain, _lc.llama_sampler_init_top_k(s.top_k))
+            elif stage == "top_p" and s.top_p < 1.0:
+                add(chain, _lc.llama_sampler_init_top_p(s.top_p, 1))
+            elif stage == "min_p" and s.min_p > 0.0:
+                add(chain, _lc.llama_sampler_init_min_p(s.min_p, 1))
+            elif stage == "temperature":
+                add(chain, _lc.llama_sampler_init_temp(s.temperature))
+        add(chain, _lc.llama_sampler_init_dist(s.seed))
+
+    def sample(self, ctx: Context, index: int) -> int:
+        # llama_sampler_sample also accepts the token into the chain's state.
+        return int(_lc.llama_sampler_sample(self._ptr, ctx.ptr, index))
+
+    def close(self) -> None:
+        if self._ptr:
+            _lc.llama_sampler_free(self._ptr)
+            self._ptr = None

@@ -1,0 +1,164 @@
+"""Load a GGUF file into a llama.cpp model and context, from a descriptor.
+
+All checks that can be done before llama.cpp touches the file happen here, so
+a bad path or a non-GGUF file is a clear `ModelLoadError`, not a C-level log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .._errors import (
+    BackendUnavailableError,
+    InvalidConfigError,
+    ModelLoadError,
+    UnsupportedOperationError,
+)
+from .._runtime_config import NativeRuntimeConfig
+from . import _llama
+from .chat_template import ChatTemplate
+
+__all__ = ["BACKENDS", "LoadedModel", "load_model", "resolve_backend"]
+
+logger = logging.getLogger("sipp.local")
+
+BACKENDS = ("auto", "cpu", "cuda", "vulkan", "metal")
+BACKEND_ENV = "SIPP_PYTHON_BACKEND"
+DEFAULT_N_CTX = 4096
+GGUF_MAGIC = b"GGUF"
+
+
+def resolve_backend(requested: str | None = None) -> str:
+    """The backend to use: the argument, else `SIPP_PYTHON_BACKEND`, else auto.
+
+    Returns `cpu` or a GPU backend name that the installed build has.
+    """
+    name = (requested or os.environ.get(BACKEND_ENV, "") or "auto").strip().lower()
+    if name not in BACKENDS:
+        raise BackendUnavailableError(
+            f"unknown backend {name!r} (from {'argument' if requested else BACKEND_ENV}); "
+            f"choose one of {', '.join(BACKENDS)}"
+        )
+    installed = _llama.installed_backends()
+    if name == "auto":
+        gpus = [b for b in installed if b != "cpu"]
+        return gpus[0] if gpus else "cpu"
+    if name not in installed:
+        raise BackendUnavailableError(
+            f"backend {name!r} is not in the installed llama-cpp-python build "
+            f"(installed: {', '.join(installed)}); see README 'GPU builds'"
+        )
+    return name
+
+
+def _check_gguf_file(path: Path) -> None:
+    if not path.exists():
+        raise ModelLoadError(f"model file not found: {path}")
+    if not path.is_file():
+        raise ModelLoadError(f"model path is not a file: {path}")
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read model file {path}: {exc.strerror}") from exc
+    if head != GGUF_MAGIC:
+        raise ModelLoadError(
+            f"{path} is not a GGUF file (expected magic 'GGUF', found {head!r})"
+        )
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    backend: str
+    model: _llama.LlamaModel
+    context: _llama.Context
+    chat_template: ChatTemplate | None
+    embeddings: bool
+    template_problem: str | None = None
+
+    def close(self) -> None:
+        self.context.close()
+        self.model.close()
+
+
+def load_model(
+    path: Path, config: NativeRuntimeConfig, backend: str | None = None
+) -> LoadedModel:
+    """Load the model and one context sized for `context.n_parallel` slots."""
+    _check_gguf_file(path)
+    chosen = resolve_backend(backend)
+    placement, ctx_cfg = config.placement, config.context
+    on_cpu = chosen == "cpu"
+    if on_cpu and placement.gpu_layers not in (None, 0):
+        raise InvalidConfigError(
+            "PlacementRuntimeConfig.gpu_layers must be 0 or unset with the cpu backend"
+        )
+    use_extra_bufts = placement.use_extra_bufts
+    if use_extra_bufts is None:
+        # llama.cpp's AMX repacking crashes on first decode on some hosts (SIGSEGV
+        # in ggml_backend_amx_mul_mat); it costs ~5% decode speed to avoid it.
+        use_extra_bufts = not _llama.cpu_has_amx()
+    params = _llama.ModelParams(
+        gpu_layers=0 if on_cpu else (placement.gpu_layers if placement.gpu_layers is not None else -1),
+        main_gpu=placement.main_gpu or 0,
+        use_mmap=True if placement.use_mmap is None else placement.use_mmap,
+        use_mlock=bool(placement.use_mlock),
+        use_extra_bufts=use_extra_bufts,
+    )
+    try:
+        model = _llama.LlamaModel(path, params)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"llama.cpp could not load {path}: {exc}") from exc
+
+    try:
+        embeddings = bool(ctx_cfg.embeddings)
+        n_parallel = ctx_cfg.n_parallel or 1
+        n_ctx = ctx_cfg.n_ctx or min(DEFAULT_N_CTX, model.n_ctx_train or DEFAULT_N_CTX)
+        n_batch = ctx_cfg.n_batch or (min(n_ctx, 2048) if embeddings else 512)
+        # Non-causal embedding models must see a whole input in one micro-batch.
+        n_ubatch = ctx_cfg.n_ubatch or (n_batch if embeddings else min(n_batch, 512))
+        threads = ctx_cfg.n_threads or max(1, os.cpu_count() or 1)
+        cparams = _llama.ContextParams(
+            n_ctx=n_ctx * n_parallel,
+            n_batch=n_batch,
+            n_ubatch=n_ubatch,
+            n_seq_max=n_parallel,
+            n_threads=threads,
+            n_threads_batch=ctx_cfg.n_threads_batch or threads,
+            embeddings=embeddings,
+            pooling=ctx_cfg.pooling if embeddings else None,
+            flash_attention=False if on_cpu and ctx_cfg.flash_attention is None else ctx_cfg.flash_attention,
+            offload_kqv=False if on_cpu else (ctx_cfg.offload_kqv is not False),
+            op_offload=not on_cpu,
+            profiling=bool(config.observability.backend_profiling),
+        )
+        if on_cpu and ctx_cfg.flash_attention:
+            raise InvalidConfigError(
+                "ContextRuntimeConfig.flash_attention is a GPU setting; the cpu backend disables it"
+            )
+        try:
+            context = _llama.Context(model, cparams)
+        except RuntimeError as exc:
+            raise ModelLoadError(f"llama.cpp could not create a context for {path}: {exc}") from exc
+    except BaseException:
+        model.close()
+        raise
+
+    template_src = model.chat_template()
+    template, problem = None, None
+    if template_src:
+        bos = model.token_text(model.bos()) if model.bos() >= 0 else ""
+        eos = model.token_text(model.eos()) if model.eos() >= 0 else ""
+        try:
+            template = ChatTemplate(template_src, bos_token=bos, eos_token=eos)
+        except UnsupportedOperationError as exc:  # chat fails later; query still works
+            problem = exc.message
+    logger.info(
+        "loaded %s (%s) backend=%s n_ctx=%d x %d slots",
+        path.name, model.description(), chosen, cparams.n_ctx // n_parallel, n_parallel,
+    )
+    return LoadedModel(path, chosen, model, context, template, embeddings, problem)

@@ -1,0 +1,485 @@
+"""The local engine: one worker thread owns a llama context and its slots.
+
+Each step builds one `llama_batch` from the next token of every generating
+sequence plus prefill chunks of waiting prompts (within `n_batch`, each prompt
+capped by `prefill_chunk_size`), decodes it once, then samples every sequence
+that produced logits. Requests join and leave between steps (continuous
+batching); a cancelled request leaves at the next step and frees its slot.
+
+Callers never touch llama.cpp state: `submit_*` validates and tokenizes in the
+caller's thread, then enqueues. Only the worker decodes, samples and edits KV.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._channel import RunChannel
+from .._errors import (
+    ClientClosedError,
+    ContextOverflowError,
+    ExecutionError,
+    InvalidRequestError,
+    OverloadedError,
+    SippError,
+)
+from .._runtime_config import SAMPLER_NAMES, NativeRuntimeConfig, SamplingRuntimeConfig
+from .._types import (
+    FinishReason,
+    LocalStats,
+    SippEmbeddingResponse,
+    SippTextResponse,
+    TokenBatch,
+    Usage,
+)
+from . import _llama
+from .model import LoadedModel
+from .text_stream import TextStream
+
+__all__ = ["Engine", "EmbedJob", "TextJob"]
+
+logger = logging.getLogger("sipp.local")
+
+DEFAULT_MAX_QUEUED = 256
+_DEFAULT_SAMPLING = SamplingRuntimeConfig(
+    samplers=SAMPLER_NAMES,
+    seed=None,
+    top_k=40,
+    top_p=0.95,
+    min_p=0.05,
+    temperature=0.8,
+    repeat_penalty=1.0,
+    logit_bias={},
+)
+
+
+@dataclass
+class _Slot:
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)  # exactly what the KV holds
+    context_key: str | None = None
+    last_used: float = 0.0
+    busy: bool = False
+
+
+@dataclass(eq=False)
+class TextJob:
+    channel: RunChannel[SippTextResponse]
+    prompt: list[int]
+    sampler: _llama.Sampler
+    max_new: int | None
+    stream: TextStream
+    emit: bool
+    context_key: str | None
+    t_submit: float = field(default_factory=time.perf_counter)
+    slot: _Slot | None = None
+    prefilled: int = 0  # prompt tokens already in the KV
+    cached: int = 0
+    generated: int = 0
+    last_token: int = -1
+    out_index: int = -1
+    batch_seq: itertools.count = field(default_factory=itertools.count)
+    t_admit: float = 0.0
+    t_first: float = 0.0
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < len(self.prompt)
+
+
+@dataclass(eq=False)
+class EmbedJob:
+    channel: RunChannel[SippEmbeddingResponse]
+    tokens: list[int]
+    normalize: bool
+
+
+class Engine:
+    """Owns one loaded model; runs text or embedding jobs on its worker thread."""
+
+    def __init__(self, loaded: LoadedModel, config: NativeRuntimeConfig, name: str) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.ctx = loaded.context
+        sched = config.scheduler
+        n_slots = self.ctx.n_seq_max
+        self.n_ctx_slot = self.ctx.n_ctx_seq
+        self.max_running = min(sched.max_running_requests or n_slots, n_slots)
+        if sched.continuous_batching is False:
+            self.max_running = 1
+        self.max_queued = (
+            DEFAULT_MAX_QUEUED if sched.max_queued_requests is None else sched.max_queued_requests
+        )
+        self.chunk_cap = sched.prefill_chunk_size or 0
+        self.reuse_prefix = (config.cache.mode or "live_slot_prefix") == "live_slot_prefix"
+        self.sampling = config.sampling.merged_over(_DEFAULT_SAMPLING)
+        self.metrics_on = bool(config.observability.runtime_metrics)
+        self.profiling = bool(config.observability.backend_profiling)
+        self._slots = [_Slot(i) for i in range(n_slots)]
+        self._queue: deque[TextJob | EmbedJob] = deque()
+        self._active: list[TextJob] = []
+        self._cond = threading.Condition()
+        self._closing = False
+        self._batch = _llama.Batch(self.ctx.n_batch)
+        self._counters: dict[str, float] = dict.fromkeys(
+            (
+                "requests",
+                "completed",
+                "failed",
+                "cancelled",
+                "rejected",
+                "prompt_tokens",
+                "cached_prompt_tokens",
+                "generated_tokens",
+                "prefill_ms",
+                "decode_ms",
+                "steps",
+                "busy_slot_steps",
+            ),
+            0.0,
+        )
+        self._thread = threading.Thread(target=self._run, name=f"sipp-engine-{name}", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ caller side
+    def sampling_for(self, override: SamplingRuntimeConfig | None, temperature: float | None,
+                     top_p: float | None) -> SamplingRuntimeConfig:
+        merged = override.merged_over(self.sampling) if override is not None else self.sampling
+        shortcuts = {"temperature": temperature, "top_p": top_p}
+        shortcuts = {k: v for k, v in shortcuts.items() if v is not None}
+        return SamplingRuntimeConfig(**shortcuts).merged_over(merged) if shortcuts else merged
+
+    def check_prompt(self, tokens: list[int], max_new: int | None) -> None:
+        if not tokens:
+            raise InvalidRequestError("the prompt is empty after tokenization")
+        if len(tokens) >= self.n_ctx_slot:
+            raise ContextOverflowError(
+                f"prompt is {len(tokens)} tokens but the context holds {self.n_ctx_slot} per slot "
+                "(raise ContextRuntimeConfig.n_ctx or shorten the prompt)"
+            )
+
+    def submit(self, job: TextJob | EmbedJob) -> None:
+        with self._cond:
+            if self._closing:
+                raise ClientClosedError("the endpoint is closed")
+            free = max(0, self.max_running - len(self._active))
+            if len(self._queue) >= self.max_queued + free:
+                self._counters["rejected"] += 1
+                raise OverloadedError(
+                    f"endpoint queue is full ({self.max_queued} waiting); retry later"
+                )
+            self._counters["requests"] += 1
+            self._queue.append(job)
+            self._cond.notify_all()
+
+    def runtime_metrics(self) -> dict[str, Any]:
+        with self._cond:
+            snap: dict[str, Any] = dict(self._counters)
+            snap["queue_depth"] = len(self._queue)
+            snap["running"] = len(self._active)
+            snap["slots"] = len(self._slots)
+            snap["busy_slots"] = sum(s.busy for s in self._slots)
+        snap["busy_slots_per_step"] = (
+            snap["busy_slot_steps"] / snap["steps"] if snap["steps"] else 0.0
+        )
+        if self.profiling:
+            snap["backend_profile"] = self.ctx.perf()
+        return snap
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    # ------------------------------------------------------------ worker side
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._closing and not self._queue and not self._active:
+                        self._cond.wait()
+                    if self._closing:
+                        break
+                    embed_jobs = self._admit()
+                if embed_jobs:
+                    self._embed_step(embed_jobs)
+                if self._active:
+                    self._text_step()
+        except BaseException as exc:  # never let a bug kill callers silently
+            logger.exception("engine worker crashed")
+            self._fail_all(ExecutionError(f"local engine failed: {exc}"))
+        finally:
+            self._fail_all(ClientClosedError("the endpoint was closed"))
+            self._batch.close()
+            self.loaded.close()
+
+    def _fail_all(self, error: SippError) -> None:
+        with self._cond:
+            self._closing = True
+            queued, self._queue = list(self._queue), deque()
+        for job in queued:
+            if isinstance(job, TextJob):
+                job.sampler.close()
+            job.channel.finish(error)
+        for job in list(self._active):
+            self._release(job)
+            job.channel.finish(error)
+
+    def _admit(self) -> list[EmbedJob]:
+        """Move queued jobs into free slots (caller holds the lock)."""
+        embeds: list[EmbedJob] = []
+        budget = self.ctx.n_batch
+        keep: deque[TextJob | EmbedJob] = deque()
+        while self._queue:
+            job = self._queue.popleft()
+            if job.channel.cancelled.is_set():
+                self._finish_unstarted(job)
+                continue
+            if isinstance(job, EmbedJob):
+                if len(embeds) < len(self._slots) and len(job.tokens) <= budget:
+                    embeds.append(job)
+                    budget -= len(job.tokens)
+                else:
+                    keep.append(job)
+                continue
+            if len(self._active) >= self.max_running:
+                keep.append(job)
+                continue
+            slot = self._pick_slot(job)
+            if slot is None:
+                keep.append(job)
+                continue
+            self._start(job, slot)
+        self._queue = keep
+        return embeds
+
+    def _finish_unstarted(self, job: TextJob | EmbedJob) -> None:
+        self._counters["cancelled"] += 1
+        if isinstance(job, TextJob):
+            job.sampler.close()
+            job.channel.finish(self._response(job, "cancelled"))
+        else:
+            job.channel.finish(ExecutionError("embedding cancelled before it ran"))
+
+    def _pick_slot(self, job: TextJob) -> _Slot | None:
+        free = [s for s in self._slots if not s.busy]
+        if not free:
+            return None
+        if not self.reuse_prefix:
+            return free[0]
+        if job.context_key is not None:
+            for slot in free:
+                if slot.context_key == job.context_key:
+                    return slot
+        # Longest reusable prefix; among equals, the least recently used slot.
+        return max(free, key=lambda s: (_common_prefix(s.tokens, job.prompt), -s.last_used))
+
+    def _start(self, job: TextJob, slot: _Slot) -> None:
+        keep = _common_prefix(slot.tokens, job.prompt) if self.reuse_prefix else 0
+        keep = min(keep, len(job.prompt) - 1)  # decode >= 1 token to get fresh logits
+        if not self.ctx.seq_rm(slot.seq_id, keep, -1):
+            self.ctx.seq_rm(slot.seq_id, -1, -1)  # partial removal unsupported (e.g. SWA)
+            keep = 0
+        del slot.tokens[keep:]
+        slot.busy = True
+        slot.context_key = job.context_key
+        job.slot = slot
+        job.prefilled = job.cached = keep
+        job.t_admit = time.perf_counter()
+        self._active.append(job)
+
+    def _text_step(self) -> None:
+        for job in [j for j in self._active if j.channel.cancelled.is_set()]:
+            self._finish(job, "cancelled")
+        if not self._active:
+            return
+        batch = self._batch
+        batch.clear()
+        decoding: list[TextJob] = []
+        for job in self._active:
+            if not job.prefilling:
+                assert job.slot is not None
+                job.out_index = batch.add(job.last_token, len(job.slot.tokens), job.slot.seq_id, True)
+                decoding.append(job)
+        chunks: list[tuple[TextJob, int]] = []
+        for job in self._active:
+            room = batch.capacity - batch.n
+            if room <= 0:
+                break
+            if not job.prefilling:
+                continue
+            assert job.slot is not None
+            take = len(job.prompt) - job.prefilled
+            if self.chunk_cap:
+                take = min(take, self.chunk_cap)
+            take = min(take, room)
+            start = job.prefilled
+            seq = job.slot.seq_id
+            for i in range(start, start + take):
+                idx = batch.add(job.prompt[i], i, seq, i == len(job.prompt) - 1)
+            job.out_index = idx if start + take == len(job.prompt) else -1
+            chunks.append((job, take))
+
+        with self._cond:
+            self._counters["steps"] += 1
+            self._counters["busy_slot_steps"] += len(self._active)
+        status = self.ctx.decode(batch)
+        if status != 0:
+            failed = decoding + [j for j, _ in chunks]
+            error = ExecutionError(f"llama_decode failed with status {status}")
+            for job in failed:
+                assert job.slot is not None
+                self.ctx.seq_rm(job.slot.seq_id, -1, -1)
+                job.slot.tokens.clear()
+                self._release(job)
+                self._count_outcome(job, "failed")
+                job.channel.finish(error)
+            return
+
+        for job in decoding:
+            assert job.slot is not None
+            job.slot.tokens.append(job.last_token)
+        for job, take in chunks:
+            assert job.slot is not None
+            job.slot.tokens.extend(job.prompt[job.prefilled : job.prefilled + take])
+            job.prefilled += take
+        now = time.perf_counter()
+        for job in decoding + [j for j, _ in chunks if not j.prefilling]:
+            if job.t_first == 0.0:
+                job.t_first = now
+            self._on_token(job, job.sampler.sample(self.ctx, job.out_index))
+
+    def _on_token(self, job: TextJob, token: int) -> None:
+        assert job.slot is not None
+        if self.model.is_eog(token):
+            self._finish(job, "stop")
+            return
+        job.generated += 1
+        job.last_token = token
+        text = job.stream.feed(self.model.piece(token))
+        if text and job.emit:
+            job.channel.push(TokenBatch(text, (token,), next(job.batch_seq)))
+        if job.stream.stopped:
+            self._finish(job, "stop")
+        elif job.max_new is not None and job.generated >= job.max_new:
+            self._finish(job, "length")
+        elif len(job.slot.tokens) + 1 >= self.n_ctx_slot:
+            self._finish(job, "length")  # no room left to decode the next token
+
+    def _finish(self, job: TextJob, reason: FinishReason) -> None:
+        tail = job.stream.flush()
+        if tail and job.emit:
+            job.channel.push(TokenBatch(tail, (), next(job.batch_seq)))
+        response = self._response(job, reason)
+        self._release(job)
+        self._count_outcome(job, "cancelled" if reason == "cancelled" else "completed")
+        job.channel.finish(response)
+
+    def _response(self, job: TextJob, reason: FinishReason) -> SippTextResponse:
+        end = time.perf_counter()
+        prefill_ms = ((job.t_first or end) - (job.t_admit or end)) * 1000
+        decode_s = end - job.t_first if job.t_first else 0.0
+        stats = LocalStats(
+            prompt_tokens=len(job.prompt),
+            cached_prompt_tokens=job.cached,
+            generated_tokens=job.generated,
+            prefill_ms=prefill_ms,
+            decode_ms=decode_s * 1000,
+            tokens_per_second=(job.generated - 1) / decode_s if job.generated > 1 and decode_s > 0 else 0.0,
+            queue_ms=((job.t_admit or end) - job.t_submit) * 1000,
+        )
+        usage = Usage(len(job.prompt), job.generated, len(job.prompt) + job.generated)
+        return SippTextResponse(job.stream.text, reason, usage, stats)
+
+    def _release(self, job: TextJob) -> None:
+        job.sampler.close()
+        if job in self._active:
+            self._active.remove(job)
+        slot = job.slot
+        if slot is not None:
+            slot.busy = False
+            slot.last_used = time.perf_counter()
+            if not self.reuse_prefix:
+                self.ctx.seq_rm(slot.seq_id, -1, -1)
+                slot.tokens.clear()
+        with self._cond:
+            self._cond.notify_all()
+
+    def _count_outcome(self, job: TextJob, outcome: str) -> None:
+        with self._cond:
+            c = self._counters
+            c[outcome] += 1
+            c["prompt_tokens"] += len(job.prompt)
+            c["cached_prompt_tokens"] += job.cached
+            c["generated_tokens"] += job.generated
+            end = time.perf_counter()
+            if job.t_first:
+                c["prefill_ms"] += (job.t_first - job.t_admit) * 1000
+                c["decode_ms"] += (end - job.t_first) * 1000
+
+    # ------------------------------------------------------------ embeddings
+    def _embed_step(self, jobs: list[EmbedJob]) -> None:
+        batch = self._batch
+        batch.clear()
+        spans: list[tuple[EmbedJob, int, int]] = []
+        for seq, job in enumerate(jobs):
+            self.ctx.seq_rm(seq, -1, -1)
+            first = batch.n
+            for pos, token in enumerate(job.tokens):
+                batch.add(token, pos, seq, True)
+            spans.append((job, seq, first))
+        with self._cond:
+            self._counters["steps"] += 1
+        status = self.ctx.decode(batch)
+        n_embd = self.model.n_embd
+        pooling = self.ctx.pooling
+        for job, seq, first in spans:
+            try:
+                if status != 0:
+                    raise ExecutionError(f"llama_decode failed with status {status}")
+                if pooling == "none":
+                    rows = [self.ctx.embedding_ith(first + i, n_embd) for i in range(len(job.tokens))]
+                else:
+                    rows = [self.ctx.embedding_seq(seq, n_embd)]
+                if job.normalize:
+                    rows = [_l2_normalize(r) for r in rows]
+                values = [v for row in rows for v in row]
+                usage = Usage(len(job.tokens), 0, len(job.tokens))
+                job.channel.finish(
+                    SippEmbeddingResponse(values, pooling, job.normalize, n_embd, usage, len(rows))
+                )
+                outcome = "completed"
+            except SippError as exc:
+                job.channel.finish(exc)
+                outcome = "failed"
+            except RuntimeError as exc:
+                job.channel.finish(ExecutionError(str(exc)))
+                outcome = "failed"
+            finally:
+                self.ctx.seq_rm(seq, -1, -1)
+            with self._cond:
+                self._counters[outcome] += 1
+                self._counters["prompt_tokens"] += len(job.tokens)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _l2_normalize(row: list[float]) -> list[float]:
+    norm = math.sqrt(sum(v * v for v in row))
+    return [v / norm for v in row] if norm > 0 else row

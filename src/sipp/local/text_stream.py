@@ -1,0 +1,61 @@
+"""Turn token bytes into safe text: whole UTF-8 characters, stop strings cut out.
+
+Tokens can end in the middle of a multi-byte character, and a stop string can
+span several tokens. `TextStream` holds back exactly what might still change:
+the incomplete character bytes and the longest tail that could begin a stop
+string. Nothing it releases is ever taken back.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Sequence
+
+__all__ = ["TextStream"]
+
+
+class TextStream:
+    def __init__(self, stop: Sequence[str] = ()) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stops = tuple(stop)
+        self._held = ""
+        self.text = ""  # everything released so far
+        self.stopped = False
+
+    def feed(self, data: bytes) -> str:
+        """Add token bytes; return the newly releasable text."""
+        if self.stopped:
+            return ""
+        return self._release(self._held + self._decoder.decode(data), final=False)
+
+    def flush(self) -> str:
+        """End of generation: release whatever is held (minus a stop match)."""
+        if self.stopped:
+            return ""
+        return self._release(self._held + self._decoder.decode(b"", final=True), final=True)
+
+    def _release(self, pending: str, *, final: bool) -> str:
+        cut = self._first_stop(pending)
+        if cut is not None:
+            out, self._held, self.stopped = pending[:cut], "", True
+        elif final:
+            out, self._held = pending, ""
+        else:
+            keep = self._partial_stop_tail(pending)
+            out, self._held = pending[: len(pending) - keep], pending[len(pending) - keep :]
+        self.text += out
+        return out
+
+    def _first_stop(self, text: str) -> int | None:
+        hits = [i for i in (text.find(s) for s in self._stops) if i >= 0]
+        return min(hits) if hits else None
+
+    def _partial_stop_tail(self, text: str) -> int:
+        """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+        best = 0
+        for stop in self._stops:
+            for n in range(min(len(stop) - 1, len(text)), best, -1):
+                if text.endswith(stop[:n]):
+                    best = n
+                    break
+        return best
