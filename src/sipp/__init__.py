@@ -78,7 +78,7 @@ __all__ = [
     "SippTextResponse",
     "TextRun",
     "TokenBatch",
-    "Usage",
     "UnsupportedOperationError",
+    "Usage",
     "__version__",
 ]

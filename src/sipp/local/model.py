@@ -93,6 +93,9 @@ def load_model(
     chosen = resolve_backend(backend)
     placement, ctx_cfg = config.placement, config.context
     on_cpu = chosen == "cpu"
+    # An explicit `cpu` request switches every GPU-only feature off (the spec's
+    # policy); `auto` that lands on the CPU keeps llama.cpp's own defaults.
+    forced_cpu = on_cpu and (backend or os.environ.get(BACKEND_ENV, "auto")).strip().lower() == "cpu"
     if on_cpu and placement.gpu_layers not in (None, 0):
         raise InvalidConfigError(
             "PlacementRuntimeConfig.gpu_layers must be 0 or unset with the cpu backend"
@@ -131,14 +134,14 @@ def load_model(
             n_threads_batch=ctx_cfg.n_threads_batch or threads,
             embeddings=embeddings,
             pooling=ctx_cfg.pooling if embeddings else None,
-            flash_attention=False if on_cpu and ctx_cfg.flash_attention is None else ctx_cfg.flash_attention,
+            flash_attention=False if forced_cpu else ctx_cfg.flash_attention,
             offload_kqv=False if on_cpu else (ctx_cfg.offload_kqv is not False),
             op_offload=not on_cpu,
             profiling=bool(config.observability.backend_profiling),
         )
-        if on_cpu and ctx_cfg.flash_attention:
+        if forced_cpu and ctx_cfg.flash_attention:
             raise InvalidConfigError(
-                "ContextRuntimeConfig.flash_attention is a GPU setting; the cpu backend disables it"
+                "ContextRuntimeConfig.flash_attention cannot be on with the explicit cpu backend"
             )
         try:
             context = _llama.Context(model, cparams)

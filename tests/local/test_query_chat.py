@@ -1,0 +1,201 @@
+"""Text generation on the real default model (SmolLM2-135M-Instruct Q4_1)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from sipp import (
+    AsyncSippClient,
+    ChatMessage,
+    ContextRuntimeConfig,
+    EndpointRef,
+    InvalidRequestError,
+    LocalModelDescriptor,
+    LocalTextOptions,
+    NativeRuntimeConfig,
+    SamplingRuntimeConfig,
+    SippClient,
+    SippTextOptions,
+)
+
+PROMPT = "The three primary colors are"
+GREEDY = SippTextOptions(max_tokens=24, temperature=0)
+Client = tuple[SippClient, EndpointRef]
+
+
+def test_query_returns_text_usage_and_local_stats(text_client: Client) -> None:
+    client, ref = text_client
+    response = client.query(PROMPT, endpoint=ref, options=GREEDY).result()
+    assert response.text.strip()
+    assert response.finish_reason in ("stop", "length")
+    assert response.usage is not None and response.local_stats is not None
+    usage, stats = response.usage, response.local_stats
+    assert usage.output_tokens == stats.generated_tokens <= 24
+    assert usage.total_tokens == usage.input_tokens + usage.output_tokens
+    assert stats.prompt_tokens == usage.input_tokens > 0
+    assert stats.prefill_ms > 0 and stats.decode_ms > 0 and stats.tokens_per_second > 0
+
+
+def test_greedy_output_is_identical_across_sync_async_and_streaming(
+    text_client: Client, smollm_path: Path
+) -> None:
+    client, ref = text_client
+    sync_text = client.query(PROMPT, endpoint=ref, options=GREEDY).result().text
+
+    run = client.query(PROMPT, endpoint=ref, options=GREEDY, emit_tokens=True)
+    batches = list(run)
+    streamed = "".join(b.text for b in batches)
+    assert streamed == run.result().text == sync_text
+    assert [b.sequence for b in batches] == list(range(len(batches)))
+
+    async def via_async() -> tuple[str, str]:
+        async with AsyncSippClient() as aclient:
+            aref = await aclient.add(
+                "a", LocalModelDescriptor(smollm_path, NativeRuntimeConfig(context=ContextRuntimeConfig(n_ctx=2048)))
+            )
+            final = await aclient.query(PROMPT, endpoint=aref, options=GREEDY)
+            arun = aclient.query(PROMPT, endpoint=aref, options=GREEDY, emit_tokens=True)
+            pieces = [b.text async for b in arun]
+            assert (await arun.result()).text == "".join(pieces)
+            return final.text, "".join(pieces)
+
+    async_text, async_streamed = asyncio.run(via_async())
+    assert async_text == async_streamed == sync_text
+
+
+def test_max_tokens_gives_length(text_client: Client) -> None:
+    client, ref = text_client
+    response = client.query("Count: 1, 2, 3,", endpoint=ref, options=SippTextOptions(max_tokens=3, temperature=0)).result()
+    assert response.finish_reason == "length"
+    assert response.usage is not None and response.usage.output_tokens == 3
+
+
+def test_stop_string_never_appears_and_finishes_with_stop(text_client: Client) -> None:
+    client, ref = text_client
+    free = client.query(PROMPT, endpoint=ref, options=GREEDY).result().text
+    words = free.split()
+    assert len(words) >= 3, free
+    stop = " " + words[2]  # a stop in the middle of the greedy answer, likely spanning tokens
+    run = client.query(
+        PROMPT, endpoint=ref, options=SippTextOptions(max_tokens=24, temperature=0, stop=[stop]), emit_tokens=True
+    )
+    streamed = "".join(b.text for b in run)
+    response = run.result()
+    assert response.finish_reason == "stop"
+    assert stop not in response.text
+    assert streamed == response.text
+    assert free.startswith(response.text)
+
+
+def test_seeded_sampling_is_reproducible(text_client: Client) -> None:
+    client, ref = text_client
+    local = LocalTextOptions(sampling=SamplingRuntimeConfig(seed=1234, top_k=50))
+    opts = SippTextOptions(max_tokens=20, temperature=1.0)
+    a = client.query(PROMPT, endpoint=ref, options=opts, local=local).result().text
+    b = client.query(PROMPT, endpoint=ref, options=opts, local=local).result().text
+    assert a == b
+
+
+def test_chat_uses_the_model_template_and_answers(text_client: Client) -> None:
+    client, ref = text_client
+    messages = [ChatMessage("system", "Answer in one word."), ChatMessage("user", "What color is the sky?")]
+    response = client.chat(messages, endpoint=ref, options=GREEDY).result()
+    assert "blue" in response.text.lower()
+    # The template wrapped the messages: far more prompt tokens than the raw words.
+    assert response.usage is not None and response.usage.input_tokens > 15
+
+
+def test_chat_accepts_plain_mappings(text_client: Client) -> None:
+    client, ref = text_client
+    response = client.chat([{"role": "user", "content": "Say hi"}], endpoint=ref, options=GREEDY).result()
+    assert response.text
+
+
+def test_grammar_constrains_output(text_client: Client) -> None:
+    client, ref = text_client
+    grammar = 'root ::= ("yes" | "no") "."'
+    response = client.query(
+        "Is water wet? Answer:", endpoint=ref, options=SippTextOptions(max_tokens=8, temperature=0.7),
+        local=LocalTextOptions(grammar=grammar),
+    ).result()
+    assert response.text in ("yes.", "no.")
+
+
+def test_json_schema_output_parses_and_matches(text_client: Client) -> None:
+    client, ref = text_client
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
+    response = client.chat(
+        [ChatMessage("user", "Give me a person as JSON with a name and an age.")],
+        endpoint=ref,
+        options=SippTextOptions(max_tokens=80, temperature=0),
+        local=LocalTextOptions(json_schema=schema),
+    ).result()
+    value = json.loads(response.text)
+    jsonschema.validate(value, schema)
+
+
+def test_bad_grammar_is_a_clear_error(text_client: Client) -> None:
+    client, ref = text_client
+    with pytest.raises(InvalidRequestError, match="grammar"):
+        client.query("x", endpoint=ref, local=LocalTextOptions(grammar="root ::= ( unclosed"))
+
+
+def test_streaming_multibyte_text_is_valid_utf8_per_batch(text_client: Client) -> None:
+    client, ref = text_client
+    run = client.query(
+        "Emoji list: 🎉 party, 🍕 pizza, 🚀 rocket, 🌍", endpoint=ref,
+        options=SippTextOptions(max_tokens=40, temperature=0), emit_tokens=True,
+    )
+    batches = [b.text for b in run]
+    final = run.result().text
+    assert "".join(batches) == final
+    assert all("\ufffd" not in b for b in batches)
+
+
+def test_cancel_stops_within_a_step_and_keeps_partial_text(text_client: Client) -> None:
+    client, ref = text_client
+    run = client.query("Count: 1, 2, 3, 4, 5, 6, 7,", endpoint=ref,
+                       options=SippTextOptions(max_tokens=400, temperature=0), emit_tokens=True)
+    seen = []
+    for batch in run:
+        seen.append(batch.text)
+        if len(seen) == 5:
+            run.cancel("enough")
+    response = run.result()
+    assert response.finish_reason == "cancelled"
+    assert response.text == "".join(seen)
+    assert response.usage is not None
+    # The engine may run a few tokens ahead of this consumer, never far.
+    assert 5 <= response.usage.output_tokens < 50
+
+
+def test_cancel_from_another_thread_without_streaming(text_client: Client) -> None:
+    client, ref = text_client
+    run = client.query("Count: 1, 2, 3, 4, 5, 6, 7,", endpoint=ref,
+                       options=SippTextOptions(max_tokens=1500, temperature=0))
+    timer = threading.Timer(0.3, run.cancel)
+    timer.start()
+    response = run.result(timeout=120)
+    assert response.finish_reason in ("cancelled", "stop")
+    metrics = client.runtime_metrics(ref)
+    assert metrics["running"] == 0 and metrics["busy_slots"] == 0
+
+
+def test_concurrent_greedy_requests_match_solo_output(text_client: Client) -> None:
+    client, ref = text_client
+    prompts = [PROMPT, "Water boils at", "The largest planet is", "Python is a"]
+    solo = [client.query(p, endpoint=ref, options=GREEDY).result().text for p in prompts]
+    runs = [client.query(p, endpoint=ref, options=GREEDY) for p in prompts]
+    together = [r.result().text for r in runs]
+    assert together == solo
