@@ -70,7 +70,9 @@ def raw_tokens_per_second(model_path: Path, n_tokens: int, threads: int, n_ctx: 
     return (generated - 1) / elapsed
 
 
-def sipp_tokens_per_second(client: SippClient, model_path: Path, n_tokens: int, threads: int, n_ctx: int) -> float:
+def sipp_tokens_per_second(
+    client: SippClient, model_path: Path, n_tokens: int, threads: int, n_ctx: int
+) -> float:
     config = NativeRuntimeConfig(context=ContextRuntimeConfig(n_ctx=n_ctx, n_threads=threads))
     endpoint = client.add("bench", LocalModelDescriptor(model_path, config))
     # Ban end-of-generation so both sides decode exactly n_tokens.
@@ -85,7 +87,9 @@ def sipp_tokens_per_second(client: SippClient, model_path: Path, n_tokens: int, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--tokens", type=int, default=128)
@@ -93,8 +97,10 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=2048)
     args = parser.parse_args()
     model_path = args.model or sipp_models.pull(sipp_models.DEFAULT_MODEL)
-    print(f"model={model_path.name} tokens={args.tokens} threads={args.threads} n_ctx={args.ctx} "
-          f"extra_bufts={'off (AMX host)' if cpu_has_amx() else 'on'}")
+    print(
+        f"model={model_path.name} tokens={args.tokens} threads={args.threads} n_ctx={args.ctx} "
+        f"extra_bufts={'off (AMX host)' if cpu_has_amx() else 'on'}"
+    )
     raw, ours = [], []
     with SippClient() as client:
         for i in range(args.rounds):
@@ -104,9 +110,15 @@ def main() -> None:
             ours.append(s)
             print(f"round {i + 1}: raw {r:7.1f} tok/s   sipp {s:7.1f} tok/s   ratio {s / r:.3f}")
     ratios = [s / r for s, r in zip(ours, raw)]
-    print(f"raw  median {statistics.median(raw):.1f} tok/s (min {min(raw):.1f}, max {max(raw):.1f})")
-    print(f"sipp median {statistics.median(ours):.1f} tok/s (min {min(ours):.1f}, max {max(ours):.1f})")
-    print(f"ratio sipp/raw median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})")
+    print(
+        f"raw  median {statistics.median(raw):.1f} tok/s (min {min(raw):.1f}, max {max(raw):.1f})"
+    )
+    print(
+        f"sipp median {statistics.median(ours):.1f} tok/s (min {min(ours):.1f}, max {max(ours):.1f})"
+    )
+    print(
+        f"ratio sipp/raw median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})"
+    )
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ from sipp import (
     LocalModelDescriptor,
     NativeRuntimeConfig,
     SippClient,
+    models,
 )
-from sipp import models
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +54,9 @@ def embed_client(smollm_path: Path) -> Iterator[tuple[SippClient, EndpointRef]]:
         LocalModelDescriptor(
             smollm_path,
             NativeRuntimeConfig(
-                context=ContextRuntimeConfig(n_ctx=512, n_parallel=4, embeddings=True, pooling="mean")
+                context=ContextRuntimeConfig(
+                    n_ctx=512, n_parallel=4, embeddings=True, pooling="mean"
+                )
             ),
         ),
     )

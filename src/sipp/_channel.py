@@ -9,6 +9,7 @@ both twins read the same object and behave identically.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -110,9 +111,8 @@ class RunChannel(Generic[R]):
 
 def _waker(loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> Callable[[], None]:
     def wake() -> None:
-        try:
+        # RuntimeError: the loop closed while we waited; nobody is listening.
+        with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(event.set)
-        except RuntimeError:  # the loop closed while we waited; nobody is listening
-            pass
 
     return wake

@@ -93,7 +93,9 @@ class _Registry:
                     raise EndpointNotFoundError(f"no {ref.kind} endpoint {ref.id!r} on this client")
                 return endpoint
             candidates = [
-                (i, e) for i, e in self._endpoints.items() if e.kind == "local" and e.supports(operation)
+                (i, e)
+                for i, e in self._endpoints.items()
+                if e.kind == "local" and e.supports(operation)
             ]
         if len(candidates) == 1:
             return candidates[0][1]
@@ -142,7 +144,9 @@ class _Registry:
             provider_options=provider_options,
         )
 
-    def start_text(self, ref: EndpointRef | None, request: TextRequest) -> RunChannel[SippTextResponse]:
+    def start_text(
+        self, ref: EndpointRef | None, request: TextRequest
+    ) -> RunChannel[SippTextResponse]:
         endpoint = self.resolve(ref, request.operation)
         channel: RunChannel[SippTextResponse] = RunChannel()
         endpoint.start_text(request, channel)
@@ -162,7 +166,9 @@ class _Registry:
             raise InvalidRequestError("local must be a LocalEmbedOptions")
         endpoint = self.resolve(ref, "embed")
         channel: RunChannel[SippEmbeddingResponse] = RunChannel()
-        endpoint.start_embed(EmbedRequest(input, local, endpoint_options, provider_options), channel)
+        endpoint.start_embed(
+            EmbedRequest(input, local, endpoint_options, provider_options), channel
+        )
         return channel
 
     def runtime_metrics(self, ref: EndpointRef) -> dict[str, Any]:
@@ -237,7 +243,9 @@ class SippClient:
         provider_options: Mapping[str, Any] | None = None,
     ) -> EmbeddingRun:
         """Embed `input` into one vector."""
-        channel = self._registry.start_embed(endpoint, input, local, endpoint_options, provider_options)
+        channel = self._registry.start_embed(
+            endpoint, input, local, endpoint_options, provider_options
+        )
         return EmbeddingRun(channel)
 
     def runtime_metrics(self, endpoint: EndpointRef) -> dict[str, Any]:
@@ -312,7 +320,9 @@ class AsyncSippClient:
         endpoint_options: Mapping[str, Any] | None = None,
         provider_options: Mapping[str, Any] | None = None,
     ) -> AsyncEmbeddingRun:
-        channel = self._registry.start_embed(endpoint, input, local, endpoint_options, provider_options)
+        channel = self._registry.start_embed(
+            endpoint, input, local, endpoint_options, provider_options
+        )
         return AsyncEmbeddingRun(channel)
 
     def runtime_metrics(self, endpoint: EndpointRef) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal, TypeAlias
 
 from ._errors import InvalidConfigError
 from ._runtime_config import NativeRuntimeConfig
@@ -47,4 +47,4 @@ class LocalModelDescriptor:
         return Path(os.fspath(self.model_path))
 
 
-EndpointDescriptor = Union[LocalModelDescriptor]
+EndpointDescriptor: TypeAlias = LocalModelDescriptor

@@ -192,20 +192,26 @@ class SamplingRuntimeConfig(_Group):
         self._float("min_p", 0.0, 1.0)
         self._float("temperature", 0.0)
         self._float("repeat_penalty", 0.0)
-        if self.logit_bias is not None:
-            if not isinstance(self.logit_bias, Mapping) or not all(
+        if self.logit_bias is not None and (
+            not isinstance(self.logit_bias, Mapping)
+            or not all(
                 isinstance(k, int) and isinstance(v, (int, float))
                 for k, v in self.logit_bias.items()
-            ):
-                raise InvalidConfigError(
-                    "SamplingRuntimeConfig.logit_bias must map token ids (int) to numbers"
-                )
+            )
+        ):
+            raise InvalidConfigError(
+                "SamplingRuntimeConfig.logit_bias must map token ids (int) to numbers"
+            )
 
     def merged_over(self, base: SamplingRuntimeConfig) -> SamplingRuntimeConfig:
         """This config's set fields on top of `base`."""
         values = {f.name: getattr(base, f.name) for f in fields(self)}
         values.update(
-            {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+            {
+                f.name: getattr(self, f.name)
+                for f in fields(self)
+                if getattr(self, f.name) is not None
+            }
         )
         return SamplingRuntimeConfig(**values)
 

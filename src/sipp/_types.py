@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, Union
+from typing import Any, Literal, TypeAlias, cast
 
 from ._errors import InvalidRequestError
 
@@ -94,13 +94,13 @@ class ChatMessage(_ReadsLikeMapping):
                 raise InvalidRequestError(
                     "a chat message mapping needs exactly the keys 'role' and 'content'"
                 )
-            return cls(message["role"], message["content"])
+            return cls(cast(ChatRole, message["role"]), message["content"])
         raise InvalidRequestError(
             f"a chat message must be a ChatMessage or a mapping, got {type(message).__name__}"
         )
 
 
-MessageLike = Union[ChatMessage, Mapping[str, str]]
+MessageLike: TypeAlias = ChatMessage | Mapping[str, str]
 
 
 def _check_probability(name: str, value: float | None, *, allow_zero: bool) -> None:

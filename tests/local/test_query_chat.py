@@ -57,7 +57,10 @@ def test_greedy_output_is_identical_across_sync_async_and_streaming(
     async def via_async() -> tuple[str, str]:
         async with AsyncSippClient() as aclient:
             aref = await aclient.add(
-                "a", LocalModelDescriptor(smollm_path, NativeRuntimeConfig(context=ContextRuntimeConfig(n_ctx=2048)))
+                "a",
+                LocalModelDescriptor(
+                    smollm_path, NativeRuntimeConfig(context=ContextRuntimeConfig(n_ctx=2048))
+                ),
             )
             final = await aclient.query(PROMPT, endpoint=aref, options=GREEDY)
             arun = aclient.query(PROMPT, endpoint=aref, options=GREEDY, emit_tokens=True)
@@ -71,7 +74,9 @@ def test_greedy_output_is_identical_across_sync_async_and_streaming(
 
 def test_max_tokens_gives_length(text_client: Client) -> None:
     client, ref = text_client
-    response = client.query("Count: 1, 2, 3,", endpoint=ref, options=SippTextOptions(max_tokens=3, temperature=0)).result()
+    response = client.query(
+        "Count: 1, 2, 3,", endpoint=ref, options=SippTextOptions(max_tokens=3, temperature=0)
+    ).result()
     assert response.finish_reason == "length"
     assert response.usage is not None and response.usage.output_tokens == 3
 
@@ -83,7 +88,10 @@ def test_stop_string_never_appears_and_finishes_with_stop(text_client: Client) -
     assert len(words) >= 3, free
     stop = " " + words[2]  # a stop in the middle of the greedy answer, likely spanning tokens
     run = client.query(
-        PROMPT, endpoint=ref, options=SippTextOptions(max_tokens=24, temperature=0, stop=[stop]), emit_tokens=True
+        PROMPT,
+        endpoint=ref,
+        options=SippTextOptions(max_tokens=24, temperature=0, stop=[stop]),
+        emit_tokens=True,
     )
     streamed = "".join(b.text for b in run)
     response = run.result()
@@ -104,7 +112,10 @@ def test_seeded_sampling_is_reproducible(text_client: Client) -> None:
 
 def test_chat_uses_the_model_template_and_answers(text_client: Client) -> None:
     client, ref = text_client
-    messages = [ChatMessage("system", "Answer in one word."), ChatMessage("user", "What color is the sky?")]
+    messages = [
+        ChatMessage("system", "Answer in one word."),
+        ChatMessage("user", "What color is the sky?"),
+    ]
     response = client.chat(messages, endpoint=ref, options=GREEDY).result()
     assert "blue" in response.text.lower()
     # The template wrapped the messages: far more prompt tokens than the raw words.
@@ -113,7 +124,9 @@ def test_chat_uses_the_model_template_and_answers(text_client: Client) -> None:
 
 def test_chat_accepts_plain_mappings(text_client: Client) -> None:
     client, ref = text_client
-    response = client.chat([{"role": "user", "content": "Say hi"}], endpoint=ref, options=GREEDY).result()
+    response = client.chat(
+        [{"role": "user", "content": "Say hi"}], endpoint=ref, options=GREEDY
+    ).result()
     assert response.text
 
 
@@ -121,7 +134,9 @@ def test_grammar_constrains_output(text_client: Client) -> None:
     client, ref = text_client
     grammar = 'root ::= ("yes" | "no") "."'
     response = client.query(
-        "Is water wet? Answer:", endpoint=ref, options=SippTextOptions(max_tokens=8, temperature=0.7),
+        "Is water wet? Answer:",
+        endpoint=ref,
+        options=SippTextOptions(max_tokens=8, temperature=0.7),
         local=LocalTextOptions(grammar=grammar),
     ).result()
     assert response.text in ("yes.", "no.")
@@ -154,8 +169,10 @@ def test_bad_grammar_is_a_clear_error(text_client: Client) -> None:
 def test_streaming_multibyte_text_is_valid_utf8_per_batch(text_client: Client) -> None:
     client, ref = text_client
     run = client.query(
-        "Emoji list: 🎉 party, 🍕 pizza, 🚀 rocket, 🌍", endpoint=ref,
-        options=SippTextOptions(max_tokens=40, temperature=0), emit_tokens=True,
+        "Emoji list: 🎉 party, 🍕 pizza, 🚀 rocket, 🌍",
+        endpoint=ref,
+        options=SippTextOptions(max_tokens=40, temperature=0),
+        emit_tokens=True,
     )
     batches = [b.text for b in run]
     final = run.result().text
@@ -165,8 +182,12 @@ def test_streaming_multibyte_text_is_valid_utf8_per_batch(text_client: Client) -
 
 def test_cancel_stops_within_a_step_and_keeps_partial_text(text_client: Client) -> None:
     client, ref = text_client
-    run = client.query("Count: 1, 2, 3, 4, 5, 6, 7,", endpoint=ref,
-                       options=SippTextOptions(max_tokens=400, temperature=0), emit_tokens=True)
+    run = client.query(
+        "Count: 1, 2, 3, 4, 5, 6, 7,",
+        endpoint=ref,
+        options=SippTextOptions(max_tokens=400, temperature=0),
+        emit_tokens=True,
+    )
     seen = []
     for batch in run:
         seen.append(batch.text)
@@ -182,8 +203,11 @@ def test_cancel_stops_within_a_step_and_keeps_partial_text(text_client: Client) 
 
 def test_cancel_from_another_thread_without_streaming(text_client: Client) -> None:
     client, ref = text_client
-    run = client.query("Count: 1, 2, 3, 4, 5, 6, 7,", endpoint=ref,
-                       options=SippTextOptions(max_tokens=1500, temperature=0))
+    run = client.query(
+        "Count: 1, 2, 3, 4, 5, 6, 7,",
+        endpoint=ref,
+        options=SippTextOptions(max_tokens=1500, temperature=0),
+    )
     timer = threading.Timer(0.3, run.cancel)
     timer.start()
     response = run.result(timeout=120)

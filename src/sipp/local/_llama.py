@@ -22,9 +22,7 @@ try:
     import llama_cpp as _lc
     from llama_cpp import llama_grammar as _grammar
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise ImportError(
-        "local endpoints need llama-cpp-python: pip install 'sipppy[local]'"
-    ) from exc
+    raise ImportError("local endpoints need llama-cpp-python: pip install 'sipppy[local]'") from exc
 
 __all__ = [
     "Batch",
@@ -52,8 +50,7 @@ _log_tail: deque[str] = deque(maxlen=20)
 _log_partial: list[str] = []
 
 
-@_lc.llama_log_callback  # type: ignore[misc]
-def _log_callback(level: int, text: bytes, _user: Any) -> None:
+def _log_to_python(level: int, text: bytes, _user: Any) -> None:
     # llama.cpp streams log lines in pieces; join them before handing to logging.
     piece = text.decode("utf-8", errors="replace") if text else ""
     _log_partial.append(piece)
@@ -68,6 +65,10 @@ def _log_callback(level: int, text: bytes, _user: Any) -> None:
         logger.debug("llama.cpp error: %s", line)
     else:
         logger.debug("llama.cpp: %s", line)
+
+
+# Kept referenced for the life of the process: llama.cpp holds the C pointer.
+_log_callback: Any = _lc.llama_log_callback(_log_to_python)
 
 
 def backend_init() -> None:
@@ -188,7 +189,9 @@ class LlamaModel:
         if n < 0:
             cap = -n
             arr = (_lc.llama_token * cap)()
-            n = _lc.llama_tokenize(self.vocab, data, len(data), arr, cap, add_special, parse_special)
+            n = _lc.llama_tokenize(
+                self.vocab, data, len(data), arr, cap, add_special, parse_special
+            )
         return list(arr[:n])
 
     def piece(self, token: int, *, special: bool = False) -> bytes:
@@ -260,8 +263,10 @@ class Context:
         cp.offload_kqv = p.offload_kqv
         cp.op_offload = p.op_offload
         cp.no_perf = not p.profiling
-        # Each sequence gets its own n_ctx / n_seq_max window: a slot is a slot.
-        cp.kv_unified = False
+        # Text: each sequence gets its own n_ctx / n_seq_max window (a slot is a slot).
+        # Embeddings: one shared stream, so llama.cpp keeps every input of a batch in
+        # one micro-batch; split per stream, pooling would see only part of an input.
+        cp.kv_unified = p.embeddings
         if p.pooling is not None:
             cp.pooling_type = POOLING[p.pooling]
         if p.flash_attention is not None:

@@ -69,6 +69,8 @@ class ChatTemplate:
                 eos_token=self._eos,
             )
         except _TemplateRaised as exc:
-            raise InvalidRequestError(f"the model's chat template rejected the messages: {exc}") from exc
+            raise InvalidRequestError(
+                f"the model's chat template rejected the messages: {exc}"
+            ) from exc
         except jinja2.TemplateError as exc:
             raise InvalidRequestError(f"the model's chat template failed to render: {exc}") from exc

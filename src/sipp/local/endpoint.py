@@ -25,7 +25,9 @@ __all__ = ["LocalEndpoint"]
 class LocalEndpoint:
     kind: EndpointKind = "local"
 
-    def __init__(self, descriptor: LocalModelDescriptor, name: str, backend: str | None = None) -> None:
+    def __init__(
+        self, descriptor: LocalModelDescriptor, name: str, backend: str | None = None
+    ) -> None:
         self.descriptor = descriptor
         loaded = load_model(descriptor.path, descriptor.config, backend)
         self.loaded = loaded
@@ -89,7 +91,9 @@ class LocalEndpoint:
             try:
                 grammar = _llama.json_schema_to_grammar(local.json_schema)
             except Exception as exc:  # the converter raises plain exceptions
-                raise InvalidRequestError(f"json_schema cannot be turned into a grammar: {exc}") from exc
+                raise InvalidRequestError(
+                    f"json_schema cannot be turned into a grammar: {exc}"
+                ) from exc
         try:
             sampler = _llama.Sampler(
                 model,
@@ -123,7 +127,9 @@ class LocalEndpoint:
             raise
 
     # -- embeddings -------------------------------------------------------------------
-    def start_embed(self, request: EmbedRequest, channel: RunChannel[SippEmbeddingResponse]) -> None:
+    def start_embed(
+        self, request: EmbedRequest, channel: RunChannel[SippEmbeddingResponse]
+    ) -> None:
         self._require("embed")
         _reject_remote_options(request.endpoint_options, request.provider_options)
         tokens = self.loaded.model.tokenize(request.input, add_special=True, parse_special=False)

@@ -65,9 +65,7 @@ def _check_gguf_file(path: Path) -> None:
     except OSError as exc:
         raise ModelLoadError(f"cannot read model file {path}: {exc.strerror}") from exc
     if head != GGUF_MAGIC:
-        raise ModelLoadError(
-            f"{path} is not a GGUF file (expected magic 'GGUF', found {head!r})"
-        )
+        raise ModelLoadError(f"{path} is not a GGUF file (expected magic 'GGUF', found {head!r})")
 
 
 @dataclass
@@ -85,9 +83,7 @@ class LoadedModel:
         self.model.close()
 
 
-def load_model(
-    path: Path, config: NativeRuntimeConfig, backend: str | None = None
-) -> LoadedModel:
+def load_model(path: Path, config: NativeRuntimeConfig, backend: str | None = None) -> LoadedModel:
     """Load the model and one context sized for `context.n_parallel` slots."""
     _check_gguf_file(path)
     chosen = resolve_backend(backend)
@@ -95,7 +91,9 @@ def load_model(
     on_cpu = chosen == "cpu"
     # An explicit `cpu` request switches every GPU-only feature off (the spec's
     # policy); `auto` that lands on the CPU keeps llama.cpp's own defaults.
-    forced_cpu = on_cpu and (backend or os.environ.get(BACKEND_ENV, "auto")).strip().lower() == "cpu"
+    forced_cpu = (
+        on_cpu and (backend or os.environ.get(BACKEND_ENV, "auto")).strip().lower() == "cpu"
+    )
     if on_cpu and placement.gpu_layers not in (None, 0):
         raise InvalidConfigError(
             "PlacementRuntimeConfig.gpu_layers must be 0 or unset with the cpu backend"
@@ -106,7 +104,9 @@ def load_model(
         # in ggml_backend_amx_mul_mat); it costs ~5% decode speed to avoid it.
         use_extra_bufts = not _llama.cpu_has_amx()
     params = _llama.ModelParams(
-        gpu_layers=0 if on_cpu else (placement.gpu_layers if placement.gpu_layers is not None else -1),
+        gpu_layers=0
+        if on_cpu
+        else (placement.gpu_layers if placement.gpu_layers is not None else -1),
         main_gpu=placement.main_gpu or 0,
         use_mmap=True if placement.use_mmap is None else placement.use_mmap,
         use_mlock=bool(placement.use_mlock),
@@ -162,6 +162,10 @@ def load_model(
             problem = exc.message
     logger.info(
         "loaded %s (%s) backend=%s n_ctx=%d x %d slots",
-        path.name, model.description(), chosen, cparams.n_ctx // n_parallel, n_parallel,
+        path.name,
+        model.description(),
+        chosen,
+        cparams.n_ctx // n_parallel,
+        n_parallel,
     )
     return LoadedModel(path, chosen, model, context, template, embeddings, problem)

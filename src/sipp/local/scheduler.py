@@ -18,7 +18,7 @@ import math
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .._channel import RunChannel
@@ -43,7 +43,7 @@ from . import _llama
 from .model import LoadedModel
 from .text_stream import TextStream
 
-__all__ = ["Engine", "EmbedJob", "TextJob"]
+__all__ = ["EmbedJob", "Engine", "TextJob"]
 
 logger = logging.getLogger("sipp.local")
 
@@ -85,7 +85,7 @@ class TextJob:
     generated: int = 0
     last_token: int = -1
     out_index: int = -1
-    batch_seq: itertools.count = field(default_factory=itertools.count)
+    batch_seq: itertools.count[int] = field(default_factory=itertools.count)
     t_admit: float = 0.0
     t_first: float = 0.0
 
@@ -149,12 +149,16 @@ class Engine:
         self._thread.start()
 
     # ------------------------------------------------------------ caller side
-    def sampling_for(self, override: SamplingRuntimeConfig | None, temperature: float | None,
-                     top_p: float | None) -> SamplingRuntimeConfig:
+    def sampling_for(
+        self, override: SamplingRuntimeConfig | None, temperature: float | None, top_p: float | None
+    ) -> SamplingRuntimeConfig:
+        """Endpoint defaults < `LocalTextOptions.sampling` < the typed request shortcuts."""
         merged = override.merged_over(self.sampling) if override is not None else self.sampling
-        shortcuts = {"temperature": temperature, "top_p": top_p}
-        shortcuts = {k: v for k, v in shortcuts.items() if v is not None}
-        return SamplingRuntimeConfig(**shortcuts).merged_over(merged) if shortcuts else merged
+        if temperature is not None:
+            merged = replace(merged, temperature=temperature)
+        if top_p is not None:
+            merged = replace(merged, top_p=top_p)
+        return merged
 
     def check_prompt(self, tokens: list[int], max_new: int | None) -> None:
         if not tokens:
@@ -308,7 +312,9 @@ class Engine:
         for job in self._active:
             if not job.prefilling:
                 assert job.slot is not None
-                job.out_index = batch.add(job.last_token, len(job.slot.tokens), job.slot.seq_id, True)
+                job.out_index = batch.add(
+                    job.last_token, len(job.slot.tokens), job.slot.seq_id, True
+                )
                 decoding.append(job)
         chunks: list[tuple[TextJob, int]] = []
         for job in self._active:
@@ -394,7 +400,9 @@ class Engine:
             generated_tokens=job.generated,
             prefill_ms=prefill_ms,
             decode_ms=decode_s * 1000,
-            tokens_per_second=(job.generated - 1) / decode_s if job.generated > 1 and decode_s > 0 else 0.0,
+            tokens_per_second=(job.generated - 1) / decode_s
+            if job.generated > 1 and decode_s > 0
+            else 0.0,
             queue_ms=((job.t_admit or end) - job.t_submit) * 1000,
         )
         usage = Usage(len(job.prompt), job.generated, len(job.prompt) + job.generated)
@@ -447,7 +455,9 @@ class Engine:
                 if status != 0:
                     raise ExecutionError(f"llama_decode failed with status {status}")
                 if pooling == "none":
-                    rows = [self.ctx.embedding_ith(first + i, n_embd) for i in range(len(job.tokens))]
+                    rows = [
+                        self.ctx.embedding_ith(first + i, n_embd) for i in range(len(job.tokens))
+                    ]
                 else:
                     rows = [self.ctx.embedding_seq(seq, n_embd)]
                 if job.normalize:
