@@ -29,13 +29,13 @@ from sipp import (
     SippTextOptions,
 )
 from sipp import models as sipp_models
-from sipp.local._llama import cpu_has_amx
+from sipp.local._llama import backend_init, cpu_has_amx
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
 
 
 def raw_tokens_per_second(model_path: Path, n_tokens: int, threads: int, n_ctx: int) -> float:
-    lc.llama_backend_init()
+    backend_init()  # same llama.cpp init as sipp (routes its log to Python logging)
     mp = lc.llama_model_default_params()
     mp.n_gpu_layers = 0
     mp.use_extra_bufts = not cpu_has_amx()
