@@ -238,19 +238,24 @@ class SchedulerRuntimeConfig(_Group):
         self._int("max_queued_requests", 0)
 
 
-_NO_SNAPSHOTS = "sequence snapshots are not wired yet; use mode 'live_slot_prefix'"
+_NOT_WIRED = "not supported by this runtime yet; snapshots keep whole sequences"
 
 
 @dataclass(frozen=True, kw_only=True)
 class CacheRuntimeConfig(_Group):
-    """KV reuse. `live_slot_prefix` reuses the longest token prefix an idle slot
-    holds, and a request's `context_key` pins its conversation to one slot."""
+    """KV reuse between requests.
+
+    * `off`: every request prefills its whole prompt.
+    * `live_slot_prefix` (default): a request reuses the longest token prefix an
+      idle slot holds; its `context_key` pins the conversation to one slot.
+    * `snapshot`: as above, and a sequence evicted from its slot is saved to a
+      host-memory LRU store (`max_snapshot_entries`, default 16;
+      `max_snapshot_bytes`, default 256 MiB) and restored on a later hit.
+    """
 
     _unsupported: ClassVar[Mapping[str, str]] = {
-        "retained_prefix_tokens": _NO_SNAPSHOTS,
-        "snapshot_interval_tokens": _NO_SNAPSHOTS,
-        "max_snapshot_entries": _NO_SNAPSHOTS,
-        "max_snapshot_bytes": _NO_SNAPSHOTS,
+        "retained_prefix_tokens": _NOT_WIRED,
+        "snapshot_interval_tokens": _NOT_WIRED,
     }
     mode: CacheMode | None = None
     retained_prefix_tokens: int | None = None
@@ -260,8 +265,14 @@ class CacheRuntimeConfig(_Group):
 
     def __post_init__(self) -> None:
         self._choice("mode", ("off", "live_slot_prefix", "snapshot"))
-        if self.mode == "snapshot":
-            raise InvalidConfigError(f"CacheRuntimeConfig.mode 'snapshot': {_NO_SNAPSHOTS}")
+        self._int("max_snapshot_entries", 0)
+        self._int("max_snapshot_bytes", 0)
+        if self.mode != "snapshot" and (
+            self.max_snapshot_entries is not None or self.max_snapshot_bytes is not None
+        ):
+            raise InvalidConfigError(
+                "CacheRuntimeConfig.max_snapshot_entries/max_snapshot_bytes need mode='snapshot'"
+            )
 
 
 _NO_VISION = "vision projectors are not supported by this runtime yet"

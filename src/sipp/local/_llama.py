@@ -305,6 +305,17 @@ class Context:
             return True
         return bool(_lc.llama_memory_seq_rm(self._memory, seq_id, p0, p1))
 
+    def seq_state(self, seq_id: int) -> bytes:
+        """One sequence's KV state, as bytes (host memory)."""
+        size = int(_lc.llama_state_seq_get_size(self._ptr, seq_id))
+        buf = (ctypes.c_uint8 * size)()
+        written = int(_lc.llama_state_seq_get_data(self._ptr, buf, size, seq_id))
+        return bytes(buf[:written])
+
+    def set_seq_state(self, seq_id: int, state: bytes) -> bool:
+        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        return int(_lc.llama_state_seq_set_data(self._ptr, buf, len(state), seq_id)) > 0
+
     def clear_memory(self) -> None:
         if self._memory:
             _lc.llama_memory_clear(self._memory, True)

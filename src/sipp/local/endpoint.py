@@ -79,7 +79,7 @@ class LocalEndpoint:
             text, add_special = request.prompt, True
         tokens = model.tokenize(text, add_special=add_special, parse_special=True)
         options, local = request.options, request.local
-        self._engine.check_prompt(tokens, options.max_tokens)
+        self._engine.check_prompt(tokens)
         override = local.sampling if local is not None else None
         if override is not None and not isinstance(override, SamplingRuntimeConfig):
             raise InvalidRequestError("LocalTextOptions.sampling must be a SamplingRuntimeConfig")

@@ -40,6 +40,7 @@ from .._types import (
     Usage,
 )
 from . import _llama
+from .kv_cache import Snapshot, SnapshotStore, common_prefix
 from .model import LoadedModel
 from .text_stream import TextStream
 
@@ -48,6 +49,7 @@ __all__ = ["EmbedJob", "Engine", "TextJob"]
 logger = logging.getLogger("sipp.local")
 
 DEFAULT_MAX_QUEUED = 256
+MIN_SNAPSHOT_TOKENS = 16  # shorter sequences are cheaper to prefill again than to store
 _DEFAULT_SAMPLING = SamplingRuntimeConfig(
     samplers=SAMPLER_NAMES,
     seed=None,
@@ -118,7 +120,20 @@ class Engine:
             DEFAULT_MAX_QUEUED if sched.max_queued_requests is None else sched.max_queued_requests
         )
         self.chunk_cap = sched.prefill_chunk_size or 0
-        self.reuse_prefix = (config.cache.mode or "live_slot_prefix") == "live_slot_prefix"
+        cache_mode = config.cache.mode or "live_slot_prefix"
+        self.reuse_prefix = cache_mode != "off"
+        self.snapshots = (
+            SnapshotStore(
+                config.cache.max_snapshot_entries
+                if config.cache.max_snapshot_entries is not None
+                else 16,
+                config.cache.max_snapshot_bytes
+                if config.cache.max_snapshot_bytes is not None
+                else 256 << 20,
+            )
+            if cache_mode == "snapshot"
+            else None
+        )
         self.sampling = config.sampling.merged_over(_DEFAULT_SAMPLING)
         self.metrics_on = bool(config.observability.runtime_metrics)
         self.profiling = bool(config.observability.backend_profiling)
@@ -160,7 +175,7 @@ class Engine:
             merged = replace(merged, top_p=top_p)
         return merged
 
-    def check_prompt(self, tokens: list[int], max_new: int | None) -> None:
+    def check_prompt(self, tokens: list[int]) -> None:
         if not tokens:
             raise InvalidRequestError("the prompt is empty after tokenization")
         if len(tokens) >= self.n_ctx_slot:
@@ -193,6 +208,11 @@ class Engine:
         snap["busy_slots_per_step"] = (
             snap["busy_slot_steps"] / snap["steps"] if snap["steps"] else 0.0
         )
+        if self.snapshots is not None:
+            snap["snapshots"] = len(self.snapshots)
+            snap["snapshot_bytes"] = self.snapshots.bytes
+            snap["snapshots_saved"] = self.snapshots.saved
+            snap["snapshots_restored"] = self.snapshots.restored
         if self.profiling:
             snap["backend_profile"] = self.ctx.perf()
         return snap
@@ -285,10 +305,12 @@ class Engine:
                 if slot.context_key == job.context_key:
                     return slot
         # Longest reusable prefix; among equals, the least recently used slot.
-        return max(free, key=lambda s: (_common_prefix(s.tokens, job.prompt), -s.last_used))
+        return max(free, key=lambda s: (common_prefix(s.tokens, job.prompt), -s.last_used))
 
     def _start(self, job: TextJob, slot: _Slot) -> None:
-        keep = _common_prefix(slot.tokens, job.prompt) if self.reuse_prefix else 0
+        keep = common_prefix(slot.tokens, job.prompt) if self.reuse_prefix else 0
+        if self.snapshots is not None:
+            keep = self._swap_snapshots(job, slot, keep)
         keep = min(keep, len(job.prompt) - 1)  # decode >= 1 token to get fresh logits
         if not self.ctx.seq_rm(slot.seq_id, keep, -1):
             self.ctx.seq_rm(slot.seq_id, -1, -1)  # partial removal unsupported (e.g. SWA)
@@ -300,6 +322,25 @@ class Engine:
         job.prefilled = job.cached = keep
         job.t_admit = time.perf_counter()
         self._active.append(job)
+
+    def _swap_snapshots(self, job: TextJob, slot: _Slot, keep: int) -> int:
+        """Save what `slot` would lose; restore a stored sequence that shares more of the prompt."""
+        assert self.snapshots is not None
+        candidate = self.snapshots.best(job.prompt, job.context_key)
+        restore = candidate is not None and candidate[1] > keep
+        if len(slot.tokens) - keep >= MIN_SNAPSHOT_TOKENS or (restore and slot.tokens):
+            self.snapshots.put(
+                Snapshot(tuple(slot.tokens), self.ctx.seq_state(slot.seq_id), slot.context_key)
+            )
+        if not restore or candidate is None:
+            return keep
+        snap = self.snapshots.take(candidate[0])
+        self.ctx.seq_rm(slot.seq_id, -1, -1)
+        if self.ctx.set_seq_state(slot.seq_id, snap.state):
+            slot.tokens = list(snap.tokens)
+            return candidate[1]
+        slot.tokens = []
+        return 0
 
     def _text_step(self) -> None:
         for job in [j for j in self._active if j.channel.cancelled.is_set()]:
@@ -479,15 +520,6 @@ class Engine:
             with self._cond:
                 self._counters[outcome] += 1
                 self._counters["prompt_tokens"] += len(job.tokens)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _l2_normalize(row: list[float]) -> list[float]:

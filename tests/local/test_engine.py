@@ -1,0 +1,312 @@
+"""The engine under concurrency: continuous batching, prefix reuse, snapshots, accounting."""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sipp import (
+    CacheRuntimeConfig,
+    ChatMessage,
+    ContextRuntimeConfig,
+    EndpointRef,
+    LocalModelDescriptor,
+    LocalTextOptions,
+    NativeRuntimeConfig,
+    ObservabilityRuntimeConfig,
+    OverloadedError,
+    SchedulerRuntimeConfig,
+    SippClient,
+    SippTextOptions,
+)
+
+GREEDY = SippTextOptions(max_tokens=20, temperature=0)
+PROMPTS = [
+    "The three primary colors are",
+    "Water boils at",
+    "The largest planet in the solar system is",
+    "Python is a programming language that",
+    "The capital of Japan is",
+    "Photosynthesis is the process by which",
+    "A haiku about autumn:",
+    "The speed of light is",
+]
+
+
+def _endpoint(client: SippClient, path: Path, name: str = "m", **groups: object) -> EndpointRef:
+    context = groups.pop("context", ContextRuntimeConfig(n_ctx=1024, n_parallel=8))
+    config = NativeRuntimeConfig(
+        context=context,  # type: ignore[arg-type]
+        observability=ObservabilityRuntimeConfig(runtime_metrics=True),
+        **groups,  # type: ignore[arg-type]
+    )
+    return client.add(name, LocalModelDescriptor(path, config))
+
+
+@pytest.fixture(scope="module")
+def eight_slots(smollm_path: Path) -> Iterator[tuple[SippClient, EndpointRef]]:
+    client = SippClient()
+    yield client, _endpoint(client, smollm_path)
+    client.close()
+
+
+def test_greedy_output_alone_equals_output_beside_seven_others(
+    eight_slots: tuple[SippClient, EndpointRef],
+) -> None:
+    client, ref = eight_slots
+    alone = [client.query(p, endpoint=ref, options=GREEDY).result().text for p in PROMPTS]
+    runs = [client.query(p, endpoint=ref, options=GREEDY) for p in PROMPTS]
+    together = [r.result().text for r in runs]
+    assert together == alone
+    metrics = client.runtime_metrics(ref)
+    assert metrics["busy_slots_per_step"] > 1.5, "requests should have shared steps"
+
+
+def test_per_request_sampling_inside_one_batch(eight_slots: tuple[SippClient, EndpointRef]) -> None:
+    client, ref = eight_slots
+    grammar = 'root ::= "yes" | "no"'
+    runs = [
+        client.query(
+            "Is the sky blue? Answer:",
+            endpoint=ref,
+            options=SippTextOptions(max_tokens=4, temperature=0.9),
+            local=LocalTextOptions(grammar=grammar),
+        ),
+        client.query(PROMPTS[0], endpoint=ref, options=GREEDY),
+        client.query(
+            PROMPTS[1],
+            endpoint=ref,
+            options=SippTextOptions(max_tokens=20, temperature=0, stop=[" "]),
+        ),
+    ]
+    constrained, greedy, stopped = (r.result() for r in runs)
+    assert constrained.text in ("yes", "no")
+    assert greedy.text == client.query(PROMPTS[0], endpoint=ref, options=GREEDY).result().text
+    assert " " not in stopped.text and stopped.finish_reason == "stop"
+
+
+def test_a_failing_request_does_not_poison_the_batch(
+    eight_slots: tuple[SippClient, EndpointRef],
+) -> None:
+    client, ref = eight_slots
+    good = [client.query(p, endpoint=ref, options=GREEDY) for p in PROMPTS[:3]]
+    with pytest.raises(Exception, match="grammar"):
+        client.query("x", endpoint=ref, local=LocalTextOptions(grammar="root ::= ("))
+    assert all(r.result().finish_reason in ("stop", "length") for r in good)
+
+
+def test_context_key_follow_up_only_prefills_the_new_suffix(smollm_path: Path) -> None:
+    turn1 = [ChatMessage("system", "You are terse."), ChatMessage("user", "Name a fruit.")]
+    with SippClient() as client:
+        cached = _endpoint(
+            client, smollm_path, "cached", context=ContextRuntimeConfig(n_ctx=1024, n_parallel=2)
+        )
+        plain = _endpoint(
+            client,
+            smollm_path,
+            "plain",
+            context=ContextRuntimeConfig(n_ctx=1024, n_parallel=2),
+            cache=CacheRuntimeConfig(mode="off"),
+        )
+        key = LocalTextOptions(context_key="conv-1")
+        first = client.chat(turn1, endpoint=cached, options=GREEDY, local=key).result()
+        # something else runs on the other slot in between
+        client.query("Unrelated prompt about trains", endpoint=cached, options=GREEDY).result()
+        turn2 = [*turn1, ChatMessage("assistant", first.text), ChatMessage("user", "Another one?")]
+        second = client.chat(turn2, endpoint=cached, options=GREEDY, local=key).result()
+        assert second.local_stats is not None and second.usage is not None
+        assert second.local_stats.cached_prompt_tokens >= first.usage.input_tokens  # type: ignore[union-attr]
+        uncached = client.chat(turn2, endpoint=plain, options=GREEDY).result()
+        assert uncached.local_stats is not None and uncached.local_stats.cached_prompt_tokens == 0
+        assert second.text == uncached.text
+
+
+def test_snapshot_mode_restores_an_evicted_conversation(smollm_path: Path) -> None:
+    conversation = [ChatMessage("user", "Write one sentence about the sea. " * 6)]
+    with SippClient() as client:
+        ref = _endpoint(
+            client,
+            smollm_path,
+            "snap",
+            context=ContextRuntimeConfig(n_ctx=1024, n_parallel=1),
+            cache=CacheRuntimeConfig(mode="snapshot", max_snapshot_entries=4),
+        )
+        key = LocalTextOptions(context_key="sea")
+        first = client.chat(conversation, endpoint=ref, options=GREEDY, local=key).result()
+        # the only slot is taken over by another conversation: the first one is snapshotted
+        client.chat(
+            [ChatMessage("user", "Tell me about mountains, please, in detail.")],
+            endpoint=ref,
+            options=GREEDY,
+            local=LocalTextOptions(context_key="hills"),
+        ).result()
+        again = client.chat(conversation, endpoint=ref, options=GREEDY, local=key).result()
+        metrics = client.runtime_metrics(ref)
+        assert metrics["snapshots_saved"] >= 1 and metrics["snapshots_restored"] >= 1
+        assert again.local_stats is not None and first.usage is not None
+        assert again.local_stats.cached_prompt_tokens == first.usage.input_tokens - 1
+        assert again.text == first.text
+
+
+def test_snapshot_store_stays_within_its_bounds(smollm_path: Path) -> None:
+    with SippClient() as client:
+        ref = _endpoint(
+            client,
+            smollm_path,
+            "snap",
+            context=ContextRuntimeConfig(n_ctx=512, n_parallel=1),
+            cache=CacheRuntimeConfig(
+                mode="snapshot", max_snapshot_entries=2, max_snapshot_bytes=8 << 20
+            ),
+        )
+        for i in range(6):
+            client.query(
+                f"Story number {i}: " + "once upon a time " * 4, endpoint=ref, options=GREEDY
+            ).result()
+        metrics = client.runtime_metrics(ref)
+        assert metrics["snapshots"] <= 2 and metrics["snapshot_bytes"] <= 8 << 20
+        assert metrics["snapshots_saved"] >= 3
+
+
+def test_prefill_chunking_gives_the_same_output(smollm_path: Path) -> None:
+    # Chunk size changes llama.cpp's matmul paths, so logits move by float noise: a
+    # prompt whose greedy continuation sits on a near-tie can flip (README: numerics).
+    sentence = (
+        "The old town of Lisbon sits on seven hills above the river Tagus, with narrow streets."
+    )
+    prompt = (
+        "The history of the city: "
+        + " ".join([sentence] * 8)
+        + " The city of Lisbon is the capital of"
+    )
+    with SippClient() as client:
+        whole = _endpoint(
+            client, smollm_path, "whole", context=ContextRuntimeConfig(n_ctx=1024, n_parallel=1)
+        )
+        chunked = _endpoint(
+            client,
+            smollm_path,
+            "chunked",
+            context=ContextRuntimeConfig(n_ctx=1024, n_parallel=1),
+            scheduler=SchedulerRuntimeConfig(prefill_chunk_size=16),
+        )
+        a = client.query(prompt, endpoint=whole, options=GREEDY).result()
+        b = client.query(prompt, endpoint=chunked, options=GREEDY).result()
+        assert a.text == b.text
+        assert (
+            client.runtime_metrics(chunked)["steps"] >= client.runtime_metrics(whole)["steps"] + 9
+        )
+
+
+def test_continuous_batching_off_runs_one_request_at_a_time(smollm_path: Path) -> None:
+    with SippClient() as client:
+        ref = _endpoint(
+            client, smollm_path, scheduler=SchedulerRuntimeConfig(continuous_batching=False)
+        )
+        runs = [client.query(p, endpoint=ref, options=GREEDY) for p in PROMPTS[:4]]
+        for r in runs:
+            r.result()
+        assert client.runtime_metrics(ref)["busy_slots_per_step"] == 1.0
+
+
+def test_kv_cache_size_follows_the_documented_formula(
+    smollm_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # KV bytes = n_ctx_per_slot * n_parallel * n_layer * 2 (K and V) * n_head_kv * head_dim * 2 (f16)
+    # SmolLM2-135M: 30 layers, 3 KV heads of 64 dims -> 23,040 bytes per token.
+    with caplog.at_level(logging.DEBUG, logger="sipp.llama"), SippClient() as client:
+        _endpoint(client, smollm_path, context=ContextRuntimeConfig(n_ctx=1024, n_parallel=4))
+    sizes = [float(m) for m in re.findall(r"KV buffer size\s*=\s*([0-9.]+) MiB", caplog.text)]
+    assert sizes, "llama.cpp did not report its KV buffer"
+    assert sum(sizes) == pytest.approx(1024 * 4 * 23_040 / 2**20, rel=0.01)
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        return int(next(line for line in fh if line.startswith("VmRSS")).split()[1])
+
+
+def test_thousand_mixed_requests_return_accounting_to_baseline(smollm_path: Path) -> None:
+    rng = random.Random(7)
+    with SippClient() as client:
+        ref = _endpoint(
+            client, smollm_path, scheduler=SchedulerRuntimeConfig(max_queued_requests=2000)
+        )
+
+        def wave(n: int) -> None:
+            runs = []
+            for i in range(n):
+                prompt = rng.choice(PROMPTS) + " " + str(i)
+                opts = SippTextOptions(
+                    max_tokens=rng.randint(1, 6), temperature=rng.choice([0, 0.8])
+                )
+                if i % 10 == 3:
+                    try:
+                        client.query("x" * 20_000, endpoint=ref)  # rejected up front
+                    except Exception:
+                        pass
+                runs.append(
+                    client.query(prompt, endpoint=ref, options=opts, emit_tokens=i % 2 == 0)
+                )
+                if i % 7 == 0:
+                    runs[-1].cancel("mixed load")
+            for run in runs:
+                assert run.result(timeout=120).finish_reason in ("stop", "length", "cancelled")
+
+        wave(200)  # warm up allocator and caches
+        baseline = _rss_kib()
+        for _ in range(4):
+            wave(200)
+        growth_mib = (_rss_kib() - baseline) / 1024
+        metrics = client.runtime_metrics(ref)
+        assert (
+            metrics["running"] == 0 and metrics["queue_depth"] == 0 and metrics["busy_slots"] == 0
+        )
+        assert (
+            metrics["completed"] + metrics["cancelled"] + metrics["failed"]
+            == metrics["requests"]
+            == 1000
+        )
+        assert growth_mib < 32, f"RSS grew {growth_mib:.1f} MiB over 800 requests"
+        # the endpoint still answers exactly as a fresh one would
+        assert client.query(PROMPTS[0], endpoint=ref, options=GREEDY).result().text
+
+
+def test_queue_limit_is_enforced_under_a_burst(smollm_path: Path) -> None:
+    with SippClient() as client:
+        ref = _endpoint(
+            client,
+            smollm_path,
+            context=ContextRuntimeConfig(n_ctx=512, n_parallel=2),
+            scheduler=SchedulerRuntimeConfig(max_queued_requests=3),
+        )
+        accepted, rejected = [], 0
+        lock = threading.Lock()
+
+        def submit() -> None:
+            nonlocal rejected
+            try:
+                run = client.query(
+                    "Count: 1, 2, 3,", endpoint=ref, options=SippTextOptions(max_tokens=50)
+                )
+                with lock:
+                    accepted.append(run)
+            except OverloadedError:
+                with lock:
+                    rejected += 1
+
+        threads = [threading.Thread(target=submit) for _ in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(accepted) <= 5 and rejected >= 7  # 2 running + 3 queued
+        for run in accepted:
+            run.result(timeout=120)
+        assert client.runtime_metrics(ref)["rejected"] == rejected
