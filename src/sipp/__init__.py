@@ -3,6 +3,8 @@
 from ._client import AsyncSippClient, SippClient
 from ._descriptors import EndpointDescriptor, EndpointKind, EndpointRef, LocalModelDescriptor
 from ._errors import (
+    AuthenticationError,
+    AuthorizationError,
     BackendUnavailableError,
     ClientClosedError,
     ContextOverflowError,
@@ -12,6 +14,9 @@ from ._errors import (
     InvalidRequestError,
     ModelLoadError,
     OverloadedError,
+    PayloadTooLargeError,
+    RateLimitedError,
+    RemoteError,
     SippError,
     UnsupportedOperationError,
 )
@@ -44,6 +49,8 @@ __all__ = [
     "AsyncEmbeddingRun",
     "AsyncSippClient",
     "AsyncTextRun",
+    "AuthenticationError",
+    "AuthorizationError",
     "BackendUnavailableError",
     "CacheRuntimeConfig",
     "ChatMessage",
@@ -67,7 +74,10 @@ __all__ = [
     "NativeRuntimeConfig",
     "ObservabilityRuntimeConfig",
     "OverloadedError",
+    "PayloadTooLargeError",
     "PlacementRuntimeConfig",
+    "RateLimitedError",
+    "RemoteError",
     "ResidencyRuntimeConfig",
     "SamplingRuntimeConfig",
     "SchedulerRuntimeConfig",

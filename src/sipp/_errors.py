@@ -8,6 +8,8 @@ without parsing messages. Codes never change once released; messages may.
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationError",
+    "AuthorizationError",
     "BackendUnavailableError",
     "ClientClosedError",
     "ContextOverflowError",
@@ -17,6 +19,9 @@ __all__ = [
     "InvalidRequestError",
     "ModelLoadError",
     "OverloadedError",
+    "PayloadTooLargeError",
+    "RateLimitedError",
+    "RemoteError",
     "SippError",
     "UnsupportedOperationError",
 ]
@@ -27,9 +32,14 @@ class SippError(Exception):
 
     code: str = "execution"
 
-    def __init__(self, message: str) -> None:
+    def __init__(
+        self, message: str, *, status: int | None = None, request_id: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
+        # Set when the error came over HTTP: the response status and its request id.
+        self.status = status
+        self.request_id = request_id
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(code={self.code!r}, message={self.message!r})"
@@ -93,3 +103,49 @@ class ExecutionError(SippError):
     """Inference failed while running (HTTP 500 on the gateway)."""
 
     code = "execution"
+
+
+class AuthenticationError(SippError):
+    """Missing or malformed credentials (HTTP 401)."""
+
+    code = "authentication"
+
+
+class AuthorizationError(SippError):
+    """Valid credentials that may not use this target (HTTP 403)."""
+
+    code = "authorization"
+
+
+class PayloadTooLargeError(SippError):
+    """The request body exceeds the server's limit (HTTP 413)."""
+
+    code = "payload_too_large"
+
+
+class RateLimitedError(SippError):
+    """The caller's rate limit is exhausted (HTTP 429)."""
+
+    code = "rate_limited"
+
+
+class RemoteError(SippError):
+    """A remote service failed in a way no other class describes (bad gateway,
+    broken stream, unparseable body, network failure). `retryable` tells a
+    transient failure (5xx, timeouts, resets) from a permanent one."""
+
+    code = "upstream"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        request_id: str | None = None,
+        retryable: bool = False,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message, status=status, request_id=request_id)
+        self.retryable = retryable
+        if code is not None:
+            self.code = code

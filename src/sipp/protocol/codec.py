@@ -1,0 +1,346 @@
+"""The first-party gateway JSON profile: request bodies in, response bodies out.
+
+Pure functions over bytes and dicts. A server decodes a body into a typed
+request (target name + operation arguments), runs it with a `SippClient`,
+and encodes the response; a gateway client does the reverse. Every rejected
+field is named in the error, so a caller can fix its request from the message.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .._errors import InvalidRequestError, RemoteError, SippError
+from .._types import (
+    ChatMessage,
+    SippEmbeddingResponse,
+    SippTextOptions,
+    SippTextResponse,
+    TokenBatch,
+    Usage,
+)
+from .errors import error_body
+from .sse import encode_sse
+
+__all__ = [
+    "DecodedEmbedRequest",
+    "DecodedTextRequest",
+    "chat_body",
+    "decode_chat_body",
+    "decode_embed_body",
+    "decode_query_body",
+    "done_frame",
+    "embed_body",
+    "embedding_response_body",
+    "error_frame",
+    "parse_embedding_response",
+    "parse_text_response",
+    "query_body",
+    "text_response_body",
+    "token_frame",
+    "usage_frame",
+]
+
+LOCAL_ONLY_FIELDS = frozenset(
+    {"context_key", "grammar", "json_schema", "sampling", "media", "normalize"}
+)
+_TEXT_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "stop", "stream"})
+_QUERY_FIELDS = _TEXT_FIELDS | {"prompt"}
+_CHAT_FIELDS = _TEXT_FIELDS | {"messages"}
+_EMBED_FIELDS = frozenset({"model", "input"})
+
+
+@dataclass(frozen=True)
+class DecodedTextRequest:
+    target: str
+    operation: Literal["query", "chat"]
+    prompt: str | None
+    messages: tuple[ChatMessage, ...] | None
+    options: SippTextOptions
+    stream: bool
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DecodedEmbedRequest:
+    target: str
+    input: str
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- decoding (server side)
+def decode_query_body(
+    body: bytes | str | Mapping[str, Any], *, extra_fields: Iterable[str] = ()
+) -> DecodedTextRequest:
+    """Decode a `/v1/query` body. `extra_fields` names fields your route accepts
+    beyond the profile; they come back in `.extras` instead of being rejected."""
+    obj = _object(body)
+    extras = _check_fields(obj, _QUERY_FIELDS, extra_fields)
+    prompt = obj.get("prompt")
+    if not isinstance(prompt, str):
+        raise _field_error("prompt", "is required and must be a string")
+    return DecodedTextRequest(
+        _target(obj), "query", prompt, None, _text_options(obj), _stream(obj), extras
+    )
+
+
+def decode_chat_body(
+    body: bytes | str | Mapping[str, Any], *, extra_fields: Iterable[str] = ()
+) -> DecodedTextRequest:
+    obj = _object(body)
+    extras = _check_fields(obj, _CHAT_FIELDS, extra_fields)
+    raw = obj.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise _field_error("messages", "is required and must be a non-empty array")
+    messages = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict) or set(item) != {"role", "content"}:
+            raise _field_error(
+                f"messages[{i}]", "must be an object with exactly 'role' and 'content'"
+            )
+        if item["role"] not in ("system", "user", "assistant"):
+            raise _field_error(f"messages[{i}].role", "must be one of system, user, assistant")
+        if not isinstance(item["content"], str):
+            raise _field_error(f"messages[{i}].content", "must be a string")
+        messages.append(ChatMessage(item["role"], item["content"]))
+    return DecodedTextRequest(
+        _target(obj), "chat", None, tuple(messages), _text_options(obj), _stream(obj), extras
+    )
+
+
+def decode_embed_body(
+    body: bytes | str | Mapping[str, Any], *, extra_fields: Iterable[str] = ()
+) -> DecodedEmbedRequest:
+    obj = _object(body)
+    extras = _check_fields(obj, _EMBED_FIELDS, extra_fields)
+    text = obj.get("input")
+    if not isinstance(text, str):
+        raise _field_error("input", "is required and must be a string")
+    return DecodedEmbedRequest(_target(obj), text, extras)
+
+
+def _object(body: bytes | str | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(body, Mapping):
+        return dict(body)
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise InvalidRequestError("request body must be a JSON object")
+    return obj
+
+
+def _check_fields(
+    obj: Mapping[str, Any], allowed: frozenset[str], extra: Iterable[str]
+) -> dict[str, Any]:
+    extra_set = set(extra)
+    for name in obj:
+        if name in allowed or name in extra_set:
+            continue
+        if name in LOCAL_ONLY_FIELDS:
+            raise _field_error(name, "is a local-only option; gateway requests cannot carry it")
+        if name == "provider_options":
+            raise _field_error(
+                name, "is for direct provider endpoints; gateway requests cannot carry it"
+            )
+        snake = re.sub(r"(?<!^)([A-Z])", r"_\1", name).lower()
+        hint = f" (did you mean '{snake}'?)" if snake != name and snake in allowed else ""
+        raise _field_error(name, f"is not a known field{hint}")
+    return {k: obj[k] for k in obj if k in extra_set}
+
+
+def _field_error(name: str, problem: str) -> InvalidRequestError:
+    error = InvalidRequestError(f"field '{name}' {problem}")
+    error.field = name  # type: ignore[attr-defined]
+    return error
+
+
+def _target(obj: Mapping[str, Any]) -> str:
+    model = obj.get("model")
+    if not isinstance(model, str) or not model:
+        raise _field_error("model", "is required and must be a non-empty string (the target name)")
+    return model
+
+
+def _stream(obj: Mapping[str, Any]) -> bool:
+    value = obj.get("stream", False)
+    if not isinstance(value, bool):
+        raise _field_error("stream", "must be a boolean")
+    return value
+
+
+def _text_options(obj: Mapping[str, Any]) -> SippTextOptions:
+    max_tokens = obj.get("max_tokens")
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+    ):
+        raise _field_error("max_tokens", "must be a positive integer")
+    for name in ("temperature", "top_p"):
+        value = obj.get(name)
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+        ):
+            raise _field_error(name, "must be a number")
+    stop = obj.get("stop")
+    if stop is not None and not (
+        isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
+    ):
+        raise _field_error("stop", "must be a string or an array of strings")
+    try:
+        return SippTextOptions(
+            max_tokens=max_tokens,
+            temperature=obj.get("temperature"),
+            top_p=obj.get("top_p"),
+            stop=stop,
+        )
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(f"field {exc.message}") from None
+
+
+# ---------------------------------------------------------------- encoding (server side)
+def usage_body(usage: Usage) -> dict[str, int]:
+    return {
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+def text_response_body(
+    target: str, response: SippTextResponse, *, id: str = "response"
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": id,
+        "model": target,
+        "text": response.text,
+        "finish_reason": response.finish_reason,
+    }
+    if response.usage is not None:
+        body["usage"] = usage_body(response.usage)
+    return body
+
+
+def embedding_response_body(
+    target: str, response: SippEmbeddingResponse, *, id: str = "response"
+) -> dict[str, Any]:
+    return {"id": id, "model": target, "embedding": response.values}
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def token_frame(batch: TokenBatch) -> bytes:
+    return encode_sse("token", _json({"text": batch.text, "sequence": batch.sequence}))
+
+
+def usage_frame(usage: Usage) -> bytes:
+    return encode_sse("usage", _json(usage_body(usage)))
+
+
+def done_frame(finish_reason: str) -> bytes:
+    return encode_sse("done", _json({"finish_reason": finish_reason}))
+
+
+def error_frame(error: SippError) -> bytes:
+    return encode_sse("error", _json(error_body(error.code, error.message)))
+
+
+# ---------------------------------------------------------------- client side
+def query_body(
+    target: str,
+    prompt: str,
+    options: SippTextOptions,
+    *,
+    stream: bool,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The `/v1/query` body. `extra` (protocol/endpoint options) never overrides typed fields."""
+    return _with_extra(
+        {"model": target, "prompt": prompt, **_options_body(options), "stream": stream}, extra
+    )
+
+
+def chat_body(
+    target: str,
+    messages: Iterable[ChatMessage],
+    options: SippTextOptions,
+    *,
+    stream: bool,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    msgs = [{"role": m.role, "content": m.content} for m in messages]
+    return _with_extra(
+        {"model": target, "messages": msgs, **_options_body(options), "stream": stream}, extra
+    )
+
+
+def embed_body(target: str, text: str, *, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    return _with_extra({"model": target, "input": text}, extra)
+
+
+def _options_body(options: SippTextOptions) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if options.max_tokens is not None:
+        out["max_tokens"] = options.max_tokens
+    if options.temperature is not None:
+        out["temperature"] = options.temperature
+    if options.top_p is not None:
+        out["top_p"] = options.top_p
+    if options.stop:
+        out["stop"] = list(options.stop)
+    return out
+
+
+def _with_extra(body: dict[str, Any], extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    if extra:
+        clash = sorted(set(extra) & (_QUERY_FIELDS | _CHAT_FIELDS | _EMBED_FIELDS))
+        if clash:
+            raise InvalidRequestError(
+                f"extra options cannot override typed fields: {', '.join(clash)}"
+            )
+        bad = sorted(set(extra) & (LOCAL_ONLY_FIELDS | {"provider_options"}))
+        if bad:
+            raise InvalidRequestError(f"gateway requests cannot carry {', '.join(bad)}")
+        body = {**body, **extra}
+    return body
+
+
+def parse_usage(obj: Any) -> Usage | None:
+    if not isinstance(obj, dict):
+        return None
+    try:
+        return Usage(int(obj["input_tokens"]), int(obj["output_tokens"]), int(obj["total_tokens"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def parse_text_response(body: bytes) -> SippTextResponse:
+    try:
+        obj = json.loads(body)
+        text, reason = obj["text"], obj["finish_reason"]
+        if not isinstance(text, str) or reason not in ("stop", "length", "cancelled"):
+            raise ValueError("bad field types")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RemoteError(f"gateway sent a malformed text response: {exc}") from None
+    return SippTextResponse(text, reason, parse_usage(obj.get("usage")))
+
+
+def parse_embedding_response(body: bytes) -> SippEmbeddingResponse:
+    try:
+        obj = json.loads(body)
+        values = [float(v) for v in obj["embedding"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RemoteError(f"gateway sent a malformed embedding response: {exc}") from None
+    # The wire profile carries only the vector; pooling is the target's business.
+    return SippEmbeddingResponse(
+        values, "unknown", False, len(values), parse_usage(obj.get("usage"))
+    )
