@@ -3,8 +3,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sipp.protocol import SSEDecoder, SSEEvent, done_frame, encode_sse, token_frame
 from sipp import TokenBatch
+from sipp.protocol import SSEDecoder, SSEEvent, done_frame, encode_sse, token_frame
 
 STREAM = (
     token_frame(TokenBatch("Gate", (), 0))
