@@ -1,7 +1,14 @@
 """Sipp: one client API for local GGUF inference, Sipp gateways and model providers."""
 
 from ._client import AsyncSippClient, SippClient
-from ._descriptors import EndpointDescriptor, EndpointKind, EndpointRef, LocalModelDescriptor
+from ._descriptors import (
+    EndpointDescriptor,
+    EndpointKind,
+    EndpointRef,
+    GatewayDescriptor,
+    GatewayTimeoutPolicy,
+    LocalModelDescriptor,
+)
 from ._errors import (
     AuthenticationError,
     AuthorizationError,
@@ -63,6 +70,8 @@ __all__ = [
     "EndpointNotFoundError",
     "EndpointRef",
     "ExecutionError",
+    "GatewayDescriptor",
+    "GatewayTimeoutPolicy",
     "InvalidConfigError",
     "InvalidRequestError",
     "LocalEmbedOptions",

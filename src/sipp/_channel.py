@@ -31,6 +31,7 @@ class RunChannel(Generic[R]):
         self._outcome: object = _NOT_SET
         self._wakers: list[Callable[[], None]] = []
         self._cancel_reason: str | None = None
+        self._cancel_hooks: list[Callable[[], None]] = []
         self.cancelled = threading.Event()
 
     # -- producer side (engine) ---------------------------------------------
@@ -55,12 +56,25 @@ class RunChannel(Generic[R]):
         return self._cancel_reason
 
     # -- consumer side (run handles) ------------------------------------------
+    def on_cancel(self, hook: Callable[[], None]) -> None:
+        """Run `hook` when the run is cancelled (at once if it already was).
+
+        Engines that block in I/O use this to interrupt the blocking call."""
+        with self._cond:
+            if not self.cancelled.is_set():
+                self._cancel_hooks.append(hook)
+                return
+        hook()
+
     def request_cancel(self, reason: str | None) -> None:
         with self._cond:
             if self._cancel_reason is None:
                 self._cancel_reason = reason or "cancelled"
             self.cancelled.set()
+            hooks, self._cancel_hooks = self._cancel_hooks, []
             self._wake()
+        for hook in hooks:
+            hook()
 
     def next_batch(self, timeout: float | None = None) -> TokenBatch | None:
         """The next batch, or None once the run is finished and drained."""

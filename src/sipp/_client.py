@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ._channel import RunChannel
-from ._descriptors import EndpointDescriptor, EndpointRef, LocalModelDescriptor
+from ._descriptors import EndpointDescriptor, EndpointRef, GatewayDescriptor, LocalModelDescriptor
 from ._endpoint import EmbedRequest, Endpoint, Operation, TextRequest
 from ._errors import (
     ClientClosedError,
@@ -48,13 +48,19 @@ def _close_leftovers() -> None:
 
 
 def _build_endpoint(descriptor: EndpointDescriptor, id: str) -> Endpoint:
+    # Imports are lazy: a gateway or provider user never loads llama.cpp, and a
+    # local-only user never needs httpx.
     if isinstance(descriptor, LocalModelDescriptor):
-        from .local.endpoint import LocalEndpoint  # lazy: provider users never load llama.cpp
+        from .local.endpoint import LocalEndpoint
 
         return LocalEndpoint(descriptor, id)
+    if isinstance(descriptor, GatewayDescriptor):
+        from .remote.gateway import gateway_endpoint
+
+        return gateway_endpoint(descriptor)
     raise InvalidConfigError(
         f"unsupported endpoint descriptor {type(descriptor).__name__}; "
-        "expected LocalModelDescriptor"
+        "expected LocalModelDescriptor or GatewayDescriptor"
     )
 
 
@@ -145,11 +151,14 @@ class _Registry:
         )
 
     def start_text(
-        self, ref: EndpointRef | None, request: TextRequest
+        self, ref: EndpointRef | None, request: TextRequest, *, in_loop: bool = False
     ) -> RunChannel[SippTextResponse]:
+        """Start a text run. `in_loop`: called from AsyncSippClient inside its event loop,
+        so endpoints that do I/O run it as a task there instead of on a thread."""
         endpoint = self.resolve(ref, request.operation)
         channel: RunChannel[SippTextResponse] = RunChannel()
-        endpoint.start_text(request, channel)
+        start = getattr(endpoint, "start_text_async", None) if in_loop else None
+        (start or endpoint.start_text)(request, channel)
         return channel
 
     def start_embed(
@@ -159,6 +168,8 @@ class _Registry:
         local: LocalEmbedOptions | None,
         endpoint_options: Mapping[str, Any] | None,
         provider_options: Mapping[str, Any] | None,
+        *,
+        in_loop: bool = False,
     ) -> RunChannel[SippEmbeddingResponse]:
         if not isinstance(input, str):
             raise InvalidRequestError("embed needs an input string")
@@ -176,11 +187,14 @@ class _Registry:
         return endpoint.runtime_metrics()
 
     def close(self) -> None:
+        for endpoint in self.detach_all():
+            endpoint.close()
+
+    def detach_all(self) -> list[Endpoint]:
         with self._lock:
             self._closed = True
             endpoints, self._endpoints = list(self._endpoints.values()), {}
-        for endpoint in endpoints:
-            endpoint.close()
+        return endpoints
 
 
 class SippClient:
@@ -276,7 +290,8 @@ class AsyncSippClient:
         endpoint = await asyncio.to_thread(_build_endpoint, descriptor, id)
         ref, old = self._registry.install(id, endpoint)
         if old is not None:
-            await asyncio.to_thread(old.close)
+            aclose = getattr(old, "aclose", None)
+            await (aclose() if aclose is not None else asyncio.to_thread(old.close))
         return ref
 
     def query(
@@ -293,7 +308,9 @@ class AsyncSippClient:
         request = self._registry.text_request(
             "query", prompt, None, options, local, emit_tokens, endpoint_options, provider_options
         )
-        return AsyncTextRun(self._registry.start_text(endpoint, request), request.emit_tokens)
+        return AsyncTextRun(
+            self._registry.start_text(endpoint, request, in_loop=True), request.emit_tokens
+        )
 
     def chat(
         self,
@@ -309,7 +326,9 @@ class AsyncSippClient:
         request = self._registry.text_request(
             "chat", None, messages, options, local, emit_tokens, endpoint_options, provider_options
         )
-        return AsyncTextRun(self._registry.start_text(endpoint, request), request.emit_tokens)
+        return AsyncTextRun(
+            self._registry.start_text(endpoint, request, in_loop=True), request.emit_tokens
+        )
 
     def embed(
         self,
@@ -329,7 +348,12 @@ class AsyncSippClient:
         return self._registry.runtime_metrics(endpoint)
 
     async def close(self) -> None:
-        await asyncio.to_thread(self._registry.close)
+        for endpoint in self._registry.detach_all():
+            aclose = getattr(endpoint, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            else:
+                await asyncio.to_thread(endpoint.close)
 
     async def __aenter__(self) -> AsyncSippClient:
         return self

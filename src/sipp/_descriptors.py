@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
+from urllib.parse import urlsplit
 
 from ._errors import InvalidConfigError
 from ._runtime_config import NativeRuntimeConfig
 
-__all__ = ["EndpointDescriptor", "EndpointKind", "EndpointRef", "LocalModelDescriptor"]
+__all__ = [
+    "AuthenticationKind",
+    "EndpointDescriptor",
+    "EndpointKind",
+    "EndpointRef",
+    "GatewayDescriptor",
+    "GatewayTimeoutPolicy",
+    "LocalModelDescriptor",
+]
 
 EndpointKind = Literal["local", "gateway", "provider"]
 
@@ -47,4 +57,128 @@ class LocalModelDescriptor:
         return Path(os.fspath(self.model_path))
 
 
-EndpointDescriptor: TypeAlias = LocalModelDescriptor
+AuthenticationKind = Literal["none", "bearer", "header"]
+ValueProvider = Callable[[], "str | Awaitable[str]"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class GatewayTimeoutPolicy:
+    """Deadlines in seconds: TCP/TLS connect, sending the request, and the longest
+    wait for the next bytes of a response (a finite body or the next SSE frame)."""
+
+    connect_s: float = 10.0
+    request_s: float = 30.0
+    stream_read_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        for name in ("connect_s", "request_s", "stream_read_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise InvalidConfigError(
+                    f"GatewayTimeoutPolicy.{name} must be a positive number of seconds"
+                )
+
+
+@dataclass(frozen=True)
+class GatewayDescriptor:
+    """A remote Sipp gateway: `GatewayDescriptor(target, base_url, authentication_kind="bearer",
+    authentication_value=token)`.
+
+    `authentication_value_provider` (a callable returning the value, async allowed with
+    `AsyncSippClient`) is called for every request, for short-lived tokens.
+    `protocol_options` are merged into every request body; they cannot replace the
+    typed fields (model, prompt, messages, input, max_tokens, temperature, top_p, stop, stream).
+    """
+
+    target: str
+    base_url: str
+    authentication_kind: AuthenticationKind = "none"
+    authentication_value: str | None = field(default=None, repr=False)
+    authentication_header_name: str | None = None
+    authentication_value_provider: ValueProvider | None = field(default=None, repr=False)
+    static_headers: Mapping[str, str] = field(default_factory=dict)
+    timeout: GatewayTimeoutPolicy = field(default_factory=GatewayTimeoutPolicy)
+    query_route: str = "/v1/query"
+    chat_route: str = "/v1/chat"
+    embed_route: str = "/v1/embed"
+    protocol_options: Mapping[str, Any] = field(default_factory=dict)
+    kind: Literal["gateway"] = field(default="gateway", init=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.target, str) or not self.target:
+            raise InvalidConfigError(
+                "GatewayDescriptor.target must be the gateway's public target name"
+            )
+        parsed = urlsplit(self.base_url if isinstance(self.base_url, str) else "")
+        if (
+            parsed.scheme not in ("http", "https")
+            or not parsed.netloc
+            or parsed.query
+            or parsed.fragment
+        ):
+            raise InvalidConfigError(
+                f"GatewayDescriptor.base_url must be an absolute http(s) URL without query or fragment, "
+                f"got {self.base_url!r}"
+            )
+        if self.authentication_kind not in ("none", "bearer", "header"):
+            raise InvalidConfigError(
+                "GatewayDescriptor.authentication_kind must be none, bearer or header"
+            )
+        has_value = (
+            self.authentication_value is not None or self.authentication_value_provider is not None
+        )
+        if self.authentication_kind != "none" and not has_value:
+            raise InvalidConfigError(
+                f"authentication_kind={self.authentication_kind!r} needs authentication_value "
+                "or authentication_value_provider"
+            )
+        if self.authentication_kind == "header" and not _is_token(self.authentication_header_name):
+            raise InvalidConfigError(
+                "authentication_kind='header' needs a valid authentication_header_name"
+            )
+        for name, value in dict(self.static_headers).items():
+            if not _is_token(name) or not isinstance(value, str) or "\n" in value or "\r" in value:
+                raise InvalidConfigError(f"static header {name!r} is not a valid HTTP header")
+        for route_name in ("query_route", "chat_route", "embed_route"):
+            route = getattr(self, route_name)
+            if (
+                not isinstance(route, str)
+                or not route.startswith("/")
+                or "?" in route
+                or "#" in route
+            ):
+                raise InvalidConfigError(
+                    f"GatewayDescriptor.{route_name} must be an absolute path, got {route!r}"
+                )
+        if not isinstance(self.timeout, GatewayTimeoutPolicy):
+            raise InvalidConfigError("GatewayDescriptor.timeout must be a GatewayTimeoutPolicy")
+
+    def auth_value(self) -> str | Awaitable[str] | None:
+        if self.authentication_kind == "none":
+            return None
+        if self.authentication_value_provider is not None:
+            return self.authentication_value_provider()
+        return self.authentication_value
+
+    def auth_headers(self, value: str | None) -> dict[str, str]:
+        if value is None:
+            return {}
+        if not isinstance(value, str) or not value or any(c in value for c in "\r\n"):
+            raise InvalidConfigError(
+                "the gateway authentication value must be a non-empty single-line string"
+            )
+        if self.authentication_kind == "bearer":
+            return {"authorization": f"Bearer {value}"}
+        assert self.authentication_header_name is not None
+        return {self.authentication_header_name: value}
+
+
+def _is_token(name: object) -> bool:
+    return (
+        isinstance(name, str)
+        and bool(name)
+        and all(c.isalnum() or c in "!#$%&'*+-.^_`|~" for c in name)
+    )
+
+
+EndpointDescriptor: TypeAlias = LocalModelDescriptor | GatewayDescriptor

@@ -40,6 +40,8 @@ class SippError(Exception):
         # Set when the error came over HTTP: the response status and its request id.
         self.status = status
         self.request_id = request_id
+        # Set when a stream failed after some text arrived: the text received so far.
+        self.partial_text: str | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(code={self.code!r}, message={self.message!r})"

@@ -60,6 +60,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "invalid_config": 500,
     "backend_unavailable": 500,
     "upstream": 502,
+    "timeout": 504,
     "client_closed": 503,
 }
 _CODE_BY_STATUS = {
@@ -83,8 +84,11 @@ def error_body(code: str, message: str) -> dict[str, Any]:
 def error_from_status(
     status: int, message: str, *, code: str | None = None, request_id: str | None = None
 ) -> SippError:
-    """The typed error for an HTTP failure: by wire `code` when known, else by status."""
-    code = code or _CODE_BY_STATUS.get(status) or ("execution" if status == 500 else "upstream")
+    """The typed error for an HTTP failure: by wire `code` when known, else by status.
+
+    A 5xx without a Sipp envelope (a proxy's HTML page, a crashed upstream) is a
+    retryable `RemoteError`, distinct from a target's own `execution` error."""
+    code = code or _CODE_BY_STATUS.get(status) or "upstream"
     cls = _CLASS_BY_CODE.get(code)
     retryable = status >= 500 or status == 429
     if cls is None or cls is RemoteError:

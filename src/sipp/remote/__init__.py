@@ -1,0 +1,1 @@
+"""Endpoints that speak HTTP: the Sipp gateway profile and model providers."""
