@@ -226,9 +226,9 @@ def test_error_envelopes_become_typed_errors(mode: str, status: int, code: str, 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_500_and_non_json_bodies(mode: str) -> None:
-    with LoopbackServer(lambda req: [*json_reply({}, 500)[:1], Chunk(b"<html>oops</html>")]) as server:
-        with pytest.raises(RemoteError) as info:
-            _call(mode, _gw(server), "query", "x")
+    html = [*json_reply({}, 500)[:1], Chunk(b"<html>oops</html>")]
+    with LoopbackServer(lambda req: html) as server, pytest.raises(RemoteError) as info:
+        _call(mode, _gw(server), "query", "x")
     assert (info.value.status, info.value.code, info.value.retryable) == (500, "upstream", True)
     reply = [*json_reply({})[:1], Chunk(b"not json at all")]
     with LoopbackServer(lambda req: reply) as server, pytest.raises(RemoteError, match="malformed text"):
