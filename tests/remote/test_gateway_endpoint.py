@@ -231,7 +231,10 @@ def test_500_and_non_json_bodies(mode: str) -> None:
         _call(mode, _gw(server), "query", "x")
     assert (info.value.status, info.value.code, info.value.retryable) == (500, "upstream", True)
     reply = [*json_reply({})[:1], Chunk(b"not json at all")]
-    with LoopbackServer(lambda req: reply) as server, pytest.raises(RemoteError, match="malformed text"):
+    with (
+        LoopbackServer(lambda req: reply) as server,
+        pytest.raises(RemoteError, match="malformed text"),
+    ):
         _call(mode, _gw(server), "query", "x")
 
 
@@ -388,7 +391,7 @@ def test_thousand_requests_leak_no_connections_or_threads() -> None:
         async def main() -> None:
             async with AsyncSippClient() as client:
                 ref = await client.add("g", _gw(server))
-                for i in range(0, 500, 25):
+                for _i in range(0, 500, 25):
                     runs = [
                         client.query("x", endpoint=ref, emit_tokens=j % 2 == 0) for j in range(25)
                     ]
