@@ -277,9 +277,9 @@ def test_connection_reset_mid_stream(mode: str) -> None:
 @pytest.mark.parametrize("mode", MODES)
 def test_read_timeout_mid_stream(mode: str) -> None:
     timeout = GatewayTimeoutPolicy(stream_read_s=0.3)
-    with LoopbackServer(lambda req: [*sse_reply(_tokens("slow")), Sleep(3)]) as server:
-        with pytest.raises(RemoteError) as info:
-            _call(mode, _gw(server, timeout=timeout), "query", "x", emit_tokens=True)
+    slow = [*sse_reply(_tokens("slow")), Sleep(3)]
+    with LoopbackServer(lambda req: slow) as server, pytest.raises(RemoteError) as info:
+        _call(mode, _gw(server, timeout=timeout), "query", "x", emit_tokens=True)
     assert info.value.code == "timeout" and info.value.partial_text == "slow"
 
 
