@@ -8,6 +8,7 @@ from ._descriptors import (
     GatewayDescriptor,
     GatewayTimeoutPolicy,
     LocalModelDescriptor,
+    ProviderDescriptor,
 )
 from ._errors import (
     AuthenticationError,
@@ -85,6 +86,7 @@ __all__ = [
     "OverloadedError",
     "PayloadTooLargeError",
     "PlacementRuntimeConfig",
+    "ProviderDescriptor",
     "RateLimitedError",
     "RemoteError",
     "ResidencyRuntimeConfig",

@@ -16,7 +16,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ._channel import RunChannel
-from ._descriptors import EndpointDescriptor, EndpointRef, GatewayDescriptor, LocalModelDescriptor
+from ._descriptors import (
+    EndpointDescriptor,
+    EndpointRef,
+    GatewayDescriptor,
+    LocalModelDescriptor,
+    ProviderDescriptor,
+)
 from ._endpoint import EmbedRequest, Endpoint, Operation, TextRequest
 from ._errors import (
     ClientClosedError,
@@ -58,9 +64,17 @@ def _build_endpoint(descriptor: EndpointDescriptor, id: str) -> Endpoint:
         from .remote.gateway import gateway_endpoint
 
         return gateway_endpoint(descriptor)
+    if isinstance(descriptor, ProviderDescriptor):
+        if descriptor.provider == "anthropic":
+            from .remote.anthropic import anthropic_endpoint
+
+            return anthropic_endpoint(descriptor)
+        from .remote.openai import openai_endpoint
+
+        return openai_endpoint(descriptor)
     raise InvalidConfigError(
         f"unsupported endpoint descriptor {type(descriptor).__name__}; "
-        "expected LocalModelDescriptor or GatewayDescriptor"
+        "expected LocalModelDescriptor, GatewayDescriptor or ProviderDescriptor"
     )
 
 

@@ -20,6 +20,8 @@ __all__ = [
     "GatewayDescriptor",
     "GatewayTimeoutPolicy",
     "LocalModelDescriptor",
+    "ProviderDescriptor",
+    "ProviderName",
 ]
 
 EndpointKind = Literal["local", "gateway", "provider"]
@@ -181,4 +183,69 @@ def _is_token(name: object) -> bool:
     )
 
 
-EndpointDescriptor: TypeAlias = LocalModelDescriptor | GatewayDescriptor
+ProviderName = Literal["openai", "anthropic", "openai_compatible"]
+_DEFAULT_BASE_URLS = {
+    "openai": "https://api.openai.com/v1",
+    "anthropic": "https://api.anthropic.com/v1",
+}
+
+
+@dataclass(frozen=True)
+class ProviderDescriptor:
+    """A model provider called directly: `ProviderDescriptor("openai", "gpt-4o-mini", api_key=...)`.
+
+    `base_url` defaults to the provider's public API (required for `openai_compatible`).
+    `correlation_header` names a header that carries a fresh id on every request (and is
+    read back as the error's `request_id` when the server echoes it). Use provider
+    endpoints only in trusted server code: the key lives in this process.
+    """
+
+    provider: ProviderName
+    model: str
+    api_key: str | None = field(default=None, repr=False)
+    base_url: str | None = None
+    correlation_header: str | None = None
+    static_headers: Mapping[str, str] = field(default_factory=dict)
+    timeout: GatewayTimeoutPolicy = field(default_factory=GatewayTimeoutPolicy)
+    anthropic_version: str = "2023-06-01"
+    kind: Literal["provider"] = field(default="provider", init=False)
+
+    def __post_init__(self) -> None:
+        if self.provider not in ("openai", "anthropic", "openai_compatible"):
+            raise InvalidConfigError(
+                "ProviderDescriptor.provider must be openai, anthropic or openai_compatible"
+            )
+        if not isinstance(self.model, str) or not self.model:
+            raise InvalidConfigError("ProviderDescriptor.model must be the provider's model id")
+        if self.base_url is None:
+            if self.provider == "openai_compatible":
+                raise InvalidConfigError("provider 'openai_compatible' needs base_url")
+            object.__setattr__(self, "base_url", _DEFAULT_BASE_URLS[self.provider])
+        parsed = urlsplit(self.base_url if isinstance(self.base_url, str) else "")
+        if (
+            parsed.scheme not in ("http", "https")
+            or not parsed.netloc
+            or parsed.query
+            or parsed.fragment
+        ):
+            raise InvalidConfigError(
+                f"ProviderDescriptor.base_url must be an absolute http(s) URL, got {self.base_url!r}"
+            )
+        if self.provider != "openai_compatible" and not self.api_key:
+            raise InvalidConfigError(f"provider {self.provider!r} needs api_key")
+        if self.api_key is not None and (
+            not isinstance(self.api_key, str) or any(c in self.api_key for c in "\r\n")
+        ):
+            raise InvalidConfigError("ProviderDescriptor.api_key must be a single-line string")
+        if self.correlation_header is not None and not _is_token(self.correlation_header):
+            raise InvalidConfigError(
+                "ProviderDescriptor.correlation_header is not a valid header name"
+            )
+        for name, value in dict(self.static_headers).items():
+            if not _is_token(name) or not isinstance(value, str) or "\n" in value or "\r" in value:
+                raise InvalidConfigError(f"static header {name!r} is not a valid HTTP header")
+        if not isinstance(self.timeout, GatewayTimeoutPolicy):
+            raise InvalidConfigError("ProviderDescriptor.timeout must be a GatewayTimeoutPolicy")
+
+
+EndpointDescriptor: TypeAlias = LocalModelDescriptor | GatewayDescriptor | ProviderDescriptor

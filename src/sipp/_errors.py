@@ -31,6 +31,7 @@ class SippError(Exception):
     """Base class of every error Sipp raises on purpose."""
 
     code: str = "execution"
+    retryable: bool = False  # True when the same request may succeed later (429, 5xx, timeouts)
 
     def __init__(
         self, message: str, *, status: int | None = None, request_id: str | None = None
@@ -93,6 +94,7 @@ class OverloadedError(SippError):
     """The endpoint's queue is full (HTTP 429 on the gateway)."""
 
     code = "overloaded"
+    retryable = True
 
 
 class ClientClosedError(SippError):
@@ -129,6 +131,7 @@ class RateLimitedError(SippError):
     """The caller's rate limit is exhausted (HTTP 429)."""
 
     code = "rate_limited"
+    retryable = True
 
 
 class RemoteError(SippError):

@@ -34,6 +34,7 @@ from sipp import (
 )
 from sipp.protocol import done_frame, error_frame, token_frame, usage_frame
 
+from .harness import call
 from .loopback import Chunk, LoopbackServer, Request, Reset, Sleep, json_reply, sse_reply
 
 MODES = ["sync", "async"]
@@ -41,27 +42,6 @@ MESSAGES = [
     ChatMessage("system", "Answer briefly."),
     ChatMessage("user", "What does the gateway own?"),
 ]
-
-
-def _call(
-    mode: str, descriptor: GatewayDescriptor, op: str, payload: Any, **kwargs: Any
-) -> tuple[Any, list[TokenBatch]]:
-    stream = kwargs.get("emit_tokens", False)
-    if mode == "sync":
-        with SippClient() as client:
-            ref = client.add("g", descriptor)
-            run = getattr(client, op)(payload, endpoint=ref, **kwargs)
-            batches = list(run) if stream else []
-            return run.result(timeout=30), batches
-
-    async def main() -> tuple[Any, list[TokenBatch]]:
-        async with AsyncSippClient() as client:
-            ref = await client.add("g", descriptor)
-            run = getattr(client, op)(payload, endpoint=ref, **kwargs)
-            batches = [b async for b in run] if stream else []
-            return await run.result(), batches
-
-    return asyncio.run(main())
 
 
 def _gw(server: LoopbackServer, **kw: Any) -> GatewayDescriptor:
@@ -86,7 +66,7 @@ def test_query_finite_json(mode: str) -> None:
         )
 
     with LoopbackServer(handler) as server:
-        response, _ = _call(
+        response, _ = call(
             mode,
             _gw(server, authentication_kind="bearer", authentication_value="tok-1"),
             "query",
@@ -111,7 +91,7 @@ def test_query_finite_json(mode: str) -> None:
 def test_chat_stream_yields_batches_usage_and_done(mode: str) -> None:
     frames = [*_tokens("Gate", "ways", " — 日本"), usage_frame_bytes(8, 3), done_frame("stop")]
     with LoopbackServer(lambda req: sse_reply(frames)) as server:
-        response, batches = _call(mode, _gw(server), "chat", MESSAGES, emit_tokens=True)
+        response, batches = call(mode, _gw(server), "chat", MESSAGES, emit_tokens=True)
         body = server.requests[0].json()
     assert [b.text for b in batches] == ["Gate", "ways", " — 日本"]
     assert [b.sequence for b in batches] == [0, 1, 2]
@@ -135,7 +115,7 @@ def test_embed(mode: str) -> None:
     with LoopbackServer(
         lambda req: json_reply({"id": "response", "model": "local", "embedding": [0.0123, -0.0456]})
     ) as server:
-        response, _ = _call(
+        response, _ = call(
             mode, _gw(server, embed_route="/custom/embed"), "embed", "gateway inference"
         )
         req = server.requests[0]
@@ -162,7 +142,7 @@ def test_header_auth_static_headers_options_and_value_provider(mode: str) -> Non
     with LoopbackServer(lambda req: json_reply({"text": "ok", "finish_reason": "stop"})) as server:
         descriptor = GatewayDescriptor(**{**descriptor.__dict__, "base_url": server.url} | {})  # type: ignore[arg-type]
         for _ in range(2):
-            _call(mode, descriptor, "query", "hi", endpoint_options={"priority": "low"})
+            call(mode, descriptor, "query", "hi", endpoint_options={"priority": "low"})
         reqs = server.requests
     assert [r.headers["x-api-key"] for r in reqs] == ["short-lived-1", "short-lived-2"]
     assert all(r.headers["x-team"] == "search" and r.path == "/q" for r in reqs)
@@ -180,9 +160,9 @@ def test_async_value_provider(mode: str) -> None:
             with pytest.raises(
                 InvalidConfigError, match="async value provider needs AsyncSippClient"
             ):
-                _call(mode, descriptor, "query", "hi")
+                call(mode, descriptor, "query", "hi")
         else:
-            _call(mode, descriptor, "query", "hi")
+            call(mode, descriptor, "query", "hi")
             assert server.requests[0].headers["authorization"] == "Bearer async-token"
 
 
@@ -191,13 +171,13 @@ def test_local_options_and_overrides_are_rejected_before_sending(mode: str) -> N
     with LoopbackServer(lambda req: json_reply({"text": "x", "finish_reason": "stop"})) as server:
         d = _gw(server)
         with pytest.raises(InvalidRequestError, match="local options"):
-            _call(mode, d, "query", "x", local=LocalTextOptions(context_key="k"))
+            call(mode, d, "query", "x", local=LocalTextOptions(context_key="k"))
         with pytest.raises(InvalidRequestError, match="provider_options"):
-            _call(mode, d, "chat", MESSAGES, provider_options={"reasoning_effort": "low"})
+            call(mode, d, "chat", MESSAGES, provider_options={"reasoning_effort": "low"})
         with pytest.raises(InvalidRequestError, match="cannot override typed fields: model"):
-            _call(mode, d, "query", "x", endpoint_options={"model": "other"})
+            call(mode, d, "query", "x", endpoint_options={"model": "other"})
         with pytest.raises(InvalidRequestError, match="cannot override typed fields: max_tokens"):
-            _call(mode, _gw(server, protocol_options={"max_tokens": 5}), "query", "x")
+            call(mode, _gw(server, protocol_options={"max_tokens": 5}), "query", "x")
         assert server.requests == []
 
 
@@ -216,7 +196,7 @@ def test_error_envelopes_become_typed_errors(mode: str, status: int, code: str, 
         {"error": {"code": code, "message": f"{code} happened"}}, status, {"x-request-id": "req-42"}
     )
     with LoopbackServer(lambda req: reply) as server, pytest.raises(cls) as info:
-        _call(mode, _gw(server), "query", "x")
+        call(mode, _gw(server), "query", "x")
     assert (info.value.status, info.value.request_id, info.value.message) == (
         status,
         "req-42",
@@ -228,14 +208,14 @@ def test_error_envelopes_become_typed_errors(mode: str, status: int, code: str, 
 def test_500_and_non_json_bodies(mode: str) -> None:
     html = [*json_reply({}, 500)[:1], Chunk(b"<html>oops</html>")]
     with LoopbackServer(lambda req: html) as server, pytest.raises(RemoteError) as info:
-        _call(mode, _gw(server), "query", "x")
+        call(mode, _gw(server), "query", "x")
     assert (info.value.status, info.value.code, info.value.retryable) == (500, "upstream", True)
     reply = [*json_reply({})[:1], Chunk(b"not json at all")]
     with (
         LoopbackServer(lambda req: reply) as server,
         pytest.raises(RemoteError, match="malformed text"),
     ):
-        _call(mode, _gw(server), "query", "x")
+        call(mode, _gw(server), "query", "x")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -247,7 +227,7 @@ def test_error_event_mid_stream_keeps_partial_text(mode: str) -> None:
         LoopbackServer(lambda req: sse_reply(frames)) as server,
         pytest.raises(ExecutionError) as info,
     ):
-        _call(mode, _gw(server), "query", "x", emit_tokens=True)
+        call(mode, _gw(server), "query", "x", emit_tokens=True)
     assert info.value.message == "target crashed" and info.value.partial_text == "Hello there"
 
 
@@ -257,7 +237,7 @@ def test_stream_without_done_event(mode: str) -> None:
         LoopbackServer(lambda req: sse_reply(_tokens("cut", " off"))) as server,
         pytest.raises(RemoteError) as info,
     ):
-        _call(mode, _gw(server), "query", "x", emit_tokens=True)
+        call(mode, _gw(server), "query", "x", emit_tokens=True)
     assert "ended before its done event" in info.value.message
     assert info.value.retryable and info.value.partial_text == "cut off"
 
@@ -270,7 +250,7 @@ def test_connection_reset_mid_stream(mode: str) -> None:
         ) as server,
         pytest.raises(RemoteError) as info,
     ):
-        _call(mode, _gw(server), "query", "x", emit_tokens=True)
+        call(mode, _gw(server), "query", "x", emit_tokens=True)
     assert info.value.retryable and info.value.partial_text == "partial"
 
 
@@ -279,7 +259,7 @@ def test_read_timeout_mid_stream(mode: str) -> None:
     timeout = GatewayTimeoutPolicy(stream_read_s=0.3)
     slow = [*sse_reply(_tokens("slow")), Sleep(3)]
     with LoopbackServer(lambda req: slow) as server, pytest.raises(RemoteError) as info:
-        _call(mode, _gw(server, timeout=timeout), "query", "x", emit_tokens=True)
+        call(mode, _gw(server, timeout=timeout), "query", "x", emit_tokens=True)
     assert info.value.code == "timeout" and info.value.partial_text == "slow"
 
 
@@ -291,7 +271,7 @@ def test_connection_refused(mode: str) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(RemoteError, match="cannot connect") as info:
-        _call(mode, GatewayDescriptor("local", f"http://127.0.0.1:{port}"), "query", "x")
+        call(mode, GatewayDescriptor("local", f"http://127.0.0.1:{port}"), "query", "x")
     assert info.value.retryable
 
 
@@ -306,7 +286,7 @@ def test_connect_timeout(mode: str) -> None:
             "local", f"http://{host}:{port}", timeout=GatewayTimeoutPolicy(connect_s=0.3)
         )
         with pytest.raises(RemoteError) as info:
-            _call(mode, d, "query", "x")
+            call(mode, d, "query", "x")
         assert info.value.retryable
         assert info.value.code in ("timeout", "upstream")
     finally:

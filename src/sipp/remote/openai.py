@@ -1,0 +1,175 @@
+"""OpenAI and OpenAI-compatible providers.
+
+query -> POST /completions {prompt}; chat -> POST /chat/completions {messages};
+embed -> POST /embeddings {input, encoding_format: "float"}. Streams are SSE
+`data:` chunks ending with `data: [DONE]`; usage arrives in a final chunk when
+requested with `stream_options.include_usage`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from .._descriptors import ProviderDescriptor
+from .._endpoint import EmbedRequest, Operation, TextRequest
+from .._errors import RemoteError
+from .._types import FinishReason, SippEmbeddingResponse, SippTextResponse, TokenBatch, Usage
+from ..protocol.sse import SSEEvent
+from ._provider_common import ProviderBase, load_json, merge_provider_options
+from .endpoint import RemoteEndpoint
+
+__all__ = ["OpenAIAdapter", "openai_endpoint"]
+
+_TYPED = frozenset(
+    {
+        "model",
+        "prompt",
+        "messages",
+        "input",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "stop",
+        "stream",
+        "stream_options",
+        "encoding_format",
+    }
+)
+
+
+def openai_endpoint(descriptor: ProviderDescriptor) -> RemoteEndpoint:
+    t = descriptor.timeout
+    timeout = httpx.Timeout(
+        connect=t.connect_s, read=t.stream_read_s, write=t.request_s, pool=t.connect_s
+    )
+    return RemoteEndpoint("provider", OpenAIAdapter(descriptor), timeout)
+
+
+def _finish(reason: Any) -> FinishReason:
+    # content_filter, tool_calls and function_call all mean the model stopped on its own.
+    return "length" if reason == "length" else "stop"
+
+
+def _usage(obj: Any) -> Usage | None:
+    if not isinstance(obj, dict):
+        return None
+    try:
+        prompt = int(obj.get("prompt_tokens", 0))
+        completion = int(obj.get("completion_tokens", 0))
+        return Usage(prompt, completion, int(obj.get("total_tokens", prompt + completion)))
+    except (TypeError, ValueError):
+        return None
+
+
+class OpenAIAdapter(ProviderBase):
+    typed_fields = _TYPED
+
+    def supports(self, operation: Operation) -> bool:
+        return True
+
+    def text_request(self, request: TextRequest, headers: dict[str, str]) -> httpx.Request:
+        o = request.options
+        body: dict[str, Any] = {"model": self.d.model}
+        if request.operation == "query":
+            path, body["prompt"] = "/completions", request.prompt
+        else:
+            assert request.messages is not None
+            path = "/chat/completions"
+            body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+        if o.max_tokens is not None:
+            # OpenAI's chat API replaced max_tokens (reasoning models reject it); compatible
+            # servers and the completions API still use max_tokens.
+            key = (
+                "max_completion_tokens"
+                if self.d.provider == "openai" and request.operation == "chat"
+                else "max_tokens"
+            )
+            body[key] = o.max_tokens
+        if o.temperature is not None:
+            body["temperature"] = o.temperature
+        if o.top_p is not None:
+            body["top_p"] = o.top_p
+        if o.stop:
+            body["stop"] = list(o.stop)
+        if request.emit_tokens:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        body = merge_provider_options(body, request.provider_options, _TYPED)
+        return self.post(path, body, headers, request.emit_tokens)
+
+    def parse_text(self, body: bytes) -> SippTextResponse:
+        obj = load_json(body, self.name, "response")
+        try:
+            choice = obj["choices"][0]
+            text = choice["text"] if "text" in choice else choice["message"].get("content") or ""
+            if not isinstance(text, str):
+                raise TypeError("text is not a string")
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise RemoteError(f"{self.name}: unexpected response shape ({exc})") from None
+        return SippTextResponse(
+            text, _finish(choice.get("finish_reason")), _usage(obj.get("usage"))
+        )
+
+    def stream_parser(self) -> _OpenAIStream:
+        return _OpenAIStream(self.name)
+
+    def embed_request(self, request: EmbedRequest, headers: dict[str, str]) -> httpx.Request:
+        body = {"model": self.d.model, "input": request.input, "encoding_format": "float"}
+        body = merge_provider_options(body, request.provider_options, _TYPED)
+        return self.post("/embeddings", body, headers, False)
+
+    def parse_embed(self, body: bytes) -> SippEmbeddingResponse:
+        obj = load_json(body, self.name, "response")
+        try:
+            values = [float(v) for v in obj["data"][0]["embedding"]]
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise RemoteError(f"{self.name}: unexpected embedding shape ({exc})") from None
+        usage = obj.get("usage")
+        parsed = None
+        if isinstance(usage, dict) and "prompt_tokens" in usage:
+            n = int(usage["prompt_tokens"])
+            parsed = Usage(n, 0, int(usage.get("total_tokens", n)))
+        return SippEmbeddingResponse(values, "provider", False, len(values), parsed)
+
+
+class _OpenAIStream:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.text: list[str] = []
+        self.reason: FinishReason | None = None
+        self.usage: Usage | None = None
+        self.sequence = 0
+
+    def feed(self, event: SSEEvent) -> tuple[list[TokenBatch], SippTextResponse | None]:
+        if event.data.strip() == "[DONE]":
+            if self.reason is None:
+                raise RemoteError(
+                    f"{self.name}: stream finished without a finish_reason", retryable=True
+                )
+            return [], SippTextResponse("".join(self.text), self.reason, self.usage)
+        obj = load_json(event.data.encode(), self.name, "stream chunk")
+        if "error" in obj:  # some compatible servers report failures inside the stream
+            message = (
+                obj["error"].get("message") if isinstance(obj["error"], dict) else obj["error"]
+            )
+            raise RemoteError(f"{self.name}: error in stream: {message}", retryable=True)
+        batches = []
+        for choice in obj.get("choices") or []:
+            piece = choice.get("text")
+            if piece is None:
+                piece = (choice.get("delta") or {}).get("content")
+            if piece:
+                self.text.append(piece)
+                batches.append(TokenBatch(piece, (), self.sequence))
+                self.sequence += 1
+            if choice.get("finish_reason"):
+                self.reason = _finish(choice["finish_reason"])
+        if obj.get("usage"):
+            self.usage = _usage(obj["usage"])
+        return batches, None
+
+    def end(self) -> SippTextResponse:
+        raise RemoteError(f"{self.name}: the stream ended before data: [DONE]", retryable=True)
