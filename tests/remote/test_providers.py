@@ -275,9 +275,12 @@ def test_openai_errors_are_typed_with_status_message_and_request_id(mode: str) -
 
 @pytest.mark.parametrize("mode", MODES)
 def test_openai_broken_bodies_and_streams(mode: str) -> None:
-    with LoopbackServer(
-        lambda req: [Status(200, {"content-type": "application/json"}), Chunk(b"<html>")]
-    ) as server, pytest.raises(RemoteError, match="response is not JSON"):
+    with (
+        LoopbackServer(
+            lambda req: [Status(200, {"content-type": "application/json"}), Chunk(b"<html>")]
+        ) as server,
+        pytest.raises(RemoteError, match="response is not JSON"),
+    ):
         call(mode, _openai(server), "chat", CHAT)
     with LoopbackServer(lambda req: sse_reply(OPENAI_CHAT_STREAM[:3])) as server:
         with pytest.raises(RemoteError, match=r"ended before data: \[DONE\]") as info:

@@ -1,0 +1,61 @@
+"""Turn a text run into the profile's SSE frames (for any ASGI or WSGI framework).
+
+`token` frames while text arrives, then `usage` (when known) and `done`; a
+failure after streaming started becomes one `error` frame. If the consumer
+stops iterating (the HTTP client went away), the run is cancelled so its slot
+or upstream request is freed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+from .._errors import ExecutionError, SippError
+from .._runs import AsyncTextRun, TextRun
+from .codec import done_frame, error_frame, token_frame, usage_frame
+
+__all__ = ["text_stream_frames", "text_stream_frames_async"]
+
+SSE_HEADERS = {
+    "content-type": "text/event-stream",
+    "cache-control": "no-cache",
+    "x-accel-buffering": "no",
+}
+
+
+def text_stream_frames(run: TextRun) -> Iterator[bytes]:
+    try:
+        for batch in run:
+            yield token_frame(batch)
+        response = run.result()
+    except SippError as exc:
+        yield error_frame(exc)
+        return
+    except Exception as exc:  # never leak a traceback to the wire
+        yield error_frame(ExecutionError(f"internal error: {type(exc).__name__}"))
+        return
+    finally:
+        if not run.done:
+            run.cancel("stream consumer went away")
+    if response.usage is not None:
+        yield usage_frame(response.usage)
+    yield done_frame(response.finish_reason)
+
+
+async def text_stream_frames_async(run: AsyncTextRun) -> AsyncIterator[bytes]:
+    try:
+        async for batch in run:
+            yield token_frame(batch)
+        response = await run.result()
+    except SippError as exc:
+        yield error_frame(exc)
+        return
+    except Exception as exc:
+        yield error_frame(ExecutionError(f"internal error: {type(exc).__name__}"))
+        return
+    finally:
+        if not run.done:
+            run.cancel("stream consumer went away")
+    if response.usage is not None:
+        yield usage_frame(response.usage)
+    yield done_frame(response.finish_reason)
