@@ -44,6 +44,7 @@ def raw_tokens_per_second(model_path: Path, n_tokens: int, threads: int, n_ctx: 
     cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, 512, 512
     cp.n_threads = cp.n_threads_batch = threads
     cp.n_seq_max = 1
+    cp.flash_attn_type = 0  # as sipp configures a CPU context (see README, engine notes)
     ctx = lc.llama_init_from_model(model, cp)
     vocab = lc.llama_model_get_vocab(model)
     data = PROMPT.encode()

@@ -57,11 +57,15 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    proc = subprocess.Popen([sys.executable, "-c", SERVER.format(root=str(ROOT))], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVER.format(root=str(ROOT))], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None
     base = proc.stdout.readline().strip() + "/v1"
     try:
@@ -74,13 +78,19 @@ def run(base: str, n: int, rounds: int) -> None:
     raw = httpx.Client()
     oai = openai.OpenAI(base_url=base, api_key="sk-bench", max_retries=0)
     sipp = SippClient()
-    ref = sipp.add("p", ProviderDescriptor("openai_compatible", "m", api_key="sk-bench", base_url=base))
+    ref = sipp.add(
+        "p", ProviderDescriptor("openai_compatible", "m", api_key="sk-bench", base_url=base)
+    )
     msgs = [ChatMessage("user", MESSAGES[0]["content"])]
     opts = SippTextOptions(max_tokens=16)
     headers = {"authorization": "Bearer sk-bench"}
 
     def httpx_json() -> None:
-        r = raw.post(f"{base}/chat/completions", json={"model": "m", "messages": MESSAGES, "max_tokens": 16}, headers=headers)
+        r = raw.post(
+            f"{base}/chat/completions",
+            json={"model": "m", "messages": MESSAGES, "max_tokens": 16},
+            headers=headers,
+        )
         json.loads(r.content)["choices"][0]["message"]["content"]
 
     def httpx_stream() -> None:
@@ -94,7 +104,9 @@ def run(base: str, n: int, rounds: int) -> None:
         oai.chat.completions.create(model="m", messages=MESSAGES, max_tokens=16)  # type: ignore[arg-type]
 
     def openai_stream() -> None:
-        for _ in oai.chat.completions.create(model="m", messages=MESSAGES, max_tokens=16, stream=True):  # type: ignore[arg-type]
+        for _ in oai.chat.completions.create(
+            model="m", messages=MESSAGES, max_tokens=16, stream=True
+        ):  # type: ignore[arg-type]
             pass
 
     def sipp_json() -> None:
@@ -124,9 +136,16 @@ def run(base: str, n: int, rounds: int) -> None:
                     times[name].append((time.perf_counter() - start) * 1000)
         p50 = {k: statistics.median(v) for k, v in times.items()}
         p99 = {k: percentile(v, 0.99) for k, v in times.items()}
-        print(f"[{mode}] " + "   ".join(f"{k} p50 {p50[k]:.2f} ms p99 {p99[k]:.2f} ms" for k in clients))
-        print(f"[{mode}] sipp/httpx  p50 {p50['sipp'] / p50['httpx']:.2f}  p99 {p99['sipp'] / p99['httpx']:.2f}")
-        print(f"[{mode}] sipp/openai p50 {p50['sipp'] / p50['openai']:.2f}  p99 {p99['sipp'] / p99['openai']:.2f}")
+        print(
+            f"[{mode}] "
+            + "   ".join(f"{k} p50 {p50[k]:.2f} ms p99 {p99[k]:.2f} ms" for k in clients)
+        )
+        print(
+            f"[{mode}] sipp/httpx  p50 {p50['sipp'] / p50['httpx']:.2f}  p99 {p99['sipp'] / p99['httpx']:.2f}"
+        )
+        print(
+            f"[{mode}] sipp/openai p50 {p50['sipp'] / p50['openai']:.2f}  p99 {p99['sipp'] / p99['openai']:.2f}"
+        )
     sipp.close()
     raw.close()
     oai.close()

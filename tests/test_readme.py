@@ -38,3 +38,23 @@ def test_readme_python_example_runs(smollm_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] in ("stop", "length")
+
+
+def test_readme_remote_example_registers_its_endpoints() -> None:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    source = (
+        next(b for b in blocks if "ProviderDescriptor(" in b)
+        + "\nprint(sorted(client._registry._endpoints))\n"
+    )
+    env = {**os.environ, "SIPP_GATEWAY_TOKEN": "t", "OPENAI_API_KEY": "k", "ANTHROPIC_API_KEY": "k"}
+    proc = subprocess.run(
+        [sys.executable, "-c", source],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "['an', 'gw', 'oa', 'vl']"
