@@ -471,3 +471,44 @@ def test_provider_descriptor_validation() -> None:
         ProviderDescriptor("gemini", "g", api_key="k")  # type: ignore[arg-type]
     d = ProviderDescriptor("anthropic", "claude", api_key="secret-key")
     assert d.base_url == "https://api.anthropic.com/v1" and "secret-key" not in repr(d)
+
+
+# ------------------------------------------------------------------------- transport faults
+@pytest.mark.parametrize("mode", MODES)
+def test_provider_connection_refused(mode: str) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = ProviderDescriptor("openai_compatible", "m", base_url=f"http://127.0.0.1:{port}/v1")
+    with pytest.raises(RemoteError, match="cannot connect") as info:
+        call(mode, d, "chat", CHAT)
+    assert info.value.retryable
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_provider_read_timeout_mid_stream(mode: str) -> None:
+    from sipp import GatewayTimeoutPolicy
+
+    with LoopbackServer(lambda req: [*sse_reply(OPENAI_CHAT_STREAM[:2]), Sleep(3)]) as server:
+        d = ProviderDescriptor(
+            "openai",
+            "gpt-test",
+            api_key="k",
+            base_url=server.url + "/v1",
+            timeout=GatewayTimeoutPolicy(stream_read_s=0.3),
+        )
+        with pytest.raises(RemoteError) as info:
+            call(mode, d, "chat", CHAT, emit_tokens=True)
+    assert info.value.code == "timeout" and info.value.partial_text == "Providers"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_anthropic_reset_mid_stream(mode: str) -> None:
+    with LoopbackServer(
+        lambda req: [*sse_reply(ANTHROPIC_STREAM[:4]), Sleep(0.05), Reset()]
+    ) as server:
+        with pytest.raises(RemoteError) as info:
+            call(mode, _anthropic(server), "query", "x", emit_tokens=True)
+    assert info.value.retryable and info.value.partial_text == "Hello"
