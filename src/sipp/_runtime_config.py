@@ -351,3 +351,37 @@ class NativeRuntimeConfig(_Group):
                     f"NativeRuntimeConfig.{name} must be a {cls.__name__}, "
                     f"got {type(value).__name__}"
                 )
+
+
+_GROUPS: dict[str, type[_Group]] = {
+    "placement": PlacementRuntimeConfig,
+    "context": ContextRuntimeConfig,
+    "sampling": SamplingRuntimeConfig,
+    "scheduler": SchedulerRuntimeConfig,
+    "cache": CacheRuntimeConfig,
+    "multimodal": MultimodalRuntimeConfig,
+    "residency": ResidencyRuntimeConfig,
+    "observability": ObservabilityRuntimeConfig,
+}
+
+
+def runtime_config_from_mapping(data: Mapping[str, Any]) -> NativeRuntimeConfig:
+    """Build a `NativeRuntimeConfig` from nested mappings (TOML, JSON): `{"context": {"n_ctx": 2048}}`.
+
+    Errors name the group, e.g. `context: ContextRuntimeConfig.n_ctx must be >= 16`."""
+    if not isinstance(data, Mapping):
+        raise InvalidConfigError("runtime must be a table of groups")
+    groups: dict[str, Any] = {}
+    for name, value in data.items():
+        cls = _GROUPS.get(name)
+        if cls is None:
+            raise InvalidConfigError(
+                f"{name}: unknown runtime group; valid groups are {', '.join(_GROUPS)}"
+            )
+        if not isinstance(value, Mapping):
+            raise InvalidConfigError(f"{name}: must be a table")
+        try:
+            groups[name] = cls(**value)
+        except InvalidConfigError as exc:
+            raise InvalidConfigError(f"{name}: {exc.message}") from None
+    return NativeRuntimeConfig(**groups)

@@ -1,0 +1,57 @@
+"""`sipp-gateway`: the first-party gateway's command line.
+
+sipp-gateway check --config FILE     validate the TOML (no env reads, no loads, no binds)
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..gateway.config import ConfigError, LocalTarget, load_config
+
+__all__ = ["main"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="sipppy", prog_name="sipp-gateway")
+def cli() -> None:
+    """Sipp gateway server: one HTTP boundary for local GGUF and provider targets."""
+
+
+@cli.command()
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Gateway TOML file.",
+)
+def check(config_path: str) -> None:
+    """Validate the TOML only: no env vars are read, no model is loaded, nothing binds.
+
+    Prints every problem as `toml.path: rule` and exits 1, or a summary and exits 0.
+    """
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(f"error: {problem}", err=True)
+        click.echo(f"{config_path}: {len(exc.problems)} problem(s)", err=True)
+        sys.exit(1)
+    local = [t.name for t in config.targets if isinstance(t, LocalTarget)]
+    remote = [t.name for t in config.targets if not isinstance(t, LocalTarget)]
+    click.echo(
+        f"{config_path}: ok ({len(config.targets)} targets: {len(local)} local, {len(remote)} provider; "
+        f"{len(config.tokens)} tokens; public {config.public_bind[0]}:{config.public_bind[1]}, "
+        f"management {config.management_bind[0]}:{config.management_bind[1]})"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.main(args=argv, prog_name="sipp-gateway")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The first-party gateway application: TOML config today; the server builds on it."""

@@ -1,0 +1,462 @@
+"""Gateway TOML -> frozen `GatewayConfig`, with every error naming its TOML path.
+
+Pure validation: no env reads, no model loads, no network, no binds; that is
+what `sipp-gateway check` runs. All problems are collected, not just the first,
+so one `check` run lists everything to fix.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .._errors import InvalidConfigError
+from .._runtime_config import NativeRuntimeConfig, runtime_config_from_mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "ConfigError",
+    "GatewayConfig",
+    "LocalTarget",
+    "ProviderTarget",
+    "Routes",
+    "SecurityConfig",
+    "TokenConfig",
+    "load_config",
+    "parse_config",
+]
+
+BACKENDS = ("auto", "cpu", "cuda", "metal", "vulkan")
+STATS = ("off", "basic", "profile")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_HEADER = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+class ConfigError(InvalidConfigError):
+    """One or more TOML problems; `problems` lists each as `path: rule`."""
+
+    def __init__(self, problems: Sequence[str], source: str = "config") -> None:
+        self.problems = list(problems)
+        super().__init__(f"{source}: " + "; ".join(self.problems))
+
+
+@dataclass(frozen=True)
+class Routes:
+    query: str = "/v1/query"
+    chat: str = "/v1/chat"
+    embed: str = "/v1/embed"
+    index: str | None = None
+    health: str | None = None
+    readiness: str | None = None
+    metrics: str | None = None
+    admin: str | None = None
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    client_ip_source: Literal["peer", "x_forwarded_for", "x_real_ip"] = "peer"
+    trusted_proxy_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    rate_limit_enabled: bool = False
+    requests_per_minute: int = 60
+    burst: int = 60
+
+
+@dataclass(frozen=True)
+class TokenConfig:
+    env: str
+    caller: str
+    targets: tuple[str, ...]  # empty = every target
+
+
+@dataclass(frozen=True)
+class LocalTarget:
+    name: str
+    model: Path
+    backend: str = "auto"
+    stats: str = "basic"
+    runtime: NativeRuntimeConfig = field(default_factory=NativeRuntimeConfig)
+    type: Literal["local"] = "local"
+
+
+@dataclass(frozen=True)
+class ProviderTarget:
+    name: str
+    type: Literal["openai", "openai_compatible", "anthropic"]
+    model: str
+    secret_env: str | None  # api_key_env / token_env
+    base_url: str | None = None
+    timeout_seconds: float | None = None
+    correlation_header: str | None = None
+    version: str | None = None
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    public_bind: tuple[str, int]
+    management_bind: tuple[str, int]
+    max_request_bytes: int
+    max_concurrent_requests: int | None
+    allowed_origins: tuple[str, ...]
+    admin_password_env: str
+    security: SecurityConfig
+    routes: Routes
+    tokens: tuple[TokenConfig, ...]
+    targets: tuple[LocalTarget | ProviderTarget, ...]
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"cannot read {path}: {exc.strerror}"], str(path)) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError([f"not valid TOML: {exc}"], str(path)) from None
+    return parse_config(data, source=str(path))
+
+
+def parse_config(data: Mapping[str, Any], *, source: str = "config") -> GatewayConfig:
+    p = _Parser()
+    config = p.config(data)
+    if p.problems:
+        raise ConfigError(p.problems, source)
+    assert config is not None
+    return config
+
+
+class _Parser:
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def fail(self, path: str, rule: str) -> None:
+        self.problems.append(f"{path}: {rule}")
+
+    # -- scalars --------------------------------------------------------------------
+    def keys(self, table: Mapping[str, Any], path: str, allowed: Sequence[str]) -> None:
+        for key in table:
+            if key not in allowed:
+                where = f"{path}.{key}" if path else key
+                self.fail(where, f"unknown field; valid fields are {', '.join(allowed)}")
+
+    def string(
+        self, table: Mapping[str, Any], key: str, path: str, *, required: bool = True
+    ) -> str | None:
+        where = f"{path}.{key}" if path else key
+        if key not in table:
+            if required:
+                self.fail(where, "is required")
+            return None
+        value = table[key]
+        if not isinstance(value, str) or not value.strip():
+            self.fail(where, "must be a non-blank string")
+            return None
+        return value
+
+    def integer(
+        self, table: Mapping[str, Any], key: str, path: str, default: int | None, minimum: int
+    ) -> int | None:
+        where = f"{path}.{key}" if path else key
+        if key not in table:
+            return default
+        value = table[key]
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(where, "must be an integer")
+            return default
+        if value < minimum:
+            self.fail(
+                where, f"must be >= {minimum}" if minimum != 1 else "must be greater than zero"
+            )
+            return default
+        return value
+
+    def choice(
+        self, table: Mapping[str, Any], key: str, path: str, choices: Sequence[str], default: str
+    ) -> str:
+        value = table.get(key, default)
+        if value not in choices:
+            self.fail(f"{path}.{key}", f"must be one of {', '.join(choices)}")
+            return default
+        return str(value)
+
+    def env_name(
+        self, table: Mapping[str, Any], key: str, path: str, *, required: bool = True
+    ) -> str | None:
+        value = self.string(table, key, path, required=required)
+        if value is not None and not _ENV_NAME.match(value):
+            self.fail(
+                f"{path}.{key}" if path else key,
+                "must be an environment variable name (letters, digits, _)",
+            )
+            return None
+        return value
+
+    def bind(self, table: Mapping[str, Any], key: str) -> tuple[str, int] | None:
+        value = self.string(table, key, "")
+        if value is None:
+            return None
+        host, sep, port = value.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            self.fail(key, "must be HOST:PORT with a port between 1 and 65535")
+            return None
+        return host, int(port)
+
+    def route(self, table: Mapping[str, Any], key: str, default: str | None) -> str | None:
+        if key not in table:
+            return default
+        value = table[key]
+        if (
+            not isinstance(value, str)
+            or not value.startswith("/")
+            or "?" in value
+            or "#" in value
+            or " " in value
+        ):
+            self.fail(f"routes.{key}", "must be an absolute path without query or fragment")
+            return default
+        return value
+
+    # -- sections ---------------------------------------------------------------------
+    def config(self, data: Mapping[str, Any]) -> GatewayConfig | None:
+        top = (
+            "public_bind",
+            "management_bind",
+            "max_request_bytes",
+            "max_concurrent_requests",
+            "allowed_origins",
+            "admin_password_env",
+            "security",
+            "routes",
+            "tokens",
+            "targets",
+        )
+        self.keys(data, "", top)
+        public = self.bind(data, "public_bind")
+        management = self.bind(data, "management_bind")
+        if public and management and public == management:
+            self.fail("management_bind", "must differ from public_bind")
+        max_bytes = self.integer(data, "max_request_bytes", "", 1 << 20, 1)
+        max_conc = self.integer(data, "max_concurrent_requests", "", None, 1)
+        origins = self.origins(data.get("allowed_origins", []))
+        admin_env = self.env_name(data, "admin_password_env", "")
+        security = self.security(data)
+        routes = self.routes(data.get("routes", {}))
+        targets = self.targets(data.get("targets"))
+        tokens = self.tokens(data.get("tokens", []), {t.name for t in targets})
+        if self.problems or public is None or management is None or admin_env is None:
+            return None
+        return GatewayConfig(
+            public,
+            management,
+            max_bytes or 1 << 20,
+            max_conc,
+            origins,
+            admin_env,
+            security,
+            routes,
+            tokens,
+            targets,
+        )
+
+    def origins(self, value: Any) -> tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(o, str) for o in value):
+            self.fail("allowed_origins", "must be an array of origin strings")
+            return ()
+        for i, origin in enumerate(value):
+            if not re.match(r"^https?://[^/?#\s]+$", origin):
+                self.fail(
+                    f"allowed_origins[{i}]",
+                    "must be an origin like https://app.example.com (no path)",
+                )
+        return tuple(value)
+
+    def security(self, data: Mapping[str, Any]) -> SecurityConfig:
+        table = data.get("security")
+        if not isinstance(table, Mapping):
+            self.fail("security", "is required ([security.client_ip] and [security.rate_limit])")
+            return SecurityConfig()
+        self.keys(table, "security", ("client_ip", "rate_limit"))
+        client = table.get("client_ip", {})
+        limit = table.get("rate_limit", {})
+        if not isinstance(client, Mapping) or not isinstance(limit, Mapping):
+            self.fail("security", "client_ip and rate_limit must be tables")
+            return SecurityConfig()
+        self.keys(client, "security.client_ip", ("source", "trusted_proxy_cidrs"))
+        self.keys(limit, "security.rate_limit", ("enabled", "requests_per_minute", "burst"))
+        source = self.choice(
+            client, "source", "security.client_ip", ("peer", "x_forwarded_for", "x_real_ip"), "peer"
+        )
+        cidrs = []
+        raw_cidrs = client.get("trusted_proxy_cidrs", [])
+        if not isinstance(raw_cidrs, list):
+            self.fail("security.client_ip.trusted_proxy_cidrs", "must be an array of CIDR strings")
+            raw_cidrs = []
+        for i, cidr in enumerate(raw_cidrs):
+            try:
+                cidrs.append(ipaddress.ip_network(cidr, strict=False))
+            except (ValueError, TypeError):
+                self.fail(f"security.client_ip.trusted_proxy_cidrs[{i}]", f"{cidr!r} is not a CIDR")
+        enabled = limit.get("enabled", False)
+        if not isinstance(enabled, bool):
+            self.fail("security.rate_limit.enabled", "must be true or false")
+            enabled = False
+        rpm = self.integer(limit, "requests_per_minute", "security.rate_limit", 60, 1) or 60
+        burst = self.integer(limit, "burst", "security.rate_limit", 60, 1) or 60
+        return SecurityConfig(source, tuple(cidrs), enabled, rpm, burst)  # type: ignore[arg-type]
+
+    def routes(self, table: Any) -> Routes:
+        if not isinstance(table, Mapping):
+            self.fail("routes", "must be a table")
+            return Routes()
+        names = ("query", "chat", "embed", "index", "health", "readiness", "metrics", "admin")
+        self.keys(table, "routes", names)
+        defaults = Routes()
+        values = {name: self.route(table, name, getattr(defaults, name)) for name in names}
+        for group in (
+            ("query", "chat", "embed"),
+            ("index", "health", "readiness", "metrics", "admin"),
+        ):
+            seen: dict[str, str] = {}
+            for name in group:
+                route = values[name]
+                if route is None:
+                    continue
+                if route in seen:
+                    self.fail(f"routes.{name}", f"duplicates routes.{seen[route]} ({route})")
+                seen[route] = name
+        return Routes(**values)  # type: ignore[arg-type]
+
+    def tokens(self, value: Any, target_names: set[str]) -> tuple[TokenConfig, ...]:
+        if not isinstance(value, list):
+            self.fail("tokens", "must be an array of [[tokens]] tables")
+            return ()
+        out = []
+        for i, table in enumerate(value):
+            path = f"tokens[{i}]"
+            if not isinstance(table, Mapping):
+                self.fail(path, "must be a table")
+                continue
+            self.keys(table, path, ("env", "caller", "targets"))
+            env = self.env_name(table, "env", path)
+            caller = self.string(table, "caller", path)
+            allowed = table.get("targets", [])
+            if not isinstance(allowed, list) or not all(isinstance(t, str) for t in allowed):
+                self.fail(f"{path}.targets", "must be an array of target names")
+                allowed = []
+            for j, name in enumerate(allowed):
+                if name not in target_names:
+                    self.fail(f"{path}.targets[{j}]", f"references unknown target {name!r}")
+            if env and caller:
+                out.append(TokenConfig(env, caller, tuple(allowed)))
+        return tuple(out)
+
+    def targets(self, value: Any) -> tuple[LocalTarget | ProviderTarget, ...]:
+        if not isinstance(value, list) or not value:
+            self.fail("targets", "needs at least one [[targets]] table")
+            return ()
+        out: list[LocalTarget | ProviderTarget] = []
+        names: set[str] = set()
+        for i, table in enumerate(value):
+            path = f"targets[{i}]"
+            if not isinstance(table, Mapping):
+                self.fail(path, "must be a table")
+                continue
+            name = self.string(table, "name", path)
+            if name is not None:
+                if name in names:
+                    self.fail(f"{path}.name", f"duplicates another target named {name!r}")
+                names.add(name)
+            kind = table.get("type")
+            target: LocalTarget | ProviderTarget | None
+            if kind == "local":
+                target = self.local_target(table, path, name)
+            elif kind in ("openai", "openai_compatible", "anthropic"):
+                target = self.provider_target(table, path, name, kind)
+            else:
+                self.fail(
+                    f"{path}.type", "must be one of local, openai, openai_compatible, anthropic"
+                )
+                continue
+            if target is not None:
+                out.append(target)
+        return tuple(out)
+
+    def local_target(
+        self, table: Mapping[str, Any], path: str, name: str | None
+    ) -> LocalTarget | None:
+        self.keys(table, path, ("name", "type", "model", "backend", "stats", "runtime"))
+        model = self.string(table, "model", path)
+        backend = self.choice(table, "backend", path, BACKENDS, "auto")
+        stats = self.choice(table, "stats", path, STATS, "basic")
+        runtime = NativeRuntimeConfig()
+        if "runtime" in table:
+            try:
+                runtime = runtime_config_from_mapping(table["runtime"])
+            except InvalidConfigError as exc:
+                self.fail(f"{path}.runtime", exc.message)
+        if name is None or model is None:
+            return None
+        return LocalTarget(name, Path(model), backend, stats, runtime)
+
+    def provider_target(
+        self, table: Mapping[str, Any], path: str, name: str | None, kind: str
+    ) -> ProviderTarget | None:
+        fields = {
+            "openai": ("name", "type", "model", "api_key_env", "base_url", "timeout_seconds"),
+            "openai_compatible": (
+                "name",
+                "type",
+                "model",
+                "base_url",
+                "token_env",
+                "correlation_header",
+                "timeout_seconds",
+            ),
+            "anthropic": (
+                "name",
+                "type",
+                "model",
+                "api_key_env",
+                "base_url",
+                "version",
+                "timeout_seconds",
+            ),
+        }[kind]
+        for key in table:
+            if key not in fields:
+                self.fail(
+                    f"{path}.{key}",
+                    f"is not allowed for type {kind!r}; valid fields are {', '.join(fields)}",
+                )
+        model = self.string(table, "model", path)
+        secret_key = "token_env" if kind == "openai_compatible" else "api_key_env"
+        secret = self.env_name(table, secret_key, path)
+        base_url = self.string(table, "base_url", path, required=kind == "openai_compatible")
+        if base_url is not None and not re.match(r"^https?://[^\s/?#]+(/[^\s?#]*)?$", base_url):
+            self.fail(
+                f"{path}.base_url", "must be an absolute http(s) URL without query or fragment"
+            )
+        timeout = table.get("timeout_seconds")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
+        ):
+            self.fail(f"{path}.timeout_seconds", "must be a positive number")
+            timeout = None
+        header = self.string(table, "correlation_header", path, required=False)
+        if header is not None and not _HEADER.match(header):
+            self.fail(f"{path}.correlation_header", "must be a valid HTTP header name")
+        version = self.string(table, "version", path, required=False)
+        if name is None or model is None:
+            return None
+        return ProviderTarget(name, kind, model, secret, base_url, timeout, header, version)  # type: ignore[arg-type]
