@@ -361,6 +361,14 @@ class AsyncSippClient:
     def runtime_metrics(self, endpoint: EndpointRef) -> dict[str, Any]:
         return self._registry.runtime_metrics(endpoint)
 
+    def _install(self, id: str, endpoint: Endpoint) -> EndpointRef:
+        """Register a ready-made endpoint. For the gateway server, which builds local
+        endpoints with a per-target backend (public descriptors carry none)."""
+        ref, old = self._registry.install(id, endpoint)
+        if old is not None:
+            old.close()
+        return ref
+
     async def close(self) -> None:
         for endpoint in self._registry.detach_all():
             aclose = getattr(endpoint, "aclose", None)

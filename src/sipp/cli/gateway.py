@@ -9,6 +9,7 @@ import sys
 
 import click
 
+from .._errors import SippError
 from ..gateway.config import ConfigError, LocalTarget, load_config
 
 __all__ = ["main"]
@@ -47,6 +48,44 @@ def check(config_path: str) -> None:
         f"{len(config.tokens)} tokens; public {config.public_bind[0]}:{config.public_bind[1]}, "
         f"management {config.management_bind[0]}:{config.management_bind[1]})"
     )
+
+
+@cli.command()
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Gateway TOML file.",
+)
+def serve(config_path: str) -> None:
+    """Serve the public and management listeners until SIGINT/SIGTERM.
+
+    Reads the secrets the TOML names from the environment (missing, blank, or a bearer
+    token with whitespace: refuses to start), binds both listeners, then loads targets;
+    /readyz answers `ready` once every target is loaded. Logs are JSON lines on stderr
+    (level from $SIPP_GATEWAY_LOG, default info). On a signal it stops accepting, lets
+    in-flight requests finish (30 s grace), frees models and exits 0.
+    """
+    import asyncio
+    import os
+
+    from ..gateway.serve import configure_logging
+    from ..gateway.serve import serve as run_server
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(f"error: {problem}", err=True)
+        sys.exit(1)
+    configure_logging(os.environ)
+    try:
+        code = asyncio.run(run_server(config))
+    except SippError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        sys.exit(1)
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,315 @@
+"""The gateway's two ASGI apps: public inference routes and the management listener.
+
+Each public request: authenticate, read the body within `max_request_bytes`,
+decode with `sipp.protocol`, resolve and authorize the target, take an
+admission permit, run it on the shared `AsyncSippClient`, encode. Errors are
+the profile's JSON envelope (or an `event: error` frame once a stream has
+started); nothing else, and never a traceback, reaches the client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from .. import protocol
+from .._client import AsyncSippClient
+from .._descriptors import EndpointRef
+from .._errors import (
+    EndpointNotFoundError,
+    ExecutionError,
+    PayloadTooLargeError,
+    RateLimitedError,
+    SippError,
+)
+from .._runs import AsyncTextRun
+from .._types import SippTextResponse
+from ..protocol.streaming import SSE_HEADERS, text_stream_frames_async
+from .auth import TokenTable
+from .config import GatewayConfig
+from .limits import ConcurrencyLimit, RateLimiter, client_ip
+from .metrics import GatewayMetrics
+
+__all__ = ["GatewayState", "build_management_app", "build_public_app"]
+
+logger = logging.getLogger("sipp.gateway")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+@dataclass
+class GatewayState:
+    config: GatewayConfig
+    client: AsyncSippClient
+    tokens: TokenTable
+    targets: dict[str, EndpointRef] = field(default_factory=dict)
+    target_errors: dict[str, str] = field(default_factory=dict)
+    ready: bool = False
+    stats_targets: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.limit = ConcurrencyLimit(self.config.max_concurrent_requests)
+        security = self.config.security
+        self.rate_limiter = (
+            RateLimiter(security.requests_per_minute, security.burst)
+            if security.rate_limit_enabled
+            else None
+        )
+        self.metrics = GatewayMetrics(self.local_stats)
+
+    def local_stats(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for name in self.stats_targets:
+            ref = self.targets.get(name)
+            if ref is not None:
+                try:
+                    out[name] = self.client.runtime_metrics(ref)
+                except SippError:
+                    continue
+        return out
+
+
+def _request_id(request: Request) -> str:
+    given = request.headers.get("x-request-id", "")
+    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+def _error(exc: SippError, request_id: str) -> JSONResponse:
+    return JSONResponse(
+        protocol.error_body(exc.code, exc.message),
+        status_code=protocol.status_for(exc),
+        headers={"x-request-id": request_id},
+    )
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"request body exceeds max_request_bytes ({limit})")
+    body = bytearray()
+    async for chunk in request.stream():  # counts bytes actually received, chunked bodies too
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLargeError(f"request body exceeds max_request_bytes ({limit})")
+    return bytes(body)
+
+
+def build_public_app(state: GatewayState) -> Starlette:
+    config = state.config
+    metrics = state.metrics
+
+    def admit(request: Request, body_target: str) -> EndpointRef:
+        if body_target in state.target_errors:
+            raise ExecutionError(f"target {body_target!r} failed to load")
+        ref = state.targets.get(body_target)
+        if ref is None:
+            if not state.ready and body_target in {t.name for t in config.targets}:
+                raise ExecutionError(f"target {body_target!r} is still loading")
+            raise EndpointNotFoundError(f"unknown target {body_target!r}")
+        return ref
+
+    def check_rate(request: Request) -> None:
+        if state.rate_limiter is None:
+            return
+        peer = request.client.host if request.client else None
+        try:
+            state.rate_limiter.check(client_ip(peer, request.headers, config.security))
+        except RateLimitedError:
+            metrics.rate_limited.inc()
+            raise
+
+    async def handle(request: Request, operation: str) -> Response:
+        request_id = _request_id(request)
+        started = time.perf_counter()
+        metrics.requests.labels(operation).inc()
+        waited = 0.0
+        permit = False
+        try:
+            caller = state.tokens.authenticate(request.headers.get("authorization"))
+            check_rate(request)
+            body = await _read_body(request, config.max_request_bytes)
+            if operation == "embed":
+                embed_req = protocol.decode_embed_body(body)
+                ref = admit(request, embed_req.target)
+                state.tokens.authorize(caller, embed_req.target)
+                _acquire(state)
+                permit = True
+                t0 = time.perf_counter()
+                embedding = await state.client.embed(embed_req.input, endpoint=ref)
+                waited = time.perf_counter() - t0
+                if embedding.usage is not None:
+                    metrics.input_tokens.labels(embed_req.target).inc(embedding.usage.input_tokens)
+                payload = protocol.embedding_response_body(
+                    embed_req.target, embedding, id=request_id
+                )
+                return JSONResponse(payload, headers={"x-request-id": request_id})
+            decode = (
+                protocol.decode_query_body if operation == "query" else protocol.decode_chat_body
+            )
+            req = decode(body)
+            ref = admit(request, req.target)
+            state.tokens.authorize(caller, req.target)
+            _acquire(state)
+            permit = True
+            if req.operation == "query":
+                assert req.prompt is not None
+                run = state.client.query(
+                    req.prompt, endpoint=ref, options=req.options, emit_tokens=req.stream
+                )
+            else:
+                assert req.messages is not None
+                run = state.client.chat(
+                    req.messages, endpoint=ref, options=req.options, emit_tokens=req.stream
+                )
+            if req.stream:
+                permit = False  # the stream releases it when it ends
+                frames = _stream(state, run, operation, req.target, started)
+                headers = {**SSE_HEADERS, "x-request-id": request_id}
+                return StreamingResponse(frames, headers=headers)
+            t0 = time.perf_counter()
+            response = await run
+            waited = time.perf_counter() - t0
+            _count_tokens(state, req.target, response)
+            payload = protocol.text_response_body(req.target, response, id=request_id)
+            return JSONResponse(payload, headers={"x-request-id": request_id})
+        except SippError as exc:
+            metrics.errors.labels(operation, exc.code).inc()
+            return _error(exc, request_id)
+        except Exception:
+            logger.exception("unexpected error serving %s request %s", operation, request_id)
+            metrics.errors.labels(operation, "execution").inc()
+            return _error(ExecutionError("internal error"), request_id)
+        finally:
+            if permit:
+                _release(state)
+            total = time.perf_counter() - started
+            metrics.latency.labels(operation).observe(total)
+            metrics.overhead.labels(operation).observe(max(0.0, total - waited))
+
+    async def query(request: Request) -> Response:
+        return await handle(request, "query")
+
+    async def chat(request: Request) -> Response:
+        return await handle(request, "chat")
+
+    async def embed(request: Request) -> Response:
+        return await handle(request, "embed")
+
+    routes = [
+        Route(config.routes.query, query, methods=["POST"]),
+        Route(config.routes.chat, chat, methods=["POST"]),
+        Route(config.routes.embed, embed, methods=["POST"]),
+    ]
+    return Starlette(routes=routes)
+
+
+def _acquire(state: GatewayState) -> None:
+    try:
+        state.limit.acquire()
+    except SippError:
+        state.metrics.admission_rejected.inc()
+        raise
+    state.metrics.in_flight.inc()
+
+
+def _release(state: GatewayState) -> None:
+    state.limit.release()
+    state.metrics.in_flight.dec()
+
+
+def _count_tokens(state: GatewayState, target: str, response: SippTextResponse) -> None:
+    if response.usage is not None:
+        state.metrics.input_tokens.labels(target).inc(response.usage.input_tokens)
+        state.metrics.output_tokens.labels(target).inc(response.usage.output_tokens)
+
+
+async def _stream(
+    state: GatewayState, run: AsyncTextRun, operation: str, target: str, started: float
+) -> AsyncIterator[bytes]:
+    """The run's SSE frames; releases the admission permit however the stream ends
+    (finished, failed, or the client went away, which cancels the run)."""
+    first = True
+    failed = False
+    try:
+        async for frame in text_stream_frames_async(run):
+            if first and frame.startswith(b"event: token"):
+                state.metrics.ttft.labels(operation).observe(time.perf_counter() - started)
+                first = False
+            if frame.startswith(b"event: error"):
+                failed = True
+            yield frame
+    finally:
+        _release(state)
+        if failed:
+            state.metrics.errors.labels(operation, "stream").inc()
+        elif run.done:
+            with contextlib.suppress(SippError):  # counted above as a failed stream
+                _count_tokens(state, target, await run.result())
+        state.metrics.latency.labels(operation).observe(time.perf_counter() - started)
+
+
+def build_management_app(state: GatewayState) -> Starlette:
+    routes_cfg = state.config.routes
+
+    async def index(request: Request) -> Response:
+        return JSONResponse(
+            {
+                "service": "sipp-gateway",
+                "ready": state.ready,
+                "public_routes": {
+                    "query": routes_cfg.query,
+                    "chat": routes_cfg.chat,
+                    "embed": routes_cfg.embed,
+                },
+                "management_routes": {
+                    k: v
+                    for k, v in routes_cfg.__dict__.items()
+                    if k not in ("query", "chat", "embed") and v is not None
+                },
+                "targets": [
+                    {
+                        "name": t.name,
+                        "type": t.type,
+                        "state": "failed"
+                        if t.name in state.target_errors
+                        else "loaded"
+                        if t.name in state.targets
+                        else "loading",
+                    }
+                    for t in state.config.targets
+                ],
+            }
+        )
+
+    async def health(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    async def readiness(request: Request) -> Response:
+        if state.ready and not state.target_errors:
+            return PlainTextResponse("ready")
+        return PlainTextResponse("not ready", status_code=503)
+
+    async def metrics_route(request: Request) -> Response:
+        return Response(
+            state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
+    table = [
+        (routes_cfg.index, index),
+        (routes_cfg.health, health),
+        (routes_cfg.readiness, readiness),
+        (routes_cfg.metrics, metrics_route),
+    ]
+    return Starlette(
+        routes=[Route(path, fn, methods=["GET"]) for path, fn in table if path is not None]
+    )

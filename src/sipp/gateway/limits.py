@@ -1,0 +1,83 @@
+"""Admission control: the process-wide concurrency limit and per-client token buckets."""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+
+from .._errors import OverloadedError, RateLimitedError
+from .config import SecurityConfig
+
+__all__ = ["ConcurrencyLimit", "RateLimiter", "client_ip"]
+
+
+class ConcurrencyLimit:
+    """At most `limit` requests in flight; one more is refused at once (never queued)."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.in_flight = 0
+
+    def acquire(self) -> None:
+        if self.limit is not None and self.in_flight >= self.limit:
+            raise OverloadedError("max_concurrent_requests is full; retry later")
+        self.in_flight += 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+
+class RateLimiter:
+    """Token bucket per client key: `burst` capacity, refilled at `per_minute / 60` per second.
+
+    Buckets live in memory (lost on restart) and the least recently seen ones are
+    dropped past `max_clients`, so a flood of source addresses cannot exhaust memory."""
+
+    def __init__(self, per_minute: int, burst: int, *, max_clients: int = 100_000) -> None:
+        self.rate = per_minute / 60.0
+        self.burst = float(burst)
+        self.max_clients = max_clients
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def check(self, key: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        tokens, last = self._buckets.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens < 1.0:
+            self._buckets[key] = (tokens, now)
+            raise RateLimitedError("rate limit exceeded for this client; retry later")
+        self._buckets[key] = (tokens - 1.0, now)
+        while len(self._buckets) > self.max_clients:
+            self._buckets.popitem(last=False)
+
+
+def client_ip(peer: str | None, headers: Mapping[str, str], security: SecurityConfig) -> str:
+    """The client address per `security.client_ip`: forwarded headers count only
+    when the TCP peer is inside `trusted_proxy_cidrs`."""
+    peer = peer or "unknown"
+    if security.client_ip_source == "peer" or not _trusted(peer, security):
+        return peer
+    if security.client_ip_source == "x_real_ip":
+        candidate = headers.get("x-real-ip", "").strip()
+    else:
+        # The right-most address not added by one of our trusted proxies is the client.
+        hops = [h.strip() for h in headers.get("x-forwarded-for", "").split(",") if h.strip()]
+        candidate = ""
+        for hop in reversed(hops):
+            candidate = hop
+            if not _trusted(hop, security):
+                break
+    try:
+        return str(ipaddress.ip_address(candidate))
+    except ValueError:
+        return peer
+
+
+def _trusted(address: str, security: SecurityConfig) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in security.trusted_proxy_cidrs)

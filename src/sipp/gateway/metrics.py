@@ -1,0 +1,96 @@
+"""Prometheus metrics of one gateway process. Labels stay low-cardinality:
+operation, error code and configured target names only."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+__all__ = ["GatewayMetrics"]
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+
+class _LocalRuntimeCollector(Collector):
+    """Reads each local target's engine counters at scrape time."""
+
+    def __init__(self, source: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        families: dict[str, GaugeMetricFamily] = {}
+        for target, stats in self._source().items():
+            for key, value in stats.items():
+                if not isinstance(value, (int, float)) or isinstance(value, bool):
+                    continue
+                family = families.get(key)
+                if family is None:
+                    family = GaugeMetricFamily(
+                        f"sipp_local_{key}",
+                        f"local engine {key.replace('_', ' ')}",
+                        labels=["target"],
+                    )
+                    families[key] = family
+                family.add_metric([target], float(value))
+        yield from families.values()
+
+
+class GatewayMetrics:
+    def __init__(self, local_stats: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "sipp_gateway_requests", "Public requests by operation", ["operation"], registry=r
+        )
+        self.errors = Counter(
+            "sipp_gateway_errors",
+            "Failed requests by operation and error code",
+            ["operation", "code"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "sipp_gateway_request_duration_seconds",
+            "Time from request to last byte",
+            ["operation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "sipp_gateway_time_to_first_token_seconds",
+            "Time from request to first streamed token",
+            ["operation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "sipp_gateway_overhead_seconds",
+            "Request time not spent waiting on the target",
+            ["operation"],
+            buckets=_OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.input_tokens = Counter(
+            "sipp_gateway_input_tokens", "Prompt tokens by target", ["target"], registry=r
+        )
+        self.output_tokens = Counter(
+            "sipp_gateway_output_tokens", "Generated tokens by target", ["target"], registry=r
+        )
+        self.in_flight = Gauge(
+            "sipp_gateway_in_flight_requests", "Requests being served", registry=r
+        )
+        self.rate_limited = Counter(
+            "sipp_gateway_rate_limited", "Requests refused by the per-client rate limit", registry=r
+        )
+        self.admission_rejected = Counter(
+            "sipp_gateway_admission_rejected",
+            "Requests refused because max_concurrent_requests was full",
+            registry=r,
+        )
+        r.register(_LocalRuntimeCollector(local_stats))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,179 @@
+"""`sipp-gateway serve`: secrets from env, both listeners in one event loop, targets
+loaded in the background (readiness says when), graceful stop on SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Mapping
+
+import uvicorn
+
+from .._client import AsyncSippClient
+from .._descriptors import GatewayTimeoutPolicy, LocalModelDescriptor, ProviderDescriptor
+from .._errors import SippError
+from .._runtime_config import NativeRuntimeConfig, ObservabilityRuntimeConfig
+from .app import GatewayState, build_management_app, build_public_app
+from .auth import TokenTable, read_secret
+from .config import GatewayConfig, LocalTarget, ProviderTarget
+
+__all__ = ["configure_logging", "serve"]
+
+logger = logging.getLogger("sipp.gateway")
+LOG_LEVEL_ENV = "SIPP_GATEWAY_LOG"
+GRACE_SECONDS = 30
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(env: Mapping[str, str]) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(env.get(LOG_LEVEL_ENV, "info").upper())
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to `serve` (two servers share one loop)."""
+
+    def install_signal_handlers(self) -> None:  # uvicorn < 0.29
+        pass
+
+    def capture_signals(self):  # type: ignore[no-untyped-def]  # uvicorn >= 0.29
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+async def _load_targets(state: GatewayState, env: Mapping[str, str]) -> None:
+    for target in state.config.targets:
+        try:
+            if isinstance(target, LocalTarget):
+                await _add_local(state, target)
+            else:
+                await _add_provider(state, target, env)
+            logger.info("target %s (%s) loaded", target.name, target.type)
+        except (SippError, OSError) as exc:
+            message = exc.message if isinstance(exc, SippError) else str(exc)
+            state.target_errors[target.name] = message
+            logger.error("target %s (%s) failed to load: %s", target.name, target.type, message)
+    state.ready = True
+
+
+async def _add_local(state: GatewayState, target: LocalTarget) -> None:
+    from ..local.endpoint import LocalEndpoint
+
+    runtime = target.runtime
+    observability = ObservabilityRuntimeConfig(
+        runtime_metrics=target.stats != "off", backend_profiling=target.stats == "profile"
+    )
+    config = NativeRuntimeConfig(**{**runtime.__dict__, "observability": observability})
+    descriptor = LocalModelDescriptor(os.path.abspath(target.model), config)
+    endpoint = await asyncio.to_thread(LocalEndpoint, descriptor, target.name, target.backend)
+    state.targets[target.name] = state.client._install(target.name, endpoint)
+    if target.stats != "off":
+        state.stats_targets.add(target.name)
+
+
+async def _add_provider(
+    state: GatewayState, target: ProviderTarget, env: Mapping[str, str]
+) -> None:
+    secret = None
+    if target.secret_env is not None:
+        secret = read_secret(env, target.secret_env, f"target {target.name}")
+    timeout = (
+        GatewayTimeoutPolicy(stream_read_s=target.timeout_seconds)
+        if target.timeout_seconds
+        else GatewayTimeoutPolicy()
+    )
+    descriptor = ProviderDescriptor(
+        target.type,
+        target.model,
+        api_key=secret,
+        base_url=target.base_url,
+        correlation_header=target.correlation_header,
+        timeout=timeout,
+        anthropic_version=target.version or "2023-06-01",
+    )
+    state.targets[target.name] = await state.client.add(target.name, descriptor)
+
+
+async def serve(
+    config: GatewayConfig, env: Mapping[str, str] | None = None, *, grace: float = GRACE_SECONDS
+) -> int:
+    """Run until SIGINT/SIGTERM. Startup problems raise `SippError` before anything binds."""
+    env = os.environ if env is None else env
+    tokens = TokenTable(config.tokens, env)
+    read_secret(env, config.admin_password_env, "admin_password_env")
+    for target in config.targets:  # fail fast on missing provider secrets, before binding
+        if isinstance(target, ProviderTarget) and target.secret_env is not None:
+            read_secret(env, target.secret_env, f"target {target.name}")
+
+    state = GatewayState(config, AsyncSippClient(), tokens)
+    servers = [
+        _Server(
+            uvicorn.Config(
+                app,
+                host=host,
+                port=port,
+                log_config=None,
+                access_log=False,
+                lifespan="off",
+                timeout_graceful_shutdown=int(grace),
+            )
+        )
+        for app, (host, port) in (
+            (build_public_app(state), config.public_bind),
+            (build_management_app(state), config.management_bind),
+        )
+    ]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    tasks = [asyncio.create_task(s.serve()) for s in servers]
+    while not all(s.started for s in servers):
+        if any(t.done() for t in tasks):  # a bind failed
+            for s in servers:
+                s.should_exit = True
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await state.client.close()
+            logger.error("could not bind %s or %s", config.public_bind, config.management_bind)
+            return 1
+        await asyncio.sleep(0.02)
+    logger.info(
+        "listening: public %s:%d, management %s:%d", *config.public_bind, *config.management_bind
+    )
+    loader = asyncio.create_task(_load_targets(state, env))
+
+    await stop.wait()
+    started = time.monotonic()
+    logger.info("stopping: no new connections, in-flight requests get %ss", grace)
+    for s in servers:
+        s.should_exit = True
+    await asyncio.gather(*tasks, return_exceptions=True)
+    loader.cancel()
+    await asyncio.gather(loader, return_exceptions=True)
+    await state.client.close()
+    logger.info("stopped after %.1fs; models freed", time.monotonic() - started)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)
+    return 0

@@ -1,0 +1,428 @@
+"""`sipp-gateway serve` as a real process: real listeners on free loopback ports,
+a real local model and a loopback OpenAI mock as targets, real HTTP clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from sipp import (
+    AuthenticationError,
+    AuthorizationError,
+    ChatMessage,
+    GatewayDescriptor,
+    LocalModelDescriptor,
+    SippClient,
+    SippTextOptions,
+)
+
+from ..remote.loopback import LoopbackServer, Request, json_reply
+
+TOKEN, LIMITED = "tok-all-7f3a", "tok-local-only-91c2"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _config(model: Path, mock_url: str, public: int, management: int, extra: str = "") -> str:
+    return f"""
+public_bind = "127.0.0.1:{public}"
+management_bind = "127.0.0.1:{management}"
+max_request_bytes = 4096
+max_concurrent_requests = 2
+allowed_origins = []
+admin_password_env = "TEST_ADMIN_PASSWORD"
+{extra}
+[security.client_ip]
+source = "peer"
+trusted_proxy_cidrs = []
+
+[security.rate_limit]
+enabled = false
+requests_per_minute = 60
+burst = 60
+
+[routes]
+index = "/"
+health = "/healthz"
+readiness = "/readyz"
+metrics = "/metrics"
+
+[[tokens]]
+env = "TEST_TOKEN_ALL"
+caller = "all-targets"
+targets = []
+
+[[tokens]]
+env = "TEST_TOKEN_LOCAL"
+caller = "local-only"
+targets = ["local"]
+
+[[targets]]
+name = "local"
+type = "local"
+model = "{model}"
+backend = "cpu"
+stats = "basic"
+
+[targets.runtime.context]
+n_ctx = 512
+n_parallel = 2
+
+[[targets]]
+name = "mock-openai"
+type = "openai_compatible"
+model = "mock-model"
+base_url = "{mock_url}/v1"
+token_env = "TEST_PROVIDER_TOKEN"
+"""
+
+
+ENV = {
+    "TEST_TOKEN_ALL": TOKEN,
+    "TEST_TOKEN_LOCAL": LIMITED,
+    "TEST_ADMIN_PASSWORD": "pw-123",
+    "TEST_PROVIDER_TOKEN": "provider-secret",
+}
+
+
+def _mock(req: Request) -> list[Any]:
+    return json_reply(
+        {
+            "id": "c",
+            "object": "chat.completion",
+            "created": 1,
+            "model": "mock-model",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "from the provider"},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
+        }
+    )
+
+
+class Gateway:
+    def __init__(
+        self, config_path: Path, env: dict[str, str], public: int, management: int
+    ) -> None:
+        self.public = f"http://127.0.0.1:{public}"
+        self.management = f"http://127.0.0.1:{management}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sipp.cli.gateway", "serve", "--config", str(config_path)],
+            env={**os.environ, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"gateway exited: {self.proc.stderr.read() if self.proc.stderr else ''}"
+                )
+            try:
+                if httpx.get(f"{self.management}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError("gateway never became ready")
+
+    def metric(self, name: str, labels: str = "") -> float:
+        text = httpx.get(f"{self.management}/metrics").text
+        match = re.search(rf"^{re.escape(name)}{re.escape(labels)} ([0-9.e+-]+)$", text, re.M)
+        return float(match.group(1)) if match else 0.0
+
+    def stop(self) -> tuple[int, str]:
+        self.proc.send_signal(signal.SIGTERM)
+        _, err = self.proc.communicate(timeout=60)
+        return self.proc.returncode, err
+
+
+@pytest.fixture(scope="module")
+def gateway(smollm_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    mock = LoopbackServer(_mock)
+    public, management = _free_port(), _free_port()
+    path = tmp_path_factory.mktemp("gw") / "gateway.toml"
+    path.write_text(_config(smollm_path, mock.url, public, management))
+    gw = Gateway(path, ENV, public, management)
+    gw.wait_ready()
+    yield gw
+    code, err = gw.stop()
+    mock.close()
+    assert code == 0, err
+
+
+def _post(
+    gw: Gateway, route: str, body: Any, token: str | None = TOKEN, **kw: Any
+) -> httpx.Response:
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    headers.update(kw.pop("headers", {}))
+    return httpx.post(f"{gw.public}{route}", json=body, headers=headers, timeout=60, **kw)
+
+
+def test_management_probes(gateway: Gateway) -> None:
+    assert httpx.get(f"{gateway.management}/healthz").text == "ok"
+    assert httpx.get(f"{gateway.management}/readyz").text == "ready"
+    index = httpx.get(f"{gateway.management}/").json()
+    assert index["ready"] and {t["name"]: t["state"] for t in index["targets"]} == {
+        "local": "loaded",
+        "mock-openai": "loaded",
+    }
+    assert (
+        httpx.get(f"{gateway.public}/healthz").status_code == 404
+    )  # management routes are not public
+
+
+def test_query_chat_embed_and_request_ids(gateway: Gateway) -> None:
+    r = _post(
+        gateway,
+        "/v1/query",
+        {"model": "local", "prompt": "The sky is", "max_tokens": 5, "temperature": 0},
+        headers={"x-request-id": "curl-query-1"},
+    )
+    assert r.status_code == 200 and r.headers["x-request-id"] == "curl-query-1"
+    body = r.json()
+    assert (
+        body["model"] == "local"
+        and body["finish_reason"] in ("stop", "length")
+        and body["usage"]["output_tokens"] <= 5
+    )
+    chat = _post(
+        gateway,
+        "/v1/chat",
+        {"model": "mock-openai", "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert chat.json()["text"] == "from the provider" and len(chat.headers["x-request-id"]) == 32
+    embed = _post(gateway, "/v1/embed", {"model": "local", "input": "x"})
+    assert embed.status_code == 400 and embed.json()["error"]["code"] == "unsupported_operation"
+
+
+def test_same_answer_through_the_gateway_as_in_process(gateway: Gateway, smollm_path: Path) -> None:
+    options = SippTextOptions(max_tokens=12, temperature=0)
+    messages = [ChatMessage("user", "Name a fruit.")]
+    with SippClient() as client:
+        remote = client.add(
+            "gw",
+            GatewayDescriptor(
+                "local", gateway.public, authentication_kind="bearer", authentication_value=TOKEN
+            ),
+        )
+        run = client.chat(messages, endpoint=remote, options=options, emit_tokens=True)
+        streamed = "".join(b.text for b in run)
+        via_gateway = run.result()
+        local = client.add("local", LocalModelDescriptor(smollm_path))
+        direct = client.chat(messages, endpoint=local, options=options).result()
+    assert streamed == via_gateway.text == direct.text
+
+
+@pytest.mark.parametrize(
+    "token, body, status, code",
+    [
+        (None, {"model": "local", "prompt": "x"}, 401, "authentication"),
+        ("wrong-token", {"model": "local", "prompt": "x"}, 401, "authentication"),
+        (LIMITED, {"model": "mock-openai", "prompt": "x"}, 403, "authorization"),
+        (TOKEN, {"model": "nope", "prompt": "x"}, 404, "not_found"),
+        (TOKEN, {"model": "local", "prompt": "x", "grammar": "root ::= x"}, 400, "invalid_request"),
+        (TOKEN, {"model": "local"}, 400, "invalid_request"),
+        (TOKEN, {"model": "local", "prompt": "x" * 5000}, 413, "payload_too_large"),
+    ],
+)
+def test_status_table(
+    gateway: Gateway, token: str | None, body: Any, status: int, code: str
+) -> None:
+    r = _post(gateway, "/v1/query", body, token)
+    assert r.status_code == status
+    assert r.json()["error"]["code"] == code and set(r.json()["error"]) == {"code", "message"}
+    assert "Traceback" not in r.text
+
+
+def test_malformed_authorization_and_chunked_oversize(gateway: Gateway) -> None:
+    r = httpx.post(
+        f"{gateway.public}/v1/query", content=b"{}", headers={"authorization": "Basic abc"}
+    )
+    assert r.status_code == 401
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(10):
+            yield b"x" * 1024
+
+    r = httpx.post(
+        f"{gateway.public}/v1/query", content=chunks(), headers={"authorization": f"Bearer {TOKEN}"}
+    )
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+
+def test_gateway_client_gets_typed_errors(gateway: Gateway) -> None:
+    with SippClient() as client:
+        bad = client.add(
+            "bad",
+            GatewayDescriptor(
+                "local", gateway.public, authentication_kind="bearer", authentication_value="nope"
+            ),
+        )
+        with pytest.raises(AuthenticationError):
+            client.query("x", endpoint=bad).result()
+        limited = client.add(
+            "lim",
+            GatewayDescriptor(
+                "mock-openai",
+                gateway.public,
+                authentication_kind="bearer",
+                authentication_value=LIMITED,
+            ),
+        )
+        with pytest.raises(AuthorizationError, match="not allowed"):
+            client.query("x", endpoint=limited).result()
+
+
+def _open_stream(gw: Gateway) -> tuple[httpx.Client, httpx.Response, Iterator[bytes]]:
+    client = httpx.Client(timeout=60)
+    body = {"model": "local", "prompt": "Count: 1, 2, 3,", "max_tokens": 400, "stream": True}
+    response = client.send(
+        client.build_request(
+            "POST", f"{gw.public}/v1/query", json=body, headers={"authorization": f"Bearer {TOKEN}"}
+        ),
+        stream=True,
+    )
+    assert response.status_code == 200
+    chunks = response.iter_bytes()
+    next(chunks)  # the stream has started; keep `chunks` alive or its cleanup hangs up
+    return client, response, chunks
+
+
+def test_admission_limit_and_disconnect_frees_slots(gateway: Gateway) -> None:
+    streams = [_open_stream(gateway) for _ in range(2)]
+    third = _post(gateway, "/v1/query", {"model": "local", "prompt": "x", "max_tokens": 1})
+    assert third.status_code == 429 and third.json()["error"]["code"] == "overloaded"
+    assert gateway.metric("sipp_gateway_admission_rejected_total") >= 1
+    assert gateway.metric("sipp_gateway_in_flight_requests") == 2
+    for client, response, _ in streams:  # clients hang up mid-stream
+        response.close()
+        client.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (
+        gateway.metric("sipp_gateway_in_flight_requests")
+        or gateway.metric("sipp_local_busy_slots", '{target="local"}')
+    ):
+        time.sleep(0.1)
+    assert gateway.metric("sipp_gateway_in_flight_requests") == 0
+    assert gateway.metric("sipp_local_busy_slots", '{target="local"}') == 0
+    assert gateway.metric("sipp_local_cancelled", '{target="local"}') >= 2
+    ok = _post(gateway, "/v1/query", {"model": "local", "prompt": "x", "max_tokens": 1})
+    assert ok.status_code == 200
+
+
+def test_stream_frames_and_metrics(gateway: Gateway) -> None:
+    r = _post(
+        gateway,
+        "/v1/chat",
+        {
+            "model": "local",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 4,
+            "stream": True,
+        },
+    )
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = re.findall(r"^event: (\w+)$", r.text, re.M)
+    assert events[0] == "token" and events[-2:] == ["usage", "done"]
+    usage = json.loads(re.search(r"event: usage\ndata: (.*)\n", r.text).group(1))  # type: ignore[union-attr]
+    assert usage["output_tokens"] <= 4
+    assert gateway.metric("sipp_gateway_requests_total", '{operation="chat"}') >= 1
+    assert (
+        gateway.metric("sipp_gateway_errors_total", '{code="authentication",operation="query"}')
+        >= 1
+    )
+    assert gateway.metric("sipp_gateway_output_tokens_total", '{target="local"}') > 0
+    text = httpx.get(f"{gateway.management}/metrics").text
+    for family in (
+        "sipp_gateway_request_duration_seconds_bucket",
+        "sipp_gateway_time_to_first_token_seconds_bucket",
+        "sipp_gateway_overhead_seconds_bucket",
+        "sipp_local_generated_tokens",
+    ):
+        assert family in text
+    assert TOKEN not in text and "provider-secret" not in text
+
+
+def test_refuses_to_start_without_secrets(smollm_path: Path, tmp_path: Path) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text(_config(smollm_path, "http://127.0.0.1:9", _free_port(), _free_port()))
+    for env, fragment in [
+        ({**ENV, "TEST_TOKEN_ALL": ""}, "TEST_TOKEN_ALL is blank"),
+        ({k: v for k, v in ENV.items() if k != "TEST_TOKEN_LOCAL"}, "TEST_TOKEN_LOCAL is not set"),
+        ({**ENV, "TEST_TOKEN_ALL": "has space"}, "TEST_TOKEN_ALL contains whitespace"),
+        (
+            {k: v for k, v in ENV.items() if k != "TEST_ADMIN_PASSWORD"},
+            "TEST_ADMIN_PASSWORD is not set",
+        ),
+        (
+            {k: v for k, v in ENV.items() if k != "TEST_PROVIDER_TOKEN"},
+            "TEST_PROVIDER_TOKEN is not set",
+        ),
+    ]:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("TEST_")}
+        proc = subprocess.run(
+            [sys.executable, "-m", "sipp.cli.gateway", "serve", "--config", str(path)],
+            env={**clean, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 1 and fragment in proc.stderr, proc.stderr
+        assert "has space" not in proc.stderr
+
+
+def test_sigterm_lets_in_flight_streams_finish(smollm_path: Path, tmp_path: Path) -> None:
+    public, management = _free_port(), _free_port()
+    path = tmp_path / "g.toml"
+    path.write_text(_config(smollm_path, "http://127.0.0.1:9", public, management))
+    gw = Gateway(path, ENV, public, management)
+    gw.wait_ready()
+    frames: list[bytes] = []
+
+    def consume() -> None:
+        body = {"model": "local", "prompt": "Count: 1, 2, 3,", "max_tokens": 40, "stream": True}
+        with httpx.stream(
+            "POST",
+            f"{gw.public}/v1/query",
+            json=body,
+            headers={"authorization": f"Bearer {TOKEN}"},
+            timeout=60,
+        ) as r:
+            for chunk in r.iter_bytes():
+                frames.append(chunk)
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    while not frames:
+        time.sleep(0.01)
+    code, err = gw.stop()
+    reader.join(60)
+    assert code == 0, err
+    assert b"".join(frames).endswith(b'event: done\ndata: {"finish_reason":"length"}\n\n')
+    logs = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert any("stopped after" in entry["message"] for entry in logs)
