@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -210,7 +212,17 @@ def build_public_app(state: GatewayState) -> Starlette:
         Route(config.routes.chat, chat, methods=["POST"]),
         Route(config.routes.embed, embed, methods=["POST"]),
     ]
-    return Starlette(routes=routes)
+    middleware = []
+    if config.allowed_origins:  # an empty allowlist means no CORS layer at all
+        middleware.append(Middleware(
+            CORSMiddleware,
+            allow_origins=list(config.allowed_origins),
+            allow_methods=["POST", "OPTIONS"],
+            allow_headers=["authorization", "content-type", "x-request-id"],
+            expose_headers=["x-request-id"],
+            max_age=600,
+        ))
+    return Starlette(routes=routes, middleware=middleware)
 
 
 def _acquire(state: GatewayState) -> None:
