@@ -60,9 +60,11 @@ def test_client_ip_sources() -> None:
 def test_live_gateway_rate_limit_cors_and_failed_target(smollm_path: Path, tmp_path: Path) -> None:
     public, management = _free_port(), _free_port()
     config = _config(smollm_path, "http://127.0.0.1:9", public, management)
-    config = config.replace('allowed_origins = []', 'allowed_origins = ["http://app.example"]')
-    config = config.replace("[security.rate_limit]\nenabled = false\nrequests_per_minute = 60\nburst = 60",
-                            "[security.rate_limit]\nenabled = true\nrequests_per_minute = 1\nburst = 3")
+    config = config.replace("allowed_origins = []", 'allowed_origins = ["http://app.example"]')
+    config = config.replace(
+        "[security.rate_limit]\nenabled = false\nrequests_per_minute = 60\nburst = 60",
+        "[security.rate_limit]\nenabled = true\nrequests_per_minute = 1\nburst = 3",
+    )
     config += '\n[[targets]]\nname = "broken"\ntype = "local"\nmodel = "/nonexistent/model.gguf"\nbackend = "cpu"\n'
     path = tmp_path / "g.toml"
     path.write_text(config)
@@ -71,20 +73,37 @@ def test_live_gateway_rate_limit_cors_and_failed_target(smollm_path: Path, tmp_p
         try:
             _wait_loaded(gw)
             assert httpx.get(f"{gw.management}/readyz").status_code == 503  # a target failed
-            states = {t["name"]: t["state"] for t in httpx.get(f"{gw.management}/").json()["targets"]}
+            states = {
+                t["name"]: t["state"] for t in httpx.get(f"{gw.management}/").json()["targets"]
+            }
             assert states["broken"] == "failed" and states["local"] == "loaded"
             auth = {"authorization": f"Bearer {TOKEN}"}
-            broken = httpx.post(f"{gw.public}/v1/query", json={"model": "broken", "prompt": "x"}, headers=auth)
+            broken = httpx.post(
+                f"{gw.public}/v1/query", json={"model": "broken", "prompt": "x"}, headers=auth
+            )
             assert broken.status_code == 500 and broken.json()["error"]["code"] == "execution"
-            preflight = httpx.options(f"{gw.public}/v1/query", headers={
-                "origin": "http://app.example", "access-control-request-method": "POST",
-                "access-control-request-headers": "authorization,content-type"})
+            preflight = httpx.options(
+                f"{gw.public}/v1/query",
+                headers={
+                    "origin": "http://app.example",
+                    "access-control-request-method": "POST",
+                    "access-control-request-headers": "authorization,content-type",
+                },
+            )
             assert preflight.headers["access-control-allow-origin"] == "http://app.example"
-            evil = httpx.options(f"{gw.public}/v1/query", headers={
-                "origin": "http://evil.example", "access-control-request-method": "POST"})
+            evil = httpx.options(
+                f"{gw.public}/v1/query",
+                headers={"origin": "http://evil.example", "access-control-request-method": "POST"},
+            )
             assert "access-control-allow-origin" not in evil.headers
-            statuses = [httpx.post(f"{gw.public}/v1/query", json={"model": "local", "prompt": "x", "max_tokens": 1},
-                                   headers={**auth, "origin": "http://app.example"}).status_code for _ in range(3)]
+            statuses = [
+                httpx.post(
+                    f"{gw.public}/v1/query",
+                    json={"model": "local", "prompt": "x", "max_tokens": 1},
+                    headers={**auth, "origin": "http://app.example"},
+                ).status_code
+                for _ in range(3)
+            ]
             # the failed 'broken' request above used the first token of the burst of 3
             assert statuses == [200, 200, 429]
             assert gw.metric("sipp_gateway_rate_limited_total") == 1

@@ -43,7 +43,7 @@ from .config import GatewayConfig
 from .limits import ConcurrencyLimit, RateLimiter, client_ip
 from .metrics import GatewayMetrics
 
-__all__ = ["GatewayState", "build_management_app", "build_public_app"]
+__all__ = ["GatewayState", "build_management_app", "build_public_app", "resolve_target"]
 
 logger = logging.getLogger("sipp.gateway")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -81,6 +81,18 @@ class GatewayState:
         return out
 
 
+def resolve_target(state: GatewayState, name: str) -> EndpointRef:
+    """The endpoint serving public target `name`: 404 if unknown, 500 if it failed to load."""
+    if name in state.target_errors:
+        raise ExecutionError(f"target {name!r} failed to load")
+    ref = state.targets.get(name)
+    if ref is None:
+        if not state.ready and name in {t.name for t in state.config.targets}:
+            raise ExecutionError(f"target {name!r} is still loading")
+        raise EndpointNotFoundError(f"unknown target {name!r}")
+    return ref
+
+
 def _request_id(request: Request) -> str:
     given = request.headers.get("x-request-id", "")
     return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
@@ -110,16 +122,6 @@ def build_public_app(state: GatewayState) -> Starlette:
     config = state.config
     metrics = state.metrics
 
-    def admit(request: Request, body_target: str) -> EndpointRef:
-        if body_target in state.target_errors:
-            raise ExecutionError(f"target {body_target!r} failed to load")
-        ref = state.targets.get(body_target)
-        if ref is None:
-            if not state.ready and body_target in {t.name for t in config.targets}:
-                raise ExecutionError(f"target {body_target!r} is still loading")
-            raise EndpointNotFoundError(f"unknown target {body_target!r}")
-        return ref
-
     def check_rate(request: Request) -> None:
         if state.rate_limiter is None:
             return
@@ -142,7 +144,7 @@ def build_public_app(state: GatewayState) -> Starlette:
             body = await _read_body(request, config.max_request_bytes)
             if operation == "embed":
                 embed_req = protocol.decode_embed_body(body)
-                ref = admit(request, embed_req.target)
+                ref = resolve_target(state, embed_req.target)
                 state.tokens.authorize(caller, embed_req.target)
                 _acquire(state)
                 permit = True
@@ -159,7 +161,7 @@ def build_public_app(state: GatewayState) -> Starlette:
                 protocol.decode_query_body if operation == "query" else protocol.decode_chat_body
             )
             req = decode(body)
-            ref = admit(request, req.target)
+            ref = resolve_target(state, req.target)
             state.tokens.authorize(caller, req.target)
             _acquire(state)
             permit = True
@@ -212,16 +214,21 @@ def build_public_app(state: GatewayState) -> Starlette:
         Route(config.routes.chat, chat, methods=["POST"]),
         Route(config.routes.embed, embed, methods=["POST"]),
     ]
+    from .openai_compat import openai_routes  # imports this module's helpers
+
+    routes += openai_routes(state)
     middleware = []
     if config.allowed_origins:  # an empty allowlist means no CORS layer at all
-        middleware.append(Middleware(
-            CORSMiddleware,
-            allow_origins=list(config.allowed_origins),
-            allow_methods=["POST", "OPTIONS"],
-            allow_headers=["authorization", "content-type", "x-request-id"],
-            expose_headers=["x-request-id"],
-            max_age=600,
-        ))
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(config.allowed_origins),
+                allow_methods=["POST", "OPTIONS"],
+                allow_headers=["authorization", "content-type", "x-request-id"],
+                expose_headers=["x-request-id"],
+                max_age=600,
+            )
+        )
     return Starlette(routes=routes, middleware=middleware)
 
 

@@ -1,0 +1,360 @@
+"""OpenAI-compatible routes on the public listener, so the official `openai` client
+and OpenAI-compatible tools can use a Sipp gateway unchanged.
+
+`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings` (float or base64) and
+`/v1/models`, with the same bearer tokens, allowlists, limits and metrics as the
+first-party routes. Errors use OpenAI's envelope (`{"error": {"message", "type",
+"param", "code"}}`) with the same statuses, so OpenAI clients raise their usual
+exception classes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from .. import protocol
+from .._errors import ExecutionError, InvalidRequestError, SippError
+from .._runs import AsyncTextRun
+from .._types import ChatMessage, ChatRole, SippTextOptions, SippTextResponse
+from .app import GatewayState, _acquire, _count_tokens, _read_body, _release, resolve_target
+
+__all__ = ["openai_routes"]
+
+_COMMON = {
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "stop",
+    "stream",
+    "stream_options",
+    "n",
+    "user",
+}
+_CHAT = _COMMON | {"messages", "max_completion_tokens"}
+_COMPLETIONS = _COMMON | {"prompt"}
+_EMBEDDINGS = {"model", "input", "encoding_format", "user"}
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def _openai_error(exc: SippError, request_id: str) -> JSONResponse:
+    status = protocol.status_for(exc)
+    body = {
+        "error": {
+            "message": exc.message,
+            "type": _ERROR_TYPES.get(status, "server_error"),
+            "param": getattr(exc, "field", None),
+            "code": exc.code,
+        }
+    }
+    return JSONResponse(body, status_code=status, headers={"x-request-id": request_id})
+
+
+def _object(body: bytes, allowed: set[str]) -> dict[str, Any]:
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        raise InvalidRequestError("request body is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise InvalidRequestError("request body must be a JSON object")
+    for key in obj:
+        if key not in allowed:
+            error = InvalidRequestError(f"'{key}' is not supported by this gateway")
+            error.field = key  # type: ignore[attr-defined]
+            raise error
+    if obj.get("n", 1) != 1:
+        raise InvalidRequestError("only n=1 is supported")
+    if not isinstance(obj.get("model"), str) or not obj["model"]:
+        raise InvalidRequestError("'model' is required (the gateway target name)")
+    return obj
+
+
+def _options(obj: dict[str, Any], max_key: str = "max_tokens") -> SippTextOptions:
+    max_tokens = obj.get(max_key, obj.get("max_tokens"))
+    stop = obj.get("stop")
+    if stop is not None and not isinstance(stop, (str, list)):
+        raise InvalidRequestError("'stop' must be a string or an array of strings")
+    return SippTextOptions(
+        max_tokens=max_tokens, temperature=obj.get("temperature"), top_p=obj.get("top_p"), stop=stop
+    )
+
+
+def _content(value: Any, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        parts = []
+        for part in value:
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                raise InvalidRequestError(f"{where}: only text content parts are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise InvalidRequestError(f"{where}: content must be a string or an array of text parts")
+
+
+def _messages(raw: Any) -> list[ChatMessage]:
+    if not isinstance(raw, list) or not raw:
+        raise InvalidRequestError("'messages' must be a non-empty array")
+    out = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict):
+            raise InvalidRequestError(f"messages[{i}] must be an object")
+        role: ChatRole = "system"
+        if m.get("role") in ("user", "assistant"):
+            role = m["role"]
+        elif m.get("role") not in ("system", "developer"):
+            raise InvalidRequestError(
+                f"messages[{i}].role must be system, developer, user or assistant"
+            )
+        out.append(ChatMessage(role, _content(m.get("content"), f"messages[{i}]")))
+    return out
+
+
+def _usage(response: SippTextResponse) -> dict[str, int] | None:
+    if response.usage is None:
+        return None
+    u = response.usage
+    return {
+        "prompt_tokens": u.input_tokens,
+        "completion_tokens": u.output_tokens,
+        "total_tokens": u.total_tokens,
+    }
+
+
+def _finish(reason: str) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def openai_routes(state: GatewayState) -> list[Route]:
+    metrics = state.metrics
+
+    async def run_route(
+        request: Request,
+        operation: str,
+        work: Callable[[dict[str, Any], str], Any],
+        allowed: set[str],
+    ) -> Response:
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        metrics.requests.labels(operation).inc()
+        started = time.perf_counter()
+        permit = False
+        try:
+            caller = state.tokens.authenticate(request.headers.get("authorization"))
+            obj = _object(await _read_body(request, state.config.max_request_bytes), allowed)
+            resolve_target(state, obj["model"])
+            state.tokens.authorize(caller, obj["model"])
+            _acquire(state)
+            permit = True
+            result = await work(obj, request_id)
+            if isinstance(result, StreamingResponse):
+                permit = False  # released by the stream
+            return result  # type: ignore[no-any-return]
+        except SippError as exc:
+            metrics.errors.labels(operation, exc.code).inc()
+            return _openai_error(exc, request_id)
+        except Exception:
+            metrics.errors.labels(operation, "execution").inc()
+            return _openai_error(ExecutionError("internal error"), request_id)
+        finally:
+            if permit:
+                _release(state)
+            metrics.latency.labels(operation).observe(time.perf_counter() - started)
+
+    def text_work(kind: str) -> Callable[[dict[str, Any], str], Any]:
+        async def work(obj: dict[str, Any], request_id: str) -> Response:
+            target = obj["model"]
+            ref = resolve_target(state, target)
+            stream = bool(obj.get("stream", False))
+            if kind == "chat":
+                run = state.client.chat(
+                    _messages(obj.get("messages")),
+                    endpoint=ref,
+                    options=_options(obj, "max_completion_tokens"),
+                    emit_tokens=stream,
+                )
+            else:
+                prompt = obj.get("prompt")
+                if isinstance(prompt, list) and len(prompt) == 1:
+                    prompt = prompt[0]
+                if not isinstance(prompt, str):
+                    raise InvalidRequestError(
+                        "'prompt' must be a string (or an array of one string)"
+                    )
+                run = state.client.query(
+                    prompt, endpoint=ref, options=_options(obj), emit_tokens=stream
+                )
+            ident = ("chatcmpl-" if kind == "chat" else "cmpl-") + request_id
+            created = int(time.time())
+            if stream:
+                include_usage = bool((obj.get("stream_options") or {}).get("include_usage"))
+                frames = _chunks(state, run, kind, ident, created, target, include_usage)
+                return StreamingResponse(
+                    frames, media_type="text/event-stream", headers={"x-request-id": request_id}
+                )
+            response = await run
+            _count_tokens(state, target, response)
+            choice: dict[str, Any] = {
+                "index": 0,
+                "finish_reason": _finish(response.finish_reason),
+                "logprobs": None,
+            }
+            if kind == "chat":
+                choice["message"] = {"role": "assistant", "content": response.text}
+            else:
+                choice["text"] = response.text
+            body = {
+                "id": ident,
+                "object": "chat.completion" if kind == "chat" else "text_completion",
+                "created": created,
+                "model": target,
+                "choices": [choice],
+                "usage": _usage(response),
+            }
+            return JSONResponse(body, headers={"x-request-id": request_id})
+
+        return work
+
+    async def embeddings_work(obj: dict[str, Any], request_id: str) -> Response:
+        target = obj["model"]
+        ref = resolve_target(state, target)
+        inputs = obj.get("input")
+        inputs = [inputs] if isinstance(inputs, str) else inputs
+        if (
+            not isinstance(inputs, list)
+            or not inputs
+            or not all(isinstance(i, str) for i in inputs)
+        ):
+            raise InvalidRequestError("'input' must be a string or an array of strings")
+        fmt = obj.get("encoding_format", "float")
+        if fmt not in ("float", "base64"):
+            raise InvalidRequestError("'encoding_format' must be float or base64")
+        runs = [
+            state.client.embed(text, endpoint=ref) for text in inputs
+        ]  # queued together, batched
+        data, tokens = [], 0
+        for index, run in enumerate(runs):
+            emb = await run
+            tokens += emb.usage.input_tokens if emb.usage else 0
+            vector: Any = emb.values
+            if fmt == "base64":
+                vector = base64.b64encode(struct.pack(f"<{len(emb.values)}f", *emb.values)).decode()
+            data.append({"object": "embedding", "index": index, "embedding": vector})
+        metrics.input_tokens.labels(target).inc(tokens)
+        body = {
+            "object": "list",
+            "data": data,
+            "model": target,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+        return JSONResponse(body, headers={"x-request-id": request_id})
+
+    async def chat_completions(request: Request) -> Response:
+        return await run_route(request, "chat", text_work("chat"), _CHAT)
+
+    async def completions(request: Request) -> Response:
+        return await run_route(request, "query", text_work("completion"), _COMPLETIONS)
+
+    async def embeddings(request: Request) -> Response:
+        return await run_route(request, "embed", embeddings_work, _EMBEDDINGS)
+
+    async def models(request: Request) -> Response:
+        try:
+            caller = state.tokens.authenticate(request.headers.get("authorization"))
+        except SippError as exc:
+            return _openai_error(exc, uuid.uuid4().hex)
+        data = [
+            {"id": t.name, "object": "model", "created": 0, "owned_by": "sipp"}
+            for t in state.config.targets
+            if caller.may_use(t.name)
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    return [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+    ]
+
+
+async def _chunks(
+    state: GatewayState,
+    run: AsyncTextRun,
+    kind: str,
+    ident: str,
+    created: int,
+    target: str,
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
+    obj_type = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        body = {
+            "id": ident,
+            "object": obj_type,
+            "created": created,
+            "model": target,
+            "choices": choices,
+            **extra,
+        }
+        return (
+            b"data: "
+            + json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+            + b"\n\n"
+        )
+
+    def piece(text: str | None, finish: str | None) -> dict[str, Any]:
+        if kind == "chat":
+            delta: dict[str, Any] = {} if text is None else {"content": text}
+            return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+
+    try:
+        if kind == "chat":
+            yield chunk(
+                [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+            )
+        async for batch in run:
+            yield chunk([piece(batch.text, None)])
+        response = await run.result()
+        _count_tokens(state, target, response)
+        yield chunk([piece(None, _finish(response.finish_reason))])
+        if include_usage:
+            yield chunk([], usage=_usage(response))
+        yield b"data: [DONE]\n\n"
+    except SippError as exc:
+        state.metrics.errors.labels("chat" if kind == "chat" else "query", exc.code).inc()
+        body = {
+            "error": {
+                "message": exc.message,
+                "type": "server_error",
+                "param": None,
+                "code": exc.code,
+            }
+        }
+        yield b"data: " + json.dumps(body).encode() + b"\n\n"
+    finally:
+        if not run.done:
+            run.cancel("stream consumer went away")
+        _release(state)
