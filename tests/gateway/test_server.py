@@ -29,7 +29,7 @@ from sipp import (
     SippTextOptions,
 )
 
-from ..remote.loopback import LoopbackServer, Request, json_reply
+from ..remote.loopback import LoopbackServer, Request, json_reply, sse_reply
 
 TOKEN, LIMITED = "tok-all-7f3a", "tok-local-only-91c2"
 
@@ -103,6 +103,39 @@ ENV = {
 
 
 def _mock(req: Request) -> list[Any]:
+    """A loopback OpenAI upstream: the real response shape for each route."""
+    usage = {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    if req.path.endswith("/embeddings"):
+        return json_reply(
+            {
+                "object": "list",
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.5, -0.5]}],
+                "model": "mock-model",
+                "usage": {"prompt_tokens": 3, "total_tokens": 3},
+            }
+        )
+    if req.path.endswith("/completions") and not req.path.endswith("/chat/completions"):
+        return json_reply(
+            {
+                "id": "c",
+                "object": "text_completion",
+                "created": 1,
+                "model": "mock-model",
+                "choices": [{"index": 0, "text": "from the provider", "finish_reason": "stop"}],
+                "usage": usage,
+            }
+        )
+    if json.loads(req.body).get("stream"):
+        chunk = {
+            "id": "c",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": "mock-model",
+            "choices": [
+                {"index": 0, "delta": {"content": "from the provider"}, "finish_reason": "stop"}
+            ],
+        }
+        return sse_reply([b"data: " + json.dumps(chunk).encode() + b"\n\n", b"data: [DONE]\n\n"])
     return json_reply(
         {
             "id": "c",
@@ -116,7 +149,7 @@ def _mock(req: Request) -> list[Any]:
                     "finish_reason": "stop",
                 }
             ],
-            "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
+            "usage": usage,
         }
     )
 
@@ -173,6 +206,8 @@ def gateway(smollm_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     code, err = gw.stop()
     mock.close()
     assert code == 0, err
+    for secret in ENV.values():  # secrets never reach the logs
+        assert secret not in err
 
 
 def _post(
@@ -426,3 +461,41 @@ def test_sigterm_lets_in_flight_streams_finish(smollm_path: Path, tmp_path: Path
     assert b"".join(frames).endswith(b'event: done\ndata: {"finish_reason":"length"}\n\n')
     logs = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     assert any("stopped after" in entry["message"] for entry in logs)
+
+
+def test_curl_against_the_gateway(gateway: Gateway) -> None:
+    proc = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "-N",
+            f"{gateway.public}/v1/query",
+            "-H",
+            f"Authorization: Bearer {TOKEN}",
+            "-H",
+            "Content-Type: application/json",
+            "-H",
+            "x-request-id: curl-query-1",
+            "-d",
+            '{"model":"local","prompt":"Count: 1, 2, 3,","max_tokens":8,"temperature":0,"stream":true}',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("event: token\ndata: {") and proc.stdout.endswith(
+        'event: done\ndata: {"finish_reason":"length"}\n\n'
+    )
+
+
+def test_no_secret_in_any_response(gateway: Gateway) -> None:
+    responses = [
+        httpx.get(f"{gateway.management}/").text,
+        httpx.get(f"{gateway.management}/metrics").text,
+        _post(gateway, "/v1/query", {"model": "mock-openai", "prompt": "x"}).text,
+        _post(gateway, "/v1/query", {"model": "local", "prompt": "x"}, "wrong").text,
+    ]
+    for text in responses:
+        for secret in ENV.values():
+            assert secret not in text
