@@ -88,6 +88,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+ERRORS: dict[str, int] = {}
+
+
 def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -111,8 +114,12 @@ async def open_loop(
 
         async def one() -> None:
             start = time.perf_counter()
-            r = await client.post(url, content=body, headers=headers)
-            r.raise_for_status()
+            try:
+                r = await client.post(url, content=body, headers=headers)
+                r.raise_for_status()
+            except httpx.HTTPError:
+                ERRORS[url] = ERRORS.get(url, 0) + 1
+                return
             latencies.append((time.perf_counter() - start) * 1000)
 
         tasks = []
