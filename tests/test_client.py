@@ -37,7 +37,7 @@ def test_add_returns_ref_and_readding_replaces_and_frees(smollm_path: Path) -> N
         ref = client.add("m", LocalModelDescriptor(smollm_path, SMALL))
         assert ref == EndpointRef("local", "m")
         old_run = client.query(
-            "Count: 1, 2,", endpoint=ref, options=SippTextOptions(max_tokens=300)
+            "Count: 1, 2,", endpoint=ref, options=SippTextOptions(max_tokens=300, temperature=0)
         )
         ref2 = client.add("m", LocalModelDescriptor(smollm_path, SMALL))
         assert ref2 == ref

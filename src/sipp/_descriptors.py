@@ -111,17 +111,7 @@ class GatewayDescriptor:
             raise InvalidConfigError(
                 "GatewayDescriptor.target must be the gateway's public target name"
             )
-        parsed = urlsplit(self.base_url if isinstance(self.base_url, str) else "")
-        if (
-            parsed.scheme not in ("http", "https")
-            or not parsed.netloc
-            or parsed.query
-            or parsed.fragment
-        ):
-            raise InvalidConfigError(
-                f"GatewayDescriptor.base_url must be an absolute http(s) URL without query or fragment, "
-                f"got {self.base_url!r}"
-            )
+        _check_base_url(self.base_url, "GatewayDescriptor.base_url")
         if self.authentication_kind not in ("none", "bearer", "header"):
             raise InvalidConfigError(
                 "GatewayDescriptor.authentication_kind must be none, bearer or header"
@@ -138,9 +128,7 @@ class GatewayDescriptor:
             raise InvalidConfigError(
                 "authentication_kind='header' needs a valid authentication_header_name"
             )
-        for name, value in dict(self.static_headers).items():
-            if not _is_token(name) or not isinstance(value, str) or "\n" in value or "\r" in value:
-                raise InvalidConfigError(f"static header {name!r} is not a valid HTTP header")
+        _check_headers(self.static_headers)
         for route_name in ("query_route", "chat_route", "embed_route"):
             route = getattr(self, route_name)
             if (
@@ -173,6 +161,25 @@ class GatewayDescriptor:
             return {"authorization": f"Bearer {value}"}
         assert self.authentication_header_name is not None
         return {self.authentication_header_name: value}
+
+
+def _check_base_url(url: object, where: str) -> None:
+    parsed = urlsplit(url if isinstance(url, str) else "")
+    if (
+        parsed.scheme not in ("http", "https")
+        or not parsed.netloc
+        or parsed.query
+        or parsed.fragment
+    ):
+        raise InvalidConfigError(
+            f"{where} must be an absolute http(s) URL without query or fragment, got {url!r}"
+        )
+
+
+def _check_headers(headers: Mapping[str, str]) -> None:
+    for name, value in dict(headers).items():
+        if not _is_token(name) or not isinstance(value, str) or "\n" in value or "\r" in value:
+            raise InvalidConfigError(f"static header {name!r} is not a valid HTTP header")
 
 
 def _is_token(name: object) -> bool:
@@ -221,16 +228,7 @@ class ProviderDescriptor:
             if self.provider == "openai_compatible":
                 raise InvalidConfigError("provider 'openai_compatible' needs base_url")
             object.__setattr__(self, "base_url", _DEFAULT_BASE_URLS[self.provider])
-        parsed = urlsplit(self.base_url if isinstance(self.base_url, str) else "")
-        if (
-            parsed.scheme not in ("http", "https")
-            or not parsed.netloc
-            or parsed.query
-            or parsed.fragment
-        ):
-            raise InvalidConfigError(
-                f"ProviderDescriptor.base_url must be an absolute http(s) URL, got {self.base_url!r}"
-            )
+        _check_base_url(self.base_url, "ProviderDescriptor.base_url")
         if self.provider != "openai_compatible" and not self.api_key:
             raise InvalidConfigError(f"provider {self.provider!r} needs api_key")
         if self.api_key is not None and (
@@ -241,9 +239,7 @@ class ProviderDescriptor:
             raise InvalidConfigError(
                 "ProviderDescriptor.correlation_header is not a valid header name"
             )
-        for name, value in dict(self.static_headers).items():
-            if not _is_token(name) or not isinstance(value, str) or "\n" in value or "\r" in value:
-                raise InvalidConfigError(f"static header {name!r} is not a valid HTTP header")
+        _check_headers(self.static_headers)
         if not isinstance(self.timeout, GatewayTimeoutPolicy):
             raise InvalidConfigError("ProviderDescriptor.timeout must be a GatewayTimeoutPolicy")
 

@@ -334,17 +334,7 @@ class NativeRuntimeConfig(_Group):
     observability: ObservabilityRuntimeConfig = field(default_factory=ObservabilityRuntimeConfig)
 
     def __post_init__(self) -> None:
-        expected: dict[str, type] = {
-            "placement": PlacementRuntimeConfig,
-            "context": ContextRuntimeConfig,
-            "sampling": SamplingRuntimeConfig,
-            "scheduler": SchedulerRuntimeConfig,
-            "cache": CacheRuntimeConfig,
-            "multimodal": MultimodalRuntimeConfig,
-            "residency": ResidencyRuntimeConfig,
-            "observability": ObservabilityRuntimeConfig,
-        }
-        for name, cls in expected.items():
+        for name, cls in _GROUPS.items():
             value = getattr(self, name)
             if not isinstance(value, cls):
                 raise InvalidConfigError(

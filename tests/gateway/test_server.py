@@ -335,7 +335,13 @@ def test_gateway_client_gets_typed_errors(gateway: Gateway) -> None:
 
 def _open_stream(gw: Gateway) -> tuple[httpx.Client, httpx.Response, Iterator[bytes]]:
     client = httpx.Client(timeout=60)
-    body = {"model": "local", "prompt": "Count: 1, 2, 3,", "max_tokens": 400, "stream": True}
+    body = {
+        "model": "local",
+        "prompt": "Count: 1, 2, 3,",
+        "max_tokens": 400,
+        "temperature": 0,
+        "stream": True,
+    }
     response = client.send(
         client.build_request(
             "POST", f"{gw.public}/v1/query", json=body, headers={"authorization": f"Bearer {TOKEN}"}
@@ -378,6 +384,7 @@ def test_stream_frames_and_metrics(gateway: Gateway) -> None:
             "model": "local",
             "messages": [{"role": "user", "content": "Hi"}],
             "max_tokens": 4,
+            "temperature": 0,
             "stream": True,
         },
     )
@@ -440,7 +447,13 @@ def test_sigterm_lets_in_flight_streams_finish(smollm_path: Path, tmp_path: Path
     frames: list[bytes] = []
 
     def consume() -> None:
-        body = {"model": "local", "prompt": "Count: 1, 2, 3,", "max_tokens": 40, "stream": True}
+        body = {
+            "model": "local",
+            "prompt": "Count: 1, 2, 3,",
+            "max_tokens": 40,
+            "temperature": 0,
+            "stream": True,
+        }
         with httpx.stream(
             "POST",
             f"{gw.public}/v1/query",

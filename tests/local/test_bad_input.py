@@ -180,7 +180,10 @@ def test_close_during_generation_fails_the_run_cleanly(smollm_path: Path) -> Non
         ),
     )
     run = client.query(
-        "Count: 1, 2, 3,", endpoint=ref, options=SippTextOptions(max_tokens=400), emit_tokens=True
+        "Count: 1, 2, 3,",
+        endpoint=ref,
+        options=SippTextOptions(max_tokens=400, temperature=0),
+        emit_tokens=True,
     )
     next(iter(run))
     client.close()

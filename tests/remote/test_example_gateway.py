@@ -103,7 +103,13 @@ def test_raw_http_bad_bodies(gateway_url: str) -> None:
     assert huge.status_code == 413 and huge.json()["error"]["code"] == "payload_too_large"
     frames = httpx.post(
         f"{gateway_url}/v1/query",
-        json={"model": "local", "prompt": "Hi", "max_tokens": 4, "stream": True},
+        json={
+            "model": "local",
+            "prompt": "Count: 1, 2, 3,",
+            "max_tokens": 4,
+            "temperature": 0,
+            "stream": True,
+        },
     )
     assert frames.headers["content-type"].startswith("text/event-stream")
     assert b"event: token" in frames.content and frames.content.endswith(

@@ -10,7 +10,7 @@ import sys
 import click
 
 from .._errors import SippError
-from ..gateway.config import ConfigError, LocalTarget, load_config
+from ..gateway.config import ConfigError, GatewayConfig, LocalTarget, load_config
 
 __all__ = ["main"]
 
@@ -34,13 +34,7 @@ def check(config_path: str) -> None:
 
     Prints every problem as `toml.path: rule` and exits 1, or a summary and exits 0.
     """
-    try:
-        config = load_config(config_path)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            click.echo(f"error: {problem}", err=True)
-        click.echo(f"{config_path}: {len(exc.problems)} problem(s)", err=True)
-        sys.exit(1)
+    config = _load_or_exit(config_path)
     local = [t.name for t in config.targets if isinstance(t, LocalTarget)]
     remote = [t.name for t in config.targets if not isinstance(t, LocalTarget)]
     click.echo(
@@ -73,12 +67,7 @@ def serve(config_path: str) -> None:
     from ..gateway.serve import configure_logging
     from ..gateway.serve import serve as run_server
 
-    try:
-        config = load_config(config_path)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            click.echo(f"error: {problem}", err=True)
-        sys.exit(1)
+    config = _load_or_exit(config_path)
     configure_logging(os.environ)
     try:
         code = asyncio.run(run_server(config))
@@ -86,6 +75,17 @@ def serve(config_path: str) -> None:
         click.echo(f"error: {exc.message}", err=True)
         sys.exit(1)
     sys.exit(code)
+
+
+def _load_or_exit(config_path: str) -> GatewayConfig:
+    """The parsed config, or every problem on stderr (one `error: path: rule` line each) and exit 1."""
+    try:
+        return load_config(config_path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(f"error: {problem}", err=True)
+        click.echo(f"{config_path}: {len(exc.problems)} problem(s)", err=True)
+        sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

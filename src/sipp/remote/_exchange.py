@@ -8,8 +8,9 @@ just move bytes, so both behave identically by construction.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
 
@@ -22,6 +23,19 @@ from ..protocol.sse import SSEDecoder, SSEEvent
 __all__ = ["MAX_BODY_BYTES", "Adapter", "EmbedExchange", "StreamParser", "TextExchange"]
 
 MAX_BODY_BYTES = 64 << 20  # a non-streamed body larger than this is refused, not buffered
+
+
+def json_post(
+    url: str, body: dict[str, Any], headers: dict[str, str], stream: bool
+) -> httpx.Request:
+    """A JSON POST that asks for SSE when `stream`, else JSON."""
+    all_headers = {
+        "content-type": "application/json",
+        "accept": "text/event-stream" if stream else "application/json",
+        **headers,
+    }
+    payload = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    return httpx.Request("POST", url, headers=all_headers, content=payload)
 
 
 class StreamParser(Protocol):

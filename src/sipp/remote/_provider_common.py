@@ -13,6 +13,7 @@ from .._descriptors import ProviderDescriptor
 from .._endpoint import EmbedRequest, TextRequest
 from .._errors import InvalidRequestError, RemoteError, SippError
 from ..protocol.errors import error_from_status
+from ._exchange import json_post
 
 __all__ = ["ProviderBase", "load_json", "merge_provider_options"]
 
@@ -87,13 +88,7 @@ class ProviderBase:
     def post(
         self, path: str, body: dict[str, Any], headers: dict[str, str], stream: bool
     ) -> httpx.Request:
-        all_headers = {
-            "content-type": "application/json",
-            "accept": "text/event-stream" if stream else "application/json",
-            **headers,
-        }
-        payload = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-        return httpx.Request("POST", self.base + path, headers=all_headers, content=payload)
+        return json_post(self.base + path, body, headers, stream)
 
     def error(self, status: int, headers: httpx.Headers, body: bytes) -> SippError:
         request_id = next((headers[h] for h in self.request_id_headers if h in headers), None)

@@ -22,6 +22,7 @@ from .._types import (
 from ..protocol import codec
 from ..protocol.errors import error_from_body
 from ..protocol.sse import SSEEvent
+from ._exchange import json_post
 from .endpoint import RemoteEndpoint
 
 __all__ = ["GatewayAdapter", "gateway_endpoint"]
@@ -102,15 +103,7 @@ class GatewayAdapter:
     def _post(
         self, route: str, body: dict[str, Any], headers: dict[str, str], stream: bool
     ) -> httpx.Request:
-        all_headers = {
-            "content-type": "application/json",
-            "accept": "text/event-stream" if stream else "application/json",
-            **headers,
-        }
-        payload = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-        return httpx.Request(
-            "POST", self.d.base_url.rstrip("/") + route, headers=all_headers, content=payload
-        )
+        return json_post(self.d.base_url.rstrip("/") + route, body, headers, stream)
 
     def parse_text(self, body: bytes) -> SippTextResponse:
         return codec.parse_text_response(body)
