@@ -512,3 +512,24 @@ def test_no_secret_in_any_response(gateway: Gateway) -> None:
     for text in responses:
         for secret in ENV.values():
             assert secret not in text
+
+
+def test_non_streaming_client_that_hangs_up_cancels_its_generation(gateway: Gateway) -> None:
+    before = gateway.metric("sipp_local_cancelled", '{target="local"}')
+    body = {"model": "local", "prompt": "Count: 1, 2, 3,", "max_tokens": 400, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{gateway.public}/v1/query",
+            json=body,
+            headers={"authorization": f"Bearer {TOKEN}"},
+            timeout=0.5,
+        )
+    deadline = time.monotonic() + 30
+    while (
+        time.monotonic() < deadline
+        and gateway.metric("sipp_local_cancelled", '{target="local"}') == before
+    ):
+        time.sleep(0.05)
+    assert gateway.metric("sipp_local_cancelled", '{target="local"}') == before + 1
+    assert gateway.metric("sipp_local_busy_slots", '{target="local"}') == 0
+    assert gateway.metric("sipp_gateway_in_flight_requests") == 0

@@ -9,6 +9,7 @@ started); nothing else, and never a traceback, reaches the client.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -29,6 +30,7 @@ from .. import protocol
 from .._client import AsyncSippClient
 from .._descriptors import EndpointRef
 from .._errors import (
+    ClientClosedError,
     EndpointNotFoundError,
     ExecutionError,
     PayloadTooLargeError,
@@ -181,7 +183,7 @@ def build_public_app(state: GatewayState) -> Starlette:
                 headers = {**SSE_HEADERS, "x-request-id": request_id}
                 return StreamingResponse(frames, headers=headers)
             t0 = time.perf_counter()
-            response = await run
+            response = await _unless_disconnected(request, run)
             waited = time.perf_counter() - t0
             _count_tokens(state, req.target, response)
             payload = protocol.text_response_body(req.target, response, id=request_id)
@@ -230,6 +232,26 @@ def build_public_app(state: GatewayState) -> Starlette:
             )
         )
     return Starlette(routes=routes, middleware=middleware)
+
+
+async def _unless_disconnected(request: Request, run: AsyncTextRun) -> SippTextResponse:
+    """The run's response; if the client hangs up first, cancel the run (freeing its slot
+    or upstream request) instead of finishing work nobody will read."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    result = asyncio.ensure_future(run.result())
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({result, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not result.done():
+        run.cancel("client disconnected")
+        raise ClientClosedError("client disconnected before the response was ready")
+    return result.result()
 
 
 def _acquire(state: GatewayState) -> None:
