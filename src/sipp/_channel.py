@@ -125,6 +125,13 @@ class RunChannel(Generic[R]):
 
 def _waker(loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> Callable[[], None]:
     def wake() -> None:
+        try:
+            same_thread = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            same_thread = False
+        if same_thread:  # an I/O task on this loop finished the run: no self-pipe round trip
+            event.set()
+            return
         # RuntimeError: the loop closed while we waited; nobody is listening.
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(event.set)

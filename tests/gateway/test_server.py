@@ -533,3 +533,42 @@ def test_non_streaming_client_that_hangs_up_cancels_its_generation(gateway: Gate
     assert gateway.metric("sipp_local_cancelled", '{target="local"}') == before + 1
     assert gateway.metric("sipp_local_busy_slots", '{target="local"}') == 0
     assert gateway.metric("sipp_gateway_in_flight_requests") == 0
+
+
+def test_readiness_is_503_until_every_target_is_loaded(tmp_path: Path) -> None:
+    import uvicorn
+
+    from sipp import AsyncSippClient
+    from sipp.gateway.app import GatewayState, build_management_app
+    from sipp.gateway.auth import TokenTable
+    from sipp.gateway.config import parse_config
+    from sipp.gateway.config import tomllib as toml
+
+    config = parse_config(
+        toml.loads(_config(tmp_path / "m.gguf", "http://127.0.0.1:9", _free_port(), _free_port()))
+    )
+    state = GatewayState(config, AsyncSippClient(), TokenTable(config.tokens, ENV))
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            build_management_app(state), host="127.0.0.1", port=port, log_level="warning"
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.02)
+        url = f"http://127.0.0.1:{port}/readyz"
+        assert (httpx.get(url).status_code, httpx.get(url).text) == (
+            503,
+            "not ready",
+        )  # still loading
+        state.ready = True
+        assert (httpx.get(url).status_code, httpx.get(url).text) == (200, "ready")
+        state.target_errors["local"] = "boom"
+        assert httpx.get(url).status_code == 503  # a target failed
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").text == "ok"
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -3,7 +3,9 @@
 Sync callers: each request runs on a bounded thread pool with one pooled
 `httpx.Client`; `cancel()` closes the response from the caller's thread, which
 unblocks the reader. Async callers: each request is a task on the caller's
-loop with an `httpx.AsyncClient` for that loop; `cancel()` cancels the task.
+loop with an `aiohttp.ClientSession` for that loop (its connection pool costs
+far less per request than httpx's under concurrency, which is the gateway's hot
+path; see BENCHMARKS.md); `cancel()` cancels the task.
 Either way the response is always closed and the channel always finishes.
 """
 
@@ -16,6 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import aiohttp
 import httpx
 
 from .._channel import RunChannel
@@ -43,7 +46,7 @@ class RemoteEndpoint:
         self.adapter = adapter
         self._timeout = timeout
         self._client = httpx.Client(timeout=timeout)
-        self._async_clients: dict[int, tuple[asyncio.AbstractEventLoop, httpx.AsyncClient]] = {}
+        self._async_clients: dict[int, tuple[asyncio.AbstractEventLoop, aiohttp.ClientSession]] = {}
         self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix=f"sipp-{kind}")
         self._lock = threading.Lock()
         self._closed = False
@@ -89,9 +92,9 @@ class RemoteEndpoint:
             if loop.is_closed():
                 continue
             if _running_loop() is loop:
-                loop.create_task(client.aclose())
+                loop.create_task(client.close())
             else:
-                asyncio.run_coroutine_threadsafe(client.aclose(), loop)
+                asyncio.run_coroutine_threadsafe(client.close(), loop)
 
     async def aclose(self) -> None:
         """Close this loop's async client in place, then everything else."""
@@ -99,7 +102,7 @@ class RemoteEndpoint:
         with self._lock:
             entry = self._async_clients.pop(id(loop), None)
         if entry is not None:
-            await entry[1].aclose()
+            await entry[1].close()
         await asyncio.to_thread(self.close)
 
     # -- sync shell -----------------------------------------------------------------
@@ -151,7 +154,11 @@ class RemoteEndpoint:
                 raise ClientClosedError("the endpoint is closed")
             entry = self._async_clients.get(id(loop))
             if entry is None or entry[0] is not loop:
-                entry = (loop, httpx.AsyncClient(timeout=self._timeout))
+                t = self._timeout
+                timeout = aiohttp.ClientTimeout(
+                    total=None, sock_connect=t.connect, sock_read=t.read
+                )
+                entry = (loop, aiohttp.ClientSession(timeout=timeout, auto_decompress=False))
                 self._async_clients[id(loop)] = entry
         task = loop.create_task(self._run_async(entry[1], build, exchange))
 
@@ -162,18 +169,24 @@ class RemoteEndpoint:
 
     async def _run_async(
         self,
-        client: httpx.AsyncClient,
+        session: aiohttp.ClientSession,
         build: Callable[[dict[str, str]], httpx.Request],
         exchange: _Exchange,
     ) -> None:
-        response: httpx.Response | None = None
+        response: aiohttp.ClientResponse | None = None
         try:
             value = self.adapter.auth_value()
             if inspect.isawaitable(value):
                 value = await value
-            response = await client.send(build(self.adapter.headers_for(value)), stream=True)
-            exchange.start(response.status_code, response.headers)
-            async for chunk in response.aiter_bytes():
+            request = build(self.adapter.headers_for(value))
+            headers = {
+                k: v for k, v in request.headers.items() if k not in ("host", "content-length")
+            }
+            response = await session.request(
+                request.method, str(request.url), headers=headers, data=request.content
+            )
+            exchange.start(response.status, httpx.Headers(list(response.headers.items())))
+            async for chunk in response.content.iter_any():
                 if exchange.feed(chunk):
                     break
             exchange.end()
@@ -183,7 +196,21 @@ class RemoteEndpoint:
             exchange.fail(_as_sipp_error(exc, self.adapter.name))
         finally:
             if response is not None:
-                await response.aclose()
+                response.release()  # back to the pool if fully read, else the connection closes
+
+
+def _aiohttp_error(exc: BaseException, name: str) -> SippError:
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return RemoteError(f"{name}: connect timed out", retryable=True, code="timeout")
+    if isinstance(exc, aiohttp.ServerTimeoutError | asyncio.TimeoutError):
+        return RemoteError(
+            f"{name}: timed out waiting for the response", retryable=True, code="timeout"
+        )
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return RemoteError(f"{name}: cannot connect ({exc})", retryable=True)
+    return RemoteError(
+        f"{name}: connection failed mid-response ({type(exc).__name__}: {exc})", retryable=True
+    )
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -196,6 +223,8 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
 def _as_sipp_error(exc: BaseException, name: str) -> SippError:
     if isinstance(exc, SippError):
         return exc
+    if isinstance(exc, aiohttp.ClientError | asyncio.TimeoutError):
+        return _aiohttp_error(exc, name)
     if isinstance(exc, httpx.ConnectTimeout):
         return RemoteError(f"{name}: connect timed out", retryable=True, code="timeout")
     if isinstance(exc, httpx.TimeoutException):
