@@ -15,6 +15,15 @@ from ..gateway.config import ConfigError, GatewayConfig, LocalTarget, load_confi
 __all__ = ["main"]
 
 
+_config_option = click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Gateway TOML file.",
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="sipppy", prog_name="sipp-gateway")
 def cli() -> None:
@@ -22,13 +31,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option(
-    "--config",
-    "config_path",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="Gateway TOML file.",
-)
+@_config_option
 def check(config_path: str) -> None:
     """Validate the TOML only: no env vars are read, no model is loaded, nothing binds.
 
@@ -45,13 +48,7 @@ def check(config_path: str) -> None:
 
 
 @cli.command()
-@click.option(
-    "--config",
-    "config_path",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="Gateway TOML file.",
-)
+@_config_option
 def serve(config_path: str) -> None:
     """Serve the public and management listeners until SIGINT/SIGTERM.
 

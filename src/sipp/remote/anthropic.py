@@ -52,11 +52,7 @@ _ERROR_STATUS = {
 
 
 def anthropic_endpoint(descriptor: ProviderDescriptor) -> RemoteEndpoint:
-    t = descriptor.timeout
-    timeout = httpx.Timeout(
-        connect=t.connect_s, read=t.stream_read_s, write=t.request_s, pool=t.connect_s
-    )
-    return RemoteEndpoint("provider", AnthropicAdapter(descriptor), timeout)
+    return RemoteEndpoint.with_policy("provider", AnthropicAdapter(descriptor), descriptor.timeout)
 
 
 def _finish(reason: Any) -> FinishReason:

@@ -22,7 +22,7 @@ import aiohttp
 import httpx
 
 from .._channel import RunChannel
-from .._descriptors import EndpointKind
+from .._descriptors import EndpointKind, GatewayTimeoutPolicy
 from .._endpoint import EmbedRequest, Operation, TextRequest
 from .._errors import ClientClosedError, InvalidConfigError, RemoteError, SippError
 from .._types import SippEmbeddingResponse, SippTextResponse
@@ -50,6 +50,19 @@ class RemoteEndpoint:
         self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix=f"sipp-{kind}")
         self._lock = threading.Lock()
         self._closed = False
+
+    @classmethod
+    def with_policy(
+        cls, kind: EndpointKind, adapter: Adapter, policy: GatewayTimeoutPolicy
+    ) -> RemoteEndpoint:
+        """An endpoint whose deadlines come from a descriptor's `GatewayTimeoutPolicy`."""
+        timeout = httpx.Timeout(
+            connect=policy.connect_s,
+            read=policy.stream_read_s,
+            write=policy.request_s,
+            pool=policy.connect_s,
+        )
+        return cls(kind, adapter, timeout)
 
     # -- Endpoint protocol ----------------------------------------------------------
     def supports(self, operation: Operation) -> bool:

@@ -29,15 +29,7 @@ __all__ = ["GatewayAdapter", "gateway_endpoint"]
 
 
 def gateway_endpoint(descriptor: GatewayDescriptor) -> RemoteEndpoint:
-    adapter = GatewayAdapter(descriptor)
-    policy = descriptor.timeout
-    timeout = httpx.Timeout(
-        connect=policy.connect_s,
-        read=policy.stream_read_s,
-        write=policy.request_s,
-        pool=policy.connect_s,
-    )
-    return RemoteEndpoint("gateway", adapter, timeout)
+    return RemoteEndpoint.with_policy("gateway", GatewayAdapter(descriptor), descriptor.timeout)
 
 
 def reject_local_options(request: TextRequest | EmbedRequest, where: str) -> None:

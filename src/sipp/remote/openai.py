@@ -41,11 +41,7 @@ _TYPED = frozenset(
 
 
 def openai_endpoint(descriptor: ProviderDescriptor) -> RemoteEndpoint:
-    t = descriptor.timeout
-    timeout = httpx.Timeout(
-        connect=t.connect_s, read=t.stream_read_s, write=t.request_s, pool=t.connect_s
-    )
-    return RemoteEndpoint("provider", OpenAIAdapter(descriptor), timeout)
+    return RemoteEndpoint.with_policy("provider", OpenAIAdapter(descriptor), descriptor.timeout)
 
 
 def _finish(reason: Any) -> FinishReason:
