@@ -26,6 +26,7 @@ from ._errors import (
     RateLimitedError,
     RemoteError,
     SippError,
+    UnavailableError,
     UnsupportedOperationError,
 )
 from ._runs import AsyncEmbeddingRun, AsyncTextRun, EmbeddingRun, TextRun
@@ -99,6 +100,7 @@ __all__ = [
     "SippTextResponse",
     "TextRun",
     "TokenBatch",
+    "UnavailableError",
     "UnsupportedOperationError",
     "Usage",
     "__version__",

@@ -23,6 +23,7 @@ __all__ = [
     "RateLimitedError",
     "RemoteError",
     "SippError",
+    "UnavailableError",
     "UnsupportedOperationError",
 ]
 
@@ -154,3 +155,10 @@ class RemoteError(SippError):
         self.retryable = retryable
         if code is not None:
             self.code = code
+
+
+class UnavailableError(SippError):
+    """The target exists but is switched off for now (HTTP 503), e.g. by an operator."""
+
+    code = "unavailable"
+    retryable = True

@@ -30,12 +30,14 @@ from .. import protocol
 from .._client import AsyncSippClient
 from .._descriptors import EndpointRef
 from .._errors import (
+    AuthorizationError,
     ClientClosedError,
     EndpointNotFoundError,
     ExecutionError,
     PayloadTooLargeError,
     RateLimitedError,
     SippError,
+    UnavailableError,
 )
 from .._runs import AsyncTextRun
 from .._types import SippTextResponse
@@ -60,6 +62,10 @@ class GatewayState:
     target_errors: dict[str, str] = field(default_factory=dict)
     ready: bool = False
     stats_targets: set[str] = field(default_factory=set)
+    # Runtime controls set from the admin API; in memory, reset on restart.
+    blocked_ips: set[str] = field(default_factory=set)
+    disabled_targets: set[str] = field(default_factory=set)
+    admin: Any = None  # AdminState when an admin route and password are configured
 
     def __post_init__(self) -> None:
         self.limit = ConcurrencyLimit(self.config.max_concurrent_requests)
@@ -87,12 +93,28 @@ def resolve_target(state: GatewayState, name: str) -> EndpointRef:
     """The endpoint serving public target `name`: 404 if unknown, 500 if it failed to load."""
     if name in state.target_errors:
         raise ExecutionError(f"target {name!r} failed to load")
+    if name in state.disabled_targets:
+        raise UnavailableError(f"target {name!r} is disabled by an operator")
     ref = state.targets.get(name)
     if ref is None:
         if not state.ready and name in {t.name for t in state.config.targets}:
             raise ExecutionError(f"target {name!r} is still loading")
         raise EndpointNotFoundError(f"unknown target {name!r}")
     return ref
+
+
+def check_client(state: GatewayState, request: Request) -> None:
+    """Refuse blocked client addresses (403) and clients over their rate limit (429)."""
+    peer = request.client.host if request.client else None
+    ip = client_ip(peer, request.headers, state.config.security)
+    if ip in state.blocked_ips:
+        raise AuthorizationError("this client address is blocked")
+    if state.rate_limiter is not None:
+        try:
+            state.rate_limiter.check(ip)
+        except RateLimitedError:
+            state.metrics.rate_limited.inc()
+            raise
 
 
 def _request_id(request: Request) -> str:
@@ -124,16 +146,6 @@ def build_public_app(state: GatewayState) -> Starlette:
     config = state.config
     metrics = state.metrics
 
-    def check_rate(request: Request) -> None:
-        if state.rate_limiter is None:
-            return
-        peer = request.client.host if request.client else None
-        try:
-            state.rate_limiter.check(client_ip(peer, request.headers, config.security))
-        except RateLimitedError:
-            metrics.rate_limited.inc()
-            raise
-
     async def handle(request: Request, operation: str) -> Response:
         request_id = _request_id(request)
         started = time.perf_counter()
@@ -141,8 +153,8 @@ def build_public_app(state: GatewayState) -> Starlette:
         waited = 0.0
         permit = False
         try:
+            check_client(state, request)
             caller = state.tokens.authenticate(request.headers.get("authorization"))
-            check_rate(request)
             body = await _read_body(request, config.max_request_bytes)
             if operation == "embed":
                 embed_req = protocol.decode_embed_body(body)
@@ -351,6 +363,9 @@ def build_management_app(state: GatewayState) -> Starlette:
         (routes_cfg.readiness, readiness),
         (routes_cfg.metrics, metrics_route),
     ]
-    return Starlette(
-        routes=[Route(path, fn, methods=["GET"]) for path, fn in table if path is not None]
-    )
+    routes = [Route(path, fn, methods=["GET"]) for path, fn in table if path is not None]
+    if routes_cfg.admin is not None and state.admin is not None:
+        from .admin import admin_routes
+
+        routes += admin_routes(state, state.admin, routes_cfg.admin.rstrip("/"))
+    return Starlette(routes=routes)

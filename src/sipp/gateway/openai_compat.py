@@ -26,7 +26,15 @@ from .. import protocol
 from .._errors import ExecutionError, InvalidRequestError, SippError
 from .._runs import AsyncTextRun
 from .._types import ChatMessage, ChatRole, SippTextOptions, SippTextResponse
-from .app import GatewayState, _acquire, _count_tokens, _read_body, _release, resolve_target
+from .app import (
+    GatewayState,
+    _acquire,
+    _count_tokens,
+    _read_body,
+    _release,
+    check_client,
+    resolve_target,
+)
 
 __all__ = ["openai_routes"]
 
@@ -160,6 +168,7 @@ def openai_routes(state: GatewayState) -> list[Route]:
         started = time.perf_counter()
         permit = False
         try:
+            check_client(state, request)
             caller = state.tokens.authenticate(request.headers.get("authorization"))
             obj = _object(await _read_body(request, state.config.max_request_bytes), allowed)
             resolve_target(state, obj["model"])

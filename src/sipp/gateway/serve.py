@@ -18,6 +18,7 @@ from .._client import AsyncSippClient
 from .._descriptors import GatewayTimeoutPolicy, LocalModelDescriptor, ProviderDescriptor
 from .._errors import SippError
 from .._runtime_config import NativeRuntimeConfig, ObservabilityRuntimeConfig
+from .admin import AdminState
 from .app import GatewayState, build_management_app, build_public_app
 from .auth import TokenTable, read_secret
 from .config import GatewayConfig, LocalTarget, ProviderTarget
@@ -121,12 +122,13 @@ async def serve(
     """Run until SIGINT/SIGTERM. Startup problems raise `SippError` before anything binds."""
     env = os.environ if env is None else env
     tokens = TokenTable(config.tokens, env)
-    read_secret(env, config.admin_password_env, "admin_password_env")
+    admin_password = read_secret(env, config.admin_password_env, "admin_password_env")
     for target in config.targets:  # fail fast on missing provider secrets, before binding
         if isinstance(target, ProviderTarget) and target.secret_env is not None:
             read_secret(env, target.secret_env, f"target {target.name}")
 
     state = GatewayState(config, AsyncSippClient(), tokens)
+    state.admin = AdminState(admin_password)
     servers = [
         _Server(
             uvicorn.Config(

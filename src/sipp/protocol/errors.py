@@ -21,6 +21,7 @@ from .._errors import (
     RateLimitedError,
     RemoteError,
     SippError,
+    UnavailableError,
     UnsupportedOperationError,
 )
 
@@ -42,6 +43,7 @@ _CLASSES: tuple[type[SippError], ...] = (
     BackendUnavailableError,
     ClientClosedError,
     RemoteError,
+    UnavailableError,
 )
 _CLASS_BY_CODE = {cls.code: cls for cls in _CLASSES}
 
@@ -62,6 +64,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "upstream": 502,
     "timeout": 504,
     "client_closed": 503,
+    "unavailable": 503,
 }
 _CODE_BY_STATUS = {
     400: "invalid_request",

@@ -1,0 +1,271 @@
+"""Admin API on the management listener: sessions, CSRF, and runtime controls.
+
+Everything lives in this process's memory and resets on restart, as the spec
+says: sessions (short-lived, HttpOnly + SameSite=Strict cookie scoped to the
+admin path), per-client login throttling, and the controls (block an IP,
+disable a target, change `max_concurrent_requests` or the rate limit), each
+recorded in an audit list. Responses never include the password, token values
+or provider keys. The dashboard page itself is a later step; this is its API.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .. import protocol
+from .._errors import (
+    AuthenticationError,
+    AuthorizationError,
+    InvalidRequestError,
+    RateLimitedError,
+    SippError,
+)
+from .app import GatewayState
+from .limits import RateLimiter, client_ip
+
+__all__ = ["AdminState", "admin_routes"]
+
+SESSION_SECONDS = 15 * 60
+COOKIE = "sipp_admin"
+CSRF_HEADER = "x-sipp-admin-csrf"
+MAX_FAILURES, FAILURE_WINDOW = 5, 300.0  # then logins from that client wait out the window
+
+
+@dataclass
+class _Session:
+    csrf: str
+    expires: float
+
+
+class AdminState:
+    def __init__(self, password: str) -> None:
+        self._password = password.encode()
+        self.sessions: dict[str, _Session] = {}
+        self.failures: dict[str, deque[float]] = {}
+        self.audit: deque[dict[str, Any]] = deque(maxlen=500)
+
+    def check_password(self, given: str) -> bool:
+        return hmac.compare_digest(given.encode(), self._password)
+
+    def throttle(self, client: str, now: float) -> None:
+        recent = self.failures.get(client)
+        if recent is not None:
+            while recent and now - recent[0] > FAILURE_WINDOW:
+                recent.popleft()
+            if len(recent) >= MAX_FAILURES:
+                raise RateLimitedError("too many failed logins from this client; try again later")
+
+    def failed(self, client: str, now: float) -> None:
+        self.failures.setdefault(client, deque(maxlen=MAX_FAILURES)).append(now)
+
+    def session(self, request: Request, now: float) -> tuple[str, _Session]:
+        sid = request.cookies.get(COOKIE, "")
+        session = self.sessions.get(sid)
+        if session is None or session.expires < now:
+            self.sessions.pop(sid, None)
+            raise AuthenticationError("no valid admin session; log in first")
+        return sid, session
+
+
+def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Route]:
+    config = state.config
+
+    def error(exc: SippError) -> JSONResponse:
+        return JSONResponse(
+            protocol.error_body(exc.code, exc.message), status_code=protocol.status_for(exc)
+        )
+
+    def who(request: Request) -> str:
+        return client_ip(
+            request.client.host if request.client else None, request.headers, config.security
+        )
+
+    async def body_json(request: Request) -> dict[str, Any]:
+        raw = await request.body()
+        if len(raw) > 16_384:
+            raise InvalidRequestError("admin request body too large")
+        try:
+            obj = json.loads(raw or b"{}")
+        except ValueError:
+            raise InvalidRequestError("admin request body is not JSON") from None
+        if not isinstance(obj, dict):
+            raise InvalidRequestError("admin request body must be a JSON object")
+        return obj
+
+    def mutating(request: Request, now: float) -> str:
+        sid, session = admin.session(request, now)
+        given = request.headers.get(CSRF_HEADER, "")
+        if not hmac.compare_digest(given.encode(), session.csrf.encode()):
+            raise AuthorizationError(f"missing or wrong {CSRF_HEADER} header")
+        return sid
+
+    def record(sid: str, action: str, detail: dict[str, Any]) -> None:
+        entry = {"at": time.time(), "session": sid[:8], "action": action, **detail}
+        admin.audit.append(entry)
+
+    async def session_route(request: Request) -> Response:
+        now = time.monotonic()
+        try:
+            if request.method == "POST":
+                client = who(request)
+                admin.throttle(client, now)
+                password = (await body_json(request)).get("password")
+                if not isinstance(password, str) or not admin.check_password(password):
+                    admin.failed(client, now)
+                    raise AuthenticationError("wrong password")
+                sid, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+                admin.sessions[sid] = _Session(csrf, now + SESSION_SECONDS)
+                response = JSONResponse({"csrf_token": csrf, "expires_in": SESSION_SECONDS})
+                response.set_cookie(
+                    COOKIE,
+                    sid,
+                    max_age=SESSION_SECONDS,
+                    path=base,
+                    httponly=True,
+                    samesite="strict",
+                    secure=request.url.scheme == "https",
+                )
+                record(sid, "login", {"client": client})
+                return response
+            if request.method == "DELETE":
+                sid = mutating(request, now)
+                admin.sessions.pop(sid, None)
+                record(sid, "logout", {})
+                response = JSONResponse({"logged_out": True})
+                response.delete_cookie(COOKIE, path=base)
+                return response
+            _, session = admin.session(request, now)
+            return JSONResponse(
+                {
+                    "authenticated": True,
+                    "csrf_token": session.csrf,
+                    "expires_in": int(session.expires - now),
+                }
+            )
+        except SippError as exc:
+            return error(exc)
+
+    async def overview(request: Request) -> Response:
+        try:
+            admin.session(request, time.monotonic())
+        except SippError as exc:
+            return error(exc)
+        targets = []
+        for t in config.targets:
+            entry: dict[str, Any] = {
+                "name": t.name,
+                "type": t.type,
+                "state": "failed"
+                if t.name in state.target_errors
+                else "loaded"
+                if t.name in state.targets
+                else "loading",
+                "disabled": t.name in state.disabled_targets,
+            }
+            if t.type == "local":
+                entry["backend"] = getattr(t, "backend", "auto")
+            targets.append(entry)
+        return JSONResponse(
+            {
+                "listeners": {
+                    "public": "{}:{}".format(*config.public_bind),
+                    "management": "{}:{}".format(*config.management_bind),
+                },
+                "routes": {k: v for k, v in config.routes.__dict__.items() if v is not None},
+                "targets": targets,
+                "tokens": [
+                    {"caller": c.label, "targets": sorted(c.targets) or ["*"]}
+                    for c in state.tokens.callers
+                ],
+                "controls": {
+                    "blocked_ips": sorted(state.blocked_ips),
+                    "max_concurrent_requests": state.limit.limit,
+                    "rate_limit": None
+                    if state.rate_limiter is None
+                    else {
+                        "requests_per_minute": round(state.rate_limiter.rate * 60),
+                        "burst": int(state.rate_limiter.burst),
+                    },
+                },
+                "in_flight": state.limit.in_flight,
+            }
+        )
+
+    async def audit(request: Request) -> Response:
+        try:
+            admin.session(request, time.monotonic())
+        except SippError as exc:
+            return error(exc)
+        return JSONResponse({"entries": list(admin.audit)})
+
+    async def control(request: Request) -> Response:
+        action = request.path_params["action"]
+        try:
+            sid = mutating(request, time.monotonic())
+            body = await body_json(request)
+            if action in ("block", "unblock"):
+                try:
+                    ip = str(ipaddress.ip_address(str(body.get("ip", ""))))
+                except ValueError:
+                    raise InvalidRequestError("'ip' must be an IP address") from None
+                (state.blocked_ips.add if action == "block" else state.blocked_ips.discard)(ip)
+                record(sid, action, {"ip": ip})
+            elif action in ("disable_target", "enable_target"):
+                name = body.get("target")
+                if name not in {t.name for t in config.targets}:
+                    raise InvalidRequestError("'target' must name a configured target")
+                (
+                    state.disabled_targets.add
+                    if action == "disable_target"
+                    else state.disabled_targets.discard
+                )(name)
+                record(sid, action, {"target": name})
+            elif action == "max_concurrent_requests":
+                value = body.get("value")
+                if value is not None and (
+                    isinstance(value, bool) or not isinstance(value, int) or value < 1
+                ):
+                    raise InvalidRequestError(
+                        "'value' must be a positive integer or null (unbounded)"
+                    )
+                state.limit.limit = value
+                record(sid, action, {"value": value})
+            elif action == "rate_limit":
+                enabled, rpm, burst = (
+                    body.get("enabled"),
+                    body.get("requests_per_minute", 60),
+                    body.get("burst", 60),
+                )
+                if not isinstance(enabled, bool) or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (rpm, burst)
+                ):
+                    raise InvalidRequestError(
+                        "need enabled (bool), requests_per_minute and burst (positive integers)"
+                    )
+                state.rate_limiter = RateLimiter(rpm, burst) if enabled else None
+                record(
+                    sid, action, {"enabled": enabled, "requests_per_minute": rpm, "burst": burst}
+                )
+            else:
+                raise InvalidRequestError(f"unknown control {action!r}")
+            return JSONResponse({"ok": True})
+        except SippError as exc:
+            return error(exc)
+
+    return [
+        Route(f"{base}/api/session", session_route, methods=["GET", "POST", "DELETE"]),
+        Route(f"{base}/api/overview", overview, methods=["GET"]),
+        Route(f"{base}/api/audit", audit, methods=["GET"]),
+        Route(f"{base}/api/controls/{{action}}", control, methods=["POST"]),
+    ]
