@@ -8,30 +8,18 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ..remote.loopback import LoopbackServer
-from .test_server import ENV, LIMITED, TOKEN, Gateway, _config, _free_port, _mock
+from .test_server import ENV, LIMITED, TOKEN, Gateway, running_gateway
 
 PASSWORD = ENV["TEST_ADMIN_PASSWORD"]
 
 
 @pytest.fixture(scope="module")
 def gateway(smollm_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    mock = LoopbackServer(_mock)
-    public, management = _free_port(), _free_port()
-    path = tmp_path_factory.mktemp("admin") / "gateway.toml"
-    path.write_text(
-        _config(smollm_path, mock.url, public, management).replace(
-            'metrics = "/metrics"', 'metrics = "/metrics"\nadmin = "/admin"'
-        )
-    )
-    gw = Gateway(path, ENV, public, management)
-    gw.wait_ready()
-    yield gw
-    code, err = gw.stop()
-    mock.close()
-    assert code == 0, err
-    for secret in ENV.values():
-        assert secret not in err
+    def with_admin(toml: str) -> str:
+        return toml.replace('metrics = "/metrics"', 'metrics = "/metrics"\nadmin = "/admin"')
+
+    with running_gateway(smollm_path, tmp_path_factory.mktemp("admin"), with_admin) as gw:
+        yield gw
 
 
 def _login(gw: Gateway) -> tuple[httpx.Client, str]:

@@ -13,8 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ..remote.loopback import LoopbackServer
-from .test_server import ENV, TOKEN, Gateway, _config, _free_port, _mock
+from .test_server import TOKEN, Gateway, running_gateway
 
 ROUTES = [
     "/v1/query",
@@ -85,21 +84,12 @@ bodies = st.fixed_dictionaries(
 
 @pytest.fixture(scope="module")
 def gateway(smollm_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    mock = LoopbackServer(_mock)
-    public, management = _free_port(), _free_port()
-    path = tmp_path_factory.mktemp("fuzz") / "gateway.toml"
-    path.write_text(
-        _config(smollm_path, mock.url, public, management).replace(
-            "max_concurrent_requests = 2", "max_concurrent_requests = 64"
-        )
-    )
-    gw = Gateway(path, ENV, public, management)
-    gw.wait_ready()
-    yield gw
-    code, err = gw.stop()
-    mock.close()
-    assert code == 0, err
-    assert "unexpected error serving" not in err  # no request hit an internal failure
+    def roomy(toml: str) -> str:
+        return toml.replace("max_concurrent_requests = 2", "max_concurrent_requests = 64")
+
+    with running_gateway(smollm_path, tmp_path_factory.mktemp("fuzz"), roomy) as gw:
+        yield gw
+    assert "unexpected error serving" not in gw.stderr  # no request hit an internal failure
 
 
 def _check(response: httpx.Response) -> None:

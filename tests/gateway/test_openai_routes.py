@@ -11,8 +11,7 @@ import pytest
 
 from sipp import LocalEmbedOptions, LocalModelDescriptor, SippClient, SippTextOptions, models
 
-from ..remote.loopback import LoopbackServer
-from .test_server import ENV, LIMITED, TOKEN, Gateway, _config, _free_port, _mock
+from .test_server import LIMITED, TOKEN, Gateway, running_gateway
 
 EMBED_TARGET = """
 [[targets]]
@@ -32,18 +31,12 @@ pooling = "mean"
 @pytest.fixture(scope="module")
 def gateway(smollm_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     minilm = models.pull("all-minilm-l6-v2", verify=False)
-    mock = LoopbackServer(_mock)
-    public, management = _free_port(), _free_port()
-    path = tmp_path_factory.mktemp("oa") / "gateway.toml"
-    path.write_text(
-        _config(smollm_path, mock.url, public, management) + EMBED_TARGET.format(path=minilm)
-    )
-    gw = Gateway(path, ENV, public, management)
-    gw.wait_ready()
-    yield gw
-    code, err = gw.stop()
-    mock.close()
-    assert code == 0, err
+
+    def with_embedder(toml: str) -> str:
+        return toml + EMBED_TARGET.format(path=minilm)
+
+    with running_gateway(smollm_path, tmp_path_factory.mktemp("oa"), with_embedder) as gw:
+        yield gw
 
 
 @pytest.fixture()

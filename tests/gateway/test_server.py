@@ -12,7 +12,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -191,23 +192,37 @@ class Gateway:
     def stop(self) -> tuple[int, str]:
         self.proc.send_signal(signal.SIGTERM)
         _, err = self.proc.communicate(timeout=60)
+        self.stderr = err
         return self.proc.returncode, err
+
+
+@contextmanager
+def running_gateway(
+    model: Path, directory: Path, edit: Callable[[str], str] = lambda toml: toml
+) -> Iterator[Gateway]:
+    """A ready `sipp-gateway serve` (local SmolLM2 + a loopback OpenAI mock) on free ports.
+
+    `edit` adjusts the TOML. On exit: SIGTERM, exit code 0, and no secret in its logs."""
+    mock = LoopbackServer(_mock)
+    public, management = _free_port(), _free_port()
+    path = directory / "gateway.toml"
+    path.write_text(edit(_config(model, mock.url, public, management)))
+    gw = Gateway(path, ENV, public, management)
+    try:
+        gw.wait_ready()
+        yield gw
+    finally:
+        code, err = gw.stop()
+        mock.close()
+    assert code == 0, err
+    for secret in ENV.values():  # secrets never reach the logs
+        assert secret not in err
 
 
 @pytest.fixture(scope="module")
 def gateway(smollm_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    mock = LoopbackServer(_mock)
-    public, management = _free_port(), _free_port()
-    path = tmp_path_factory.mktemp("gw") / "gateway.toml"
-    path.write_text(_config(smollm_path, mock.url, public, management))
-    gw = Gateway(path, ENV, public, management)
-    gw.wait_ready()
-    yield gw
-    code, err = gw.stop()
-    mock.close()
-    assert code == 0, err
-    for secret in ENV.values():  # secrets never reach the logs
-        assert secret not in err
+    with running_gateway(smollm_path, tmp_path_factory.mktemp("gw")) as gw:
+        yield gw
 
 
 def _post(

@@ -166,11 +166,7 @@ def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Rout
             entry: dict[str, Any] = {
                 "name": t.name,
                 "type": t.type,
-                "state": "failed"
-                if t.name in state.target_errors
-                else "loaded"
-                if t.name in state.targets
-                else "loading",
+                "state": state.target_state(t.name),
                 "disabled": t.name in state.disabled_targets,
             }
             if t.type == "local":

@@ -77,6 +77,12 @@ class GatewayState:
         )
         self.metrics = GatewayMetrics(self.local_stats)
 
+    def target_state(self, name: str) -> str:
+        """`loading`, `loaded` or `failed`."""
+        if name in self.target_errors:
+            return "failed"
+        return "loaded" if name in self.targets else "loading"
+
     def local_stats(self) -> dict[str, dict[str, Any]]:
         out = {}
         for name in self.stats_targets:
@@ -333,11 +339,7 @@ def build_management_app(state: GatewayState) -> Starlette:
                     {
                         "name": t.name,
                         "type": t.type,
-                        "state": "failed"
-                        if t.name in state.target_errors
-                        else "loaded"
-                        if t.name in state.targets
-                        else "loading",
+                        "state": state.target_state(t.name),
                     }
                     for t in state.config.targets
                 ],

@@ -55,8 +55,8 @@ class ChatTemplate:
                 f"the model's tokenizer.chat_template does not compile: {exc}"
             ) from exc
         self.source = source
-        self._bos = bos_token
-        self._eos = eos_token
+        self.bos_token = bos_token
+        self.eos_token = eos_token
 
     def render(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True) -> str:
         if not messages:
@@ -65,8 +65,8 @@ class ChatTemplate:
             return self._template.render(
                 messages=[{"role": m.role, "content": m.content} for m in messages],
                 add_generation_prompt=add_generation_prompt,
-                bos_token=self._bos,
-                eos_token=self._eos,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
             )
         except _TemplateRaised as exc:
             raise InvalidRequestError(

@@ -71,7 +71,8 @@ class LocalEndpoint:
         model = self.loaded.model
         if request.operation == "chat":
             text = self.render_chat(request)
-            bos = model.token_text(model.bos()) if model.bos() >= 0 else ""
+            assert self.loaded.chat_template is not None  # render_chat raised otherwise
+            bos = self.loaded.chat_template.bos_token
             # The template already wrote BOS when the model wants one: don't add it twice.
             add_special = not (bos and text.startswith(bos))
         else:
