@@ -10,7 +10,6 @@ started); nothing else, and never a traceback, reaches the client.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import time
@@ -42,6 +41,7 @@ from .._errors import (
 from .._runs import AsyncTextRun
 from .._types import SippTextResponse
 from ..protocol.streaming import SSE_HEADERS, text_stream_frames_async
+from .activity import Activity, RequestRecord
 from .auth import TokenTable
 from .config import GatewayConfig
 from .limits import ConcurrencyLimit, RateLimiter, client_ip
@@ -76,6 +76,25 @@ class GatewayState:
             else None
         )
         self.metrics = GatewayMetrics(self.local_stats)
+        self.activity = Activity()
+
+    def record(self, operation: str) -> RequestRecord:
+        """A new public request's record; its `finish` feeds /metrics and the dashboard."""
+        return RequestRecord(operation, self._finished)
+
+    def _finished(self, record: RequestRecord) -> None:
+        self.metrics.observe(record)
+        self.activity.record(record)
+
+    def refused(self, reason: str) -> None:
+        """Count a refusal before the request ran: `rate_limited` or `admission_rejected`."""
+        counter = (
+            self.metrics.rate_limited
+            if reason == "rate_limited"
+            else self.metrics.admission_rejected
+        )
+        counter.inc()
+        self.activity.refused(reason)
 
     def target_state(self, name: str) -> str:
         """`loading`, `loaded` or `failed`."""
@@ -119,7 +138,7 @@ def check_client(state: GatewayState, request: Request) -> None:
         try:
             state.rate_limiter.check(ip)
         except RateLimitedError:
-            state.metrics.rate_limited.inc()
+            state.refused("rate_limited")
             raise
 
 
@@ -150,29 +169,27 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 def build_public_app(state: GatewayState) -> Starlette:
     config = state.config
-    metrics = state.metrics
 
     async def handle(request: Request, operation: str) -> Response:
         request_id = _request_id(request)
-        started = time.perf_counter()
-        metrics.requests.labels(operation).inc()
-        waited = 0.0
+        rec = state.record(operation)
         permit = False
         try:
             check_client(state, request)
             caller = state.tokens.authenticate(request.headers.get("authorization"))
+            rec.caller = caller.label
             body = await _read_body(request, config.max_request_bytes)
             if operation == "embed":
                 embed_req = protocol.decode_embed_body(body)
                 ref = resolve_target(state, embed_req.target)
+                rec.target = embed_req.target
                 state.tokens.authorize(caller, embed_req.target)
                 _acquire(state)
                 permit = True
                 t0 = time.perf_counter()
                 embedding = await state.client.embed(embed_req.input, endpoint=ref)
-                waited = time.perf_counter() - t0
-                if embedding.usage is not None:
-                    metrics.input_tokens.labels(embed_req.target).inc(embedding.usage.input_tokens)
+                rec.waited = time.perf_counter() - t0
+                rec.usage(embedding.usage)
                 payload = protocol.embedding_response_body(
                     embed_req.target, embedding, id=request_id
                 )
@@ -182,6 +199,7 @@ def build_public_app(state: GatewayState) -> Starlette:
             )
             req = decode(body)
             ref = resolve_target(state, req.target)
+            rec.target = req.target
             state.tokens.authorize(caller, req.target)
             _acquire(state)
             permit = True
@@ -196,29 +214,28 @@ def build_public_app(state: GatewayState) -> Starlette:
                     req.messages, endpoint=ref, options=req.options, emit_tokens=req.stream
                 )
             if req.stream:
-                permit = False  # the stream releases it when it ends
-                frames = _stream(state, run, operation, req.target, started)
+                permit = False  # the stream releases it and finishes the record when it ends
+                rec.stream = True
                 headers = {**SSE_HEADERS, "x-request-id": request_id}
-                return StreamingResponse(frames, headers=headers)
+                return StreamingResponse(_stream(state, run, rec), headers=headers)
             t0 = time.perf_counter()
             response = await _unless_disconnected(request, run)
-            waited = time.perf_counter() - t0
-            _count_tokens(state, req.target, response)
+            rec.waited = time.perf_counter() - t0
+            rec.usage(response.usage)
             payload = protocol.text_response_body(req.target, response, id=request_id)
             return JSONResponse(payload, headers={"x-request-id": request_id})
         except SippError as exc:
-            metrics.errors.labels(operation, exc.code).inc()
+            rec.fail(exc.code)
             return _error(exc, request_id)
         except Exception:
             logger.exception("unexpected error serving %s request %s", operation, request_id)
-            metrics.errors.labels(operation, "execution").inc()
+            rec.fail("execution")
             return _error(ExecutionError("internal error"), request_id)
         finally:
             if permit:
                 _release(state)
-            total = time.perf_counter() - started
-            metrics.latency.labels(operation).observe(total)
-            metrics.overhead.labels(operation).observe(max(0.0, total - waited))
+            if not rec.stream:
+                rec.finish()
 
     async def query(request: Request) -> Response:
         return await handle(request, "query")
@@ -276,45 +293,48 @@ def _acquire(state: GatewayState) -> None:
     try:
         state.limit.acquire()
     except SippError:
-        state.metrics.admission_rejected.inc()
+        state.refused("admission_rejected")
         raise
     state.metrics.in_flight.inc()
+    state.activity.in_flight(state.limit.in_flight)
 
 
 def _release(state: GatewayState) -> None:
+    state.activity.in_flight(state.limit.in_flight)
     state.limit.release()
     state.metrics.in_flight.dec()
 
 
-def _count_tokens(state: GatewayState, target: str, response: SippTextResponse) -> None:
-    if response.usage is not None:
-        state.metrics.input_tokens.labels(target).inc(response.usage.input_tokens)
-        state.metrics.output_tokens.labels(target).inc(response.usage.output_tokens)
+async def settle(rec: RequestRecord, run: AsyncTextRun) -> None:
+    """Fill in how a streamed run ended: its usage, its error code, or `client_closed`
+    when the consumer went away before the end."""
+    if not run.done:
+        rec.fail("client_closed")
+        return
+    try:
+        rec.usage((await run.result()).usage)
+    except SippError as exc:
+        rec.fail(exc.code)
+    except Exception:
+        rec.fail("execution")
 
 
 async def _stream(
-    state: GatewayState, run: AsyncTextRun, operation: str, target: str, started: float
+    state: GatewayState, run: AsyncTextRun, rec: RequestRecord
 ) -> AsyncIterator[bytes]:
     """The run's SSE frames; releases the admission permit however the stream ends
     (finished, failed, or the client went away, which cancels the run)."""
-    first = True
-    failed = False
     try:
         async for frame in text_stream_frames_async(run):
-            if first and frame.startswith(b"event: token"):
-                state.metrics.ttft.labels(operation).observe(time.perf_counter() - started)
-                first = False
-            if frame.startswith(b"event: error"):
-                failed = True
+            if rec.ttft is None and frame.startswith(b"event: token"):
+                rec.first_token()
             yield frame
     finally:
         _release(state)
-        if failed:
-            state.metrics.errors.labels(operation, "stream").inc()
-        elif run.done:
-            with contextlib.suppress(SippError):  # counted above as a failed stream
-                _count_tokens(state, target, await run.result())
-        state.metrics.latency.labels(operation).observe(time.perf_counter() - started)
+        await settle(rec, run)
+        rec.finish()
+        if not run.done:  # the consumer went away: free the slot now, not when collected
+            run.cancel("client disconnected")
 
 
 def build_management_app(state: GatewayState) -> Starlette:

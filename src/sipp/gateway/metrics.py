@@ -10,6 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .activity import RequestRecord
+
 __all__ = ["GatewayMetrics"]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -91,6 +93,22 @@ class GatewayMetrics:
             registry=r,
         )
         r.register(_LocalRuntimeCollector(local_stats))
+
+    def observe(self, record: RequestRecord) -> None:
+        op = record.operation
+        self.requests.labels(op).inc()
+        if record.code is not None:
+            self.errors.labels(op, record.code).inc()
+        self.latency.labels(op).observe(record.duration)
+        if record.ttft is not None:
+            self.ttft.labels(op).observe(record.ttft)
+        if not record.stream:  # a stream's time is mostly the client reading it
+            self.overhead.labels(op).observe(max(0.0, record.duration - record.waited))
+        if record.target is not None:
+            if record.input_tokens:
+                self.input_tokens.labels(record.target).inc(record.input_tokens)
+            if record.output_tokens:
+                self.output_tokens.labels(record.target).inc(record.output_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -26,17 +26,20 @@ from .. import protocol
 from .._errors import ExecutionError, InvalidRequestError, SippError
 from .._runs import AsyncTextRun
 from .._types import ChatMessage, ChatRole, SippTextOptions, SippTextResponse
+from .activity import RequestRecord
 from .app import (
     GatewayState,
     _acquire,
-    _count_tokens,
     _read_body,
     _release,
     check_client,
     resolve_target,
+    settle,
 )
 
-__all__ = ["openai_routes"]
+__all__ = ["OPENAI_ROUTES", "openai_routes"]
+
+OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")
 
 _COMMON = {
     "model",
@@ -155,43 +158,45 @@ def _finish(reason: str) -> str:
 
 
 def openai_routes(state: GatewayState) -> list[Route]:
-    metrics = state.metrics
+    Work = Callable[[dict[str, Any], str, RequestRecord], Any]
 
     async def run_route(
-        request: Request,
-        operation: str,
-        work: Callable[[dict[str, Any], str], Any],
-        allowed: set[str],
+        request: Request, operation: str, work: Work, allowed: set[str]
     ) -> Response:
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        metrics.requests.labels(operation).inc()
-        started = time.perf_counter()
+        rec = state.record(operation)
         permit = False
         try:
             check_client(state, request)
             caller = state.tokens.authenticate(request.headers.get("authorization"))
+            rec.caller = caller.label
             obj = _object(await _read_body(request, state.config.max_request_bytes), allowed)
             resolve_target(state, obj["model"])
+            rec.target = obj["model"]
             state.tokens.authorize(caller, obj["model"])
             _acquire(state)
             permit = True
-            result = await work(obj, request_id)
+            t0 = time.perf_counter()
+            result = await work(obj, request_id, rec)
+            rec.waited = time.perf_counter() - t0
             if isinstance(result, StreamingResponse):
-                permit = False  # released by the stream
+                permit = False  # released by the stream, which also finishes the record
+                rec.stream = True
             return result  # type: ignore[no-any-return]
         except SippError as exc:
-            metrics.errors.labels(operation, exc.code).inc()
+            rec.fail(exc.code)
             return _openai_error(exc, request_id)
         except Exception:
-            metrics.errors.labels(operation, "execution").inc()
+            rec.fail("execution")
             return _openai_error(ExecutionError("internal error"), request_id)
         finally:
             if permit:
                 _release(state)
-            metrics.latency.labels(operation).observe(time.perf_counter() - started)
+            if not rec.stream:
+                rec.finish()
 
-    def text_work(kind: str) -> Callable[[dict[str, Any], str], Any]:
-        async def work(obj: dict[str, Any], request_id: str) -> Response:
+    def text_work(kind: str) -> Work:
+        async def work(obj: dict[str, Any], request_id: str, rec: RequestRecord) -> Response:
             target = obj["model"]
             ref = resolve_target(state, target)
             stream = bool(obj.get("stream", False))
@@ -217,12 +222,12 @@ def openai_routes(state: GatewayState) -> list[Route]:
             created = int(time.time())
             if stream:
                 include_usage = bool((obj.get("stream_options") or {}).get("include_usage"))
-                frames = _chunks(state, run, kind, ident, created, target, include_usage)
+                frames = _chunks(state, run, rec, kind, ident, created, target, include_usage)
                 return StreamingResponse(
                     frames, media_type="text/event-stream", headers={"x-request-id": request_id}
                 )
             response = await run
-            _count_tokens(state, target, response)
+            rec.usage(response.usage)
             choice: dict[str, Any] = {
                 "index": 0,
                 "finish_reason": _finish(response.finish_reason),
@@ -244,7 +249,7 @@ def openai_routes(state: GatewayState) -> list[Route]:
 
         return work
 
-    async def embeddings_work(obj: dict[str, Any], request_id: str) -> Response:
+    async def embeddings_work(obj: dict[str, Any], request_id: str, rec: RequestRecord) -> Response:
         target = obj["model"]
         ref = resolve_target(state, target)
         inputs = obj.get("input")
@@ -269,7 +274,7 @@ def openai_routes(state: GatewayState) -> list[Route]:
             if fmt == "base64":
                 vector = base64.b64encode(struct.pack(f"<{len(emb.values)}f", *emb.values)).decode()
             data.append({"object": "embedding", "index": index, "embedding": vector})
-        metrics.input_tokens.labels(target).inc(tokens)
+        rec.input_tokens += tokens
         body = {
             "object": "list",
             "data": data,
@@ -299,17 +304,17 @@ def openai_routes(state: GatewayState) -> list[Route]:
         ]
         return JSONResponse({"object": "list", "data": data})
 
+    handlers = (chat_completions, completions, embeddings, models)
     return [
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/embeddings", embeddings, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
+        Route(path, fn, methods=["GET" if fn is models else "POST"])
+        for path, fn in zip(OPENAI_ROUTES, handlers)
     ]
 
 
 async def _chunks(
     state: GatewayState,
     run: AsyncTextRun,
+    rec: RequestRecord,
     kind: str,
     ident: str,
     created: int,
@@ -345,15 +350,14 @@ async def _chunks(
                 [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
             )
         async for batch in run:
+            rec.first_token()
             yield chunk([piece(batch.text, None)])
         response = await run.result()
-        _count_tokens(state, target, response)
         yield chunk([piece(None, _finish(response.finish_reason))])
         if include_usage:
             yield chunk([], usage=_usage(response))
         yield b"data: [DONE]\n\n"
     except SippError as exc:
-        state.metrics.errors.labels("chat" if kind == "chat" else "query", exc.code).inc()
         body = {
             "error": {
                 "message": exc.message,
@@ -364,6 +368,8 @@ async def _chunks(
         }
         yield b"data: " + json.dumps(body).encode() + b"\n\n"
     finally:
+        _release(state)
+        await settle(rec, run)
+        rec.finish()
         if not run.done:
             run.cancel("stream consumer went away")
-        _release(state)

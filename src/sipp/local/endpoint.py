@@ -147,7 +147,7 @@ class LocalEndpoint:
 
     # -- lifecycle --------------------------------------------------------------------
     def runtime_metrics(self) -> dict[str, Any]:
-        return self._engine.runtime_metrics()
+        return {**self._engine.runtime_metrics(), "backend": self.backend}
 
     def close(self) -> None:
         self._engine.close()
