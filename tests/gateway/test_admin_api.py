@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from sipp import InvalidConfigError
+from sipp.gateway.admin import admin_state
+
 from .test_server import ENV, LIMITED, TOKEN, Gateway, running_gateway
 
 PASSWORD = ENV["TEST_ADMIN_PASSWORD"]
+SECRETS = (PASSWORD, TOKEN, LIMITED, ENV["TEST_PROVIDER_TOKEN"])
+
+
+def with_admin(toml: str) -> str:
+    return toml.replace('metrics = "/metrics"', 'metrics = "/metrics"\nadmin = "/admin"')
 
 
 @pytest.fixture(scope="module")
 def gateway(smollm_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    def with_admin(toml: str) -> str:
-        return toml.replace('metrics = "/metrics"', 'metrics = "/metrics"\nadmin = "/admin"')
-
     with running_gateway(smollm_path, tmp_path_factory.mktemp("admin"), with_admin) as gw:
         yield gw
 
@@ -144,13 +153,137 @@ def test_controls_affect_the_public_listener_and_are_audited(gateway: Gateway) -
 
 def test_no_admin_response_contains_a_secret(gateway: Gateway) -> None:
     client, _ = _login(gateway)
-    texts = [
-        client.get(path).text
-        for path in ("/admin/api/overview", "/admin/api/session", "/admin/api/audit")
-    ]
-    for text in texts:
-        for secret in (PASSWORD, TOKEN, LIMITED, ENV["TEST_PROVIDER_TOKEN"]):
-            assert secret not in text
+    assert _query(gateway).status_code == 200  # so metrics and audit have content
+    paths = (
+        "/admin/api/overview",
+        "/admin/api/session",
+        "/admin/api/audit",
+        "/admin/api/metrics",
+        "/admin/",
+        "/admin/assets/admin.js",
+        "/admin/assets/admin.css",
+    )
+    for path in paths:
+        response = client.get(path)
+        assert response.status_code == 200, path
+        for secret in SECRETS:
+            assert secret not in response.text, path
+
+
+def test_page_and_assets_are_served_on_the_management_listener_only(gateway: Gateway) -> None:
+    with httpx.Client(base_url=gateway.management) as client:
+        r = client.get("/admin")
+        assert r.status_code == 308 and r.headers["location"] == "/admin/"
+        page = client.get("/admin/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        csp = page.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+        assert page.headers["x-content-type-options"] == "nosniff"
+        assert 'src="assets/admin.js"' in page.text
+        js = client.get("/admin/assets/admin.js")
+        assert js.status_code == 200 and "javascript" in js.headers["content-type"]
+        assert "text/css" in client.get("/admin/assets/admin.css").headers["content-type"]
+        for bad in ("/admin/assets/nope.js", "/admin/assets/..%2Fadmin.py", "/admin/assets/"):
+            r = client.get(bad)
+            assert r.status_code == 404, bad
+        assert client.get("/admin/api/metrics").status_code == 401  # data needs a session
+    for path in ("/admin", "/admin/", "/admin/assets/admin.js"):
+        assert httpx.get(f"{gateway.public}{path}").status_code == 404
+
+
+def _stats(client: httpx.Client) -> dict[str, Any]:
+    r = client.get("/admin/api/metrics")
+    assert r.status_code == 200, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+def test_metrics_count_requests_by_target_and_caller(gateway: Gateway) -> None:
+    client, csrf = _login(gateway)
+    off = {"enabled": False}  # this test counts requests, not refusals
+    h = {"x-sipp-admin-csrf": csrf}
+    assert client.post("/admin/api/controls/rate_limit", json=off, headers=h).status_code == 200
+    before = _stats(client)
+
+    def send(token: str, target: str, stream: bool = False) -> httpx.Response:
+        return httpx.post(
+            f"{gateway.public}/v1/query",
+            json={"model": target, "prompt": "Count: 1, 2,", "max_tokens": 4, "stream": stream},
+            headers={"authorization": f"Bearer {token}"},
+            timeout=60,
+        )
+
+    # 12 successes, two at a time (max_concurrent_requests), split over two callers,
+    # plus known failures.
+    with ThreadPoolExecutor(2) as pool:
+        ok = list(pool.map(lambda i: send(TOKEN if i % 2 else LIMITED, "local"), range(12)))
+    assert [r.status_code for r in ok] == [200] * 12
+    streamed = send(TOKEN, "local", stream=True)
+    assert streamed.status_code == 200 and "event: done" in streamed.text
+    assert send(LIMITED, "mock-openai").status_code == 403  # authorization
+    assert send(TOKEN, "no-such-target").status_code == 404  # not_found, no target recorded
+    after = _stats(client)
+
+    def delta(*path: str) -> int:
+        def get(d: dict[str, Any]) -> int:
+            for key in path:
+                d = d.get(key, {})
+            return d if isinstance(d, int) else 0
+
+        return get(after) - get(before)
+
+    assert delta("totals", "requests") == 15
+    assert delta("totals", "errors") == 2
+    assert delta("totals", "errors_by_code", "authorization") == 1
+    assert delta("totals", "errors_by_code", "not_found") == 1
+    assert delta("callers", "all-targets", "requests") == 8
+    assert delta("callers", "local-only", "requests") == 7
+    assert delta("callers", "local-only", "errors") == 1
+    assert delta("targets", "local", "requests") == 13
+    assert delta("targets", "mock-openai", "requests") == 1
+    assert "no-such-target" not in after["targets"]
+    usage_in = sum(r.json()["usage"]["input_tokens"] for r in ok)
+    usage_out = sum(r.json()["usage"]["output_tokens"] for r in ok)
+    streamed_usage = json.loads(streamed.text.split("event: usage\ndata: ")[1].split("\n")[0])
+    assert delta("targets", "local", "input_tokens") == usage_in + streamed_usage["input_tokens"]
+    assert delta("targets", "local", "output_tokens") == usage_out + streamed_usage["output_tokens"]
+    assert delta("totals", "output_tokens") == delta("targets", "local", "output_tokens")
+
+    live = after["live"]
+    assert live["requests_per_second"] > 0 and live["errors_by_code"]["authorization"] >= 1
+    assert 0 < live["latency_p50_ms"] <= live["latency_p95_ms"]
+    assert live["ttft_p50_ms"] is not None and live["ttft_p50_ms"] > 0
+    history = after["history"]
+    assert len(history) == 180 and history[-1]["t"] > history[0]["t"]
+    # Every request the gateway ever served is in the 15-minute history.
+    assert sum(row["requests"] for row in history) == after["totals"]["requests"]
+    assert after["in_flight"] == 0
+    assert max(row["in_flight"] for row in history) >= 1
+
+
+def test_sessions_expire(smollm_path: Path, tmp_path: Path) -> None:
+    env = {"SIPP_GATEWAY_ADMIN_SESSION_SECONDS": "2"}
+    with running_gateway(smollm_path, tmp_path, with_admin, env) as gw:
+        client, csrf = _login(gw)
+        assert client.get("/admin/api/overview").status_code == 200
+        time.sleep(2.5)
+        for path in ("/admin/api/overview", "/admin/api/metrics", "/admin/api/session"):
+            r = client.get(path)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "authentication"
+        r = client.post(
+            "/admin/api/controls/block",
+            json={"ip": "10.0.0.1"},
+            headers={"x-sipp-admin-csrf": csrf},
+        )
+        assert r.status_code == 401
+        assert _query(gw).status_code == 200  # the expired session changed nothing
+
+
+@pytest.mark.parametrize("value", ["0", "abc", "86401", "-5"])
+def test_bad_session_lifetime_is_refused(value: str) -> None:
+    with pytest.raises(InvalidConfigError, match="SIPP_GATEWAY_ADMIN_SESSION_SECONDS"):
+        admin_state("pw", {"SIPP_GATEWAY_ADMIN_SESSION_SECONDS": value})
+    with pytest.raises(InvalidConfigError, match="SIPP_GATEWAY_ADMIN_ASSETS_DIR"):
+        admin_state("pw", {"SIPP_GATEWAY_ADMIN_ASSETS_DIR": "/nonexistent"})
 
 
 def test_failed_logins_are_throttled(gateway: Gateway) -> None:

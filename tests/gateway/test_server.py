@@ -198,7 +198,10 @@ class Gateway:
 
 @contextmanager
 def running_gateway(
-    model: Path, directory: Path, edit: Callable[[str], str] = lambda toml: toml
+    model: Path,
+    directory: Path,
+    edit: Callable[[str], str] = lambda toml: toml,
+    env: dict[str, str] | None = None,
 ) -> Iterator[Gateway]:
     """A ready `sipp-gateway serve` (local SmolLM2 + a loopback OpenAI mock) on free ports.
 
@@ -207,7 +210,7 @@ def running_gateway(
     public, management = _free_port(), _free_port()
     path = directory / "gateway.toml"
     path.write_text(edit(_config(model, mock.url, public, management)))
-    gw = Gateway(path, ENV, public, management)
+    gw = Gateway(path, {**ENV, **(env or {})}, public, management)
     try:
         gw.wait_ready()
         yield gw

@@ -1,42 +1,65 @@
-"""Admin API on the management listener: sessions, CSRF, and runtime controls.
+"""The Admin Dashboard on the management listener: its page and its JSON API.
 
 Everything lives in this process's memory and resets on restart, as the spec
 says: sessions (short-lived, HttpOnly + SameSite=Strict cookie scoped to the
-admin path), per-client login throttling, and the controls (block an IP,
-disable a target, change `max_concurrent_requests` or the rate limit), each
-recorded in an audit list. Responses never include the password, token values
-or provider keys. The dashboard page itself is a later step; this is its API.
+admin path), per-client login throttling, the rolling request history, and
+the controls (block an IP, disable a target, change `max_concurrent_requests`
+or the rate limit), each recorded in an audit list. Responses never include
+the password, token values or provider keys.
+
+The page is static HTML, CSS and JavaScript shipped inside this package
+(`admin_ui/`, no build step); `SIPP_GATEWAY_ADMIN_ASSETS_DIR` serves another
+directory with the same file names instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import ipaddress
 import json
 import secrets
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from .. import protocol
 from .._errors import (
     AuthenticationError,
     AuthorizationError,
+    EndpointNotFoundError,
+    InvalidConfigError,
     InvalidRequestError,
     RateLimitedError,
     SippError,
 )
 from .app import GatewayState
 from .limits import RateLimiter, client_ip
+from .openai_compat import OPENAI_ROUTES
 
-__all__ = ["AdminState", "admin_routes"]
+__all__ = ["AdminState", "admin_routes", "admin_state"]
 
 SESSION_SECONDS = 15 * 60
+UI_DIR = Path(__file__).with_name("admin_ui")
+_ASSETS = {"index.html", "admin.js", "admin.css"}  # served by name; nothing else is reachable
+# The page loads only its own files and talks only to its own origin.
+_PAGE_HEADERS = {
+    "content-security-policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "x-frame-options": "DENY",
+    "cache-control": "no-store",
+}
 COOKIE = "sipp_admin"
 CSRF_HEADER = "x-sipp-admin-csrf"
 MAX_FAILURES, FAILURE_WINDOW = 5, 300.0  # then logins from that client wait out the window
@@ -49,8 +72,16 @@ class _Session:
 
 
 class AdminState:
-    def __init__(self, password: str) -> None:
+    def __init__(
+        self,
+        password: str,
+        *,
+        session_seconds: int = SESSION_SECONDS,
+        assets_dir: Path | None = None,
+    ) -> None:
         self._password = password.encode()
+        self.session_seconds = session_seconds
+        self.assets_dir = assets_dir or UI_DIR
         self.sessions: dict[str, _Session] = {}
         self.failures: dict[str, deque[float]] = {}
         self.audit: deque[dict[str, Any]] = deque(maxlen=500)
@@ -76,6 +107,25 @@ class AdminState:
             self.sessions.pop(sid, None)
             raise AuthenticationError("no valid admin session; log in first")
         return sid, session
+
+
+def admin_state(password: str, env: Mapping[str, str]) -> AdminState:
+    """AdminState with the process's optional overrides: `SIPP_GATEWAY_ADMIN_SESSION_SECONDS`
+    (session lifetime, 1 to 86400, default 900) and `SIPP_GATEWAY_ADMIN_ASSETS_DIR`."""
+    raw = env.get("SIPP_GATEWAY_ADMIN_SESSION_SECONDS", "").strip()
+    seconds = SESSION_SECONDS
+    if raw:
+        if not raw.isdigit() or not 1 <= int(raw) <= 86_400:
+            raise InvalidConfigError(
+                "SIPP_GATEWAY_ADMIN_SESSION_SECONDS must be a whole number from 1 to 86400"
+            )
+        seconds = int(raw)
+    assets = env.get("SIPP_GATEWAY_ADMIN_ASSETS_DIR", "").strip()
+    if assets and not (Path(assets) / "index.html").is_file():
+        raise InvalidConfigError(f"SIPP_GATEWAY_ADMIN_ASSETS_DIR: no index.html in {assets}")
+    return AdminState(
+        password, session_seconds=seconds, assets_dir=Path(assets) if assets else None
+    )
 
 
 def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Route]:
@@ -125,12 +175,16 @@ def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Rout
                     admin.failed(client, now)
                     raise AuthenticationError("wrong password")
                 sid, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-                admin.sessions[sid] = _Session(csrf, now + SESSION_SECONDS)
-                response = JSONResponse({"csrf_token": csrf, "expires_in": SESSION_SECONDS})
+                lifetime = admin.session_seconds
+                admin.sessions[sid] = _Session(csrf, now + lifetime)
+                # Expired sessions go when someone logs in, so the map stays small.
+                for old in [k for k, v in admin.sessions.items() if v.expires < now]:
+                    del admin.sessions[old]
+                response = JSONResponse({"csrf_token": csrf, "expires_in": lifetime})
                 response.set_cookie(
                     COOKIE,
                     sid,
-                    max_age=SESSION_SECONDS,
+                    max_age=lifetime,
                     path=base,
                     httponly=True,
                     samesite="strict",
@@ -168,9 +222,15 @@ def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Rout
                 "type": t.type,
                 "state": state.target_state(t.name),
                 "disabled": t.name in state.disabled_targets,
+                "health": _health(state, t.name),
+                "last_error": state.activity.last_error.get(t.name),
             }
             if t.type == "local":
-                entry["backend"] = getattr(t, "backend", "auto")
+                entry["backend_requested"] = entry["backend"] = getattr(t, "backend", "auto")
+                ref = state.targets.get(t.name)
+                if ref is not None:  # what `auto` (or the env override) actually chose
+                    with contextlib.suppress(SippError):
+                        entry["backend"] = state.client.runtime_metrics(ref)["backend"]
             targets.append(entry)
         return JSONResponse(
             {
@@ -179,6 +239,7 @@ def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Rout
                     "management": "{}:{}".format(*config.management_bind),
                 },
                 "routes": {k: v for k, v in config.routes.__dict__.items() if v is not None},
+                "openai_routes": list(OPENAI_ROUTES),
                 "targets": targets,
                 "tokens": [
                     {"caller": c.label, "targets": sorted(c.targets) or ["*"]}
@@ -197,6 +258,23 @@ def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Rout
                 "in_flight": state.limit.in_flight,
             }
         )
+
+    async def metrics(request: Request) -> Response:
+        try:
+            admin.session(request, time.monotonic())
+        except SippError as exc:
+            return error(exc)
+        return JSONResponse(state.activity.snapshot(state.limit.in_flight))
+
+    async def page(request: Request) -> Response:
+        name = request.path_params.get("name", "index.html")
+        path = admin.assets_dir / name
+        if name not in _ASSETS or not path.is_file():
+            return error(EndpointNotFoundError(f"no admin asset {name!r}"))
+        return FileResponse(path, headers=_PAGE_HEADERS)
+
+    async def slash(request: Request) -> Response:
+        return RedirectResponse(f"{base}/", status_code=308)
 
     async def audit(request: Request) -> Response:
         try:
@@ -260,8 +338,24 @@ def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Rout
             return error(exc)
 
     return [
+        Route(base or "/", page if not base else slash, methods=["GET"]),
+        Route(f"{base}/", page, methods=["GET"]),
+        Route(f"{base}/assets/{{name}}", page, methods=["GET"]),
         Route(f"{base}/api/session", session_route, methods=["GET", "POST", "DELETE"]),
         Route(f"{base}/api/overview", overview, methods=["GET"]),
+        Route(f"{base}/api/metrics", metrics, methods=["GET"]),
         Route(f"{base}/api/audit", audit, methods=["GET"]),
         Route(f"{base}/api/controls/{{action}}", control, methods=["POST"]),
     ]
+
+
+def _health(state: GatewayState, name: str) -> str:
+    """`healthy`, `degraded` (failed a request in the last minute), `disabled`,
+    `loading` or `failed` (did not load)."""
+    load = state.target_state(name)
+    if load != "loaded":
+        return load
+    if name in state.disabled_targets:
+        return "disabled"
+    last = state.activity.last_error.get(name)
+    return "degraded" if last is not None and time.time() - last["at"] < 60 else "healthy"

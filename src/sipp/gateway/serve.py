@@ -18,7 +18,7 @@ from .._client import AsyncSippClient
 from .._descriptors import GatewayTimeoutPolicy, LocalModelDescriptor, ProviderDescriptor
 from .._errors import SippError
 from .._runtime_config import NativeRuntimeConfig, ObservabilityRuntimeConfig
-from .admin import AdminState
+from .admin import admin_state
 from .app import GatewayState, build_management_app, build_public_app
 from .auth import TokenTable, read_secret
 from .config import GatewayConfig, LocalTarget, ProviderTarget
@@ -128,7 +128,7 @@ async def serve(
             read_secret(env, target.secret_env, f"target {target.name}")
 
     state = GatewayState(config, AsyncSippClient(), tokens)
-    state.admin = AdminState(admin_password)
+    state.admin = admin_state(admin_password, env)
     servers = [
         _Server(
             uvicorn.Config(
