@@ -276,6 +276,8 @@ def test_sessions_expire(smollm_path: Path, tmp_path: Path) -> None:
         )
         assert r.status_code == 401
         assert _query(gw).status_code == 200  # the expired session changed nothing
+    # Admin actions reach the process log too, with the session prefix and never the password.
+    assert '"message": "admin login by session ' in gw.stderr
 
 
 @pytest.mark.parametrize("value", ["0", "abc", "86401", "-5"])
@@ -286,8 +288,12 @@ def test_bad_session_lifetime_is_refused(value: str) -> None:
         admin_state("pw", {"SIPP_GATEWAY_ADMIN_ASSETS_DIR": "/nonexistent"})
 
 
-def test_failed_logins_are_throttled(gateway: Gateway) -> None:
-    with httpx.Client(base_url=gateway.management) as client:
+def test_failed_logins_are_throttled(smollm_path: Path, tmp_path: Path) -> None:
+    # Its own gateway: the lockout would refuse every later login from this address.
+    with (
+        running_gateway(smollm_path, tmp_path, with_admin) as gw,
+        httpx.Client(base_url=gw.management) as client,
+    ):
         codes = [
             client.post("/admin/api/session", json={"password": f"guess-{i}"}).status_code
             for i in range(6)
@@ -295,3 +301,13 @@ def test_failed_logins_are_throttled(gateway: Gateway) -> None:
         assert codes == [401] * 5 + [429]
         # even the right password waits out the window once throttled
         assert client.post("/admin/api/session", json={"password": PASSWORD}).status_code == 429
+
+
+def test_cookie_is_secure_when_served_over_tls(gateway: Gateway) -> None:
+    # TLS ends at a proxy on this host, which says so in X-Forwarded-Proto.
+    url = f"{gateway.management}/admin/api/session"
+    plain = httpx.post(url, json={"password": PASSWORD})
+    tls = httpx.post(url, json={"password": PASSWORD}, headers={"x-forwarded-proto": "https"})
+    assert plain.status_code == tls.status_code == 200
+    assert "; secure" not in plain.headers["set-cookie"].lower()
+    assert "; secure" in tls.headers["set-cookie"].lower()

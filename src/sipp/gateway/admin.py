@@ -18,6 +18,7 @@ import contextlib
 import hmac
 import ipaddress
 import json
+import logging
 import secrets
 import time
 from collections import deque
@@ -45,6 +46,8 @@ from .limits import RateLimiter, client_ip
 from .openai_compat import OPENAI_ROUTES
 
 __all__ = ["AdminState", "admin_routes", "admin_state"]
+
+logger = logging.getLogger("sipp.gateway.admin")
 
 SESSION_SECONDS = 15 * 60
 UI_DIR = Path(__file__).with_name("admin_ui")
@@ -163,6 +166,8 @@ def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Rout
     def record(sid: str, action: str, detail: dict[str, Any]) -> None:
         entry = {"at": time.time(), "session": sid[:8], "action": action, **detail}
         admin.audit.append(entry)
+        details = " ".join(f"{k}={v}" for k, v in detail.items())
+        logger.info("admin %s by session %s %s", action, sid[:8], details)
 
     async def session_route(request: Request) -> Response:
         now = time.monotonic()

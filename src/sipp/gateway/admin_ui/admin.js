@@ -325,7 +325,8 @@
     timer = setInterval(() => {
       ticks += 1;
       updateExpiry();
-      if (csrf) refresh(ticks % OVERVIEW_EVERY === 0);
+      // A background tab skips polls; it catches up in full when shown again.
+      if (csrf && !document.hidden) refresh(ticks % OVERVIEW_EVERY === 0);
     }, METRICS_EVERY_MS);
   }
 
