@@ -195,10 +195,15 @@ def test_login_live_counters_block_ip_and_logout(page: Watched, gateway: Gateway
 def test_runtime_limits_from_the_page(page: Watched, gateway: Gateway) -> None:
     p = page.page
     _log_in(page, gateway)
-    # Rate limit: 1 request per minute, burst 1 -> the second call in a row gets 429.
+    # The form shows the configured limit; a poll never overwrites a form being edited.
+    expect(p.locator("#rate-rpm")).to_have_value("60")
     p.check("#rate-enabled")
     p.fill("#rate-rpm", "1")
     p.fill("#rate-burst", "1")
+    with p.expect_response(lambda r: r.url.endswith("/admin/api/overview"), timeout=15_000):
+        pass
+    expect(p.locator("#rate-rpm")).to_have_value("1")
+    # Rate limit: 1 request per minute, burst 1 -> the second call in a row gets 429.
     p.click("#rate-form button[type=submit]")
     expect(p.locator('#audit tr[data-action="rate_limit"]')).to_be_visible()
     assert [_public(gateway).status_code for _ in range(2)] == [200, 429]

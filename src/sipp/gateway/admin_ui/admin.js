@@ -12,7 +12,7 @@
   let expiresAt = 0;
   let timer = null;
   let ticks = 0;
-  let formsFilled = false;
+  const edited = new Set(); // ids of control forms the operator has touched: polls leave them be
   let lastMetrics = null;
   let lastOverview = null;
 
@@ -101,7 +101,7 @@
   function showDashboard(session) {
     csrf = session.csrf_token;
     expiresAt = Date.now() + session.expires_in * 1000;
-    formsFilled = false;
+    edited.clear();
     $("#login-view").hidden = true;
     $("#dashboard").hidden = false;
     $("#session-bar").hidden = false;
@@ -214,13 +214,15 @@
         ),
       ),
     );
-    if (!formsFilled) {
-      formsFilled = true;
+    // The forms show what the server runs with, unless the operator is editing them.
+    if (!edited.has("rate-form")) {
       $("#rate-enabled").checked = controls.rate_limit !== null;
       if (controls.rate_limit) {
         $("#rate-rpm").value = controls.rate_limit.requests_per_minute;
         $("#rate-burst").value = controls.rate_limit.burst;
       }
+    }
+    if (!edited.has("concurrency-form")) {
       $("#max-concurrent").value = controls.max_concurrent_requests ?? "";
     }
   }
@@ -335,11 +337,11 @@
     timer = null;
   }
 
-  async function control(action, body) {
+  async function control(action, body, formId) {
     try {
       await call("POST", `controls/${action}`, body);
       notice("");
-      formsFilled = false;
+      edited.delete(formId);
       await refresh(true);
     } catch (error) {
       if (error instanceof ApiError && error.status === 401) showLogin("Your session ended; log in again.");
@@ -377,19 +379,24 @@
     control("block", { ip });
   });
 
+  for (const id of ["rate-form", "concurrency-form"]) {
+    for (const kind of ["input", "change"]) $(`#${id}`).addEventListener(kind, () => edited.add(id));
+  }
+
   $("#rate-form").addEventListener("submit", (event) => {
     event.preventDefault();
-    control("rate_limit", {
+    const body = {
       enabled: $("#rate-enabled").checked,
       requests_per_minute: Number($("#rate-rpm").value),
       burst: Number($("#rate-burst").value),
-    });
+    };
+    control("rate_limit", body, "rate-form");
   });
 
   $("#concurrency-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const raw = $("#max-concurrent").value.trim();
-    control("max_concurrent_requests", { value: raw === "" ? null : Number(raw) });
+    control("max_concurrent_requests", { value: raw === "" ? null : Number(raw) }, "concurrency-form");
   });
 
   call("GET", "session").then(showDashboard, () => showLogin(""));
