@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from sipp import InvalidConfigError
-from sipp.gateway.admin import admin_state
+from sipp.gateway.admin import MAX_TRACKED_CLIENTS, admin_state
 
 from .test_server import ENV, LIMITED, TOKEN, Gateway, running_gateway
 
@@ -311,3 +311,36 @@ def test_cookie_is_secure_when_served_over_tls(gateway: Gateway) -> None:
     assert plain.status_code == tls.status_code == 200
     assert "; secure" not in plain.headers["set-cookie"].lower()
     assert "; secure" in tls.headers["set-cookie"].lower()
+
+
+def test_failed_login_table_stays_bounded() -> None:
+    admin = admin_state("pw", {})
+    for i in range(MAX_TRACKED_CLIENTS + 50):  # all inside one throttling window
+        admin.failed(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", now=i / 1000)
+    assert len(admin.failures) == MAX_TRACKED_CLIENTS
+    assert "10.0.0.0" not in admin.failures and "10.0.39.65" in admin.failures
+    admin.failed("192.0.2.1", now=10_000.0)  # later: every earlier window has passed
+    assert list(admin.failures) == ["192.0.2.1"]
+
+
+def test_controls_and_audit_reset_on_restart(smollm_path: Path, tmp_path: Path) -> None:
+    for run in range(2):
+        directory = tmp_path / f"run{run}"
+        directory.mkdir()
+        with running_gateway(smollm_path, directory, with_admin) as gw:
+            client, csrf = _login(gw)
+            overview = client.get("/admin/api/overview").json()
+            assert overview["controls"]["blocked_ips"] == []
+            assert overview["controls"]["max_concurrent_requests"] == 2  # from the TOML
+            assert not any(t["disabled"] for t in overview["targets"])
+            actions = [e["action"] for e in client.get("/admin/api/audit").json()["entries"]]
+            assert actions == ["login"]
+            assert client.get("/admin/api/metrics").json()["totals"]["requests"] == 0
+            h = {"x-sipp-admin-csrf": csrf}
+            for action, body in (
+                ("block", {"ip": "10.9.8.7"}),
+                ("disable_target", {"target": "mock-openai"}),
+                ("max_concurrent_requests", {"value": 1}),
+            ):
+                assert client.post(f"/admin/api/controls/{action}", json=body, headers=h).is_success
+            assert _query(gw).status_code == 200

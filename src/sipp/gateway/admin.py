@@ -66,6 +66,7 @@ _PAGE_HEADERS = {
 COOKIE = "sipp_admin"
 CSRF_HEADER = "x-sipp-admin-csrf"
 MAX_FAILURES, FAILURE_WINDOW = 5, 300.0  # then logins from that client wait out the window
+MAX_TRACKED_CLIENTS = 10_000
 
 
 @dataclass
@@ -102,6 +103,13 @@ class AdminState:
 
     def failed(self, client: str, now: float) -> None:
         self.failures.setdefault(client, deque(maxlen=MAX_FAILURES)).append(now)
+        if len(self.failures) > MAX_TRACKED_CLIENTS:
+            # Many addresses guessing at once: forget those whose window has passed, then
+            # the longest quiet, so the table stays bounded.
+            for key in [k for k, v in self.failures.items() if now - v[-1] > FAILURE_WINDOW]:
+                del self.failures[key]
+            while len(self.failures) > MAX_TRACKED_CLIENTS:
+                del self.failures[min(self.failures, key=lambda k: self.failures[k][-1])]
 
     def session(self, request: Request, now: float) -> tuple[str, _Session]:
         sid = request.cookies.get(COOKIE, "")
