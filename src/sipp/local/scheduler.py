@@ -157,6 +157,7 @@ class Engine:
                 "decode_ms",
                 "steps",
                 "busy_slot_steps",
+                "decode_retries",
             ),
             0.0,
         )
@@ -347,63 +348,87 @@ class Engine:
             self._finish(job, "cancelled")
         if not self._active:
             return
-        batch = self._batch
-        batch.clear()
-        decoding: list[TextJob] = []
+        # One entry per job: (job, 0) decodes its last sampled token; (job, n) prefills
+        # the next n prompt tokens. Generating jobs first, then prompt chunks in the room left.
+        plan: list[tuple[TextJob, int]] = [(j, 0) for j in self._active if not j.prefilling]
+        room = self._batch.capacity - len(plan)
         for job in self._active:
-            if not job.prefilling:
-                assert job.slot is not None
-                job.out_index = batch.add(
-                    job.last_token, len(job.slot.tokens), job.slot.seq_id, True
-                )
-                decoding.append(job)
-        chunks: list[tuple[TextJob, int]] = []
-        for job in self._active:
-            room = batch.capacity - batch.n
             if room <= 0:
                 break
             if not job.prefilling:
                 continue
-            assert job.slot is not None
             take = len(job.prompt) - job.prefilled
             if self.chunk_cap:
                 take = min(take, self.chunk_cap)
             take = min(take, room)
-            start = job.prefilled
-            seq = job.slot.seq_id
-            for i in range(start, start + take):
-                idx = batch.add(job.prompt[i], i, seq, i == len(job.prompt) - 1)
-            job.out_index = idx if start + take == len(job.prompt) else -1
-            chunks.append((job, take))
-
+            plan.append((job, take))
+            room -= take
         with self._cond:
             self._counters["steps"] += 1
             self._counters["busy_slot_steps"] += len(self._active)
+        self._decode_plan(plan)
+
+    def _decode_plan(self, plan: list[tuple[TextJob, int]]) -> None:
+        """Decode `plan` as one batch and sample what it produced. If llama_decode fails,
+        roll every sequence back to its committed tokens and retry the halves, so only a
+        job that fails on its own fails (not everyone who shared its batch)."""
+        batch = self._batch
+        batch.clear()
+        for job, take in plan:
+            slot = job.slot
+            assert slot is not None
+            if take == 0:
+                job.out_index = batch.add(job.last_token, len(slot.tokens), slot.seq_id, True)
+                continue
+            last = job.prefilled + take
+            for i in range(job.prefilled, last):
+                idx = batch.add(job.prompt[i], i, slot.seq_id, i == len(job.prompt) - 1)
+            job.out_index = idx if last == len(job.prompt) else -1
         status = self.ctx.decode(batch)
         if status != 0:
-            failed = decoding + [j for j, _ in chunks]
-            error = ExecutionError(f"llama_decode failed with status {status}")
-            for job in failed:
-                assert job.slot is not None
-                self.ctx.seq_rm(job.slot.seq_id, -1, -1)
-                job.slot.tokens.clear()
-                self._release(job)
-                self._count_outcome(job, "failed")
-                job.channel.finish(error)
+            self._decode_failed(plan, status)
             return
-
-        for job in decoding:
-            assert job.slot is not None
-            job.slot.tokens.append(job.last_token)
-        for job, take in chunks:
-            assert job.slot is not None
-            job.slot.tokens.extend(job.prompt[job.prefilled : job.prefilled + take])
-            job.prefilled += take
         now = time.perf_counter()
-        for job in decoding + [j for j, _ in chunks if not j.prefilling]:
-            if job.t_first == 0.0:
-                job.t_first = now
-            self._on_token(job, job.sampler.sample(self.ctx, job.out_index))
+        for job, take in plan:
+            assert job.slot is not None
+            if take == 0:
+                job.slot.tokens.append(job.last_token)
+            else:
+                job.slot.tokens.extend(job.prompt[job.prefilled : job.prefilled + take])
+                job.prefilled += take
+        for job, take in plan:
+            if take == 0 or not job.prefilling:
+                if job.t_first == 0.0:
+                    job.t_first = now
+                self._on_token(job, job.sampler.sample(self.ctx, job.out_index))
+
+    def _decode_failed(self, plan: list[tuple[TextJob, int]], status: int) -> None:
+        # Some ubatches may have reached the KV memory (status 2 and < -1): drop every
+        # position past what each sequence has committed.
+        retry: list[tuple[TextJob, int]] = []
+        for job, take in plan:
+            assert job.slot is not None
+            if self.ctx.seq_rm(job.slot.seq_id, len(job.slot.tokens), -1):
+                retry.append((job, take))
+            else:  # this memory cannot cut a sequence (e.g. SWA): the job cannot go on
+                self._fail(job, status)
+        if len(retry) > 1:
+            with self._cond:
+                self._counters["decode_retries"] += 1
+            half = len(retry) // 2
+            self._decode_plan(retry[:half])
+            self._decode_plan(retry[half:])
+        elif retry:
+            self._fail(retry[0][0], status)
+
+    def _fail(self, job: TextJob, status: int) -> None:
+        assert job.slot is not None
+        logger.warning("llama_decode failed with status %d; failing one request", status)
+        self.ctx.seq_rm(job.slot.seq_id, -1, -1)
+        job.slot.tokens.clear()
+        self._release(job)
+        self._count_outcome(job, "failed")
+        job.channel.finish(ExecutionError(f"llama_decode failed with status {status}"))
 
     def _on_token(self, job: TextJob, token: int) -> None:
         assert job.slot is not None
@@ -489,6 +514,15 @@ class Engine:
         with self._cond:
             self._counters["steps"] += 1
         status = self.ctx.decode(batch)
+        if status != 0 and len(jobs) > 1:
+            # Retry each input alone, so only one that fails by itself fails.
+            for _, seq, _ in spans:
+                self.ctx.seq_rm(seq, -1, -1)
+            with self._cond:
+                self._counters["decode_retries"] += 1
+            for job in jobs:
+                self._embed_step([job])
+            return
         n_embd = self.model.n_embd
         pooling = self.ctx.pooling
         for job, seq, first in spans:
