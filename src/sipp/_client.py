@@ -171,8 +171,7 @@ class _Registry:
         so endpoints that do I/O run it as a task there instead of on a thread."""
         endpoint = self.resolve(ref, request.operation)
         channel: RunChannel[SippTextResponse] = RunChannel()
-        start = getattr(endpoint, "start_text_async", None) if in_loop else None
-        (start or endpoint.start_text)(request, channel)
+        (endpoint.start_text_async if in_loop else endpoint.start_text)(request, channel)
         return channel
 
     def start_embed(
@@ -191,9 +190,8 @@ class _Registry:
             raise InvalidRequestError("local must be a LocalEmbedOptions")
         endpoint = self.resolve(ref, "embed")
         channel: RunChannel[SippEmbeddingResponse] = RunChannel()
-        endpoint.start_embed(
-            EmbedRequest(input, local, endpoint_options, provider_options), channel
-        )
+        request = EmbedRequest(input, local, endpoint_options, provider_options)
+        (endpoint.start_embed_async if in_loop else endpoint.start_embed)(request, channel)
         return channel
 
     def runtime_metrics(self, ref: EndpointRef) -> dict[str, Any]:
@@ -304,8 +302,7 @@ class AsyncSippClient:
         endpoint = await asyncio.to_thread(_build_endpoint, descriptor, id)
         ref, old = self._registry.install(id, endpoint)
         if old is not None:
-            aclose = getattr(old, "aclose", None)
-            await (aclose() if aclose is not None else asyncio.to_thread(old.close))
+            await old.aclose()
         return ref
 
     def query(
@@ -354,7 +351,7 @@ class AsyncSippClient:
         provider_options: Mapping[str, Any] | None = None,
     ) -> AsyncEmbeddingRun:
         channel = self._registry.start_embed(
-            endpoint, input, local, endpoint_options, provider_options
+            endpoint, input, local, endpoint_options, provider_options, in_loop=True
         )
         return AsyncEmbeddingRun(channel)
 
@@ -371,11 +368,7 @@ class AsyncSippClient:
 
     async def close(self) -> None:
         for endpoint in self._registry.detach_all():
-            aclose = getattr(endpoint, "aclose", None)
-            if aclose is not None:
-                await aclose()
-            else:
-                await asyncio.to_thread(endpoint.close)
+            await endpoint.aclose()
 
     async def __aenter__(self) -> AsyncSippClient:
         return self

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -46,7 +47,11 @@ class EmbedRequest:
 
 class Endpoint(Protocol):
     """An endpoint runs requests without blocking the caller: `start_*` only enqueues
-    (or starts I/O) and later completes the channel from its own thread or task."""
+    (or starts I/O) and later completes the channel from its own thread or task.
+
+    The `*_async` entry points are called from inside the caller's running event loop
+    (AsyncSippClient); endpoints that do network I/O override them to run it as tasks
+    on that loop. The defaults suit endpoints that never touch the loop."""
 
     kind: EndpointKind
 
@@ -61,3 +66,14 @@ class Endpoint(Protocol):
     def runtime_metrics(self) -> dict[str, Any]: ...
 
     def close(self) -> None: ...
+
+    def start_text_async(self, request: TextRequest, channel: RunChannel[SippTextResponse]) -> None:
+        self.start_text(request, channel)
+
+    def start_embed_async(
+        self, request: EmbedRequest, channel: RunChannel[SippEmbeddingResponse]
+    ) -> None:
+        self.start_embed(request, channel)
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)

@@ -6,7 +6,7 @@ from typing import Any
 
 from .._channel import RunChannel
 from .._descriptors import EndpointKind, LocalModelDescriptor
-from .._endpoint import EmbedRequest, Operation, TextRequest
+from .._endpoint import EmbedRequest, Endpoint, Operation, TextRequest
 from .._errors import (
     ContextOverflowError,
     InvalidRequestError,
@@ -22,7 +22,7 @@ from .text_stream import TextStream
 __all__ = ["LocalEndpoint"]
 
 
-class LocalEndpoint:
+class LocalEndpoint(Endpoint):
     kind: EndpointKind = "local"
 
     def __init__(

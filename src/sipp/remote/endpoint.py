@@ -23,7 +23,7 @@ import httpx
 
 from .._channel import RunChannel
 from .._descriptors import EndpointKind, GatewayTimeoutPolicy
-from .._endpoint import EmbedRequest, Operation, TextRequest
+from .._endpoint import EmbedRequest, Endpoint, Operation, TextRequest
 from .._errors import ClientClosedError, InvalidConfigError, RemoteError, SippError
 from .._types import SippEmbeddingResponse, SippTextResponse
 from ._exchange import Adapter, EmbedExchange, TextExchange
@@ -33,7 +33,7 @@ __all__ = ["RemoteEndpoint"]
 _Exchange = TextExchange | EmbedExchange
 
 
-class RemoteEndpoint:
+class RemoteEndpoint(Endpoint):
     def __init__(
         self,
         kind: EndpointKind,
