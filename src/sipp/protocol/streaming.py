@@ -9,10 +9,35 @@ or upstream request is freed.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from typing import Protocol
 
 from .._errors import ExecutionError, SippError
-from .._runs import AsyncTextRun, TextRun
+from .._types import SippTextResponse, TokenBatch
 from .codec import done_frame, error_frame, token_frame, usage_frame
+
+
+# What the helpers need of a run, structurally (`sipp.TextRun` / `sipp.AsyncTextRun` fit),
+# so this I/O-free layer depends on the wire types only.
+class TextRun(Protocol):
+    @property
+    def done(self) -> bool: ...
+
+    def cancel(self, reason: str | None = None) -> None: ...
+
+    def result(self) -> SippTextResponse: ...
+
+    def __iter__(self) -> Iterator[TokenBatch]: ...
+
+
+class AsyncTextRun(Protocol):
+    @property
+    def done(self) -> bool: ...
+
+    def cancel(self, reason: str | None = None) -> None: ...
+
+    async def result(self) -> SippTextResponse: ...
+
+    def __aiter__(self) -> AsyncIterator[TokenBatch]: ...
 
 __all__ = ["text_stream_frames", "text_stream_frames_async"]
 
