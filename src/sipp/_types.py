@@ -11,9 +11,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
 
 from ._errors import InvalidRequestError
+
+if TYPE_CHECKING:  # for the annotation only: at run time _types imports no other layer
+    from ._runtime_config import SamplingRuntimeConfig
 
 __all__ = [
     "ChatMessage",
@@ -166,7 +169,7 @@ class LocalTextOptions:
     context_key: str | None = None
     grammar: str | None = None
     json_schema: Mapping[str, Any] | None = None
-    sampling: Any = None  # SamplingRuntimeConfig; typed loosely to keep _types import-free
+    sampling: SamplingRuntimeConfig | None = None  # checked by the local endpoint
     media: Sequence[Any] | None = None
 
     def __post_init__(self) -> None:
