@@ -303,14 +303,46 @@ def test_failed_logins_are_throttled(smollm_path: Path, tmp_path: Path) -> None:
         assert client.post("/admin/api/session", json={"password": PASSWORD}).status_code == 429
 
 
-def test_cookie_is_secure_when_served_over_tls(gateway: Gateway) -> None:
-    # TLS ends at a proxy on this host, which says so in X-Forwarded-Proto.
-    url = f"{gateway.management}/admin/api/session"
-    plain = httpx.post(url, json={"password": PASSWORD})
-    tls = httpx.post(url, json={"password": PASSWORD}, headers={"x-forwarded-proto": "https"})
-    assert plain.status_code == tls.status_code == 200
-    assert "; secure" not in plain.headers["set-cookie"].lower()
-    assert "; secure" in tls.headers["set-cookie"].lower()
+def test_cookie_is_secure_when_a_trusted_proxy_ended_tls(
+    gateway: Gateway, smollm_path: Path, tmp_path: Path
+) -> None:
+    def session_cookie(gw: Gateway, **headers: str) -> str:
+        r = httpx.post(
+            f"{gw.management}/admin/api/session", json={"password": PASSWORD}, headers=headers
+        )
+        assert r.status_code == 200
+        return r.headers["set-cookie"].lower()
+
+    https = {"x-forwarded-proto": "https"}
+    # No trusted proxies in this config: the header is anyone's claim and changes nothing.
+    assert "; secure" not in session_cookie(gateway, **https)
+
+    def trust_loopback(toml: str) -> str:
+        return with_admin(toml).replace(
+            "trusted_proxy_cidrs = []", 'trusted_proxy_cidrs = ["127.0.0.0/8"]'
+        )
+
+    with running_gateway(smollm_path, tmp_path, trust_loopback) as gw:
+        assert "; secure" not in session_cookie(gw)
+        assert "; secure" in session_cookie(gw, **https)
+
+
+def test_forwarded_headers_from_an_untrusted_peer_cannot_dodge_a_block(gateway: Gateway) -> None:
+    client, csrf = _login(gateway)
+    h = {"x-sipp-admin-csrf": csrf}
+    spoof = {
+        "authorization": f"Bearer {TOKEN}",
+        "x-forwarded-for": "203.0.113.50",
+        "x-real-ip": "203.0.113.50",
+    }
+    body = {"model": "local", "prompt": "x", "max_tokens": 1}
+    assert client.post("/admin/api/controls/block", json={"ip": "127.0.0.1"}, headers=h).is_success
+    try:
+        r = httpx.post(f"{gateway.public}/v1/query", json=body, headers=spoof)
+        assert r.status_code == 403
+    finally:
+        client.post("/admin/api/controls/unblock", json={"ip": "127.0.0.1"}, headers=h)
+    assert httpx.post(f"{gateway.public}/v1/query", json=body, headers=spoof).status_code == 200
 
 
 def test_failed_login_table_stays_bounded() -> None:

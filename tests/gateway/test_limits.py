@@ -10,7 +10,7 @@ import pytest
 
 from sipp import RateLimitedError
 from sipp.gateway.config import SecurityConfig
-from sipp.gateway.limits import ConcurrencyLimit, RateLimiter, client_ip
+from sipp.gateway.limits import ConcurrencyLimit, RateLimiter, client_ip, served_over_tls
 
 from ..remote.loopback import LoopbackServer
 from .test_server import ENV, TOKEN, Gateway, _config, _free_port, _mock
@@ -124,3 +124,15 @@ def _wait_loaded(gw: Gateway) -> None:
             pass
         time.sleep(0.1)
     raise AssertionError("gateway did not finish loading")
+
+
+def test_tls_is_believed_only_from_a_trusted_proxy() -> None:
+    proxy = SecurityConfig(
+        client_ip_source="peer", trusted_proxy_cidrs=(ipaddress.ip_network("10.0.0.0/8"),)
+    )
+    https = {"x-forwarded-proto": "HTTPS, http"}
+    assert served_over_tls("https", "198.51.100.1", {}, proxy)
+    assert served_over_tls("http", "10.0.0.5", https, proxy)
+    assert not served_over_tls("http", "198.51.100.1", https, proxy)
+    assert not served_over_tls("http", "10.0.0.5", {"x-forwarded-proto": "http"}, proxy)
+    assert not served_over_tls("http", None, https, proxy)

@@ -42,7 +42,7 @@ from .._errors import (
     SippError,
 )
 from .app import GatewayState
-from .limits import RateLimiter, client_ip
+from .limits import RateLimiter, client_ip, served_over_tls
 from .openai_compat import OPENAI_ROUTES
 
 __all__ = ["AdminState", "admin_routes", "admin_state"]
@@ -201,7 +201,12 @@ def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Rout
                     path=base,
                     httponly=True,
                     samesite="strict",
-                    secure=request.url.scheme == "https",
+                    secure=served_over_tls(
+                        request.url.scheme,
+                        request.client.host if request.client else None,
+                        request.headers,
+                        config.security,
+                    ),
                 )
                 record(sid, "login", {"client": client})
                 return response

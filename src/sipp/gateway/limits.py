@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from .._errors import OverloadedError, RateLimitedError
 from .config import SecurityConfig
 
-__all__ = ["ConcurrencyLimit", "RateLimiter", "client_ip"]
+__all__ = ["ConcurrencyLimit", "RateLimiter", "client_ip", "served_over_tls"]
 
 
 class ConcurrencyLimit:
@@ -73,6 +73,16 @@ def client_ip(peer: str | None, headers: Mapping[str, str], security: SecurityCo
         return str(ipaddress.ip_address(candidate))
     except ValueError:
         return peer
+
+
+def served_over_tls(
+    scheme: str, peer: str | None, headers: Mapping[str, str], security: SecurityConfig
+) -> bool:
+    """True for https, or when a trusted proxy says (X-Forwarded-Proto) it ended TLS."""
+    if scheme == "https":
+        return True
+    forwarded = headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
+    return forwarded == "https" and peer is not None and _trusted(peer, security)
 
 
 def _trusted(address: str, security: SecurityConfig) -> bool:

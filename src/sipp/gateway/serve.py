@@ -138,6 +138,9 @@ async def serve(
                 log_config=None,
                 access_log=False,
                 lifespan="off",
+                # uvicorn would rewrite the client address from X-Forwarded-For for any
+                # peer on 127.0.0.1; [security.client_ip] alone decides whom to trust.
+                proxy_headers=False,
                 timeout_graceful_shutdown=int(grace),
             )
         )
