@@ -22,7 +22,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,7 +198,7 @@ def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Rout
                     COOKIE,
                     sid,
                     max_age=lifetime,
-                    path=base,
+                    path=base or "/",
                     httponly=True,
                     samesite="strict",
                     secure=served_over_tls(
@@ -215,7 +215,7 @@ def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Rout
                 admin.sessions.pop(sid, None)
                 record(sid, "logout", {})
                 response = JSONResponse({"logged_out": True})
-                response.delete_cookie(COOKIE, path=base)
+                response.delete_cookie(COOKIE, path=base or "/")
                 return response
             _, session = admin.session(request, now)
             return JSONResponse(
@@ -228,11 +228,19 @@ def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Rout
         except SippError as exc:
             return error(exc)
 
-    async def overview(request: Request) -> Response:
-        try:
-            admin.session(request, time.monotonic())
-        except SippError as exc:
-            return error(exc)
+    def needs_session(read: Callable[[], Any]) -> Callable[[Request], Awaitable[Response]]:
+        """A GET route answering `read()` as JSON to a live session, 401 otherwise."""
+
+        async def route(request: Request) -> Response:
+            try:
+                admin.session(request, time.monotonic())
+            except SippError as exc:
+                return error(exc)
+            return JSONResponse(read())
+
+        return route
+
+    def overview() -> dict[str, Any]:
         targets = []
         for t in config.targets:
             entry: dict[str, Any] = {
@@ -250,39 +258,30 @@ def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Rout
                     with contextlib.suppress(SippError):
                         entry["backend"] = state.client.runtime_metrics(ref)["backend"]
             targets.append(entry)
-        return JSONResponse(
-            {
-                "listeners": {
-                    "public": "{}:{}".format(*config.public_bind),
-                    "management": "{}:{}".format(*config.management_bind),
+        return {
+            "listeners": {
+                "public": "{}:{}".format(*config.public_bind),
+                "management": "{}:{}".format(*config.management_bind),
+            },
+            "routes": {k: v for k, v in config.routes.__dict__.items() if v is not None},
+            "openai_routes": list(OPENAI_ROUTES),
+            "targets": targets,
+            "tokens": [
+                {"caller": c.label, "targets": sorted(c.targets) or ["*"]}
+                for c in state.tokens.callers
+            ],
+            "controls": {
+                "blocked_ips": sorted(state.blocked_ips),
+                "max_concurrent_requests": state.limit.limit,
+                "rate_limit": None
+                if state.rate_limiter is None
+                else {
+                    "requests_per_minute": round(state.rate_limiter.rate * 60),
+                    "burst": int(state.rate_limiter.burst),
                 },
-                "routes": {k: v for k, v in config.routes.__dict__.items() if v is not None},
-                "openai_routes": list(OPENAI_ROUTES),
-                "targets": targets,
-                "tokens": [
-                    {"caller": c.label, "targets": sorted(c.targets) or ["*"]}
-                    for c in state.tokens.callers
-                ],
-                "controls": {
-                    "blocked_ips": sorted(state.blocked_ips),
-                    "max_concurrent_requests": state.limit.limit,
-                    "rate_limit": None
-                    if state.rate_limiter is None
-                    else {
-                        "requests_per_minute": round(state.rate_limiter.rate * 60),
-                        "burst": int(state.rate_limiter.burst),
-                    },
-                },
-                "in_flight": state.limit.in_flight,
-            }
-        )
-
-    async def metrics(request: Request) -> Response:
-        try:
-            admin.session(request, time.monotonic())
-        except SippError as exc:
-            return error(exc)
-        return JSONResponse(state.activity.snapshot(state.limit.in_flight))
+            },
+            "in_flight": state.limit.in_flight,
+        }
 
     async def page(request: Request) -> Response:
         name = request.path_params.get("name", "index.html")
@@ -293,13 +292,6 @@ def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Rout
 
     async def slash(request: Request) -> Response:
         return RedirectResponse(f"{base}/", status_code=308)
-
-    async def audit(request: Request) -> Response:
-        try:
-            admin.session(request, time.monotonic())
-        except SippError as exc:
-            return error(exc)
-        return JSONResponse({"entries": list(admin.audit)})
 
     async def control(request: Request) -> Response:
         action = request.path_params["action"]
@@ -356,13 +348,21 @@ def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Rout
             return error(exc)
 
     return [
-        Route(base or "/", page if not base else slash, methods=["GET"]),
+        *([Route(base, slash, methods=["GET"])] if base else []),
         Route(f"{base}/", page, methods=["GET"]),
         Route(f"{base}/assets/{{name}}", page, methods=["GET"]),
         Route(f"{base}/api/session", session_route, methods=["GET", "POST", "DELETE"]),
-        Route(f"{base}/api/overview", overview, methods=["GET"]),
-        Route(f"{base}/api/metrics", metrics, methods=["GET"]),
-        Route(f"{base}/api/audit", audit, methods=["GET"]),
+        Route(f"{base}/api/overview", needs_session(overview), methods=["GET"]),
+        Route(
+            f"{base}/api/metrics",
+            needs_session(lambda: state.activity.snapshot(state.limit.in_flight)),
+            methods=["GET"],
+        ),
+        Route(
+            f"{base}/api/audit",
+            needs_session(lambda: {"entries": list(admin.audit)}),
+            methods=["GET"],
+        ),
         Route(f"{base}/api/controls/{{action}}", control, methods=["POST"]),
     ]
 
