@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -166,3 +167,19 @@ def test_openai_errors_map_to_openai_exceptions(gateway: Gateway) -> None:
         headers={"authorization": f"Bearer {TOKEN}"},
     )
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_request_ids_are_echoed_only_when_well_formed(gateway: Gateway) -> None:
+    def post(request_id: str) -> httpx.Response:
+        return httpx.post(
+            f"{gateway.public}/v1/completions",
+            json={"model": "local", "prompt": "Hi", "max_tokens": 1},
+            headers={"authorization": f"Bearer {TOKEN}", "x-request-id": request_id},
+            timeout=60,
+        )
+
+    assert post("trace-42").headers["x-request-id"] == "trace-42"
+    odd = post("has spaces\tand tabs" + "x" * 200)
+    assert odd.status_code == 200
+    assert re.fullmatch(r"[0-9a-f]{32}", odd.headers["x-request-id"])
+    assert odd.json()["id"] == "cmpl-" + odd.headers["x-request-id"]

@@ -532,12 +532,15 @@ def test_no_secret_in_any_response(gateway: Gateway) -> None:
             assert secret not in text
 
 
-def test_non_streaming_client_that_hangs_up_cancels_its_generation(gateway: Gateway) -> None:
+@pytest.mark.parametrize("route", ["/v1/query", "/v1/completions"])  # native and OpenAI
+def test_non_streaming_client_that_hangs_up_cancels_its_generation(
+    gateway: Gateway, route: str
+) -> None:
     before = gateway.metric("sipp_local_cancelled", '{target="local"}')
     body = {"model": "local", "prompt": "Count: 1, 2, 3,", "max_tokens": 400, "temperature": 0}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(
-            f"{gateway.public}/v1/query",
+            f"{gateway.public}{route}",
             json=body,
             headers={"authorization": f"Bearer {TOKEN}"},
             timeout=0.5,

@@ -14,7 +14,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,12 +42,19 @@ from .._runs import AsyncTextRun
 from .._types import SippTextResponse
 from ..protocol.streaming import SSE_HEADERS, text_stream_frames_async
 from .activity import Activity, RequestRecord
-from .auth import TokenTable
+from .auth import Caller, TokenTable
 from .config import GatewayConfig
 from .limits import ConcurrencyLimit, RateLimiter, client_ip
 from .metrics import GatewayMetrics
 
-__all__ = ["GatewayState", "build_management_app", "build_public_app", "resolve_target"]
+__all__ = [
+    "GatewayState",
+    "PublicCall",
+    "build_management_app",
+    "build_public_app",
+    "resolve_target",
+    "serve_public",
+]
 
 logger = logging.getLogger("sipp.gateway")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -167,75 +174,114 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+class PublicCall:
+    """One public request, whatever its route family: its metrics record and its
+    admission permit, from authentication until the response (or its stream) ends."""
+
+    def __init__(self, state: GatewayState, request: Request, operation: str) -> None:
+        self.state, self.request = state, request
+        self.request_id = _request_id(request)
+        self.rec = state.record(operation)
+        self._permit = False
+
+    async def open(self) -> tuple[Caller, bytes]:
+        """Refuse blocked or rate-limited clients, authenticate, read the body within limits."""
+        check_client(self.state, self.request)
+        caller = self.state.tokens.authenticate(self.request.headers.get("authorization"))
+        self.rec.caller = caller.label
+        return caller, await _read_body(self.request, self.state.config.max_request_bytes)
+
+    def admit(self, caller: Caller, target: str) -> EndpointRef:
+        """Resolve and authorize `target`, then take an admission permit."""
+        ref = resolve_target(self.state, target)
+        self.rec.target = target
+        self.state.tokens.authorize(caller, target)
+        _acquire(self.state)
+        self._permit = True
+        return ref
+
+    async def wait(self, run: AsyncTextRun) -> SippTextResponse:
+        """The run's response, or cancel it if the client hangs up first."""
+        t0 = time.perf_counter()
+        response = await _unless_disconnected(self.request, run)
+        self.rec.waited = time.perf_counter() - t0
+        self.rec.usage(response.usage)
+        return response
+
+    def hand_over(self) -> RequestRecord:
+        """A stream takes the permit and the record; it releases and finishes them."""
+        self._permit = False
+        self.rec.stream = True
+        return self.rec
+
+    def close(self) -> None:
+        if self._permit:
+            _release(self.state)
+        if not self.rec.stream:
+            self.rec.finish()
+
+
+ErrorRenderer = Callable[[SippError, str], Response]
+
+
+async def serve_public(
+    call: PublicCall, work: Callable[[PublicCall], Awaitable[Response]], render: ErrorRenderer
+) -> Response:
+    """Run `work`, turning any failure into `render`'s error body (never a traceback)."""
+    try:
+        return await work(call)
+    except SippError as exc:
+        call.rec.fail(exc.code)
+        return render(exc, call.request_id)
+    except Exception:
+        logger.exception(
+            "unexpected error serving %s request %s", call.rec.operation, call.request_id
+        )
+        call.rec.fail("execution")
+        return render(ExecutionError("internal error"), call.request_id)
+    finally:
+        call.close()
+
+
 def build_public_app(state: GatewayState) -> Starlette:
     config = state.config
 
-    async def handle(request: Request, operation: str) -> Response:
-        request_id = _request_id(request)
-        rec = state.record(operation)
-        permit = False
-        try:
-            check_client(state, request)
-            caller = state.tokens.authenticate(request.headers.get("authorization"))
-            rec.caller = caller.label
-            body = await _read_body(request, config.max_request_bytes)
-            if operation == "embed":
-                embed_req = protocol.decode_embed_body(body)
-                ref = resolve_target(state, embed_req.target)
-                rec.target = embed_req.target
-                state.tokens.authorize(caller, embed_req.target)
-                _acquire(state)
-                permit = True
-                t0 = time.perf_counter()
-                embedding = await state.client.embed(embed_req.input, endpoint=ref)
-                rec.waited = time.perf_counter() - t0
-                rec.usage(embedding.usage)
-                payload = protocol.embedding_response_body(
-                    embed_req.target, embedding, id=request_id
-                )
-                return JSONResponse(payload, headers={"x-request-id": request_id})
-            decode = (
-                protocol.decode_query_body if operation == "query" else protocol.decode_chat_body
+    async def embed_work(call: PublicCall) -> Response:
+        caller, body = await call.open()
+        req = protocol.decode_embed_body(body)
+        ref = call.admit(caller, req.target)
+        t0 = time.perf_counter()
+        embedding = await state.client.embed(req.input, endpoint=ref)
+        call.rec.waited = time.perf_counter() - t0
+        call.rec.usage(embedding.usage)
+        payload = protocol.embedding_response_body(req.target, embedding, id=call.request_id)
+        return JSONResponse(payload, headers={"x-request-id": call.request_id})
+
+    async def text_work(call: PublicCall) -> Response:
+        caller, body = await call.open()
+        query = call.rec.operation == "query"
+        req = (protocol.decode_query_body if query else protocol.decode_chat_body)(body)
+        ref = call.admit(caller, req.target)
+        if req.operation == "query":
+            assert req.prompt is not None
+            run = state.client.query(
+                req.prompt, endpoint=ref, options=req.options, emit_tokens=req.stream
             )
-            req = decode(body)
-            ref = resolve_target(state, req.target)
-            rec.target = req.target
-            state.tokens.authorize(caller, req.target)
-            _acquire(state)
-            permit = True
-            if req.operation == "query":
-                assert req.prompt is not None
-                run = state.client.query(
-                    req.prompt, endpoint=ref, options=req.options, emit_tokens=req.stream
-                )
-            else:
-                assert req.messages is not None
-                run = state.client.chat(
-                    req.messages, endpoint=ref, options=req.options, emit_tokens=req.stream
-                )
-            if req.stream:
-                permit = False  # the stream releases it and finishes the record when it ends
-                rec.stream = True
-                headers = {**SSE_HEADERS, "x-request-id": request_id}
-                return StreamingResponse(_stream(state, run, rec), headers=headers)
-            t0 = time.perf_counter()
-            response = await _unless_disconnected(request, run)
-            rec.waited = time.perf_counter() - t0
-            rec.usage(response.usage)
-            payload = protocol.text_response_body(req.target, response, id=request_id)
-            return JSONResponse(payload, headers={"x-request-id": request_id})
-        except SippError as exc:
-            rec.fail(exc.code)
-            return _error(exc, request_id)
-        except Exception:
-            logger.exception("unexpected error serving %s request %s", operation, request_id)
-            rec.fail("execution")
-            return _error(ExecutionError("internal error"), request_id)
-        finally:
-            if permit:
-                _release(state)
-            if not rec.stream:
-                rec.finish()
+        else:
+            assert req.messages is not None
+            run = state.client.chat(
+                req.messages, endpoint=ref, options=req.options, emit_tokens=req.stream
+            )
+        if req.stream:
+            headers = {**SSE_HEADERS, "x-request-id": call.request_id}
+            return StreamingResponse(_stream(state, run, call.hand_over()), headers=headers)
+        response = await call.wait(run)
+        payload = protocol.text_response_body(req.target, response, id=call.request_id)
+        return JSONResponse(payload, headers={"x-request-id": call.request_id})
+
+    async def handle(request: Request, operation: str) -> Response:
+        work = embed_work if operation == "embed" else text_work
+        return await serve_public(PublicCall(state, request, operation), work, _error)
 
     async def query(request: Request) -> Response:
         return await handle(request, "query")

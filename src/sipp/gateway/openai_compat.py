@@ -15,7 +15,7 @@ import json
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -23,19 +23,12 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .. import protocol
-from .._errors import ExecutionError, InvalidRequestError, SippError
+from .._descriptors import EndpointRef
+from .._errors import InvalidRequestError, SippError
 from .._runs import AsyncTextRun
 from .._types import ChatMessage, ChatRole, SippTextOptions, SippTextResponse
 from .activity import RequestRecord
-from .app import (
-    GatewayState,
-    _acquire,
-    _read_body,
-    _release,
-    check_client,
-    resolve_target,
-    settle,
-)
+from .app import GatewayState, PublicCall, _release, serve_public, settle
 
 __all__ = ["OPENAI_ROUTES", "openai_routes"]
 
@@ -158,47 +151,21 @@ def _finish(reason: str) -> str:
 
 
 def openai_routes(state: GatewayState) -> list[Route]:
-    Work = Callable[[dict[str, Any], str, RequestRecord], Any]
+    Work = Callable[[dict[str, Any], EndpointRef, PublicCall], Awaitable[Response]]
 
     async def run_route(
         request: Request, operation: str, work: Work, allowed: set[str]
     ) -> Response:
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        rec = state.record(operation)
-        permit = False
-        try:
-            check_client(state, request)
-            caller = state.tokens.authenticate(request.headers.get("authorization"))
-            rec.caller = caller.label
-            obj = _object(await _read_body(request, state.config.max_request_bytes), allowed)
-            resolve_target(state, obj["model"])
-            rec.target = obj["model"]
-            state.tokens.authorize(caller, obj["model"])
-            _acquire(state)
-            permit = True
-            t0 = time.perf_counter()
-            result = await work(obj, request_id, rec)
-            rec.waited = time.perf_counter() - t0
-            if isinstance(result, StreamingResponse):
-                permit = False  # released by the stream, which also finishes the record
-                rec.stream = True
-            return result  # type: ignore[no-any-return]
-        except SippError as exc:
-            rec.fail(exc.code)
-            return _openai_error(exc, request_id)
-        except Exception:
-            rec.fail("execution")
-            return _openai_error(ExecutionError("internal error"), request_id)
-        finally:
-            if permit:
-                _release(state)
-            if not rec.stream:
-                rec.finish()
+        async def admitted(call: PublicCall) -> Response:
+            caller, body = await call.open()
+            obj = _object(body, allowed)
+            return await work(obj, call.admit(caller, obj["model"]), call)
+
+        return await serve_public(PublicCall(state, request, operation), admitted, _openai_error)
 
     def text_work(kind: str) -> Work:
-        async def work(obj: dict[str, Any], request_id: str, rec: RequestRecord) -> Response:
-            target = obj["model"]
-            ref = resolve_target(state, target)
+        async def work(obj: dict[str, Any], ref: EndpointRef, call: PublicCall) -> Response:
+            target, request_id = obj["model"], call.request_id
             stream = bool(obj.get("stream", False))
             if kind == "chat":
                 run = state.client.chat(
@@ -222,12 +189,12 @@ def openai_routes(state: GatewayState) -> list[Route]:
             created = int(time.time())
             if stream:
                 include_usage = bool((obj.get("stream_options") or {}).get("include_usage"))
+                rec = call.hand_over()
                 frames = _chunks(state, run, rec, kind, ident, created, target, include_usage)
                 return StreamingResponse(
                     frames, media_type="text/event-stream", headers={"x-request-id": request_id}
                 )
-            response = await run
-            rec.usage(response.usage)
+            response = await call.wait(run)
             choice: dict[str, Any] = {
                 "index": 0,
                 "finish_reason": _finish(response.finish_reason),
@@ -249,9 +216,8 @@ def openai_routes(state: GatewayState) -> list[Route]:
 
         return work
 
-    async def embeddings_work(obj: dict[str, Any], request_id: str, rec: RequestRecord) -> Response:
+    async def embeddings_work(obj: dict[str, Any], ref: EndpointRef, call: PublicCall) -> Response:
         target = obj["model"]
-        ref = resolve_target(state, target)
         inputs = obj.get("input")
         inputs = [inputs] if isinstance(inputs, str) else inputs
         if (
@@ -263,9 +229,8 @@ def openai_routes(state: GatewayState) -> list[Route]:
         fmt = obj.get("encoding_format", "float")
         if fmt not in ("float", "base64"):
             raise InvalidRequestError("'encoding_format' must be float or base64")
-        runs = [
-            state.client.embed(text, endpoint=ref) for text in inputs
-        ]  # queued together, batched
+        t0 = time.perf_counter()
+        runs = [state.client.embed(text, endpoint=ref) for text in inputs]  # queued together
         data, tokens = [], 0
         for index, run in enumerate(runs):
             emb = await run
@@ -274,14 +239,15 @@ def openai_routes(state: GatewayState) -> list[Route]:
             if fmt == "base64":
                 vector = base64.b64encode(struct.pack(f"<{len(emb.values)}f", *emb.values)).decode()
             data.append({"object": "embedding", "index": index, "embedding": vector})
-        rec.input_tokens += tokens
+        call.rec.waited = time.perf_counter() - t0
+        call.rec.input_tokens += tokens
         body = {
             "object": "list",
             "data": data,
             "model": target,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
-        return JSONResponse(body, headers={"x-request-id": request_id})
+        return JSONResponse(body, headers={"x-request-id": call.request_id})
 
     async def chat_completions(request: Request) -> Response:
         return await run_route(request, "chat", text_work("chat"), _CHAT)
