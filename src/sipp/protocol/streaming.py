@@ -53,18 +53,13 @@ def text_stream_frames(run: TextRun) -> Iterator[bytes]:
         for batch in run:
             yield token_frame(batch)
         response = run.result()
-    except SippError as exc:
-        yield error_frame(exc)
-        return
-    except Exception as exc:  # never leak a traceback to the wire
-        yield error_frame(ExecutionError(f"internal error: {type(exc).__name__}"))
+    except Exception as exc:
+        yield _failure_frame(exc)
         return
     finally:
         if not run.done:
             run.cancel("stream consumer went away")
-    if response.usage is not None:
-        yield usage_frame(response.usage)
-    yield done_frame(response.finish_reason)
+    yield from _closing_frames(response)
 
 
 async def text_stream_frames_async(run: AsyncTextRun) -> AsyncIterator[bytes]:
@@ -72,15 +67,24 @@ async def text_stream_frames_async(run: AsyncTextRun) -> AsyncIterator[bytes]:
         async for batch in run:
             yield token_frame(batch)
         response = await run.result()
-    except SippError as exc:
-        yield error_frame(exc)
-        return
     except Exception as exc:
-        yield error_frame(ExecutionError(f"internal error: {type(exc).__name__}"))
+        yield _failure_frame(exc)
         return
     finally:
         if not run.done:
             run.cancel("stream consumer went away")
+    for frame in _closing_frames(response):
+        yield frame
+
+
+def _failure_frame(exc: Exception) -> bytes:
+    if isinstance(exc, SippError):
+        return error_frame(exc)
+    # Never leak a traceback to the wire.
+    return error_frame(ExecutionError(f"internal error: {type(exc).__name__}"))
+
+
+def _closing_frames(response: SippTextResponse) -> Iterator[bytes]:
     if response.usage is not None:
         yield usage_frame(response.usage)
     yield done_frame(response.finish_reason)
