@@ -265,7 +265,7 @@ def query_body(
 ) -> dict[str, Any]:
     """The `/v1/query` body. `extra` (protocol/endpoint options) never overrides typed fields."""
     return _with_extra(
-        {"model": target, "prompt": prompt, **_options_body(options), "stream": stream}, extra
+        {"model": target, "prompt": prompt, **options_fields(options), "stream": stream}, extra
     )
 
 
@@ -279,7 +279,7 @@ def chat_body(
 ) -> dict[str, Any]:
     msgs = [{"role": m.role, "content": m.content} for m in messages]
     return _with_extra(
-        {"model": target, "messages": msgs, **_options_body(options), "stream": stream}, extra
+        {"model": target, "messages": msgs, **options_fields(options), "stream": stream}, extra
     )
 
 
@@ -287,16 +287,19 @@ def embed_body(target: str, text: str, *, extra: Mapping[str, Any] | None = None
     return _with_extra({"model": target, "input": text}, extra)
 
 
-def _options_body(options: SippTextOptions) -> dict[str, Any]:
+def options_fields(
+    options: SippTextOptions, *, max_key: str = "max_tokens", stop_key: str = "stop"
+) -> dict[str, Any]:
+    """The typed options that are set, as wire fields (names vary by wire format)."""
     out: dict[str, Any] = {}
     if options.max_tokens is not None:
-        out["max_tokens"] = options.max_tokens
+        out[max_key] = options.max_tokens
     if options.temperature is not None:
         out["temperature"] = options.temperature
     if options.top_p is not None:
         out["top_p"] = options.top_p
     if options.stop:
-        out["stop"] = list(options.stop)
+        out[stop_key] = list(options.stop)
     return out
 
 

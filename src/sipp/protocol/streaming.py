@@ -39,6 +39,7 @@ class AsyncTextRun(Protocol):
 
     def __aiter__(self) -> AsyncIterator[TokenBatch]: ...
 
+
 __all__ = ["text_stream_frames", "text_stream_frames_async"]
 
 SSE_HEADERS = {

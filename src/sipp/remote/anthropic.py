@@ -17,6 +17,7 @@ from .._descriptors import ProviderDescriptor
 from .._endpoint import EmbedRequest, Operation, TextRequest
 from .._errors import RemoteError, UnsupportedOperationError
 from .._types import FinishReason, SippEmbeddingResponse, SippTextResponse, TokenBatch, Usage
+from ..protocol.codec import options_fields
 from ..protocol.errors import error_from_status
 from ..protocol.sse import SSEEvent
 from ._provider_common import ProviderBase, load_json, merge_provider_options
@@ -92,17 +93,12 @@ class AnthropicAdapter(ProviderBase):
             ]
         body: dict[str, Any] = {
             "model": self.d.model,
-            "max_tokens": o.max_tokens if o.max_tokens is not None else DEFAULT_MAX_TOKENS,
+            "max_tokens": DEFAULT_MAX_TOKENS,  # required by Anthropic; the option overrides it
             "messages": messages,
+            **options_fields(o, stop_key="stop_sequences"),
         }
         if system:
             body["system"] = "\n\n".join(system)
-        if o.temperature is not None:
-            body["temperature"] = o.temperature
-        if o.top_p is not None:
-            body["top_p"] = o.top_p
-        if o.stop:
-            body["stop_sequences"] = list(o.stop)
         if request.emit_tokens:
             body["stream"] = True
         body = merge_provider_options(body, request.provider_options, _TYPED)

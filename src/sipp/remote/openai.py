@@ -16,6 +16,7 @@ from .._descriptors import ProviderDescriptor
 from .._endpoint import EmbedRequest, Operation, TextRequest
 from .._errors import RemoteError
 from .._types import FinishReason, SippEmbeddingResponse, SippTextResponse, TokenBatch, Usage
+from ..protocol.codec import options_fields
 from ..protocol.sse import SSEEvent
 from ._provider_common import ProviderBase, load_json, merge_provider_options
 from .endpoint import RemoteEndpoint
@@ -75,21 +76,12 @@ class OpenAIAdapter(ProviderBase):
             assert request.messages is not None
             path = "/chat/completions"
             body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
-        if o.max_tokens is not None:
-            # OpenAI's chat API replaced max_tokens (reasoning models reject it); compatible
-            # servers and the completions API still use max_tokens.
-            key = (
-                "max_completion_tokens"
-                if self.d.provider == "openai" and request.operation == "chat"
-                else "max_tokens"
-            )
-            body[key] = o.max_tokens
-        if o.temperature is not None:
-            body["temperature"] = o.temperature
-        if o.top_p is not None:
-            body["top_p"] = o.top_p
-        if o.stop:
-            body["stop"] = list(o.stop)
+        # OpenAI's chat API replaced max_tokens (reasoning models reject it); compatible
+        # servers and the completions API still use max_tokens.
+        chat_on_openai = self.d.provider == "openai" and request.operation == "chat"
+        body.update(
+            options_fields(o, max_key="max_completion_tokens" if chat_on_openai else "max_tokens")
+        )
         if request.emit_tokens:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
