@@ -31,6 +31,7 @@ from ._exchange import Adapter, EmbedExchange, TextExchange
 __all__ = ["RemoteEndpoint"]
 
 _Exchange = TextExchange | EmbedExchange
+_Build = Callable[[dict[str, str]], httpx.Request]  # request from per-call auth headers
 
 
 class RemoteEndpoint(Endpoint):
@@ -69,28 +70,34 @@ class RemoteEndpoint(Endpoint):
         return self.adapter.supports(operation)
 
     def start_text(self, request: TextRequest, channel: RunChannel[SippTextResponse]) -> None:
-        self.adapter.check_text(request)
-        exchange = TextExchange(self.adapter, channel, stream=request.emit_tokens)
-        self._submit(lambda headers: self.adapter.text_request(request, headers), exchange)
+        self._submit(*self._text(request, channel))
 
     def start_embed(
         self, request: EmbedRequest, channel: RunChannel[SippEmbeddingResponse]
     ) -> None:
-        self.adapter.check_embed(request)
-        exchange = EmbedExchange(self.adapter, channel)
-        self._submit(lambda headers: self.adapter.embed_request(request, headers), exchange)
+        self._submit(*self._embed(request, channel))
 
     def start_text_async(self, request: TextRequest, channel: RunChannel[SippTextResponse]) -> None:
-        self.adapter.check_text(request)
-        exchange = TextExchange(self.adapter, channel, stream=request.emit_tokens)
-        self._spawn(lambda headers: self.adapter.text_request(request, headers), exchange)
+        self._spawn(*self._text(request, channel))
 
     def start_embed_async(
         self, request: EmbedRequest, channel: RunChannel[SippEmbeddingResponse]
     ) -> None:
+        self._spawn(*self._embed(request, channel))
+
+    def _text(
+        self, request: TextRequest, channel: RunChannel[SippTextResponse]
+    ) -> tuple[_Build, _Exchange]:
+        self.adapter.check_text(request)
+        exchange = TextExchange(self.adapter, channel, stream=request.emit_tokens)
+        return (lambda headers: self.adapter.text_request(request, headers)), exchange
+
+    def _embed(
+        self, request: EmbedRequest, channel: RunChannel[SippEmbeddingResponse]
+    ) -> tuple[_Build, _Exchange]:
         self.adapter.check_embed(request)
         exchange = EmbedExchange(self.adapter, channel)
-        self._spawn(lambda headers: self.adapter.embed_request(request, headers), exchange)
+        return (lambda headers: self.adapter.embed_request(request, headers)), exchange
 
     def runtime_metrics(self) -> dict[str, Any]:
         return {}
@@ -119,17 +126,13 @@ class RemoteEndpoint(Endpoint):
         await asyncio.to_thread(self.close)
 
     # -- sync shell -----------------------------------------------------------------
-    def _submit(
-        self, build: Callable[[dict[str, str]], httpx.Request], exchange: _Exchange
-    ) -> None:
+    def _submit(self, build: _Build, exchange: _Exchange) -> None:
         with self._lock:
             if self._closed:
                 raise ClientClosedError("the endpoint is closed")
             self._pool.submit(self._run_sync, build, exchange)
 
-    def _run_sync(
-        self, build: Callable[[dict[str, str]], httpx.Request], exchange: _Exchange
-    ) -> None:
+    def _run_sync(self, build: _Build, exchange: _Exchange) -> None:
         channel = exchange.channel
         try:
             value = self.adapter.auth_value()
@@ -160,7 +163,7 @@ class RemoteEndpoint(Endpoint):
             response.close()
 
     # -- async shell ----------------------------------------------------------------
-    def _spawn(self, build: Callable[[dict[str, str]], httpx.Request], exchange: _Exchange) -> None:
+    def _spawn(self, build: _Build, exchange: _Exchange) -> None:
         loop = asyncio.get_running_loop()
         with self._lock:
             if self._closed:
@@ -183,7 +186,7 @@ class RemoteEndpoint(Endpoint):
     async def _run_async(
         self,
         session: aiohttp.ClientSession,
-        build: Callable[[dict[str, str]], httpx.Request],
+        build: _Build,
         exchange: _Exchange,
     ) -> None:
         response: aiohttp.ClientResponse | None = None
