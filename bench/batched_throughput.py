@@ -25,6 +25,7 @@ from pathlib import Path
 
 import httpx
 
+from _stats import spread
 from sipp import (
     ChatMessage,
     ContextRuntimeConfig,
@@ -182,15 +183,9 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=30)
     ratios = [o / t for o, t in zip(ours, theirs)]
-    print(
-        f"server median {statistics.median(theirs):.1f} tok/s (min {min(theirs):.1f}, max {max(theirs):.1f})"
-    )
-    print(
-        f"sipp   median {statistics.median(ours):.1f} tok/s (min {min(ours):.1f}, max {max(ours):.1f})"
-    )
-    print(
-        f"ratio sipp/server median {statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})"
-    )
+    print(f"server {spread(theirs, unit='tok/s')}")
+    print(f"sipp   {spread(ours, unit='tok/s')}")
+    print(f"ratio sipp/server {spread(ratios, '.2f')}")
     print(
         f"ratio sipp/C++ batched ({CPP_BATCHED_TOKENS_PER_S:.0f} tok/s) median "
         f"{statistics.median(ours) / CPP_BATCHED_TOKENS_PER_S:.2f}"

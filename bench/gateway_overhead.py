@@ -31,6 +31,8 @@ from pathlib import Path
 
 import httpx
 
+from _stats import percentile, spread
+
 ROOT = Path(__file__).resolve().parents[1]
 LITELLM = Path(
     os.environ.get("SIPP_LITELLM_BIN", ROOT / ".build" / "litellm-venv" / "bin" / "litellm")
@@ -150,11 +152,6 @@ def wrk(url: str, headers: dict[str, str], body: bytes, seconds: int) -> float:
     return float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1))  # type: ignore[union-attr]
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -249,11 +246,11 @@ def main() -> None:
                 rps[name].append(wrk(url, headers, bodies[name], 5))
             print(f"round {i + 1}: " + "  ".join(f"{k} {rps[k][-1]:.0f} req/s" for k in targets))
         p50 = {k: statistics.median(v) for k, v in lat.items()}
-        p99 = {k: pct(v, 0.99) for k, v in lat.items()}
+        p99 = {k: percentile(v, 0.99) for k, v in lat.items()}
         for k in targets:
             print(
                 f"{k:8s} at {args.rate:.0f} req/s: p50 {p50[k]:.2f} ms  p99 {p99[k]:.2f} ms   "
-                f"max {statistics.median(rps[k]):.0f} req/s (min {min(rps[k]):.0f}, max {max(rps[k]):.0f})"
+                f"max {spread(rps[k], '.0f', 'req/s')}"
             )
         for k in ("sipp", "litellm"):
             print(

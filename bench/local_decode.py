@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import llama_cpp as lc
 
+from _stats import spread
 from sipp import (
     ContextRuntimeConfig,
     LocalModelDescriptor,
@@ -111,15 +111,9 @@ def main() -> None:
             ours.append(s)
             print(f"round {i + 1}: raw {r:7.1f} tok/s   sipp {s:7.1f} tok/s   ratio {s / r:.3f}")
     ratios = [s / r for s, r in zip(ours, raw)]
-    print(
-        f"raw  median {statistics.median(raw):.1f} tok/s (min {min(raw):.1f}, max {max(raw):.1f})"
-    )
-    print(
-        f"sipp median {statistics.median(ours):.1f} tok/s (min {min(ours):.1f}, max {max(ours):.1f})"
-    )
-    print(
-        f"ratio sipp/raw median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})"
-    )
+    print(f"raw  {spread(raw, unit='tok/s')}")
+    print(f"sipp {spread(ours, unit='tok/s')}")
+    print(f"ratio sipp/raw {spread(ratios, '.3f')}")
 
 
 if __name__ == "__main__":

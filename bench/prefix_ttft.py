@@ -13,10 +13,10 @@ alternate; prints medians, spread and the ratio warm/cold (target <= 0.05).
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 
+from _stats import spread
 from sipp import (
     ChatMessage,
     ContextRuntimeConfig,
@@ -101,15 +101,9 @@ def main() -> None:
                 f"ratio {warm / cold:.3f}"
             )
     ratios = [w / c for w, c in zip(warm_times, cold_times)]
-    print(
-        f"cold      median {statistics.median(cold_times) * 1000:.1f} ms (min {min(cold_times) * 1000:.1f}, max {max(cold_times) * 1000:.1f})"
-    )
-    print(
-        f"follow-up median {statistics.median(warm_times) * 1000:.1f} ms (min {min(warm_times) * 1000:.1f}, max {max(warm_times) * 1000:.1f})"
-    )
-    print(
-        f"ratio follow-up/cold median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})"
-    )
+    print(f"cold      {spread(cold_times, unit='ms', scale=1000)}")
+    print(f"follow-up {spread(warm_times, unit='ms', scale=1000)}")
+    print(f"ratio follow-up/cold {spread(ratios, '.3f')}")
 
 
 if __name__ == "__main__":

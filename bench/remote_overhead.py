@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 import openai
 
+from _stats import percentile
 from sipp import ChatMessage, ProviderDescriptor, SippClient, SippTextOptions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,11 +50,6 @@ time.sleep(10**6)
 """
 
 MESSAGES = [{"role": "user", "content": "Say sixteen words."}]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def main() -> None:
