@@ -63,54 +63,68 @@ class SSEDecoder:
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         """Events completed by `chunk` (possibly none)."""
-        buffer = self._buffer
-        start = len(buffer)
-        buffer += chunk
+        buffer: bytes | bytearray
+        if self._buffer:
+            self._buffer += chunk
+            buffer = self._buffer
+        else:
+            buffer = chunk  # the usual case: search the chunk itself, keep only its tail
         pos = 0
-        if self._pending_cr and start == 0 and buffer[:1] == b"\n":
+        if self._pending_cr and buffer is chunk and chunk[:1] == b"\n":
             pos = 1  # the LF of a CRLF whose CR ended the previous chunk
         if chunk:
             self._pending_cr = False
         scan = max(pos, self._scanned)
         size = len(buffer)
+        cap = self.max_event_bytes
+        frame = self._frame_bytes
         events: list[SSEEvent] = []
         # Each byte is searched at most once for LF and once for CR, here and across
         # calls (`_scanned`), so decoding stays linear however the stream is chunked.
         lf = buffer.find(b"\n", scan)
-        self.scanned_bytes += (lf + 1 if lf >= 0 else size) - scan
+        scanned = (lf + 1 if lf >= 0 else size) - scan
         while True:
             if 0 <= lf < scan:
                 lf = buffer.find(b"\n", scan)
-                self.scanned_bytes += (lf + 1 if lf >= 0 else size) - scan
+                scanned += (lf + 1 if lf >= 0 else size) - scan
             stop = lf if lf >= 0 else size
             cr = buffer.find(b"\r", scan, stop)
-            self.scanned_bytes += (cr + 1 if cr >= 0 else stop) - scan
             if cr >= 0:
+                scanned += cr + 1 - scan
                 end, width = cr, 2 if cr + 1 == lf else 1
                 if width == 1 and end + 1 == size:
                     self._pending_cr = True  # maybe CRLF split across chunks
             elif lf >= 0:
+                scanned += stop - scan
                 end, width = lf, 1
             else:
+                scanned += stop - scan
                 break
-            line = buffer[pos:end].decode("utf-8", "replace")
-            self._frame_bytes += end + width - pos
-            self._check(0)
+            frame += end + width - pos
+            if frame > cap:
+                self._too_large()
+            if end == pos:  # a blank line ends the frame
+                frame = 0
+                event = self._dispatch()
+            else:
+                event = self._line(buffer[pos:end].decode("utf-8", "replace"))
             pos = scan = end + width
-            if line == "":
-                self._frame_bytes = 0
-            event = self._line(line)
             if event is not None:
                 events.append(event)
-        if pos:
-            del buffer[:pos]
-        self._scanned = len(buffer)
-        self._check(len(buffer))
+        self.scanned_bytes += scanned
+        self._frame_bytes = frame
+        if buffer is chunk:
+            if pos < size:
+                self._buffer += chunk[pos:]
+        elif pos:
+            del self._buffer[:pos]
+        self._scanned = len(self._buffer)
+        if frame + self._scanned > cap:
+            self._too_large()
         return events
 
-    def _check(self, pending: int) -> None:
-        if self._frame_bytes + pending > self.max_event_bytes:
-            raise RemoteError(f"a server-sent event exceeds {self.max_event_bytes} bytes")
+    def _too_large(self) -> None:
+        raise RemoteError(f"a server-sent event exceeds {self.max_event_bytes} bytes")
 
     def close(self) -> SSEEvent | None:
         """End of stream. Per the spec an unterminated last event is discarded; return None."""
