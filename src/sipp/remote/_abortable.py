@@ -40,10 +40,11 @@ class Attempt:
     def abort(self) -> None:
         with self._lock:
             self.aborted = True
-            sock = self._sock
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+            # Under the lock: once `call` returns, the socket may go back to the pool and
+            # serve another request, which this must not shut down.
+            if self._sock is not None:
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_RDWR)
 
     def call(
         self,

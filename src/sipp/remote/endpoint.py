@@ -127,9 +127,9 @@ class RemoteEndpoint(Endpoint):
             self._closed = True
             clients, self._async_clients = list(self._async_clients.values()), {}
             jobs = list(self._jobs.items())
-        closed = ClientClosedError("the endpoint was closed")
         for job, future in jobs:
-            job.exchange.fail(closed)  # first outcome wins: the worker's later one is dropped
+            # First outcome wins: the worker's later one is dropped.
+            job.exchange.fail(ClientClosedError("the endpoint was closed"))
             job.attempt.abort()
             future.cancel()
         self._pool.shutdown(wait=True)
@@ -171,12 +171,12 @@ class RemoteEndpoint(Endpoint):
     def _run_sync(self, job: _Job) -> None:
         try:
             with job.attempt:
-                self._exchange_sync(job.build, job.exchange, job.attempt)
+                self._exchange_sync(job.build, job.exchange)
         finally:
             with self._lock:
                 self._jobs.pop(job, None)
 
-    def _exchange_sync(self, build: _Build, exchange: _Exchange, attempt: Attempt) -> None:
+    def _exchange_sync(self, build: _Build, exchange: _Exchange) -> None:
         channel = exchange.channel
         response: httpx.Response | None = None
         try:
@@ -238,10 +238,9 @@ class RemoteEndpoint(Endpoint):
 
     def _end_tasks(self, loop: asyncio.AbstractEventLoop) -> None:
         """On `loop`: end its runs with `ClientClosedError`, then stop their tasks."""
-        closed = ClientClosedError("the endpoint was closed")
         for task, exchange in list(self._tasks.items()):
             if task.get_loop() is loop:
-                exchange.fail(closed)
+                exchange.fail(ClientClosedError("the endpoint was closed"))
                 task.cancel()
 
     async def _run_async(
