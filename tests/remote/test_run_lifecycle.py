@@ -6,6 +6,7 @@ so "ended before the upstream answered" is a fact, not a timing guess.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -24,7 +25,15 @@ from sipp import (
 from sipp.remote.endpoint import RemoteEndpoint
 from sipp.remote.openai import OpenAIAdapter
 
-from .loopback import Action, LoopbackServer, Request, Wait, full_backlog_listener, json_reply
+from .loopback import (
+    Action,
+    LoopbackServer,
+    Raw,
+    Request,
+    Wait,
+    full_backlog_listener,
+    json_reply,
+)
 
 CHAT = [ChatMessage("user", "Say something.")]
 COMPLETION = {
@@ -178,3 +187,18 @@ def test_async_close_ends_running_runs_with_client_closed() -> None:
         assert not release.is_set()
         _until(lambda: server.open_connections == 0)
         release.set()
+
+
+def test_sync_pool_drops_a_connection_the_server_closed_while_idle() -> None:
+    body = json.dumps(COMPLETION).encode()
+    head = (
+        f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    )
+    # A complete keep-alive response, then the server closes the connection (Raw ends so).
+    with LoopbackServer(lambda req: [Raw(head.encode() + body)]) as server, SippClient() as client:
+        ref = client.add("p", _provider(server.url))
+        assert client.chat(CHAT, endpoint=ref).result(timeout=10).text == "Done."
+        _until(lambda: server.open_connections == 0)
+        # The pooled connection now reads as EOF: the pool must open a new one.
+        assert client.chat(CHAT, endpoint=ref).result(timeout=10).text == "Done."
+    assert len(server.requests) == 2

@@ -160,8 +160,18 @@ class _Stream(httpcore.NetworkStream):
             return sock
         if info == "is_readable":
             # An idle pooled connection the server closed reads as ready (EOF).
-            return sock.fileno() < 0 or bool(select.select([sock], [], [], 0)[0])
+            return _readable(sock)
         return None
+
+
+def _readable(sock: socket.socket) -> bool:
+    if sock.fileno() < 0:
+        return True
+    if hasattr(select, "poll"):  # select.select cannot take descriptors past 1023
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    return bool(select.select([sock], [], [], 0)[0])
 
 
 class _Backend(httpcore.NetworkBackend):
