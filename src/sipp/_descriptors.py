@@ -65,11 +65,16 @@ ValueProvider = Callable[[], "str | Awaitable[str]"]
 
 @dataclass(frozen=True, kw_only=True)
 class GatewayTimeoutPolicy:
-    """Deadlines in seconds: TCP/TLS connect, sending the request, and the longest
-    wait for the next bytes of a response (a finite body or the next SSE frame)."""
+    """Deadlines in seconds, the same in the sync and async shells.
+
+    `connect_s`: TCP (and TLS) connect. `request_s`: the whole request, from sending
+    it to the last byte of a finite body, or to the first token of a stream.
+    `stream_read_s`: once a stream has sent its first token, the longest wait for
+    each next SSE frame (a frame trickled byte by byte still counts as one wait).
+    Past any of them the run fails with `RemoteError` code "timeout"."""
 
     connect_s: float = 10.0
-    request_s: float = 30.0
+    request_s: float = 300.0
     stream_read_s: float = 300.0
 
     def __post_init__(self) -> None:

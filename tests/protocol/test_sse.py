@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sipp import TokenBatch
+from sipp import InvalidConfigError, RemoteError, TokenBatch
 from sipp.protocol import SSEDecoder, SSEEvent, done_frame, encode_sse, token_frame
+from sipp.protocol.sse import MAX_EVENT_BYTES
 
 STREAM = (
     token_frame(TokenBatch("Gate", (), 0))
@@ -64,3 +66,61 @@ def test_random_chunking(cuts: list[int]) -> None:
     points = sorted(set(cuts))
     chunks = [STREAM[a:b] for a, b in zip([0, *points], [*points, len(STREAM)])]
     assert _decode(chunks) == EXPECTED
+
+
+def test_an_event_over_the_cap_is_a_typed_error() -> None:
+    decoder = SSEDecoder(max_event_bytes=64)
+    assert decoder.feed(b"data: " + b"x" * 40 + b"\n\n") == [SSEEvent("message", "x" * 40)]
+    # Several lines of one frame add up, terminators included.
+    with pytest.raises(RemoteError, match="exceeds 64 bytes") as info:
+        decoder.feed(b"data: " + b"y" * 30 + b"\ndata: " + b"y" * 30 + b"\n")
+    assert info.value.code == "upstream"
+
+
+def test_a_line_that_never_ends_hits_the_cap_while_it_arrives() -> None:
+    decoder = SSEDecoder(max_event_bytes=1000)
+    decoder.feed(b"data: ")
+    with pytest.raises(RemoteError, match="exceeds 1000 bytes"):
+        for _ in range(100):
+            decoder.feed(b"z" * 100)
+
+
+def test_default_cap_is_one_mebibyte() -> None:
+    decoder = SSEDecoder()
+    assert decoder.max_event_bytes == MAX_EVENT_BYTES == 1 << 20
+    big = b"data: " + b"a" * (MAX_EVENT_BYTES - 10) + b"\n\n"
+    assert decoder.feed(big)[0].data == "a" * (MAX_EVENT_BYTES - 10)
+    with pytest.raises(RemoteError):
+        decoder.feed(b"data: " + b"a" * MAX_EVENT_BYTES + b"\n\n")
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "10"])
+def test_cap_must_be_a_positive_integer(bad: object) -> None:
+    with pytest.raises(InvalidConfigError):
+        SSEDecoder(max_event_bytes=bad)  # type: ignore[arg-type]
+
+
+def test_ten_megabytes_of_small_events_in_tiny_chunks_is_scanned_once() -> None:
+    frame = token_frame(TokenBatch("tok", (), 0))
+    stream = frame * (10_000_000 // len(frame))
+    decoder = SSEDecoder()
+    count = 0
+    for i in range(0, len(stream), 7):
+        count += len(decoder.feed(stream[i : i + 7]))
+    assert count == len(stream) // len(frame)
+    # Each byte is searched at most once for LF and once for CR, whatever the chunking.
+    assert decoder.scanned_bytes <= 2 * len(stream)
+
+
+@pytest.mark.parametrize("ending", [b"\n", b"\r", b"\r\n"])
+def test_one_long_line_in_small_chunks_is_not_rescanned(ending: bytes) -> None:
+    line = b"data: " + b"q" * 500_000
+    decoder = SSEDecoder()
+    events = []
+    for i in range(0, len(line), 100):
+        events += decoder.feed(line[i : i + 100])
+    # A frame of CR-terminated lines: the LF search must not restart after every line.
+    events += decoder.feed((ending + b"data: r") * 1000 + ending + ending)
+    assert events == [SSEEvent("message", "\n".join(["q" * 500_000] + ["r"] * 1000))]
+    total = len(line) + len(ending) * 1002 + 7 * 1000
+    assert decoder.scanned_bytes <= 2 * total

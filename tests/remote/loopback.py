@@ -42,8 +42,25 @@ class Chunk:
 
 
 @dataclass
+class Raw:
+    """Bytes written as they are, outside any chunked framing (e.g. a status line sent a
+    byte at a time). A response with one ends by closing the connection."""
+
+    data: bytes
+
+
+@dataclass
 class Sleep:
     seconds: float
+
+
+@dataclass
+class Wait:
+    """Pause until the test sets `event` (or `timeout` passes): lets a test check what the
+    client did before the server answers, without timing assumptions."""
+
+    event: threading.Event
+    timeout: float = 30.0
 
 
 class Reset:
@@ -54,7 +71,7 @@ class Close:
     """Close without finishing the chunked body."""
 
 
-Action = Status | Chunk | Sleep | Reset | Close
+Action = Status | Chunk | Raw | Sleep | Wait | Reset | Close
 Handler = Callable[[Request], list[Action]]
 
 _REASONS = {
@@ -88,6 +105,7 @@ class LoopbackServer:
         self.handler = handler
         self.requests: list[Request] = []
         self.open_connections = 0
+        self.hangups = 0  # clients that hung up while the server paused
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -141,17 +159,31 @@ class LoopbackServer:
                 headers = {"transfer-encoding": "chunked", **action.headers}
                 head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
                 writer.write(head.encode())
+            elif isinstance(action, Raw):
+                finished = False
+                writer.write(action.data)
+                await writer.drain()
             elif isinstance(action, Chunk):
                 writer.write(f"{len(action.data):x}\r\n".encode() + action.data + b"\r\n")
                 await writer.drain()
-            elif isinstance(action, Sleep):
+            elif isinstance(action, Sleep | Wait):
                 await writer.drain()
                 # Pause, but notice a client that hangs up meanwhile (EOF on the socket).
                 eof = asyncio.ensure_future(reader.read(1))
-                done, _ = await asyncio.wait({eof}, timeout=action.seconds)
+                if isinstance(action, Sleep):
+                    pause = asyncio.ensure_future(asyncio.sleep(action.seconds))
+                else:
+                    pause = asyncio.ensure_future(
+                        asyncio.to_thread(action.event.wait, action.timeout)
+                    )
+                done, _ = await asyncio.wait({eof, pause}, return_when=asyncio.FIRST_COMPLETED)
                 if eof in done:
+                    self.hangups += 1
+                    pause.cancel()
                     return False
-                eof.cancel()
+                eof.cancel()  # and let it finish, so the next request's read starts clean
+                with contextlib.suppress(asyncio.CancelledError):
+                    await eof
             elif isinstance(action, Reset):
                 sock = writer.get_extra_info("socket")
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -161,9 +193,12 @@ class LoopbackServer:
                 await writer.drain()
                 writer.close()
                 return False
-        if finished:
-            writer.write(b"0\r\n\r\n")
+        if not finished:
             await writer.drain()
+            writer.close()
+            return False
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
         return True
 
     def close(self) -> None:

@@ -100,7 +100,7 @@ async def _add_provider(
     if target.secret_env is not None:
         secret = read_secret(env, target.secret_env, f"target {target.name}")
     timeout = (
-        GatewayTimeoutPolicy(stream_read_s=target.timeout_seconds)
+        GatewayTimeoutPolicy(request_s=target.timeout_seconds)
         if target.timeout_seconds
         else GatewayTimeoutPolicy()
     )

@@ -9,11 +9,13 @@ lines end in LF, CR or CRLF; `event:`, `data:` (multi-line joined with LF),
 
 from __future__ import annotations
 
-import codecs
-from collections.abc import Iterator
 from dataclasses import dataclass
 
-__all__ = ["SSEDecoder", "SSEEvent", "encode_sse"]
+from .._errors import InvalidConfigError, RemoteError
+
+__all__ = ["MAX_EVENT_BYTES", "SSEDecoder", "SSEEvent", "encode_sse"]
+
+MAX_EVENT_BYTES = 1 << 20  # default cap on one event's frame; providers send a few KiB
 
 
 @dataclass(frozen=True)
@@ -33,9 +35,25 @@ def encode_sse(event: str, data: str) -> bytes:
 
 
 class SSEDecoder:
-    def __init__(self) -> None:
-        self._text = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._buffer = ""
+    """Incremental decoder. `max_event_bytes` caps one frame (every line up to the blank
+    line that ends it, terminators included): past it `feed` raises `RemoteError`, so a
+    peer that never ends a line or a frame cannot grow memory without bound."""
+
+    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        if (
+            isinstance(max_event_bytes, bool)
+            or not isinstance(max_event_bytes, int)
+            or max_event_bytes <= 0
+        ):
+            raise InvalidConfigError("max_event_bytes must be a positive integer")
+        self.max_event_bytes = max_event_bytes
+        # Lines are split on bytes (CR and LF never occur inside a UTF-8 sequence) and
+        # each complete line is decoded on its own, so a character split across chunks
+        # needs no incremental text decoder.
+        self._buffer = bytearray()
+        self._scanned = 0  # bytes of `_buffer` already searched for a line end
+        self._frame_bytes = 0  # bytes of the current frame's complete lines
+        self.scanned_bytes = 0  # total searched, for tests: stays linear in the input
         self._pending_cr = False
         self._event = ""
         self._data: list[str] = []
@@ -43,28 +61,75 @@ class SSEDecoder:
         self._retry: int | None = None
         self._seen_field = False
 
-    def feed(self, chunk: bytes) -> Iterator[SSEEvent]:
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
         """Events completed by `chunk` (possibly none)."""
-        text = self._text.decode(chunk)
-        if self._pending_cr and text.startswith("\n"):
-            text = text[1:]  # the LF of a CRLF whose CR ended the previous chunk
-        self._pending_cr = False
-        self._buffer += text
+        buffer: bytes | bytearray
+        if self._buffer:
+            self._buffer += chunk
+            buffer = self._buffer
+        else:
+            buffer = chunk  # the usual case: search the chunk itself, keep only its tail
+        pos = 0
+        if self._pending_cr and buffer is chunk and chunk[:1] == b"\n":
+            pos = 1  # the LF of a CRLF whose CR ended the previous chunk
+        if chunk:
+            self._pending_cr = False
+        scan = max(pos, self._scanned)
+        size = len(buffer)
+        cap = self.max_event_bytes
+        frame = self._frame_bytes
+        events: list[SSEEvent] = []
+        # Each byte is searched at most once for LF and once for CR, here and across
+        # calls (`_scanned`), so decoding stays linear however the stream is chunked.
+        lf = buffer.find(b"\n", scan)
+        scanned = (lf + 1 if lf >= 0 else size) - scan
         while True:
-            cut = _line_end(self._buffer)
-            if cut is None:
+            if 0 <= lf < scan:
+                lf = buffer.find(b"\n", scan)
+                scanned += (lf + 1 if lf >= 0 else size) - scan
+            stop = lf if lf >= 0 else size
+            cr = buffer.find(b"\r", scan, stop)
+            if cr >= 0:
+                scanned += cr + 1 - scan
+                end, width = cr, 2 if cr + 1 == lf else 1
+                if width == 1 and end + 1 == size:
+                    self._pending_cr = True  # maybe CRLF split across chunks
+            elif lf >= 0:
+                scanned += stop - scan
+                end, width = lf, 1
+            else:
+                scanned += stop - scan
                 break
-            end, width = cut
-            if width == 1 and self._buffer[end] == "\r" and end + 1 == len(self._buffer):
-                self._pending_cr = True  # maybe CRLF split across chunks
-            line, self._buffer = self._buffer[:end], self._buffer[end + width :]
-            event = self._line(line)
+            frame += end + width - pos
+            if frame > cap:
+                self._too_large()
+            if end == pos:  # a blank line ends the frame
+                frame = 0
+                event = self._dispatch()
+            else:
+                event = self._line(buffer[pos:end].decode("utf-8", "replace"))
+            pos = scan = end + width
             if event is not None:
-                yield event
+                events.append(event)
+        self.scanned_bytes += scanned
+        self._frame_bytes = frame
+        if buffer is chunk:
+            if pos < size:
+                self._buffer += chunk[pos:]
+        elif pos:
+            del self._buffer[:pos]
+        self._scanned = len(self._buffer)
+        if frame + self._scanned > cap:
+            self._too_large()
+        return events
+
+    def _too_large(self) -> None:
+        raise RemoteError(f"a server-sent event exceeds {self.max_event_bytes} bytes")
 
     def close(self) -> SSEEvent | None:
         """End of stream. Per the spec an unterminated last event is discarded; return None."""
-        self._buffer = ""
+        self._buffer.clear()
+        self._scanned = 0
         return None
 
     @property
@@ -98,12 +163,3 @@ class SSEDecoder:
         event = SSEEvent(self._event or "message", "\n".join(self._data), self._id, self._retry)
         self._event, self._data, self._retry, self._seen_field = "", [], None, False
         return event if has_data else None  # a frame without data lines dispatches nothing
-
-
-def _line_end(buffer: str) -> tuple[int, int] | None:
-    """(index, width) of the first line terminator: LF, CR or CRLF."""
-    lf = buffer.find("\n")
-    cr = buffer.find("\r", 0, lf if lf >= 0 else len(buffer))
-    if cr >= 0:
-        return cr, 2 if cr + 1 == lf else 1
-    return (lf, 1) if lf >= 0 else None

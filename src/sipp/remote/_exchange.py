@@ -9,16 +9,18 @@ just move bytes, so both behave identically by construction.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import httpx
 
 from .._channel import RunChannel
+from .._descriptors import GatewayTimeoutPolicy
 from .._endpoint import EmbedRequest, Operation, TextRequest
 from .._errors import RemoteError, SippError
 from .._types import SippEmbeddingResponse, SippTextResponse, TokenBatch, Usage
 from ..protocol.sse import SSEDecoder, SSEEvent
+from ._content import ContentDecoder, content_decoder
 
 __all__ = ["MAX_BODY_BYTES", "Adapter", "EmbedExchange", "StreamParser", "TextExchange"]
 
@@ -75,18 +77,54 @@ class Adapter(Protocol):
 
 
 class _Exchange:
-    def __init__(self, adapter: Adapter) -> None:
+    """State shared by both exchanges: status, headers, content decoding, the body cap
+    and the deadline. `deadline` is a time on `clock`; the shells read it before every
+    blocking step (connect, headers, each read) and give up once it has passed."""
+
+    def __init__(self, adapter: Adapter, timeouts: GatewayTimeoutPolicy) -> None:
         self.adapter = adapter
+        self.timeouts = timeouts
         self.status = 0
         self.headers = httpx.Headers()
         self.body = bytearray()
+        self._content: ContentDecoder | None = None
+        self._clock: Callable[[], float] = _no_clock
+        self.deadline = 0.0
+
+    def begin(self, clock: Callable[[], float]) -> None:
+        """The request is about to be sent: the request deadline starts now."""
+        self._clock = clock
+        self.deadline = clock() + self.timeouts.request_s
 
     def start(self, status: int, headers: httpx.Headers) -> None:
         self.status, self.headers = status, headers
+        try:
+            self._content = content_decoder(headers.get("content-encoding"), self.adapter.name)
+        except RemoteError:
+            if not self.failed:
+                raise
+            # An error status stays the error; its undecodable body only loses the message.
+
+    def feed(self, chunk: bytes) -> bool:
+        """Consume raw body bytes; True once the outcome is known and the rest can be dropped."""
+        if self._content is None:
+            return self._feed(chunk)
+        return any(self._feed(piece) for piece in self._content.feed(chunk))
+
+    def _feed(self, data: bytes) -> bool:
+        raise NotImplementedError
 
     @property
     def failed(self) -> bool:
         return self.status >= 400
+
+    def timeout_error(self) -> RemoteError:
+        return RemoteError(
+            f"{self.adapter.name}: no complete response within the request deadline "
+            f"({self.timeouts.request_s:g} s)",
+            retryable=True,
+            code="timeout",
+        )
 
     def _collect(self, chunk: bytes) -> None:
         self.body += chunk
@@ -97,27 +135,40 @@ class _Exchange:
         return self.adapter.error(self.status, self.headers, bytes(self.body))
 
 
+def _no_clock() -> float:
+    raise RuntimeError("begin() was not called")
+
+
 class TextExchange(_Exchange):
     """Feeds one text response into a channel; `stream` decides JSON vs SSE."""
 
     def __init__(
-        self, adapter: Adapter, channel: RunChannel[SippTextResponse], stream: bool
+        self,
+        adapter: Adapter,
+        channel: RunChannel[SippTextResponse],
+        stream: bool,
+        timeouts: GatewayTimeoutPolicy,
     ) -> None:
-        super().__init__(adapter)
+        super().__init__(adapter, timeouts)
         self.channel = channel
         self.stream = stream
         self._decoder = SSEDecoder()
         self._parser = adapter.stream_parser() if stream else None
         self._text: list[str] = []
         self._usage: Usage | None = None
+        self._streaming = False  # the first token arrived: stream_read_s applies
         self.finished = False
 
-    def feed(self, chunk: bytes) -> bool:
-        """Consume bytes; True once the outcome is known and the rest can be dropped."""
+    def _feed(self, chunk: bytes) -> bool:
         if self.failed or self._parser is None:
             self._collect(chunk)
             return False
-        for event in self._decoder.feed(chunk):
+        events = self._decoder.feed(chunk)
+        if events and self._streaming:
+            # Past the first token the request deadline is over: each frame may take
+            # up to stream_read_s (a trickle that never completes a frame still fails).
+            self.deadline = self._clock() + self.timeouts.stream_read_s
+        for event in events:
             try:
                 batches, final = self._parser.feed(event)
             except SippError as exc:
@@ -125,6 +176,9 @@ class TextExchange(_Exchange):
                 self._finish(exc)
                 return True
             for batch in batches:
+                if not self._streaming:
+                    self._streaming = True
+                    self.deadline = self._clock() + self.timeouts.stream_read_s
                 self._text.append(batch.text)
                 self.channel.push(batch)
             if final is not None:
@@ -152,6 +206,15 @@ class TextExchange(_Exchange):
     def cancelled(self) -> None:
         self._finish(SippTextResponse("".join(self._text), "cancelled", self._usage))
 
+    def timeout_error(self) -> RemoteError:
+        if not self._streaming:
+            return super().timeout_error()
+        return RemoteError(
+            f"{self.adapter.name}: the stream sent no event for {self.timeouts.stream_read_s:g} s",
+            retryable=True,
+            code="timeout",
+        )
+
     def fail(self, error: SippError) -> None:
         if self.stream:
             error.partial_text = "".join(self._text)
@@ -163,12 +226,17 @@ class TextExchange(_Exchange):
 
 
 class EmbedExchange(_Exchange):
-    def __init__(self, adapter: Adapter, channel: RunChannel[SippEmbeddingResponse]) -> None:
-        super().__init__(adapter)
+    def __init__(
+        self,
+        adapter: Adapter,
+        channel: RunChannel[SippEmbeddingResponse],
+        timeouts: GatewayTimeoutPolicy,
+    ) -> None:
+        super().__init__(adapter, timeouts)
         self.channel = channel
         self.finished = False
 
-    def feed(self, chunk: bytes) -> bool:
+    def _feed(self, chunk: bytes) -> bool:
         self._collect(chunk)
         return False
 
