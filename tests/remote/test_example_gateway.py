@@ -30,6 +30,10 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "custom_gateway.py"
 GREEDY = SippTextOptions(max_tokens=16, temperature=0)
 
 
+# httpx defaults to 5 s, which a loaded 2-core CI machine can exceed; the test is not timed.
+_TIMEOUT = 60.0
+
+
 def _load_example() -> Any:
     spec = importlib.util.spec_from_file_location("custom_gateway", EXAMPLE)
     assert spec is not None and spec.loader is not None
@@ -88,7 +92,9 @@ def test_errors_cross_the_wire_typed(gateway_url: str) -> None:
 
 def test_raw_http_bad_bodies(gateway_url: str) -> None:
     local_only = httpx.post(
-        f"{gateway_url}/v1/query", json={"model": "local", "prompt": "x", "context_key": "k"}
+        f"{gateway_url}/v1/query",
+        json={"model": "local", "prompt": "x", "context_key": "k"},
+        timeout=_TIMEOUT,
     )
     assert local_only.status_code == 400
     assert local_only.json() == {
@@ -97,9 +103,9 @@ def test_raw_http_bad_bodies(gateway_url: str) -> None:
             "message": "field 'context_key' is a local-only option; gateway requests cannot carry it",
         }
     }
-    broken = httpx.post(f"{gateway_url}/v1/chat", content=b"{nope")
+    broken = httpx.post(f"{gateway_url}/v1/chat", content=b"{nope", timeout=_TIMEOUT)
     assert broken.status_code == 400 and broken.json()["error"]["code"] == "invalid_request"
-    huge = httpx.post(f"{gateway_url}/v1/query", content=b"x" * (2 << 20))
+    huge = httpx.post(f"{gateway_url}/v1/query", content=b"x" * (2 << 20), timeout=_TIMEOUT)
     assert huge.status_code == 413 and huge.json()["error"]["code"] == "payload_too_large"
     frames = httpx.post(
         f"{gateway_url}/v1/query",
@@ -110,6 +116,7 @@ def test_raw_http_bad_bodies(gateway_url: str) -> None:
             "temperature": 0,
             "stream": True,
         },
+        timeout=_TIMEOUT,
     )
     assert frames.headers["content-type"].startswith("text/event-stream")
     assert b"event: token" in frames.content and frames.content.endswith(
