@@ -60,13 +60,9 @@ class _OpenAIEndpoint(RemoteEndpoint):
         assert isinstance(adapter, OpenAIAdapter)
         for request in requests:
             adapter.check_embed(request)
-        lead = channels[0]
-        for channel in channels[1:]:  # the call is shared: cancelling any input cancels it
-
-            def cancel_lead(reason: str | None = None) -> None:
-                lead.request_cancel("another input of the batch was cancelled")
-
-            channel.on_cancel(cancel_lead)
+        lead = channels[0]  # the exchange's own channel: cancelling it cancels the call
+        for channel in channels[1:]:
+            channel.on_cancel(lambda: lead.request_cancel("an input of the batch was cancelled"))
         inputs = [request.input for request in requests]
         self._spawn(
             lambda headers: adapter.embed_batch_request(inputs, headers),
