@@ -14,7 +14,7 @@ import pytest
 
 from sipp import models
 
-from ..remote.loopback import Action, Request, json_reply
+from ..remote.loopback import Action, Request, Sleep, json_reply
 from .test_server import TOKEN, Gateway, running_gateway
 from .upstreams import CountingUpstream, add_targets, embeddings_reply, poll
 
@@ -38,6 +38,9 @@ pooling = "mean"
 def _provider(req: Request) -> list[Action]:
     if req.json()["model"] == "broken":
         return json_reply({"error": {"message": "boom", "type": "server_error"}}, 500)
+    if req.json()["model"] == "stalled":  # headers, then a minute before the body
+        status, body = embeddings_reply(req)
+        return [status, Sleep(60), body]
     return embeddings_reply(req)
 
 
@@ -57,7 +60,10 @@ def gateway(
         toml = toml.replace("max_request_bytes = 4096", "max_request_bytes = 4194304")
         toml = toml.replace("max_concurrent_requests = 2", "max_concurrent_requests = 16")
         toml = add_targets(
-            toml, upstream.url, {"emb": "m", "emb-broken": "broken"}, "TEST_PROVIDER_TOKEN"
+            toml,
+            upstream.url,
+            {"emb": "m", "emb-broken": "broken", "emb-stalled": "stalled"},
+            "TEST_PROVIDER_TOKEN",
         )
         return toml + MINILM.format(path=minilm)
 
@@ -101,6 +107,22 @@ def test_a_failing_batch_is_one_failed_call(gateway: Gateway, upstream: Counting
     assert len(upstream.calls("/embeddings")) - before == 1
     poll(lambda: upstream.open_requests == 0, "open upstream requests")
     poll(lambda: gateway.metric("sipp_gateway_in_flight_requests") == 0, "in-flight permits")
+
+
+def test_a_client_that_goes_away_cancels_the_upstream_batch(
+    gateway: Gateway, upstream: CountingUpstream
+) -> None:
+    before = len(upstream.calls("/embeddings"))
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{gateway.public}/v1/embeddings",
+            json={"model": "emb-stalled", "input": [f"t{i}" for i in range(100)]},
+            headers=AUTH,
+            timeout=httpx.Timeout(60, read=1),
+        )
+    poll(lambda: upstream.open_requests == 0, "open upstream requests")
+    poll(lambda: gateway.metric("sipp_gateway_in_flight_requests") == 0, "in-flight permits")
+    assert len(upstream.calls("/embeddings")) - before == 1
 
 
 def test_a_client_that_goes_away_cancels_the_inputs_not_yet_embedded(gateway: Gateway) -> None:
