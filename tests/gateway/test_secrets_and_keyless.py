@@ -15,8 +15,9 @@ import openai
 import pytest
 
 from sipp import AuthenticationError
+from sipp.gateway import auth
 from sipp.gateway.admin import AdminState
-from sipp.gateway.auth import TokenTable, same_secret, secret_digest
+from sipp.gateway.auth import TokenTable
 from sipp.gateway.config import ConfigError, TokenConfig, parse_config
 
 from .test_config import BASE
@@ -27,10 +28,10 @@ SHORT, LONG = "tok-a", "tok-" + "b" * 300
 
 
 def test_same_secret_compares_digests_of_any_length() -> None:
-    digest = secret_digest(SHORT)
-    assert len(digest) == 32 and same_secret(SHORT, digest)
+    digest = auth.secret_digest(SHORT)
+    assert len(digest) == 32 and auth.same_secret(SHORT, digest)
     for other in ["", "tok-", "tok-ab", SHORT.upper(), LONG, "x" * 10_000]:
-        assert not same_secret(other, digest)
+        assert not auth.same_secret(other, digest)
 
 
 def test_tokens_and_the_admin_password_go_through_fixed_length_digests(
