@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ..remote.loopback import Action, Request, Sleep, sse_reply
@@ -25,6 +25,7 @@ from .upstreams import CountingUpstream, embeddings_reply, poll, text_reply
 
 ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
 AUTH = {"authorization": f"Bearer {TOKEN}"}
+CHAT, HI = "/v1/chat/completions", [{"role": "user", "content": "hi"}]
 
 
 def _slow(req: Request) -> list[Action]:
@@ -146,6 +147,8 @@ def requests(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
     max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(request=requests())
+@example(request=(CHAT, {"model": "slow", "messages": HI, "stream": True, "stream_options": 1}))
+@example(request=(CHAT, {"model": "local", "messages": HI, "stream": True, "stream_options": "x"}))
 def test_fuzzed_openai_bodies_release_everything(
     gateway: Gateway, upstream: CountingUpstream, request: tuple[str, dict[str, Any]]
 ) -> None:
