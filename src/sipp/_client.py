@@ -12,7 +12,7 @@ import asyncio
 import atexit
 import threading
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ._channel import RunChannel
@@ -194,6 +194,17 @@ class _Registry:
         (endpoint.start_embed_async if in_loop else endpoint.start_embed)(request, channel)
         return channel
 
+    def start_embed_batch(
+        self, ref: EndpointRef, inputs: Sequence[str]
+    ) -> list[RunChannel[SippEmbeddingResponse]] | None:
+        """One call for all `inputs` when the endpoint batches; None (nothing started) if not."""
+        if not inputs or not all(isinstance(i, str) for i in inputs):
+            raise InvalidRequestError("embed needs input strings")
+        endpoint = self.resolve(ref, "embed")
+        requests = [EmbedRequest(text, None) for text in inputs]
+        channels: list[RunChannel[SippEmbeddingResponse]] = [RunChannel() for _ in inputs]
+        return channels if endpoint.start_embed_batch_async(requests, channels) else None
+
     def runtime_metrics(self, ref: EndpointRef) -> dict[str, Any]:
         endpoint = self.resolve(ref, "query")
         return endpoint.runtime_metrics()
@@ -357,6 +368,14 @@ class AsyncSippClient:
 
     def runtime_metrics(self, endpoint: EndpointRef) -> dict[str, Any]:
         return self._registry.runtime_metrics(endpoint)
+
+    def _embed_batch(
+        self, inputs: Sequence[str], *, endpoint: EndpointRef
+    ) -> list[AsyncEmbeddingRun] | None:
+        """For the gateway server: one run per input, all served by one upstream call, when
+        the endpoint takes many inputs per call; None (nothing started) when it does not."""
+        channels = self._registry.start_embed_batch(endpoint, inputs)
+        return None if channels is None else [AsyncEmbeddingRun(c) for c in channels]
 
     def _install(self, id: str, endpoint: Endpoint) -> EndpointRef:
         """Register a ready-made endpoint. For the gateway server, which builds local

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -74,6 +74,16 @@ class Endpoint(Protocol):
         self, request: EmbedRequest, channel: RunChannel[SippEmbeddingResponse]
     ) -> None:
         self.start_embed(request, channel)
+
+    def start_embed_batch_async(
+        self,
+        requests: Sequence[EmbedRequest],
+        channels: Sequence[RunChannel[SippEmbeddingResponse]],
+    ) -> bool:
+        """Start `requests` as one call that finishes `channels[i]` with input i's
+        embedding (cancelling any channel cancels the call), in the caller's loop.
+        False, with nothing started, when this endpoint embeds one input per call."""
+        return False
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.close)

@@ -33,6 +33,7 @@ class SippError(Exception):
 
     code: str = "execution"
     retryable: bool = False  # True when the same request may succeed later (429, 5xx, timeouts)
+    retry_after: float | None = None  # seconds, from a 429's Retry-After when one was given
 
     def __init__(
         self, message: str, *, status: int | None = None, request_id: str | None = None

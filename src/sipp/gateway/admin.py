@@ -15,7 +15,6 @@ directory with the same file names instead.
 from __future__ import annotations
 
 import contextlib
-import hmac
 import ipaddress
 import json
 import logging
@@ -41,7 +40,8 @@ from .._errors import (
     RateLimitedError,
     SippError,
 )
-from .app import GatewayState
+from .app import GatewayState, read_body
+from .auth import same_secret, secret_digest
 from .limits import RateLimiter, client_ip, served_over_tls
 from .openai_compat import OPENAI_ROUTES
 
@@ -67,6 +67,7 @@ COOKIE = "sipp_admin"
 CSRF_HEADER = "x-sipp-admin-csrf"
 MAX_FAILURES, FAILURE_WINDOW = 5, 300.0  # then logins from that client wait out the window
 MAX_TRACKED_CLIENTS = 10_000
+MAX_ADMIN_BODY = 16_384  # bytes; the largest admin request is a small JSON object
 
 
 @dataclass
@@ -83,7 +84,7 @@ class AdminState:
         session_seconds: int = SESSION_SECONDS,
         assets_dir: Path | None = None,
     ) -> None:
-        self._password = password.encode()
+        self._password = secret_digest(password)
         self.session_seconds = session_seconds
         self.assets_dir = assets_dir or UI_DIR
         self.sessions: dict[str, _Session] = {}
@@ -91,7 +92,7 @@ class AdminState:
         self.audit: deque[dict[str, Any]] = deque(maxlen=500)
 
     def check_password(self, given: str) -> bool:
-        return hmac.compare_digest(given.encode(), self._password)
+        return same_secret(given, self._password)
 
     def throttle(self, client: str, now: float) -> None:
         recent = self.failures.get(client)
@@ -153,9 +154,9 @@ def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Rout
         )
 
     async def body_json(request: Request) -> dict[str, Any]:
-        raw = await request.body()
-        if len(raw) > 16_384:
-            raise InvalidRequestError("admin request body too large")
+        # Counted as it arrives, like the public routes: a lying or missing
+        # content-length (chunked) cannot make the server buffer more than the limit.
+        raw = await read_body(request, MAX_ADMIN_BODY, "the admin API's limit")
         try:
             obj = json.loads(raw or b"{}")
         except ValueError:
@@ -167,7 +168,7 @@ def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Rout
     def mutating(request: Request, now: float) -> str:
         sid, session = admin.session(request, now)
         given = request.headers.get(CSRF_HEADER, "")
-        if not hmac.compare_digest(given.encode(), session.csrf.encode()):
+        if not same_secret(given, secret_digest(session.csrf)):
             raise AuthorizationError(f"missing or wrong {CSRF_HEADER} header")
         return sid
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -39,13 +40,14 @@ from .._errors import (
     UnavailableError,
 )
 from .._runs import AsyncTextRun
-from .._types import SippTextResponse
+from .._types import SippTextResponse, TokenBatch
 from ..protocol.streaming import SSE_HEADERS, text_stream_frames_async
 from .activity import Activity, RequestRecord
 from .auth import Caller, TokenTable
 from .config import GatewayConfig
 from .limits import ConcurrencyLimit, RateLimiter, client_ip
 from .metrics import GatewayMetrics
+from .upstream import caller_error, from_upstream, log_upstream
 
 __all__ = [
     "GatewayState",
@@ -73,6 +75,7 @@ class GatewayState:
     blocked_ips: set[str] = field(default_factory=set)
     disabled_targets: set[str] = field(default_factory=set)
     admin: Any = None  # AdminState when an admin route and password are configured
+    secrets: list[str] = field(default_factory=list)  # provider keys, masked in logs
 
     def __post_init__(self) -> None:
         self.limit = ConcurrencyLimit(self.config.max_concurrent_requests)
@@ -135,8 +138,19 @@ def resolve_target(state: GatewayState, name: str) -> EndpointRef:
     return ref
 
 
-def check_client(state: GatewayState, request: Request) -> None:
-    """Refuse blocked client addresses (403) and clients over their rate limit (429)."""
+def for_caller(state: GatewayState, target: str | None, exc: SippError) -> SippError:
+    """`exc` as the caller may see it; a provider's failure is logged and counted under
+    its target first (see `upstream`)."""
+    if from_upstream(exc):
+        status = str(exc.status) if exc.status is not None else exc.code
+        state.metrics.upstream_errors.labels(target or "unknown", status).inc()
+        log_upstream(target, exc, state.secrets)
+    return caller_error(exc)
+
+
+def check_client(state: GatewayState, request: Request) -> str:
+    """Refuse blocked client addresses (403) and clients over their rate limit (429);
+    the client's address otherwise."""
     peer = request.client.host if request.client else None
     ip = client_ip(peer, request.headers, state.config.security)
     if ip in state.blocked_ips:
@@ -147,6 +161,7 @@ def check_client(state: GatewayState, request: Request) -> None:
         except RateLimitedError:
             state.refused("rate_limited")
             raise
+    return ip
 
 
 def _request_id(request: Request) -> str:
@@ -154,24 +169,45 @@ def _request_id(request: Request) -> str:
     return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
 
 
+def error_headers(exc: SippError, request_id: str) -> dict[str, str]:
+    """`x-request-id`, plus `Retry-After` when the refusal says how long to wait."""
+    headers = {"x-request-id": request_id}
+    if exc.retry_after is not None:
+        headers["retry-after"] = str(math.ceil(exc.retry_after))
+    return headers
+
+
 def _error(exc: SippError, request_id: str) -> JSONResponse:
     return JSONResponse(
         protocol.error_body(exc.code, exc.message),
         status_code=protocol.status_for(exc),
-        headers={"x-request-id": request_id},
+        headers=error_headers(exc, request_id),
     )
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, name: str = "max_request_bytes") -> bytes:
+    """The body, refused with 413 as soon as more than `limit` bytes are declared or arrive."""
+    too_large = f"request body exceeds {name} ({limit} bytes)"
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLargeError(f"request body exceeds max_request_bytes ({limit})")
+        raise PayloadTooLargeError(too_large)
     body = bytearray()
     async for chunk in request.stream():  # counts bytes actually received, chunked bodies too
         body += chunk
         if len(body) > limit:
-            raise PayloadTooLargeError(f"request body exceeds max_request_bytes ({limit})")
+            raise PayloadTooLargeError(too_large)
     return bytes(body)
+
+
+class _Run(Protocol):
+    @property
+    def done(self) -> bool: ...
+
+    def cancel(self, reason: str | None = None) -> None: ...
+
+
+_R = TypeVar("_R", bound=_Run)
+_T = TypeVar("_T")
 
 
 class PublicCall:
@@ -183,13 +219,38 @@ class PublicCall:
         self.request_id = _request_id(request)
         self.rec = state.record(operation)
         self._permit = False
+        self._runs: list[_Run] = []
+        self._ip = ""
 
     async def open(self) -> tuple[Caller, bytes]:
         """Refuse blocked or rate-limited clients, authenticate, read the body within limits."""
-        check_client(self.state, self.request)
+        self._ip = check_client(self.state, self.request)
         caller = self.state.tokens.authenticate(self.request.headers.get("authorization"))
         self.rec.caller = caller.label
-        return caller, await _read_body(self.request, self.state.config.max_request_bytes)
+        return caller, await read_body(self.request, self.state.config.max_request_bytes)
+
+    def charge(self, cost: int) -> None:
+        """Make this request cost `cost` rate-limit tokens (an embedding batch: one per
+        input). `open` took the first; the rest are taken all or none, else 429."""
+        limiter = self.state.rate_limiter
+        if limiter is None or cost <= 1:
+            return
+        try:
+            if cost > limiter.burst:  # waiting never helps: say so rather than invite retries
+                raise RateLimitedError(
+                    f"this request costs {cost} rate-limit tokens (one per input), more than "
+                    f"the burst ({int(limiter.burst)}); send fewer inputs per request"
+                )
+            limiter.check(self._ip, cost=cost - 1)
+        except RateLimitedError:
+            self.state.refused("rate_limited")
+            raise
+
+    def track(self, run: _R) -> _R:
+        """A run this request started: `close` cancels it unless it finished or a stream
+        took it over, so no failure path leaves a generation or upstream call running."""
+        self._runs.append(run)
+        return run
 
     def admit(self, caller: Caller, target: str) -> EndpointRef:
         """Resolve and authorize `target`, then take an admission permit."""
@@ -203,7 +264,7 @@ class PublicCall:
     async def wait(self, run: AsyncTextRun) -> SippTextResponse:
         """The run's response, or cancel it if the client hangs up first."""
         t0 = time.perf_counter()
-        response = await _unless_disconnected(self.request, run)
+        response = await unless_disconnected(self.request, run.result())
         self.rec.waited = time.perf_counter() - t0
         self.rec.usage(response.usage)
         return response
@@ -215,6 +276,10 @@ class PublicCall:
         return self.rec
 
     def close(self) -> None:
+        if not self.rec.stream:
+            for run in self._runs:
+                if not run.done:
+                    run.cancel("the request failed")
         if self._permit:
             _release(self.state)
         if not self.rec.stream:
@@ -231,6 +296,7 @@ async def serve_public(
     try:
         return await work(call)
     except SippError as exc:
+        exc = for_caller(call.state, call.rec.target, exc)
         call.rec.fail(exc.code)
         return render(exc, call.request_id)
     except Exception:
@@ -251,7 +317,8 @@ def build_public_app(state: GatewayState) -> Starlette:
         req = protocol.decode_embed_body(body)
         ref = call.admit(caller, req.target)
         t0 = time.perf_counter()
-        embedding = await state.client.embed(req.input, endpoint=ref)
+        run = call.track(state.client.embed(req.input, endpoint=ref))
+        embedding = await unless_disconnected(call.request, run.result())
         call.rec.waited = time.perf_counter() - t0
         call.rec.usage(embedding.usage)
         payload = protocol.embedding_response_body(req.target, embedding, id=call.request_id)
@@ -267,11 +334,13 @@ def build_public_app(state: GatewayState) -> Starlette:
             run = state.client.query(
                 req.prompt, endpoint=ref, options=req.options, emit_tokens=req.stream
             )
+            call.track(run)
         else:
             assert req.messages is not None
             run = state.client.chat(
                 req.messages, endpoint=ref, options=req.options, emit_tokens=req.stream
             )
+            call.track(run)
         if req.stream:
             headers = {**SSE_HEADERS, "x-request-id": call.request_id}
             return StreamingResponse(_stream(state, run, call.hand_over()), headers=headers)
@@ -315,22 +384,24 @@ def build_public_app(state: GatewayState) -> Starlette:
     return Starlette(routes=routes, middleware=middleware)
 
 
-async def _unless_disconnected(request: Request, run: AsyncTextRun) -> SippTextResponse:
-    """The run's response; if the client hangs up first, cancel the run (freeing its slot
-    or upstream request) instead of finishing work nobody will read."""
+async def unless_disconnected(request: Request, work: Awaitable[_T]) -> _T:
+    """`work`'s result; if the client hangs up first, cancel `work` (a run's `result()`
+    cancels the run when cancelled, freeing its slot or upstream request) instead of
+    finishing work nobody will read."""
 
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    result = asyncio.ensure_future(run.result())
+    result = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(disconnected())
     try:
         await asyncio.wait({result, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-    if not result.done():
-        run.cancel("client disconnected")
+        if not result.done():
+            result.cancel()
+    if not result.done() or result.cancelled():
         raise ClientClosedError("client disconnected before the response was ready")
     return result.result()
 
@@ -360,9 +431,37 @@ async def settle(rec: RequestRecord, run: AsyncTextRun) -> None:
     try:
         rec.usage((await run.result()).usage)
     except SippError as exc:
-        rec.fail(exc.code)
+        rec.fail(caller_error(exc).code)
     except Exception:
         rec.fail("execution")
+
+
+class _ForCaller:
+    """A streamed run whose failures reach the wire as `for_caller` renders them (an
+    upstream provider's own message and status stay in the log)."""
+
+    def __init__(self, state: GatewayState, run: AsyncTextRun, target: str | None) -> None:
+        self._state, self._run, self._target = state, run, target
+
+    @property
+    def done(self) -> bool:
+        return self._run.done
+
+    def cancel(self, reason: str | None = None) -> None:
+        self._run.cancel(reason)
+
+    async def result(self) -> SippTextResponse:
+        try:
+            return await self._run.result()
+        except SippError as exc:
+            raise for_caller(self._state, self._target, exc) from None
+
+    async def __aiter__(self) -> AsyncIterator[TokenBatch]:
+        try:
+            async for batch in self._run:
+                yield batch
+        except SippError as exc:
+            raise for_caller(self._state, self._target, exc) from None
 
 
 async def _stream(
@@ -371,7 +470,7 @@ async def _stream(
     """The run's SSE frames; releases the admission permit however the stream ends
     (finished, failed, or the client went away, which cancels the run)."""
     try:
-        async for frame in text_stream_frames_async(run):
+        async for frame in text_stream_frames_async(_ForCaller(state, run, rec.target)):
             if rec.ttft is None and frame.startswith(b"event: token"):
                 rec.first_token()
             yield frame

@@ -1,7 +1,9 @@
-"""Bearer tokens: loaded from the env vars the TOML names, compared in constant time."""
+"""Bearer tokens: loaded from the env vars the TOML names, compared in constant time
+through fixed-length digests, so neither a match nor a token's length shows in timing."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 from collections.abc import Mapping
@@ -10,7 +12,18 @@ from dataclasses import dataclass
 from .._errors import AuthenticationError, AuthorizationError, InvalidConfigError
 from .config import TokenConfig
 
-__all__ = ["Caller", "TokenTable", "read_secret"]
+__all__ = ["Caller", "TokenTable", "read_secret", "same_secret", "secret_digest"]
+
+
+def secret_digest(secret: str) -> bytes:
+    """The fixed-length form secrets are kept and compared in."""
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def same_secret(presented: str, digest: bytes) -> bool:
+    """Constant time whatever `presented`'s length: `compare_digest` on unequal lengths
+    returns early, so both sides are compared as SHA-256 digests."""
+    return hmac.compare_digest(secret_digest(presented), digest)
 
 
 def read_secret(
@@ -46,7 +59,9 @@ class TokenTable:
             value = read_secret(
                 source, token.env, f"tokens[{i}] ({token.caller})", no_whitespace=True
             )
-            self._entries.append((value.encode(), Caller(token.caller, frozenset(token.targets))))
+            self._entries.append(
+                (secret_digest(value), Caller(token.caller, frozenset(token.targets)))
+            )
         self.callers = [caller for _, caller in self._entries]
 
     def authenticate(self, authorization: str | None) -> Caller:
@@ -55,11 +70,11 @@ class TokenTable:
         scheme, _, value = authorization.partition(" ")
         if scheme.lower() != "bearer" or not value or " " in value.strip():
             raise AuthenticationError("malformed Authorization header; expected 'Bearer <token>'")
-        presented = value.strip().encode()
+        presented = value.strip()
         found: Caller | None = None
         # Compare against every token so timing reveals neither a match nor which one.
-        for secret, caller in self._entries:
-            if hmac.compare_digest(presented, secret) and found is None:
+        for digest, caller in self._entries:
+            if same_secret(presented, digest) and found is None:
                 found = caller
         if found is None:
             raise AuthenticationError("invalid bearer token")

@@ -36,6 +36,7 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "cpu", "cuda", "metal", "vulkan")
+MAX_EMBEDDING_INPUTS = 2048  # per /v1/embeddings request, as OpenAI's own API allows
 STATS = ("off", "basic", "profile")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _HEADER = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -111,6 +112,7 @@ class GatewayConfig:
     routes: Routes
     tokens: tuple[TokenConfig, ...]
     targets: tuple[LocalTarget | ProviderTarget, ...]
+    max_embedding_inputs: int = MAX_EMBEDDING_INPUTS
 
 
 def load_config(path: str | Path) -> GatewayConfig:
@@ -237,6 +239,7 @@ class _Parser:
             "allowed_origins",
             "admin_password_env",
             "security",
+            "limits",
             "routes",
             "tokens",
             "targets",
@@ -251,6 +254,7 @@ class _Parser:
         origins = self.origins(data.get("allowed_origins", []))
         admin_env = self.env_name(data, "admin_password_env", "")
         security = self.security(data)
+        max_inputs = self.limits(data.get("limits", {}))
         routes = self.routes(data.get("routes", {}))
         targets = self.targets(data.get("targets"))
         tokens = self.tokens(data.get("tokens", []), {t.name for t in targets})
@@ -267,7 +271,16 @@ class _Parser:
             routes,
             tokens,
             targets,
+            max_inputs,
         )
+
+    def limits(self, table: Any) -> int:
+        if not isinstance(table, Mapping):
+            self.fail("limits", "must be a table")
+            return MAX_EMBEDDING_INPUTS
+        self.keys(table, "limits", ("max_embedding_inputs",))
+        value = self.integer(table, "max_embedding_inputs", "limits", MAX_EMBEDDING_INPUTS, 1)
+        return value or MAX_EMBEDDING_INPUTS
 
     def origins(self, value: Any) -> tuple[str, ...]:
         if not isinstance(value, list) or not all(isinstance(o, str) for o in value):
@@ -441,7 +454,8 @@ class _Parser:
                 )
         model = self.string(table, "model", path)
         secret_key = "token_env" if kind == "openai_compatible" else "api_key_env"
-        secret = self.env_name(table, secret_key, path)
+        # A local vLLM or llama-server often takes no key: token_env is optional there.
+        secret = self.env_name(table, secret_key, path, required=kind != "openai_compatible")
         base_url = self.string(table, "base_url", path, required=kind == "openai_compatible")
         if base_url is not None and not re.match(r"^https?://[^\s/?#]+(/[^\s?#]*)?$", base_url):
             self.fail(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -41,14 +42,17 @@ class RateLimiter:
         self.max_clients = max_clients
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
 
-    def check(self, key: str, now: float | None = None) -> None:
+    def check(self, key: str, now: float | None = None, *, cost: int = 1) -> None:
+        """Take `cost` tokens from `key`'s bucket, all or none (429 when it cannot cover them)."""
         now = time.monotonic() if now is None else now
         tokens, last = self._buckets.pop(key, (self.burst, now))
         tokens = min(self.burst, tokens + (now - last) * self.rate)
-        if tokens < 1.0:
+        if tokens < cost:
             self._buckets[key] = (tokens, now)
-            raise RateLimitedError("rate limit exceeded for this client; retry later")
-        self._buckets[key] = (tokens - 1.0, now)
+            error = RateLimitedError("rate limit exceeded for this client; retry later")
+            error.retry_after = math.ceil((cost - tokens) / self.rate)
+            raise error
+        self._buckets[key] = (tokens - cost, now)
         while len(self._buckets) > self.max_clients:
             self._buckets.popitem(last=False)
 

@@ -92,6 +92,12 @@ class GatewayMetrics:
             "Requests refused because max_concurrent_requests was full",
             registry=r,
         )
+        self.upstream_errors = Counter(
+            "sipp_gateway_upstream_errors",
+            "Provider failures by target and upstream HTTP status (or error code without one)",
+            ["target", "status"],
+            registry=r,
+        )
         r.register(_LocalRuntimeCollector(local_stats))
 
     def observe(self, record: RequestRecord) -> None:

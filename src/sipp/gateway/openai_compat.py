@@ -28,7 +28,18 @@ from .._errors import InvalidRequestError, SippError
 from .._runs import AsyncTextRun
 from .._types import ChatMessage, ChatRole, SippTextOptions, SippTextResponse
 from .activity import RequestRecord
-from .app import GatewayState, PublicCall, _release, serve_public, settle
+from .app import (
+    GatewayState,
+    PublicCall,
+    _release,
+    check_client,
+    error_headers,
+    for_caller,
+    serve_public,
+    settle,
+    unless_disconnected,
+)
+from .embed_batch import embed_all
 
 __all__ = ["OPENAI_ROUTES", "openai_routes"]
 
@@ -55,6 +66,7 @@ _ERROR_TYPES = {
     404: "not_found_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
+    502: "upstream_error",
 }
 
 
@@ -68,7 +80,7 @@ def _openai_error(exc: SippError, request_id: str) -> JSONResponse:
             "code": exc.code,
         }
     }
-    return JSONResponse(body, status_code=status, headers={"x-request-id": request_id})
+    return JSONResponse(body, status_code=status, headers=error_headers(exc, request_id))
 
 
 def _object(body: bytes, allowed: set[str]) -> dict[str, Any]:
@@ -80,9 +92,7 @@ def _object(body: bytes, allowed: set[str]) -> dict[str, Any]:
         raise InvalidRequestError("request body must be a JSON object")
     for key in obj:
         if key not in allowed:
-            error = InvalidRequestError(f"'{key}' is not supported by this gateway")
-            error.field = key  # type: ignore[attr-defined]
-            raise error
+            raise _field_error(key, f"'{key}' is not supported by this gateway")
     if obj.get("n", 1) != 1:
         raise InvalidRequestError("only n=1 is supported")
     if not isinstance(obj.get("model"), str) or not obj["model"]:
@@ -150,104 +160,161 @@ def _finish(reason: str) -> str:
     return "length" if reason == "length" else "stop"
 
 
+def _stream_flags(obj: dict[str, Any]) -> tuple[bool, bool]:
+    """(`stream`, `stream_options.include_usage`), both checked before anything runs."""
+    stream = obj.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise _field_error("stream", "'stream' must be true or false")
+    options = obj.get("stream_options")
+    if options is None:
+        return bool(stream), False
+    if not isinstance(options, dict) or not set(options) <= {"include_usage"}:
+        raise _field_error(
+            "stream_options", "'stream_options' must be an object with only 'include_usage'"
+        )
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise _field_error("stream_options", "'stream_options.include_usage' must be a boolean")
+    return bool(stream), include_usage
+
+
+def _field_error(name: str, message: str) -> InvalidRequestError:
+    error = InvalidRequestError(message)
+    error.field = name  # type: ignore[attr-defined]
+    return error
+
+
+def _prompt(obj: dict[str, Any]) -> str:
+    prompt = obj.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise InvalidRequestError("'prompt' must be a string (or an array of one string)")
+    return prompt
+
+
+def _inputs(obj: dict[str, Any], cap: int) -> list[str]:
+    inputs = obj.get("input")
+    inputs = [inputs] if isinstance(inputs, str) else inputs
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(i, str) for i in inputs):
+        raise _field_error("input", "'input' must be a string or an array of strings")
+    if len(inputs) > cap:
+        raise _field_error(
+            "input",
+            f"'input' has {len(inputs)} items; this gateway takes at most {cap} per request "
+            "([limits] max_embedding_inputs)",
+        )
+    return inputs
+
+
+# Decoded and fully validated body -> the work that starts runs. Everything that can
+# reject a body runs before the target is admitted, so no run starts for a bad request.
+Work = Callable[[EndpointRef, PublicCall], Awaitable[Response]]
+
+
 def openai_routes(state: GatewayState) -> list[Route]:
-    Work = Callable[[dict[str, Any], EndpointRef, PublicCall], Awaitable[Response]]
+    Prepare = Callable[[dict[str, Any], PublicCall], Work]
 
     async def run_route(
-        request: Request, operation: str, work: Work, allowed: set[str]
+        request: Request, operation: str, prepare: Prepare, allowed: set[str]
     ) -> Response:
         async def admitted(call: PublicCall) -> Response:
             caller, body = await call.open()
             obj = _object(body, allowed)
-            return await work(obj, call.admit(caller, obj["model"]), call)
+            work = prepare(obj, call)
+            return await work(call.admit(caller, obj["model"]), call)
 
         return await serve_public(PublicCall(state, request, operation), admitted, _openai_error)
 
-    def text_work(kind: str) -> Work:
-        async def work(obj: dict[str, Any], ref: EndpointRef, call: PublicCall) -> Response:
-            target, request_id = obj["model"], call.request_id
-            stream = bool(obj.get("stream", False))
+    def text_work(kind: str) -> Prepare:
+        def prepare(obj: dict[str, Any], _: PublicCall) -> Work:
+            target = obj["model"]
+            stream, include_usage = _stream_flags(obj)
             if kind == "chat":
-                run = state.client.chat(
-                    _messages(obj.get("messages")),
-                    endpoint=ref,
-                    options=_options(obj, "max_completion_tokens"),
-                    emit_tokens=stream,
-                )
+                messages = _messages(obj.get("messages"))
+                options = _options(obj, "max_completion_tokens")
             else:
-                prompt = obj.get("prompt")
-                if isinstance(prompt, list) and len(prompt) == 1:
-                    prompt = prompt[0]
-                if not isinstance(prompt, str):
-                    raise InvalidRequestError(
-                        "'prompt' must be a string (or an array of one string)"
+                prompt = _prompt(obj)
+                options = _options(obj)
+
+            async def work(ref: EndpointRef, call: PublicCall) -> Response:
+                if kind == "chat":
+                    run = state.client.chat(
+                        messages, endpoint=ref, options=options, emit_tokens=stream
                     )
-                run = state.client.query(
-                    prompt, endpoint=ref, options=_options(obj), emit_tokens=stream
-                )
-            ident = ("chatcmpl-" if kind == "chat" else "cmpl-") + request_id
-            created = int(time.time())
-            if stream:
-                include_usage = bool((obj.get("stream_options") or {}).get("include_usage"))
-                rec = call.hand_over()
-                frames = _chunks(state, run, rec, kind, ident, created, target, include_usage)
-                return StreamingResponse(
-                    frames, media_type="text/event-stream", headers={"x-request-id": request_id}
-                )
-            response = await call.wait(run)
-            choice: dict[str, Any] = {
-                "index": 0,
-                "finish_reason": _finish(response.finish_reason),
-                "logprobs": None,
-            }
-            if kind == "chat":
-                choice["message"] = {"role": "assistant", "content": response.text}
-            else:
-                choice["text"] = response.text
-            body = {
-                "id": ident,
-                "object": "chat.completion" if kind == "chat" else "text_completion",
-                "created": created,
-                "model": target,
-                "choices": [choice],
-                "usage": _usage(response),
-            }
-            return JSONResponse(body, headers={"x-request-id": request_id})
+                else:
+                    run = state.client.query(
+                        prompt, endpoint=ref, options=options, emit_tokens=stream
+                    )
+                call.track(run)
+                request_id = call.request_id
+                ident = ("chatcmpl-" if kind == "chat" else "cmpl-") + request_id
+                created = int(time.time())
+                if stream:
+                    rec = call.hand_over()
+                    frames = _chunks(state, run, rec, kind, ident, created, target, include_usage)
+                    return StreamingResponse(
+                        frames,
+                        media_type="text/event-stream",
+                        headers={"x-request-id": request_id},
+                    )
+                response = await call.wait(run)
+                choice: dict[str, Any] = {
+                    "index": 0,
+                    "finish_reason": _finish(response.finish_reason),
+                    "logprobs": None,
+                }
+                if kind == "chat":
+                    choice["message"] = {"role": "assistant", "content": response.text}
+                else:
+                    choice["text"] = response.text
+                body = {
+                    "id": ident,
+                    "object": "chat.completion" if kind == "chat" else "text_completion",
+                    "created": created,
+                    "model": target,
+                    "choices": [choice],
+                    "usage": _usage(response),
+                }
+                return JSONResponse(body, headers={"x-request-id": request_id})
 
-        return work
+            return work
 
-    async def embeddings_work(obj: dict[str, Any], ref: EndpointRef, call: PublicCall) -> Response:
+        return prepare
+
+    def embeddings_work(obj: dict[str, Any], call: PublicCall) -> Work:
         target = obj["model"]
-        inputs = obj.get("input")
-        inputs = [inputs] if isinstance(inputs, str) else inputs
-        if (
-            not isinstance(inputs, list)
-            or not inputs
-            or not all(isinstance(i, str) for i in inputs)
-        ):
-            raise InvalidRequestError("'input' must be a string or an array of strings")
+        inputs = _inputs(obj, state.config.max_embedding_inputs)
         fmt = obj.get("encoding_format", "float")
         if fmt not in ("float", "base64"):
-            raise InvalidRequestError("'encoding_format' must be float or base64")
-        t0 = time.perf_counter()
-        runs = [state.client.embed(text, endpoint=ref) for text in inputs]  # queued together
-        data, tokens = [], 0
-        for index, run in enumerate(runs):
-            emb = await run
-            tokens += emb.usage.input_tokens if emb.usage else 0
-            vector: Any = emb.values
-            if fmt == "base64":
-                vector = base64.b64encode(struct.pack(f"<{len(emb.values)}f", *emb.values)).decode()
-            data.append({"object": "embedding", "index": index, "embedding": vector})
-        call.rec.waited = time.perf_counter() - t0
-        call.rec.input_tokens += tokens
-        body = {
-            "object": "list",
-            "data": data,
-            "model": target,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        }
-        return JSONResponse(body, headers={"x-request-id": call.request_id})
+            raise _field_error("encoding_format", "'encoding_format' must be float or base64")
+        call.charge(len(inputs))
+
+        async def work(ref: EndpointRef, call: PublicCall) -> Response:
+            t0 = time.perf_counter()
+            embeddings = await unless_disconnected(
+                call.request, embed_all(state.client, ref, inputs, call.track)
+            )
+            data, tokens = [], 0
+            for index, emb in enumerate(embeddings):
+                tokens += emb.usage.input_tokens if emb.usage else 0
+                vector: Any = emb.values
+                if fmt == "base64":
+                    vector = base64.b64encode(
+                        struct.pack(f"<{len(emb.values)}f", *emb.values)
+                    ).decode()
+                data.append({"object": "embedding", "index": index, "embedding": vector})
+            call.rec.waited = time.perf_counter() - t0
+            call.rec.input_tokens += tokens
+            body = {
+                "object": "list",
+                "data": data,
+                "model": target,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+            return JSONResponse(body, headers={"x-request-id": call.request_id})
+
+        return work
 
     async def chat_completions(request: Request) -> Response:
         return await run_route(request, "chat", text_work("chat"), _CHAT)
@@ -260,6 +327,7 @@ def openai_routes(state: GatewayState) -> list[Route]:
 
     async def models(request: Request) -> Response:
         try:
+            check_client(state, request)  # blocked addresses and rate limits, like every route
             caller = state.tokens.authenticate(request.headers.get("authorization"))
         except SippError as exc:
             return _openai_error(exc, uuid.uuid4().hex)
@@ -323,7 +391,8 @@ async def _chunks(
         if include_usage:
             yield chunk([], usage=_usage(response))
         yield b"data: [DONE]\n\n"
-    except SippError as exc:
+    except SippError as raw:
+        exc = for_caller(state, rec.target, raw)
         body = {
             "error": {
                 "message": exc.message,

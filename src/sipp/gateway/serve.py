@@ -99,6 +99,7 @@ async def _add_provider(
     secret = None
     if target.secret_env is not None:
         secret = read_secret(env, target.secret_env, f"target {target.name}")
+        state.secrets.append(secret)
     timeout = (
         GatewayTimeoutPolicy(request_s=target.timeout_seconds)
         if target.timeout_seconds

@@ -97,9 +97,11 @@ class ProviderBase:
         message = (
             self.provider_message(body) or body[:200].decode("utf-8", errors="replace") or "no body"
         )
-        return error_from_status(
+        error = error_from_status(
             status, f"{self.d.provider} HTTP {status}: {message}", request_id=request_id
         )
+        error.retry_after = _retry_after(headers.get("retry-after"))
+        return error
 
     @staticmethod
     def provider_message(body: bytes) -> str | None:
@@ -109,3 +111,12 @@ class ProviderBase:
             return str(error["message"]) if isinstance(error, dict) else str(error)
         except (ValueError, KeyError, TypeError):
             return None
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds; the HTTP-date form is ignored (providers send seconds)."""
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and 0 <= seconds < 86_400 else None

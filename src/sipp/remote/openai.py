@@ -8,16 +8,19 @@ requested with `stream_options.include_usage`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
 
-from .._descriptors import ProviderDescriptor
+from .._channel import RunChannel
+from .._descriptors import GatewayTimeoutPolicy, ProviderDescriptor
 from .._endpoint import EmbedRequest, Operation, TextRequest
-from .._errors import RemoteError
+from .._errors import RemoteError, SippError
 from .._types import FinishReason, SippEmbeddingResponse, SippTextResponse, TokenBatch, Usage
 from ..protocol.codec import options_fields
 from ..protocol.sse import SSEEvent
+from ._exchange import EmbedExchange
 from ._provider_common import ProviderBase, load_json, merge_provider_options
 from .endpoint import RemoteEndpoint
 
@@ -42,7 +45,30 @@ _TYPED = frozenset(
 
 
 def openai_endpoint(descriptor: ProviderDescriptor) -> RemoteEndpoint:
-    return RemoteEndpoint.with_policy("provider", OpenAIAdapter(descriptor), descriptor.timeout)
+    return _OpenAIEndpoint.with_policy("provider", OpenAIAdapter(descriptor), descriptor.timeout)
+
+
+class _OpenAIEndpoint(RemoteEndpoint):
+    """`/embeddings` takes an array of inputs: a batch is one upstream request."""
+
+    def start_embed_batch_async(
+        self,
+        requests: Sequence[EmbedRequest],
+        channels: Sequence[RunChannel[SippEmbeddingResponse]],
+    ) -> bool:
+        adapter = self.adapter
+        assert isinstance(adapter, OpenAIAdapter)
+        for request in requests:
+            adapter.check_embed(request)
+        lead = channels[0]  # the exchange's own channel: cancelling it cancels the call
+        for channel in channels[1:]:
+            channel.on_cancel(lambda: lead.request_cancel("an input of the batch was cancelled"))
+        inputs = [request.input for request in requests]
+        self._spawn(
+            lambda headers: adapter.embed_batch_request(inputs, headers),
+            _BatchEmbedExchange(adapter, channels, self.timeouts),
+        )
+        return True
 
 
 def _finish(reason: Any) -> FinishReason:
@@ -109,18 +135,75 @@ class OpenAIAdapter(ProviderBase):
         body = merge_provider_options(body, request.provider_options, _TYPED)
         return self.post("/embeddings", body, headers, False)
 
+    def embed_batch_request(self, inputs: list[str], headers: dict[str, str]) -> httpx.Request:
+        body = {"model": self.d.model, "input": inputs, "encoding_format": "float"}
+        return self.post("/embeddings", body, headers, False)
+
+    def parse_embed_batch(self, body: bytes, count: int) -> list[SippEmbeddingResponse]:
+        """`count` embeddings in input order; the batch's usage rides on the first."""
+        obj = load_json(body, self.name, "response")
+        try:
+            items = sorted(obj["data"], key=lambda item: int(item["index"]))
+            vectors = [[float(v) for v in item["embedding"]] for item in items]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RemoteError(f"{self.name}: unexpected embedding shape ({exc})") from None
+        if len(vectors) != count:
+            raise RemoteError(f"{self.name}: {len(vectors)} embeddings for {count} inputs")
+        usage = _embed_usage(obj.get("usage"))
+        return [
+            SippEmbeddingResponse(v, "provider", False, len(v), usage if i == 0 else None)
+            for i, v in enumerate(vectors)
+        ]
+
     def parse_embed(self, body: bytes) -> SippEmbeddingResponse:
         obj = load_json(body, self.name, "response")
         try:
             values = [float(v) for v in obj["data"][0]["embedding"]]
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise RemoteError(f"{self.name}: unexpected embedding shape ({exc})") from None
-        usage = obj.get("usage")
-        parsed = None
-        if isinstance(usage, dict) and "prompt_tokens" in usage:
-            n = int(usage["prompt_tokens"])
-            parsed = Usage(n, 0, int(usage.get("total_tokens", n)))
-        return SippEmbeddingResponse(values, "provider", False, len(values), parsed)
+        return SippEmbeddingResponse(
+            values, "provider", False, len(values), _embed_usage(obj.get("usage"))
+        )
+
+
+def _embed_usage(usage: Any) -> Usage | None:
+    if isinstance(usage, dict) and "prompt_tokens" in usage:
+        n = int(usage["prompt_tokens"])
+        return Usage(n, 0, int(usage.get("total_tokens", n)))
+    return None
+
+
+class _BatchEmbedExchange(EmbedExchange):
+    """One `/embeddings` response finishing every channel of the batch."""
+
+    def __init__(
+        self,
+        adapter: OpenAIAdapter,
+        channels: Sequence[RunChannel[SippEmbeddingResponse]],
+        timeouts: GatewayTimeoutPolicy,
+    ) -> None:
+        super().__init__(adapter, channels[0], timeouts)
+        self.openai = adapter
+        self.channels = channels
+
+    def end(self) -> None:
+        if self.finished:
+            return
+        try:
+            if self.failed:
+                raise self._error()
+            outcomes = self.openai.parse_embed_batch(bytes(self.body), len(self.channels))
+        except SippError as exc:
+            self._finish(exc)
+            return
+        self.finished = True
+        for channel, outcome in zip(self.channels, outcomes):
+            channel.finish(outcome)
+
+    def _finish(self, outcome: SippEmbeddingResponse | SippError) -> None:
+        self.finished = True
+        for channel in self.channels:
+            channel.finish(outcome)
 
 
 class _OpenAIStream:
