@@ -32,7 +32,7 @@ def gateway(smollm_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 def _login(gw: Gateway) -> tuple[httpx.Client, str]:
-    client = httpx.Client(base_url=gw.management)
+    client = httpx.Client(base_url=gw.management, timeout=60)
     r = client.post("/admin/api/session", json={"password": PASSWORD})
     assert r.status_code == 200, r.text
     cookie = r.headers["set-cookie"].lower()
@@ -45,6 +45,7 @@ def _query(gw: Gateway, target: str = "local") -> httpx.Response:
         f"{gw.public}/v1/query",
         json={"model": target, "prompt": "x", "max_tokens": 1},
         headers={"authorization": f"Bearer {TOKEN}"},
+        timeout=60,
     )
 
 
@@ -68,7 +69,9 @@ def test_login_overview_logout(gateway: Gateway) -> None:
     assert client.get("/admin/api/overview").status_code == 401
     # the public listener never answers admin routes
     assert (
-        httpx.post(f"{gateway.public}/admin/api/session", json={"password": PASSWORD}).status_code
+        httpx.post(
+            f"{gateway.public}/admin/api/session", json={"password": PASSWORD}, timeout=60
+        ).status_code
         == 404
     )
 
@@ -171,7 +174,7 @@ def test_no_admin_response_contains_a_secret(gateway: Gateway) -> None:
 
 
 def test_page_and_assets_are_served_on_the_management_listener_only(gateway: Gateway) -> None:
-    with httpx.Client(base_url=gateway.management) as client:
+    with httpx.Client(base_url=gateway.management, timeout=60) as client:
         r = client.get("/admin")
         assert r.status_code == 308 and r.headers["location"] == "/admin/"
         page = client.get("/admin/")
@@ -188,7 +191,7 @@ def test_page_and_assets_are_served_on_the_management_listener_only(gateway: Gat
             assert r.status_code == 404, bad
         assert client.get("/admin/api/metrics").status_code == 401  # data needs a session
     for path in ("/admin", "/admin/", "/admin/assets/admin.js"):
-        assert httpx.get(f"{gateway.public}{path}").status_code == 404
+        assert httpx.get(f"{gateway.public}{path}", timeout=60).status_code == 404
 
 
 def _stats(client: httpx.Client) -> dict[str, Any]:
@@ -292,7 +295,7 @@ def test_failed_logins_are_throttled(smollm_path: Path, tmp_path: Path) -> None:
     # Its own gateway: the lockout would refuse every later login from this address.
     with (
         running_gateway(smollm_path, tmp_path, with_admin) as gw,
-        httpx.Client(base_url=gw.management) as client,
+        httpx.Client(base_url=gw.management, timeout=60) as client,
     ):
         codes = [
             client.post("/admin/api/session", json={"password": f"guess-{i}"}).status_code
@@ -308,7 +311,10 @@ def test_cookie_is_secure_when_a_trusted_proxy_ended_tls(
 ) -> None:
     def session_cookie(gw: Gateway, **headers: str) -> str:
         r = httpx.post(
-            f"{gw.management}/admin/api/session", json={"password": PASSWORD}, headers=headers
+            f"{gw.management}/admin/api/session",
+            json={"password": PASSWORD},
+            headers=headers,
+            timeout=60,
         )
         assert r.status_code == 200
         return r.headers["set-cookie"].lower()
@@ -338,11 +344,14 @@ def test_forwarded_headers_from_an_untrusted_peer_cannot_dodge_a_block(gateway: 
     body = {"model": "local", "prompt": "x", "max_tokens": 1}
     assert client.post("/admin/api/controls/block", json={"ip": "127.0.0.1"}, headers=h).is_success
     try:
-        r = httpx.post(f"{gateway.public}/v1/query", json=body, headers=spoof)
+        r = httpx.post(f"{gateway.public}/v1/query", json=body, headers=spoof, timeout=60)
         assert r.status_code == 403
     finally:
         client.post("/admin/api/controls/unblock", json={"ip": "127.0.0.1"}, headers=h)
-    assert httpx.post(f"{gateway.public}/v1/query", json=body, headers=spoof).status_code == 200
+    assert (
+        httpx.post(f"{gateway.public}/v1/query", json=body, headers=spoof, timeout=60).status_code
+        == 200
+    )
 
 
 def test_failed_login_table_stays_bounded() -> None:

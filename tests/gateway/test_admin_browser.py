@@ -187,7 +187,9 @@ def test_login_live_counters_block_ip_and_logout(page: Watched, gateway: Gateway
     page.shot("04-logged-out")
     # The ended session's cookie no longer opens the API.
     old = httpx.get(
-        f"{gateway.management}/admin/api/overview", cookies={"sipp_admin": cookie["value"]}
+        f"{gateway.management}/admin/api/overview",
+        cookies={"sipp_admin": cookie["value"]},
+        timeout=60,
     )
     assert old.status_code == 401
 
@@ -222,7 +224,9 @@ def test_runtime_limits_from_the_page(page: Watched, gateway: Gateway) -> None:
     body = {"model": "local", "prompt": "Count: 1, 2, 3,", "max_tokens": 400, "temperature": 0}
     body["stream"] = True
     auth = {"authorization": f"Bearer {LIMITED}"}
-    with httpx.stream("POST", f"{gateway.public}/v1/query", json=body, headers=auth) as held:
+    with httpx.stream(
+        "POST", f"{gateway.public}/v1/query", json=body, headers=auth, timeout=60
+    ) as held:
         lines = held.iter_lines()  # keep it: a dropped iterator closes the connection
         assert next(lines).startswith("event: token")
         assert _public(gateway).status_code == 429

@@ -56,7 +56,7 @@ def test_every_public_route_is_rate_limited_then_blocked(gateway: Gateway) -> No
         assert int(r.headers["retry-after"]) >= 1
     assert gateway.metric("sipp_gateway_rate_limited_total") == len(PUBLIC)
 
-    admin = httpx.Client(base_url=gateway.management)
+    admin = httpx.Client(base_url=gateway.management, timeout=60)
     login = admin.post("/admin/api/session", json={"password": ENV["TEST_ADMIN_PASSWORD"]})
     csrf = {"x-sipp-admin-csrf": login.json()["csrf_token"]}
     assert admin.post(

@@ -72,14 +72,20 @@ def test_live_gateway_rate_limit_cors_and_failed_target(smollm_path: Path, tmp_p
         gw = Gateway(path, ENV, public, management)
         try:
             _wait_loaded(gw)
-            assert httpx.get(f"{gw.management}/readyz").status_code == 503  # a target failed
+            assert (
+                httpx.get(f"{gw.management}/readyz", timeout=60).status_code == 503
+            )  # a target failed
             states = {
-                t["name"]: t["state"] for t in httpx.get(f"{gw.management}/").json()["targets"]
+                t["name"]: t["state"]
+                for t in httpx.get(f"{gw.management}/", timeout=60).json()["targets"]
             }
             assert states["broken"] == "failed" and states["local"] == "loaded"
             auth = {"authorization": f"Bearer {TOKEN}"}
             broken = httpx.post(
-                f"{gw.public}/v1/query", json={"model": "broken", "prompt": "x"}, headers=auth
+                f"{gw.public}/v1/query",
+                json={"model": "broken", "prompt": "x"},
+                headers=auth,
+                timeout=60,
             )
             assert broken.status_code == 500 and broken.json()["error"]["code"] == "execution"
             preflight = httpx.options(
@@ -101,6 +107,7 @@ def test_live_gateway_rate_limit_cors_and_failed_target(smollm_path: Path, tmp_p
                     f"{gw.public}/v1/query",
                     json={"model": "local", "prompt": "x", "max_tokens": 1},
                     headers={**auth, "origin": "http://app.example"},
+                    timeout=60,
                 ).status_code
                 for _ in range(3)
             ]
@@ -118,7 +125,7 @@ def _wait_loaded(gw: Gateway) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{gw.management}/").json()["ready"]:
+            if httpx.get(f"{gw.management}/", timeout=60).json()["ready"]:
                 return
         except httpx.HTTPError:
             pass

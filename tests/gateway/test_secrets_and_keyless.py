@@ -115,6 +115,7 @@ def test_a_keyless_openai_compatible_target_sends_no_authorization(
                 f"{gw.public}/v1/query",
                 json={"model": "vllm", "prompt": "hi"},
                 headers={"authorization": f"Bearer {TOKEN}"},
+                timeout=60,
             )
             assert native.json()["text"] == "from the provider"
     sent = [r for r in upstream.requests if r.path.endswith("completions")]

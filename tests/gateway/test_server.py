@@ -185,7 +185,7 @@ class Gateway:
         raise AssertionError("gateway never became ready")
 
     def metric(self, name: str, labels: str = "") -> float:
-        text = httpx.get(f"{self.management}/metrics").text
+        text = httpx.get(f"{self.management}/metrics", timeout=60).text
         match = re.search(rf"^{re.escape(name)}{re.escape(labels)} ([0-9.e+-]+)$", text, re.M)
         return float(match.group(1)) if match else 0.0
 
@@ -237,15 +237,15 @@ def _post(
 
 
 def test_management_probes(gateway: Gateway) -> None:
-    assert httpx.get(f"{gateway.management}/healthz").text == "ok"
-    assert httpx.get(f"{gateway.management}/readyz").text == "ready"
-    index = httpx.get(f"{gateway.management}/").json()
+    assert httpx.get(f"{gateway.management}/healthz", timeout=60).text == "ok"
+    assert httpx.get(f"{gateway.management}/readyz", timeout=60).text == "ready"
+    index = httpx.get(f"{gateway.management}/", timeout=60).json()
     assert index["ready"] and {t["name"]: t["state"] for t in index["targets"]} == {
         "local": "loaded",
         "mock-openai": "loaded",
     }
     assert (
-        httpx.get(f"{gateway.public}/healthz").status_code == 404
+        httpx.get(f"{gateway.public}/healthz", timeout=60).status_code == 404
     )  # management routes are not public
 
 
@@ -314,7 +314,10 @@ def test_status_table(
 
 def test_malformed_authorization_and_chunked_oversize(gateway: Gateway) -> None:
     r = httpx.post(
-        f"{gateway.public}/v1/query", content=b"{}", headers={"authorization": "Basic abc"}
+        f"{gateway.public}/v1/query",
+        content=b"{}",
+        headers={"authorization": "Basic abc"},
+        timeout=60,
     )
     assert r.status_code == 401
 
@@ -323,7 +326,10 @@ def test_malformed_authorization_and_chunked_oversize(gateway: Gateway) -> None:
             yield b"x" * 1024
 
     r = httpx.post(
-        f"{gateway.public}/v1/query", content=chunks(), headers={"authorization": f"Bearer {TOKEN}"}
+        f"{gateway.public}/v1/query",
+        content=chunks(),
+        headers={"authorization": f"Bearer {TOKEN}"},
+        timeout=60,
     )
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
 
@@ -417,7 +423,7 @@ def test_stream_frames_and_metrics(gateway: Gateway) -> None:
         >= 1
     )
     assert gateway.metric("sipp_gateway_output_tokens_total", '{target="local"}') > 0
-    text = httpx.get(f"{gateway.management}/metrics").text
+    text = httpx.get(f"{gateway.management}/metrics", timeout=60).text
     for family in (
         "sipp_gateway_request_duration_seconds_bucket",
         "sipp_gateway_time_to_first_token_seconds_bucket",
@@ -522,8 +528,8 @@ def test_curl_against_the_gateway(gateway: Gateway) -> None:
 
 def test_no_secret_in_any_response(gateway: Gateway) -> None:
     responses = [
-        httpx.get(f"{gateway.management}/").text,
-        httpx.get(f"{gateway.management}/metrics").text,
+        httpx.get(f"{gateway.management}/", timeout=60).text,
+        httpx.get(f"{gateway.management}/metrics", timeout=60).text,
         _post(gateway, "/v1/query", {"model": "mock-openai", "prompt": "x"}).text,
         _post(gateway, "/v1/query", {"model": "local", "prompt": "x"}, "wrong").text,
     ]
@@ -581,15 +587,18 @@ def test_readiness_is_503_until_every_target_is_loaded(tmp_path: Path) -> None:
         while not server.started:
             time.sleep(0.02)
         url = f"http://127.0.0.1:{port}/readyz"
-        assert (httpx.get(url).status_code, httpx.get(url).text) == (
+        assert (httpx.get(url, timeout=60).status_code, httpx.get(url, timeout=60).text) == (
             503,
             "not ready",
         )  # still loading
         state.ready = True
-        assert (httpx.get(url).status_code, httpx.get(url).text) == (200, "ready")
+        assert (httpx.get(url, timeout=60).status_code, httpx.get(url, timeout=60).text) == (
+            200,
+            "ready",
+        )
         state.target_errors["local"] = "boom"
-        assert httpx.get(url).status_code == 503  # a target failed
-        assert httpx.get(f"http://127.0.0.1:{port}/healthz").text == "ok"
+        assert httpx.get(url, timeout=60).status_code == 503  # a target failed
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=60).text == "ok"
     finally:
         server.should_exit = True
         thread.join(10)

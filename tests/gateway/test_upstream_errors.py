@@ -114,7 +114,10 @@ def test_streams_end_with_a_generic_error_event(gateway: Gateway, model: str) ->
     assert error["code"] == "upstream"
     _no_leak(native.text)
     openai_stream = httpx.post(
-        f"{gateway.public}/v1/completions", json={**body, "model": body["model"]}, headers=AUTH
+        f"{gateway.public}/v1/completions",
+        json={**body, "model": body["model"]},
+        headers=AUTH,
+        timeout=60,
     )
     last = openai_stream.text.strip().split("\n\n")[-1]
     assert json.loads(last.removeprefix("data: "))["error"]["code"] == "upstream"
@@ -127,7 +130,10 @@ def test_upstream_429_stays_429_with_retry_after(gateway: Gateway, client: opena
     assert info.value.response.headers["retry-after"] == "7"
     _no_leak(info.value.response.text)
     native = httpx.post(
-        f"{gateway.public}/v1/query", json={"model": "t-busy", "prompt": "x"}, headers=AUTH
+        f"{gateway.public}/v1/query",
+        json={"model": "t-busy", "prompt": "x"},
+        headers=AUTH,
+        timeout=60,
     )
     assert native.status_code == 429 and native.headers["retry-after"] == "7"
     assert native.json()["error"]["code"] == "rate_limited"
