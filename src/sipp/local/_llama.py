@@ -47,21 +47,27 @@ DEFAULT_SEED = 0xFFFFFFFF
 _init_lock = threading.Lock()
 _initialised = False
 _log_tail: deque[str] = deque(maxlen=20)
-_log_partial: list[str] = []
+_log_lock = threading.Lock()
+# llama.cpp logs from whichever thread is working (load, decode, a sampler build), each
+# line in pieces; a shared buffer would splice pieces of different threads together.
+_log_partial = threading.local()
 
 
 def _log_to_python(level: int, text: bytes, _user: Any) -> None:
-    # llama.cpp streams log lines in pieces; join them before handing to logging.
     piece = text.decode("utf-8", errors="replace") if text else ""
-    _log_partial.append(piece)
+    pieces: list[str] | None = getattr(_log_partial, "pieces", None)
+    if pieces is None:
+        pieces = _log_partial.pieces = []
+    pieces.append(piece)
     if not piece.endswith("\n"):
         return
-    line = "".join(_log_partial).rstrip()
-    _log_partial.clear()
+    line = "".join(pieces).rstrip()
+    pieces.clear()
     if not line:
         return
     if level == 2:  # GGML_LOG_LEVEL_ERROR
-        _log_tail.append(line)
+        with _log_lock:
+            _log_tail.append(line)
         logger.debug("llama.cpp error: %s", line)
     else:
         logger.debug("llama.cpp: %s", line)
@@ -83,8 +89,9 @@ def backend_init() -> None:
 
 def recent_log_errors() -> list[str]:
     """llama.cpp's last error lines, to explain a failed load in our own error."""
-    lines = list(_log_tail)
-    _log_tail.clear()
+    with _log_lock:
+        lines = list(_log_tail)
+        _log_tail.clear()
     return lines
 
 
