@@ -198,6 +198,9 @@ class _Registry:
         endpoint = self.resolve(ref, "query")
         return endpoint.runtime_metrics()
 
+    def failure(self, ref: EndpointRef) -> str | None:
+        return self.resolve(ref, "query").failure()
+
     def close(self) -> None:
         for endpoint in self.detach_all():
             endpoint.close()
@@ -278,6 +281,10 @@ class SippClient:
         """Counters of a local endpoint (requests, tokens, timings, queue depth, slots)."""
         return self._registry.runtime_metrics(endpoint)
 
+    def endpoint_failure(self, endpoint: EndpointRef) -> str | None:
+        """Why `endpoint` stopped serving (its local engine died), or None while it serves."""
+        return self._registry.failure(endpoint)
+
     def close(self) -> None:
         """Stop every endpoint and free its model. In-flight runs end with `ClientClosedError`."""
         self._registry.close()
@@ -357,6 +364,10 @@ class AsyncSippClient:
 
     def runtime_metrics(self, endpoint: EndpointRef) -> dict[str, Any]:
         return self._registry.runtime_metrics(endpoint)
+
+    def endpoint_failure(self, endpoint: EndpointRef) -> str | None:
+        """Why `endpoint` stopped serving (its local engine died), or None while it serves."""
+        return self._registry.failure(endpoint)
 
     def _install(self, id: str, endpoint: Endpoint) -> EndpointRef:
         """Register a ready-made endpoint. For the gateway server, which builds local

@@ -75,5 +75,9 @@ class Endpoint(Protocol):
     ) -> None:
         self.start_embed(request, channel)
 
+    def failure(self) -> str | None:
+        """Why the endpoint stopped serving (e.g. its engine worker died), else None."""
+        return None
+
     async def aclose(self) -> None:
         await asyncio.to_thread(self.close)

@@ -317,7 +317,8 @@ class Context:
         size = int(_lc.llama_state_seq_get_size(self._ptr, seq_id))
         buf = (ctypes.c_uint8 * size)()
         written = int(_lc.llama_state_seq_get_data(self._ptr, buf, size, seq_id))
-        return bytes(buf[:written])
+        # One memcpy; slicing a ctypes array would build a Python int per KV byte.
+        return ctypes.string_at(buf, written)
 
     def set_seq_state(self, seq_id: int, state: bytes) -> bool:
         buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
@@ -368,8 +369,13 @@ class Batch:
         self.raw.n_tokens = 0
 
     def add(self, token: int, pos: int, seq_id: int, output: bool) -> int:
-        """Append one token; returns its index in the batch (for sampling/embeddings)."""
+        """Append one token; returns its index in the batch (for sampling/embeddings).
+
+        The arrays behind `raw` are C memory of `capacity` entries: one more would be
+        written past them, so a full batch raises instead."""
         i = self.n
+        if i >= self.capacity:
+            raise OverflowError(f"llama_batch is full ({self.capacity} tokens)")
         self._token[i] = token
         self._pos[i] = pos
         self._n_seq_id[i] = 1
