@@ -199,7 +199,8 @@ class LlamaModel:
             n = _lc.llama_tokenize(
                 self.vocab, data, len(data), arr, cap, add_special, parse_special
             )
-        return list(arr[:n])
+        tokens: list[int] = arr[:n]  # slicing a ctypes array already builds a new list
+        return tokens
 
     def piece(self, token: int, *, special: bool = False) -> bytes:
         buf = self._piece_buf
