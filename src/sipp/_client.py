@@ -209,6 +209,9 @@ class _Registry:
         endpoint = self.resolve(ref, "query")
         return endpoint.runtime_metrics()
 
+    def failure(self, ref: EndpointRef) -> str | None:
+        return self.resolve(ref, "query").failure()
+
     def close(self) -> None:
         for endpoint in self.detach_all():
             endpoint.close()
@@ -288,6 +291,10 @@ class SippClient:
     def runtime_metrics(self, endpoint: EndpointRef) -> dict[str, Any]:
         """Counters of a local endpoint (requests, tokens, timings, queue depth, slots)."""
         return self._registry.runtime_metrics(endpoint)
+
+    def endpoint_failure(self, endpoint: EndpointRef) -> str | None:
+        """Why `endpoint` stopped serving (its local engine died), or None while it serves."""
+        return self._registry.failure(endpoint)
 
     def close(self) -> None:
         """Stop every endpoint and free its model. In-flight runs end with `ClientClosedError`."""
@@ -376,6 +383,10 @@ class AsyncSippClient:
         the endpoint takes many inputs per call; None (nothing started) when it does not."""
         channels = self._registry.start_embed_batch(endpoint, inputs)
         return None if channels is None else [AsyncEmbeddingRun(c) for c in channels]
+
+    def endpoint_failure(self, endpoint: EndpointRef) -> str | None:
+        """Why `endpoint` stopped serving (its local engine died), or None while it serves."""
+        return self._registry.failure(endpoint)
 
     def _install(self, id: str, endpoint: Endpoint) -> EndpointRef:
         """Register a ready-made endpoint. For the gateway server, which builds local

@@ -85,5 +85,9 @@ class Endpoint(Protocol):
         False, with nothing started, when this endpoint embeds one input per call."""
         return False
 
+    def failure(self) -> str | None:
+        """Why the endpoint stopped serving (e.g. its engine worker died), else None."""
+        return None
+
     async def aclose(self) -> None:
         await asyncio.to_thread(self.close)

@@ -191,12 +191,18 @@ class LocalTextOptions:
 
 @dataclass(frozen=True, kw_only=True)
 class LocalEmbedOptions:
-    """Local embedding options: `normalize=True` scales the vector to unit L2 norm."""
+    """Local embedding options: `normalize=True` scales the vector to unit L2 norm.
+    `context_key` keeps the endpoint's results for that key: the same input embedded
+    again under the same key is answered from memory, without running the model."""
 
     context_key: str | None = None
     normalize: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.context_key is not None and (
+            not isinstance(self.context_key, str) or not self.context_key
+        ):
+            raise InvalidRequestError("context_key must be a non-empty string")
         if self.normalize is not None and not isinstance(self.normalize, bool):
             raise InvalidRequestError("normalize must be a bool")
 

@@ -370,7 +370,7 @@ def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Rout
 
 def _health(state: GatewayState, name: str) -> str:
     """`healthy`, `degraded` (failed a request in the last minute), `disabled`,
-    `loading` or `failed` (did not load)."""
+    `loading` or `failed` (did not load, or its engine died)."""
     load = state.target_state(name)
     if load != "loaded":
         return load

@@ -107,10 +107,19 @@ class GatewayState:
         self.activity.refused(reason)
 
     def target_state(self, name: str) -> str:
-        """`loading`, `loaded` or `failed`."""
+        """`loading`, `loaded` or `failed` (did not load, or its engine died since)."""
         if name in self.target_errors:
             return "failed"
-        return "loaded" if name in self.targets else "loading"
+        ref = self.targets.get(name)
+        if ref is None:
+            return "loading"
+        return "failed" if self.target_failure(ref) is not None else "loaded"
+
+    def target_failure(self, ref: EndpointRef) -> str | None:
+        try:
+            return self.client.endpoint_failure(ref)
+        except SippError:  # no longer registered (the client is closing)
+            return None
 
     def local_stats(self) -> dict[str, dict[str, Any]]:
         out = {}
@@ -135,6 +144,8 @@ def resolve_target(state: GatewayState, name: str) -> EndpointRef:
         if not state.ready and name in {t.name for t in state.config.targets}:
             raise ExecutionError(f"target {name!r} is still loading")
         raise EndpointNotFoundError(f"unknown target {name!r}")
+    if state.target_failure(ref) is not None:  # the details are in the log, not for callers
+        raise UnavailableError(f"target {name!r} is unavailable: its engine stopped")
     return ref
 
 
@@ -515,7 +526,8 @@ def build_management_app(state: GatewayState) -> Starlette:
         return PlainTextResponse("ok")
 
     async def readiness(request: Request) -> Response:
-        if state.ready and not state.target_errors:
+        failed = any(state.target_state(t.name) == "failed" for t in state.config.targets)
+        if state.ready and not failed:
             return PlainTextResponse("ready")
         return PlainTextResponse("not ready", status_code=503)
 

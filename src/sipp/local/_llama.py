@@ -47,21 +47,27 @@ DEFAULT_SEED = 0xFFFFFFFF
 _init_lock = threading.Lock()
 _initialised = False
 _log_tail: deque[str] = deque(maxlen=20)
-_log_partial: list[str] = []
+_log_lock = threading.Lock()
+# llama.cpp logs from whichever thread is working (load, decode, a sampler build), each
+# line in pieces; a shared buffer would splice pieces of different threads together.
+_log_partial = threading.local()
 
 
 def _log_to_python(level: int, text: bytes, _user: Any) -> None:
-    # llama.cpp streams log lines in pieces; join them before handing to logging.
     piece = text.decode("utf-8", errors="replace") if text else ""
-    _log_partial.append(piece)
+    pieces: list[str] | None = getattr(_log_partial, "pieces", None)
+    if pieces is None:
+        pieces = _log_partial.pieces = []
+    pieces.append(piece)
     if not piece.endswith("\n"):
         return
-    line = "".join(_log_partial).rstrip()
-    _log_partial.clear()
+    line = "".join(pieces).rstrip()
+    pieces.clear()
     if not line:
         return
     if level == 2:  # GGML_LOG_LEVEL_ERROR
-        _log_tail.append(line)
+        with _log_lock:
+            _log_tail.append(line)
         logger.debug("llama.cpp error: %s", line)
     else:
         logger.debug("llama.cpp: %s", line)
@@ -83,8 +89,9 @@ def backend_init() -> None:
 
 def recent_log_errors() -> list[str]:
     """llama.cpp's last error lines, to explain a failed load in our own error."""
-    lines = list(_log_tail)
-    _log_tail.clear()
+    with _log_lock:
+        lines = list(_log_tail)
+        _log_tail.clear()
     return lines
 
 
@@ -192,7 +199,8 @@ class LlamaModel:
             n = _lc.llama_tokenize(
                 self.vocab, data, len(data), arr, cap, add_special, parse_special
             )
-        return list(arr[:n])
+        tokens: list[int] = arr[:n]  # slicing a ctypes array already builds a new list
+        return tokens
 
     def piece(self, token: int, *, special: bool = False) -> bytes:
         buf = self._piece_buf
@@ -310,7 +318,8 @@ class Context:
         size = int(_lc.llama_state_seq_get_size(self._ptr, seq_id))
         buf = (ctypes.c_uint8 * size)()
         written = int(_lc.llama_state_seq_get_data(self._ptr, buf, size, seq_id))
-        return bytes(buf[:written])
+        # One memcpy; slicing a ctypes array would build a Python int per KV byte.
+        return ctypes.string_at(buf, written)
 
     def set_seq_state(self, seq_id: int, state: bytes) -> bool:
         buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
@@ -361,8 +370,13 @@ class Batch:
         self.raw.n_tokens = 0
 
     def add(self, token: int, pos: int, seq_id: int, output: bool) -> int:
-        """Append one token; returns its index in the batch (for sampling/embeddings)."""
+        """Append one token; returns its index in the batch (for sampling/embeddings).
+
+        The arrays behind `raw` are C memory of `capacity` entries: one more would be
+        written past them, so a full batch raises instead."""
         i = self.n
+        if i >= self.capacity:
+            raise OverflowError(f"llama_batch is full ({self.capacity} tokens)")
         self._token[i] = token
         self._pos[i] = pos
         self._n_seq_id[i] = 1

@@ -1,15 +1,29 @@
-"""`LocalEndpoint`: turns client requests into engine jobs for one loaded GGUF."""
+"""`LocalEndpoint`: turns client requests into engine jobs for one loaded GGUF.
+
+Preparing a request (chat template, tokenizer, grammar compile) is CPU work that
+grows with the prompt. The sync client does it in the caller's thread, so errors
+raise from the call; the async client (and so the gateway) hands it to one
+preparation thread per endpoint, so a 1 MiB prompt never stalls the event loop,
+and a preparation error fails the run with the same typed error instead.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from .._channel import RunChannel
 from .._descriptors import EndpointKind, LocalModelDescriptor
 from .._endpoint import EmbedRequest, Endpoint, Operation, TextRequest
 from .._errors import (
+    ClientClosedError,
     ContextOverflowError,
+    ExecutionError,
     InvalidRequestError,
+    SippError,
     UnsupportedOperationError,
 )
 from .._runtime_config import SamplingRuntimeConfig
@@ -20,6 +34,9 @@ from .scheduler import EmbedJob, Engine, TextJob
 from .text_stream import TextStream
 
 __all__ = ["LocalEndpoint"]
+
+logger = logging.getLogger("sipp.local")
+R = TypeVar("R")
 
 
 class LocalEndpoint(Endpoint):
@@ -33,6 +50,9 @@ class LocalEndpoint(Endpoint):
         self.loaded = loaded
         self.backend = loaded.backend
         self._engine = Engine(loaded, descriptor.config, name)
+        self._closed = threading.Event()
+        # One thread keeps preparation in arrival order (the engine queue is FIFO).
+        self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sipp-prep-{name}")
 
     # -- capabilities -------------------------------------------------------------
     def supports(self, operation: Operation) -> bool:
@@ -66,8 +86,38 @@ class LocalEndpoint(Endpoint):
         return template.render(request.messages, add_generation_prompt=True)
 
     def start_text(self, request: TextRequest, channel: RunChannel[SippTextResponse]) -> None:
+        self._check_text(request)
+        self._submit_text(request, channel)
+
+    def start_text_async(self, request: TextRequest, channel: RunChannel[SippTextResponse]) -> None:
+        self._check_text(request)
+        self._later(lambda: self._submit_text(request, channel), channel)
+
+    def _check_text(self, request: TextRequest) -> None:
+        """The checks that cost nothing: they raise from the call on either path."""
+        self._engine.check_available()
         self._require(request.operation)
         _reject_remote_options(request.endpoint_options, request.provider_options)
+
+    def _later(self, submit: Callable[[], None], channel: RunChannel[R]) -> None:
+        try:
+            self._prep.submit(self._prepare, submit, channel)
+        except RuntimeError:  # the executor was shut down: close() has begun
+            raise ClientClosedError("the endpoint was closed") from None
+
+    def _prepare(self, submit: Callable[[], None], channel: RunChannel[R]) -> None:
+        """Run `submit` on the preparation thread; its failure is the run's outcome."""
+        try:
+            if self._closed.is_set():
+                raise ClientClosedError("the endpoint was closed")
+            submit()
+        except SippError as exc:
+            channel.finish(exc)
+        except Exception:
+            logger.exception("preparing a local request failed")
+            channel.finish(ExecutionError("internal error while preparing the request"))
+
+    def _submit_text(self, request: TextRequest, channel: RunChannel[SippTextResponse]) -> None:
         model = self.loaded.model
         if request.operation == "chat":
             text = self.render_chat(request)
@@ -131,25 +181,49 @@ class LocalEndpoint(Endpoint):
     def start_embed(
         self, request: EmbedRequest, channel: RunChannel[SippEmbeddingResponse]
     ) -> None:
+        self._check_embed(request)
+        self._submit_embed(request, channel)
+
+    def start_embed_async(
+        self, request: EmbedRequest, channel: RunChannel[SippEmbeddingResponse]
+    ) -> None:
+        self._check_embed(request)
+        self._later(lambda: self._submit_embed(request, channel), channel)
+
+    def _check_embed(self, request: EmbedRequest) -> None:
+        self._engine.check_available()
         self._require("embed")
         _reject_remote_options(request.endpoint_options, request.provider_options)
+
+    def _submit_embed(
+        self, request: EmbedRequest, channel: RunChannel[SippEmbeddingResponse]
+    ) -> None:
         tokens = self.loaded.model.tokenize(request.input, add_special=True, parse_special=False)
         if not tokens:
             raise InvalidRequestError("embedding input is empty after tokenization")
-        limit = min(self._engine.n_ctx_slot, self.loaded.context.n_batch)
+        limit = min(self._engine.n_ctx_slot, self.loaded.n_batch)
         if len(tokens) > limit:
             raise ContextOverflowError(
                 f"embedding input is {len(tokens)} tokens; this load embeds at most {limit} "
                 "(raise ContextRuntimeConfig.n_ctx / n_batch)"
             )
-        normalize = bool(request.local.normalize) if request.local is not None else False
-        self._engine.submit(EmbedJob(channel, tokens, normalize))
+        local = request.local
+        normalize = bool(local.normalize) if local is not None else False
+        job = EmbedJob(channel, tokens, normalize, local.context_key if local is not None else None)
+        if not self._engine.answer_from_memo(job):
+            self._engine.submit(job)
 
     # -- lifecycle --------------------------------------------------------------------
     def runtime_metrics(self) -> dict[str, Any]:
         return {**self._engine.runtime_metrics(), "backend": self.backend}
 
+    def failure(self) -> str | None:
+        return self._engine.failure
+
     def close(self) -> None:
+        self._closed.set()
+        # Preparation tokenizes with the model: let it drain before the model is freed.
+        self._prep.shutdown(wait=True)
         self._engine.close()
 
 

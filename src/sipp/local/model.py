@@ -17,7 +17,7 @@ from .._errors import (
     ModelLoadError,
     UnsupportedOperationError,
 )
-from .._runtime_config import NativeRuntimeConfig
+from .._runtime_config import ContextRuntimeConfig, NativeRuntimeConfig
 from . import _llama
 from .chat_template import ChatTemplate
 
@@ -29,6 +29,7 @@ BACKENDS = ("auto", "cpu", "cuda", "vulkan", "metal")
 BACKEND_ENV = "SIPP_PYTHON_BACKEND"
 DEFAULT_N_CTX = 4096
 GGUF_MAGIC = b"GGUF"
+MAX_PARALLEL = 256  # llama.cpp's LLAMA_MAX_SEQ: a context holds at most this many sequences
 
 
 def resolve_backend(requested: str | None = None) -> str:
@@ -68,6 +69,38 @@ def _check_gguf_file(path: Path) -> None:
         raise ModelLoadError(f"{path} is not a GGUF file (expected magic 'GGUF', found {head!r})")
 
 
+def batch_sizes(ctx_cfg: ContextRuntimeConfig, n_ctx: int, n_parallel: int) -> tuple[int, int]:
+    """(n_batch, n_ubatch) for a load, or `InvalidConfigError` for sizes llama.cpp would
+    refuse or silently shrink. `n_batch` below `n_parallel` is fine: the scheduler lets
+    generating sequences take turns when more of them run than one batch holds."""
+    if n_parallel > MAX_PARALLEL:
+        raise InvalidConfigError(
+            f"ContextRuntimeConfig.n_parallel must be <= {MAX_PARALLEL} "
+            f"(llama.cpp's sequence limit), got {n_parallel}"
+        )
+    embeddings = bool(ctx_cfg.embeddings)
+    total = n_ctx * n_parallel
+    n_batch = ctx_cfg.n_batch or min(min(n_ctx, 2048) if embeddings else 512, total)
+    if n_batch > total:
+        raise InvalidConfigError(
+            f"ContextRuntimeConfig.n_batch ({n_batch}) exceeds the whole context "
+            f"(n_ctx {n_ctx} x n_parallel {n_parallel} = {total} tokens)"
+        )
+    # Non-causal embedding models must see a whole input in one micro-batch.
+    n_ubatch = ctx_cfg.n_ubatch or (n_batch if embeddings else min(n_batch, 512))
+    if n_ubatch > n_batch:
+        raise InvalidConfigError(
+            f"ContextRuntimeConfig.n_ubatch ({n_ubatch}) must be <= n_batch ({n_batch}): "
+            "a micro-batch is a slice of a batch"
+        )
+    if embeddings and n_ubatch < n_batch:
+        raise InvalidConfigError(
+            f"ContextRuntimeConfig.n_ubatch ({n_ubatch}) must equal n_batch ({n_batch}) "
+            "with embeddings=True: pooling must see a whole input in one micro-batch"
+        )
+    return n_batch, n_ubatch
+
+
 @dataclass
 class LoadedModel:
     path: Path
@@ -76,6 +109,7 @@ class LoadedModel:
     context: _llama.Context
     chat_template: ChatTemplate | None
     embeddings: bool
+    n_batch: int  # tokens one decode step may carry (the context may reserve more)
     template_problem: str | None = None
 
     def close(self) -> None:
@@ -121,13 +155,13 @@ def load_model(path: Path, config: NativeRuntimeConfig, backend: str | None = No
         embeddings = bool(ctx_cfg.embeddings)
         n_parallel = ctx_cfg.n_parallel or 1
         n_ctx = ctx_cfg.n_ctx or min(DEFAULT_N_CTX, model.n_ctx_train or DEFAULT_N_CTX)
-        n_batch = ctx_cfg.n_batch or (min(n_ctx, 2048) if embeddings else 512)
-        # Non-causal embedding models must see a whole input in one micro-batch.
-        n_ubatch = ctx_cfg.n_ubatch or (n_batch if embeddings else min(n_batch, 512))
+        n_batch, n_ubatch = batch_sizes(ctx_cfg, n_ctx, n_parallel)
         threads = ctx_cfg.n_threads or max(1, os.cpu_count() or 1)
         cparams = _llama.ContextParams(
             n_ctx=n_ctx * n_parallel,
-            n_batch=n_batch,
+            # llama.cpp reserves an output row per sequence at creation and aborts the
+            # process if n_batch is below n_seq_max; steps still hold at most `n_batch`.
+            n_batch=max(n_batch, n_parallel),
             n_ubatch=n_ubatch,
             n_seq_max=n_parallel,
             n_threads=threads,
@@ -173,4 +207,4 @@ def load_model(path: Path, config: NativeRuntimeConfig, backend: str | None = No
         cparams.n_ctx // n_parallel,
         n_parallel,
     )
-    return LoadedModel(path, chosen, model, context, template, embeddings, problem)
+    return LoadedModel(path, chosen, model, context, template, embeddings, n_batch, problem)

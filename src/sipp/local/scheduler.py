@@ -1,13 +1,15 @@
 """The local engine: one worker thread owns a llama context and its slots.
 
 Each step builds one `llama_batch` from the next token of every generating
-sequence plus prefill chunks of waiting prompts (within `n_batch`, each prompt
-capped by `prefill_chunk_size`), decodes it once, then samples every sequence
+sequence (more than `n_batch` of them take turns) plus prefill chunks of waiting
+prompts (within `n_batch`, each prompt capped by `prefill_chunk_size`), decodes it once, then samples every sequence
 that produced logits. Requests join and leave between steps (continuous
 batching); a cancelled request leaves at the next step and frees its slot.
 
 Callers never touch llama.cpp state: `submit_*` validates and tokenizes in the
 caller's thread, then enqueues. Only the worker decodes, samples and edits KV.
+If the worker dies of an unexpected error, every run ends with a typed error,
+`failure` says why, and new submits get `UnavailableError` (503 on a gateway).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .._errors import (
     InvalidRequestError,
     OverloadedError,
     SippError,
+    UnavailableError,
 )
 from .._runtime_config import SAMPLER_NAMES, NativeRuntimeConfig, SamplingRuntimeConfig
 from .._types import (
@@ -40,7 +43,7 @@ from .._types import (
     Usage,
 )
 from . import _llama
-from .kv_cache import Snapshot, SnapshotStore, common_prefix
+from .kv_cache import EmbedMemo, Snapshot, SnapshotStore, common_prefix
 from .model import LoadedModel
 from .text_stream import TextStream
 
@@ -101,6 +104,7 @@ class EmbedJob:
     channel: RunChannel[SippEmbeddingResponse]
     tokens: list[int]
     normalize: bool
+    context_key: str | None = None
 
 
 class Engine:
@@ -138,11 +142,15 @@ class Engine:
         self.metrics_on = bool(config.observability.runtime_metrics)
         self.profiling = bool(config.observability.backend_profiling)
         self._slots = [_Slot(i) for i in range(n_slots)]
+        self.embed_memo = EmbedMemo()
         self._queue: deque[TextJob | EmbedJob] = deque()
         self._active: list[TextJob] = []
         self._cond = threading.Condition()
         self._closing = False
-        self._batch = _llama.Batch(self.ctx.n_batch)
+        self._failure: str | None = None
+        self._embedding: list[EmbedJob] = []  # the embed step in progress, for _crashed
+        self._batch = _llama.Batch(loaded.n_batch)
+        self._turn = 0  # rotation offset when more sequences generate than n_batch holds
         self._counters: dict[str, float] = dict.fromkeys(
             (
                 "requests",
@@ -158,6 +166,7 @@ class Engine:
                 "steps",
                 "busy_slot_steps",
                 "decode_retries",
+                "embed_memo_hits",
             ),
             0.0,
         )
@@ -185,8 +194,20 @@ class Engine:
                 "(raise ContextRuntimeConfig.n_ctx or shorten the prompt)"
             )
 
+    @property
+    def failure(self) -> str | None:
+        """Why the worker died, once it has; None while it runs (or after a clean close)."""
+        return self._failure
+
+    def check_available(self) -> None:
+        """Raise the error a new request gets once the worker has died."""
+        failure = self._failure
+        if failure is not None:
+            raise UnavailableError(f"the local engine stopped after an internal error ({failure})")
+
     def submit(self, job: TextJob | EmbedJob) -> None:
         with self._cond:
+            self.check_available()
             if self._closing:
                 raise ClientClosedError("the endpoint is closed")
             free = max(0, self.max_running - len(self._active))
@@ -198,6 +219,22 @@ class Engine:
             self._counters["requests"] += 1
             self._queue.append(job)
             self._cond.notify_all()
+
+    def answer_from_memo(self, job: EmbedJob) -> bool:
+        """Finish `job` from the memo of its `context_key`, if that input ran before."""
+        if job.context_key is None:
+            return False
+        response = self.embed_memo.get(job.context_key, job.tokens, job.normalize)
+        if response is None:
+            return False
+        with self._cond:
+            self.check_available()
+            for name in ("requests", "completed", "embed_memo_hits"):
+                self._counters[name] += 1
+            self._counters["prompt_tokens"] += len(job.tokens)
+            self._counters["cached_prompt_tokens"] += len(job.tokens)
+        job.channel.finish(response)
+        return True
 
     def runtime_metrics(self) -> dict[str, Any]:
         with self._cond:
@@ -214,7 +251,7 @@ class Engine:
             snap["snapshot_bytes"] = self.snapshots.bytes
             snap["snapshots_saved"] = self.snapshots.saved
             snap["snapshots_restored"] = self.snapshots.restored
-        if self.profiling:
+        if self.profiling and self.ctx.ptr:
             snap["backend_profile"] = self.ctx.perf()
         return snap
 
@@ -224,6 +261,11 @@ class Engine:
             self._cond.notify_all()
         if threading.current_thread() is not self._thread:
             self._thread.join()
+            self._free()
+
+    def _free(self) -> None:
+        self._batch.close()
+        self.loaded.close()
 
     # ------------------------------------------------------------ worker side
     def _run(self) -> None:
@@ -234,18 +276,50 @@ class Engine:
                         self._cond.wait()
                     if self._closing:
                         break
-                    embed_jobs = self._admit()
+                    embed_jobs, starts = self._admit()
+                # KV edits and snapshot copies run outside the lock `submit` takes.
+                for job in starts:
+                    self._start(job)
                 if embed_jobs:
+                    self._embedding = embed_jobs
                     self._embed_step(embed_jobs)
+                    self._embedding = []
                 if self._active:
                     self._text_step()
         except BaseException as exc:  # never let a bug kill callers silently
             logger.exception("engine worker crashed")
-            self._fail_all(ExecutionError(f"local engine failed: {exc}"))
-        finally:
-            self._fail_all(ClientClosedError("the endpoint was closed"))
-            self._batch.close()
-            self.loaded.close()
+            self._crashed(exc)
+            return  # the model stays allocated until close(): a caller may still be tokenizing
+        self._fail_all(ClientClosedError("the endpoint was closed"))
+        self._free()
+
+    def _crashed(self, exc: BaseException) -> None:
+        """Record the failure and end every run: queued ones never started (retryable,
+        `unavailable`); running ones were cut (`execution`). The llama state is suspect,
+        so this touches no KV and frees nothing."""
+        with self._cond:
+            self._failure = f"{type(exc).__name__}: {exc}"
+            self._closing = True
+            queued, self._queue = list(self._queue), deque()
+            active, self._active = list(self._active), []
+            embedding, self._embedding = self._embedding, []
+            for slot in self._slots:
+                slot.busy = False
+            self._counters["failed"] += len(active)
+            self._cond.notify_all()
+        for job in queued:
+            if isinstance(job, TextJob):
+                job.sampler.close()
+            job.channel.finish(
+                UnavailableError(
+                    f"the local engine stopped before this request ran ({self._failure})"
+                )
+            )
+        for job in active:
+            job.sampler.close()
+            job.channel.finish(ExecutionError(f"local engine failed: {self._failure}"))
+        for embed in embedding:  # first outcome wins: finished ones keep their vectors
+            embed.channel.finish(ExecutionError(f"local engine failed: {self._failure}"))
 
     def _fail_all(self, error: SippError) -> None:
         with self._cond:
@@ -259,10 +333,12 @@ class Engine:
             self._release(job)
             job.channel.finish(error)
 
-    def _admit(self) -> list[EmbedJob]:
-        """Move queued jobs into free slots (caller holds the lock)."""
+    def _admit(self) -> tuple[list[EmbedJob], list[TextJob]]:
+        """Take queued jobs this step can run and reserve a free slot for each text job
+        (caller holds the lock). The caller then `_start`s those outside the lock."""
         embeds: list[EmbedJob] = []
-        budget = self.ctx.n_batch
+        starts: list[TextJob] = []
+        budget = self._batch.capacity
         keep: deque[TextJob | EmbedJob] = deque()
         while self._queue:
             job = self._queue.popleft()
@@ -283,9 +359,12 @@ class Engine:
             if slot is None:
                 keep.append(job)
                 continue
-            self._start(job, slot)
+            slot.busy = True
+            job.slot = slot
+            self._active.append(job)
+            starts.append(job)
         self._queue = keep
-        return embeds
+        return embeds, starts
 
     def _finish_unstarted(self, job: TextJob | EmbedJob) -> None:
         self._counters["cancelled"] += 1
@@ -308,7 +387,9 @@ class Engine:
         # Longest reusable prefix; among equals, the least recently used slot.
         return max(free, key=lambda s: (common_prefix(s.tokens, job.prompt), -s.last_used))
 
-    def _start(self, job: TextJob, slot: _Slot) -> None:
+    def _start(self, job: TextJob) -> None:
+        slot = job.slot
+        assert slot is not None
         keep = common_prefix(slot.tokens, job.prompt) if self.reuse_prefix else 0
         if self.snapshots is not None:
             keep = self._swap_snapshots(job, slot, keep)
@@ -317,12 +398,9 @@ class Engine:
             self.ctx.seq_rm(slot.seq_id, -1, -1)  # partial removal unsupported (e.g. SWA)
             keep = 0
         del slot.tokens[keep:]
-        slot.busy = True
         slot.context_key = job.context_key
-        job.slot = slot
         job.prefilled = job.cached = keep
         job.t_admit = time.perf_counter()
-        self._active.append(job)
 
     def _swap_snapshots(self, job: TextJob, slot: _Slot, keep: int) -> int:
         """Save what `slot` would lose; restore a stored sequence that shares more of the prompt."""
@@ -350,7 +428,7 @@ class Engine:
             return
         # One entry per job: (job, 0) decodes its last sampled token; (job, n) prefills
         # the next n prompt tokens. Generating jobs first, then prompt chunks in the room left.
-        plan: list[tuple[TextJob, int]] = [(j, 0) for j in self._active if not j.prefilling]
+        plan: list[tuple[TextJob, int]] = [(j, 0) for j in self._take_turns()]
         room = self._batch.capacity - len(plan)
         for job in self._active:
             if room <= 0:
@@ -367,6 +445,17 @@ class Engine:
             self._counters["steps"] += 1
             self._counters["busy_slot_steps"] += len(self._active)
         self._decode_plan(plan)
+
+    def _take_turns(self) -> list[TextJob]:
+        """The generating jobs that decode this step: all of them when they fit in
+        `n_batch`, else `n_batch` of them in rotation, so every sequence advances."""
+        generating = [j for j in self._active if not j.prefilling]
+        cap = self._batch.capacity
+        if len(generating) <= cap:
+            return generating
+        start = self._turn % len(generating)
+        self._turn = start + cap
+        return (generating[start:] + generating[:start])[:cap]
 
     def _decode_plan(self, plan: list[tuple[TextJob, int]]) -> None:
         """Decode `plan` as one batch and sample what it produced. If llama_decode fails,
@@ -539,9 +628,12 @@ class Engine:
                     rows = [_l2_normalize(r) for r in rows]
                 values = [v for row in rows for v in row]
                 usage = Usage(len(job.tokens), 0, len(job.tokens))
-                job.channel.finish(
-                    SippEmbeddingResponse(values, pooling, job.normalize, n_embd, usage, len(rows))
+                response = SippEmbeddingResponse(
+                    values, pooling, job.normalize, n_embd, usage, len(rows)
                 )
+                if job.context_key is not None:
+                    self.embed_memo.put(job.context_key, job.tokens, job.normalize, response)
+                job.channel.finish(response)
                 outcome = "completed"
             except SippError as exc:
                 job.channel.finish(exc)

@@ -1,7 +1,7 @@
 """Turn token bytes into safe text: whole UTF-8 characters, stop strings cut out.
 
 Tokens can end in the middle of a multi-byte character, and a stop string can
-span several tokens. `TextStream` holds back exactly what might still change:
+span several tokens; a generation that ends mid-character drops those bytes. `TextStream` holds back exactly what might still change:
 the incomplete character bytes and the longest tail that could begin a stop
 string. Nothing it releases is ever taken back.
 """
@@ -29,10 +29,14 @@ class TextStream:
         return self._release(self._held + self._decoder.decode(data), final=False)
 
     def flush(self) -> str:
-        """End of generation: release whatever is held (minus a stop match)."""
+        """End of generation: release whatever is held (minus a stop match).
+
+        Bytes of a character the generation stopped in the middle of (e.g. cut by
+        `max_tokens`) are dropped, never turned into U+FFFD: they were never text."""
         if self.stopped:
             return ""
-        return self._release(self._held + self._decoder.decode(b"", final=True), final=True)
+        self._decoder.reset()
+        return self._release(self._held, final=True)
 
     def _release(self, pending: str, *, final: bool) -> str:
         cut = self._first_stop(pending)
