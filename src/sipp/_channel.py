@@ -33,6 +33,7 @@ class RunChannel(Generic[R]):
         self._cancel_reason: str | None = None
         self._cancel_hooks: list[Callable[[], None]] = []
         self.cancelled = threading.Event()
+        self._preparing = False
 
     # -- producer side (engine) ---------------------------------------------
     def push(self, batch: TokenBatch) -> None:
@@ -47,9 +48,23 @@ class RunChannel(Generic[R]):
                 self._outcome = outcome
                 self._wake()
 
+    def begin_preparing(self) -> None:
+        """The endpoint prepares the request off the caller's thread and has not accepted
+        it yet; `accepted_async` waits for `end_preparing` (or an outcome)."""
+        self._preparing = True
+
+    def end_preparing(self) -> None:
+        with self._cond:
+            self._preparing = False
+            self._wake()
+
     @property
     def done(self) -> bool:
         return self._outcome is not _NOT_SET
+
+    @property
+    def preparing(self) -> bool:
+        return self._preparing and not self.done
 
     @property
     def cancel_reason(self) -> str | None:
@@ -93,6 +108,9 @@ class RunChannel(Generic[R]):
         await self._wait_async(lambda: bool(self._batches) or self.done)
         with self._cond:
             return self._batches.popleft() if self._batches else None
+
+    async def accepted_async(self) -> None:
+        await self._wait_async(lambda: not self._preparing or self.done)
 
     async def outcome_async(self) -> R:
         await self._wait_async(lambda: self.done)

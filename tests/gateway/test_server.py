@@ -602,3 +602,22 @@ def test_readiness_is_503_until_every_target_is_loaded(tmp_path: Path) -> None:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@pytest.mark.parametrize("route", ["/v1/query", "/v1/completions"])  # native and OpenAI
+def test_a_streamed_request_refused_while_preparing_gets_its_own_status(
+    gateway: Gateway, route: str
+) -> None:
+    # The local target prepares (tokenizes) off the event loop; a prompt over its 512-token
+    # context is refused there, and the stream must not have committed to 200 by then.
+    body = {"model": "local", "prompt": "word " * 700, "max_tokens": 4, "stream": True}
+    r = httpx.post(
+        f"{gateway.public}{route}",
+        json=body,
+        headers={"authorization": f"Bearer {TOKEN}"},
+        timeout=60,
+    )
+    assert r.status_code == 400, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.json()["error"]["code"] == "context_overflow"
+    assert gateway.metric("sipp_gateway_in_flight_requests") == 0

@@ -280,6 +280,13 @@ class PublicCall:
         self.rec.usage(response.usage)
         return response
 
+    async def accepted(self, run: AsyncTextRun) -> None:
+        """Before a stream commits to 200: wait until the endpoint accepted `run`, and
+        raise its refusal (a prompt over the context, a bad grammar) as its own status."""
+        await unless_disconnected(self.request, run._accepted())
+        if run.done:
+            await run.result()
+
     def hand_over(self) -> RequestRecord:
         """A stream takes the permit and the record; it releases and finishes them."""
         self._permit = False
@@ -353,6 +360,7 @@ def build_public_app(state: GatewayState) -> Starlette:
             )
             call.track(run)
         if req.stream:
+            await call.accepted(run)
             headers = {**SSE_HEADERS, "x-request-id": call.request_id}
             return StreamingResponse(_stream(state, run, call.hand_over()), headers=headers)
         response = await call.wait(run)

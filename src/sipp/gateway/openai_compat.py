@@ -251,6 +251,7 @@ def openai_routes(state: GatewayState) -> list[Route]:
                 ident = ("chatcmpl-" if kind == "chat" else "cmpl-") + request_id
                 created = int(time.time())
                 if stream:
+                    await call.accepted(run)
                     rec = call.hand_over()
                     frames = _chunks(state, run, rec, kind, ident, created, target, include_usage)
                     return StreamingResponse(

@@ -100,6 +100,7 @@ class LocalEndpoint(Endpoint):
         _reject_remote_options(request.endpoint_options, request.provider_options)
 
     def _later(self, submit: Callable[[], None], channel: RunChannel[R]) -> None:
+        channel.begin_preparing()
         try:
             self._prep.submit(self._prepare, submit, channel)
         except RuntimeError:  # the executor was shut down: close() has begun
@@ -116,6 +117,8 @@ class LocalEndpoint(Endpoint):
         except Exception:
             logger.exception("preparing a local request failed")
             channel.finish(ExecutionError("internal error while preparing the request"))
+        finally:
+            channel.end_preparing()
 
     def _submit_text(self, request: TextRequest, channel: RunChannel[SippTextResponse]) -> None:
         model = self.loaded.model
