@@ -1,12 +1,24 @@
-"""Aggregate generated tokens/s with 8 concurrent chat requests.
+"""Aggregate generated tokens/s with 8 concurrent chat requests, against two baselines.
 
-sipp (one endpoint, 8 slots, continuous batching) vs llama-cpp-python's own
-server (`python -m llama_cpp.server`, which serialises requests) on the same
-model, threads, prompts and max_tokens, both greedy. The server runs with
-llama.cpp extra buffer types off (see bench/_baseline_server.py), as sipp does
-on AMX hosts. Rounds alternate; prints each round, medians, spread and the
-ratios sipp/server and sipp/C++ (llama-batched-bench's 189 tok/s, 8 sequences,
-measured on this machine type with the same model).
+* sipp: one endpoint with --clients slots (continuous batching), --clients chats at once.
+* server: llama-cpp-python's own server (`python -m llama_cpp.server`, which serialises
+  requests), the same chats sent at once over HTTP.
+* C++: llama.cpp's `llama-batched-bench`, built by bench/_llama_tools.py from the
+  llama.cpp the pinned llama-cpp-python vendors, with the same cmake flags as the
+  wheel: --clients sequences, each a prompt of the chats' mean token length, then
+  --tokens - 1 decode steps of one token per sequence (the first token comes from
+  the prompt's logits, as in sipp). It decodes random tokens and does not sample:
+  the pure llama.cpp cost of the same batch shapes.
+
+Same model, threads, context per sequence, batch sizes, flash attention (off unless
+--flash-attention on, on every side), and weight repacking (off on AMX hosts, on
+every side). sipp and the server run greedy with every end-of-generation token
+banned, so each request generates exactly --tokens tokens; sipp runs with its
+prefix cache off so its warm-up leaves it no head start. Every side runs in its own
+process, one llama context alive at a time; each round runs the three sides in a
+rotating order. tokens/s = generated tokens / wall time from the first request out
+to the last response in (for C++: prompt plus generation time). Prints each round,
+then medians with spread and the ratios sipp/server and sipp/C++.
 
     ./dev bench batched_throughput [--rounds 5] [--tokens 128] [--clients 8]
 """
@@ -14,35 +26,22 @@ measured on this machine type with the same model).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 
+from _eog import BAN, eog_tokens
+from _llama_tools import ensure_tools, tool_env
 from _stats import spread
-from sipp import (
-    ChatMessage,
-    ContextRuntimeConfig,
-    EndpointRef,
-    LocalModelDescriptor,
-    LocalTextOptions,
-    NativeRuntimeConfig,
-    SamplingRuntimeConfig,
-    SippClient,
-    SippTextOptions,
-)
-from sipp import models as sipp_models
 
-CPP_BATCHED_TOKENS_PER_S = 189.0
-# SmolLM2's end-of-generation tokens (<|endoftext|>, <|im_end|>, <reponame>), banned on both sides so
-# every request decodes exactly --tokens tokens: equal work, comparable tokens/s.
-BAN_EOG = {0: -100.0, 2: -100.0, 4: -100.0}
 QUESTIONS = [
     "Explain how a bicycle works.",
     "Describe the water cycle.",
@@ -53,92 +52,199 @@ QUESTIONS = [
     "Describe a walk through a forest in autumn.",
     "How does a computer store numbers?",
 ]
+WARMUP_QUESTION = "List three colours."
+N_BATCH = N_UBATCH = 512  # sipp's defaults for a text context; given to every side
 
 
-def _messages(i: int) -> list[dict[str, str]]:
-    return [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
+def _question(i: int) -> str:
+    return QUESTIONS[i % len(QUESTIONS)]
 
 
-def sipp_round(client: SippClient, endpoint: EndpointRef, n: int, tokens: int) -> tuple[float, int]:
-    opts = SippTextOptions(max_tokens=tokens, temperature=0)
-    local = LocalTextOptions(sampling=SamplingRuntimeConfig(logit_bias=BAN_EOG))
-    start = time.perf_counter()
-    runs = [
-        client.chat(
-            [ChatMessage("user", QUESTIONS[i % len(QUESTIONS)])],
-            endpoint=endpoint,
-            options=opts,
-            local=local,
-        )
-        for i in range(n)
-    ]
-    generated = 0
-    for run in runs:
-        usage = run.result().usage
-        assert usage is not None
-        generated += usage.output_tokens
-    return time.perf_counter() - start, generated
+# ---------------------------------------------------------------- sipp (child process)
+def sipp_side(args: argparse.Namespace, eog: list[int]) -> dict[str, Any]:
+    from sipp import (
+        CacheRuntimeConfig,
+        ChatMessage,
+        ContextRuntimeConfig,
+        LocalModelDescriptor,
+        LocalTextOptions,
+        NativeRuntimeConfig,
+        PlacementRuntimeConfig,
+        SamplingRuntimeConfig,
+        SippClient,
+        SippTextOptions,
+    )
+    from sipp.local._llama import cpu_has_amx
+
+    config = NativeRuntimeConfig(
+        placement=PlacementRuntimeConfig(use_extra_bufts=not cpu_has_amx()),
+        context=ContextRuntimeConfig(
+            n_ctx=args.ctx,
+            n_parallel=args.clients,
+            n_batch=N_BATCH,
+            n_ubatch=N_UBATCH,
+            n_threads=args.threads,
+            n_threads_batch=args.threads,
+            flash_attention=args.flash_attention == "on",
+        ),
+        cache=CacheRuntimeConfig(mode="off"),
+    )
+    local = LocalTextOptions(sampling=SamplingRuntimeConfig(logit_bias=dict.fromkeys(eog, BAN)))
+    with SippClient() as client:
+        endpoint = client.add("bench", LocalModelDescriptor(args.model, config))
+
+        def chats(question: Any, tokens: int) -> tuple[float, list[tuple[int, int]]]:
+            opts = SippTextOptions(max_tokens=tokens, temperature=0)
+            start = time.perf_counter()
+            runs = [
+                client.chat(
+                    [ChatMessage("user", question(i))], endpoint=endpoint, options=opts, local=local
+                )
+                for i in range(args.clients)
+            ]
+            usages = [run.result().usage for run in runs]
+            seconds = time.perf_counter() - start
+            return seconds, [(u.input_tokens, u.output_tokens) for u in usages if u is not None]
+
+        chats(lambda i: WARMUP_QUESTION, 8)
+        seconds, usages = chats(_question, args.tokens)
+    return {
+        "seconds": seconds,
+        "prompt_tokens": [p for p, _ in usages],
+        "generated": [g for _, g in usages],
+    }
 
 
-def server_round(base: str, n: int, tokens: int) -> tuple[float, int]:
-    def one(i: int) -> int:
-        body = {
-            "messages": _messages(i),
-            "max_tokens": tokens,
-            "temperature": 0,
-            "logit_bias": {str(k): v for k, v in BAN_EOG.items()},
-        }
-        r = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=600)
-        r.raise_for_status()
-        return int(r.json()["usage"]["completion_tokens"])
-
-    start = time.perf_counter()
-    with ThreadPoolExecutor(n) as pool:
-        generated = sum(pool.map(one, range(n)))
-    return time.perf_counter() - start, generated
-
-
+# ---------------------------------------------------------------- llama-cpp-python server
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def start_server(model: Path, threads: int, n_ctx: int) -> tuple[subprocess.Popen[bytes], str]:
+def server_side(args: argparse.Namespace, eog: list[int]) -> dict[str, Any]:
+    from sipp.local._llama import cpu_has_amx
+
     port = _free_port()
+    launcher = "_baseline_server.py" if cpu_has_amx() else None
     cmd = [
         sys.executable,
-        str(Path(__file__).with_name("_baseline_server.py")),
-        "--model",
-        str(model),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--n_ctx",
-        str(n_ctx),
-        "--n_threads",
-        str(threads),
-        "--n_threads_batch",
-        str(threads),
-        "--n_gpu_layers",
-        "0",
-        "--verbose",
-        "False",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        *([str(Path(__file__).with_name(launcher))] if launcher else ["-m", "llama_cpp.server"]),
+        "--model", str(args.model),
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--n_ctx", str(args.ctx * args.clients),
+        "--n_batch", str(N_BATCH),
+        "--n_ubatch", str(N_UBATCH),
+        "--n_threads", str(args.threads),
+        "--n_threads_batch", str(args.threads),
+        "--n_gpu_layers", "0",
+        "--flash_attn", str(args.flash_attention == "on"),
+        "--verbose", "False",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"baseline server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{base}/v1/models", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"baseline server exited with {proc.returncode}")
+            try:
+                if httpx.get(f"{base}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("baseline server did not start in 180 s")
             time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("baseline server did not start in 120 s")
+        bias = {str(t): BAN for t in eog}
+
+        def one(question: str, tokens: int) -> tuple[int, int]:
+            body = {
+                "messages": [{"role": "user", "content": question}],
+                "max_tokens": tokens,
+                "temperature": 0,
+                "logit_bias": bias,
+            }
+            r = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=900)
+            r.raise_for_status()
+            usage = r.json()["usage"]
+            return int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+
+        one(WARMUP_QUESTION, 8)
+        start = time.perf_counter()
+        with ThreadPoolExecutor(args.clients) as pool:
+            usages = list(pool.map(lambda i: one(_question(i), args.tokens), range(args.clients)))
+        seconds = time.perf_counter() - start
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    return {
+        "seconds": seconds,
+        "prompt_tokens": [p for p, _ in usages],
+        "generated": [g for _, g in usages],
+    }
+
+
+# ---------------------------------------------------------------- llama-batched-bench
+def cpp_side(args: argparse.Namespace, prompt_tokens: int) -> dict[str, Any]:
+    from sipp.local._llama import cpu_has_amx
+
+    tool = ensure_tools() / "llama-batched-bench"
+    cmd = [
+        str(tool),
+        "-m", str(args.model),
+        "-c", str(args.ctx * args.clients),
+        "-b", str(N_BATCH),
+        "-ub", str(N_UBATCH),
+        "-t", str(args.threads),
+        "-tb", str(args.threads),
+        "-ngl", "0",
+        "-fa", args.flash_attention,
+        "-no-kvu",  # one KV stream per sequence, as sipp's slots
+        "-npp", str(prompt_tokens),
+        "-ntg", str(args.tokens - 1),
+        "-npl", str(args.clients),
+        "--output-format", "jsonl",
+        *(["--no-repack"] if cpu_has_amx() else []),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=tool_env(), check=False)
+    rows = [
+        json.loads(line)
+        for line in (done.stdout + done.stderr).splitlines()
+        if line.startswith('{"n_kv_max"')
+    ]
+    if done.returncode != 0 or len(rows) != 1:
+        raise SystemExit(f"llama-batched-bench failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    row = rows[0]
+    return {
+        "seconds": float(row["t"]),
+        "prompt_tokens": [prompt_tokens] * args.clients,
+        "generated": [args.tokens] * args.clients,  # tg decode steps + the prompt's token
+    }
+
+
+# ---------------------------------------------------------------- driver
+def run_child(side: str, args: argparse.Namespace, eog: list[int], tokens: int) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--side", side,
+        "--model", str(args.model),
+        "--tokens", str(tokens),
+        "--clients", str(args.clients),
+        "--threads", str(args.threads),
+        "--ctx", str(args.ctx),
+        "--flash-attention", args.flash_attention,
+        "--eog", ",".join(map(str, eog)),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{side} side failed:\n{done.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    if result["generated"] != [tokens] * args.clients:
+        raise SystemExit(f"{side} generated {result['generated']}, not {tokens} per request")
+    return result
 
 
 def main() -> None:
@@ -150,46 +256,53 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--ctx", type=int, default=1024, help="context per sequence")
     parser.add_argument("--flash-attention", choices=["off", "on"], default="off")
+    parser.add_argument("--side", choices=["sipp", "server"], help=argparse.SUPPRESS)
+    parser.add_argument("--eog", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    model = args.model or sipp_models.pull(sipp_models.DEFAULT_MODEL)
-    n_ctx = 1024
+    if args.side:  # a child: one measurement, printed as JSON
+        eog = [int(t) for t in args.eog.split(",") if t]
+        measure = sipp_side if args.side == "sipp" else server_side
+        print(json.dumps(measure(args, eog)))
+        return
+
+    from sipp import models as sipp_models
+    from sipp.local._llama import cpu_has_amx
+
+    args.model = args.model or sipp_models.pull(sipp_models.DEFAULT_MODEL)
+    tools = ensure_tools()
+    eog = eog_tokens(args.model)
+    # The chats' prompt lengths under the model's template, for the C++ side's prompts.
+    probe = run_child("sipp", args, eog, 1)["prompt_tokens"]
+    pp = round(sum(probe) / len(probe))
     print(
-        f"model={model.name} clients={args.clients} max_tokens={args.tokens} threads={args.threads}; "
-        "baseline server loads with extra buffer types off (AMX crash otherwise)"
+        f"model={args.model.name} clients={args.clients} tokens={args.tokens} "
+        f"threads={args.threads} n_ctx/seq={args.ctx} flash_attention={args.flash_attention} "
+        f"repack={'off (AMX host)' if cpu_has_amx() else 'on'}; end-of-generation tokens {eog} "
+        f"banned; chat prompts {min(probe)}-{max(probe)} tokens, C++ prompts {pp}; "
+        f"C++ tools from {tools}"
     )
-    server, base = start_server(model, args.threads, n_ctx * args.clients)
-    ours, theirs = [], []
-    try:
-        config = NativeRuntimeConfig(
-            context=ContextRuntimeConfig(
-                n_ctx=n_ctx, n_parallel=args.clients, n_threads=args.threads
-            )
+    sides = ("sipp", "server", "cpp")
+    rates: dict[str, list[float]] = {s: [] for s in sides}
+    for i in range(args.rounds):
+        order = sides[i % 3 :] + sides[: i % 3]
+        for side in order:
+            got = cpp_side(args, pp) if side == "cpp" else run_child(side, args, eog, args.tokens)
+            rates[side].append(sum(got["generated"]) / got["seconds"])
+        print(
+            f"round {i + 1} ({' > '.join(order)}): "
+            + "   ".join(f"{s} {rates[s][-1]:6.1f} tok/s" for s in sides)
+            + f"   sipp/server {rates['sipp'][-1] / rates['server'][-1]:.2f}"
+            + f"   sipp/C++ {rates['sipp'][-1] / rates['cpp'][-1]:.2f}",
+            flush=True,
         )
-        with SippClient() as client:
-            endpoint = client.add("bench", LocalModelDescriptor(model, config))
-            sipp_round(client, endpoint, args.clients, 8)  # warm up both sides
-            server_round(base, 1, 8)
-            for i in range(args.rounds):
-                t_s, n_s = server_round(base, args.clients, args.tokens)
-                t_o, n_o = sipp_round(client, endpoint, args.clients, args.tokens)
-                theirs.append(n_s / t_s)
-                ours.append(n_o / t_o)
-                print(
-                    f"round {i + 1}: server {n_s / t_s:6.1f} tok/s ({n_s} tok)   "
-                    f"sipp {n_o / t_o:6.1f} tok/s ({n_o} tok)   ratio {ours[-1] / theirs[-1]:.2f}"
-                )
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-    ratios = [o / t for o, t in zip(ours, theirs)]
-    print(f"server {spread(theirs, unit='tok/s')}")
-    print(f"sipp   {spread(ours, unit='tok/s')}")
-    print(f"ratio sipp/server {spread(ratios, '.2f')}")
-    print(
-        f"ratio sipp/C++ batched ({CPP_BATCHED_TOKENS_PER_S:.0f} tok/s) median "
-        f"{statistics.median(ours) / CPP_BATCHED_TOKENS_PER_S:.2f}"
-    )
+    print(f"server {spread(rates['server'], unit='tok/s')}")
+    print(f"C++    {spread(rates['cpp'], unit='tok/s')}")
+    print(f"sipp   {spread(rates['sipp'], unit='tok/s')}")
+    pairs = list(zip(rates["sipp"], rates["server"], rates["cpp"]))
+    print(f"ratio sipp/server {spread([s / v for s, v, _ in pairs], '.2f')}")
+    print(f"ratio sipp/C++    {spread([s / c for s, _, c in pairs], '.2f')}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@ for the same mock. Same request, same load tools, same machine, same run.
 
 * latency: an open-loop load generator at a fixed rate (default 200 req/s) for
   a few seconds per round; p50/p99 of each; overhead = via-gateway − direct.
+  Percentiles cover the requests that succeeded; failed ones (transport errors,
+  timeouts, non-2xx) are counted and printed per path, and the run fails when
+  any path's error rate exceeds --max-error-rate (default 0.1 %), since its
+  latencies would then describe only the lucky requests.
 * throughput: `wrk` (Debian package), 1 thread, 16 connections, closed loop;
   max sustained requests/s.
 
@@ -90,9 +94,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-ERRORS: dict[str, int] = {}
-
-
 def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -108,19 +109,23 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> 
 
 async def open_loop(
     url: str, headers: dict[str, str], body: bytes, rate: float, seconds: float
-) -> list[float]:
-    """Fire requests on a fixed schedule (not waiting for replies); return latencies in ms."""
+) -> tuple[list[float], int]:
+    """Fire requests on a fixed schedule (not waiting for replies).
+
+    Returns the latencies in ms of the requests that succeeded, and how many failed."""
     latencies: list[float] = []
+    errors = 0
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
     async with httpx.AsyncClient(timeout=30, limits=limits) as client:
 
         async def one() -> None:
+            nonlocal errors
             start = time.perf_counter()
             try:
                 r = await client.post(url, content=body, headers=headers)
                 r.raise_for_status()
             except httpx.HTTPError:
-                ERRORS[url] = ERRORS.get(url, 0) + 1
+                errors += 1
                 return
             latencies.append((time.perf_counter() - start) * 1000)
 
@@ -132,7 +137,7 @@ async def open_loop(
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(one()))
         await asyncio.gather(*tasks)
-    return latencies
+    return latencies, errors
 
 
 def wrk(url: str, headers: dict[str, str], body: bytes, seconds: int) -> float:
@@ -159,6 +164,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=200)
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-error-rate", type=float, default=0.001)
     args = parser.parse_args()
     if not shutil.which("wrk") or not LITELLM.exists():
         raise SystemExit("needs wrk and LiteLLM: run it as `./dev bench gateway_overhead`")
@@ -236,15 +242,21 @@ def main() -> None:
             asyncio.run(open_loop(url, headers, bodies[name], 50, 1))
 
         lat: dict[str, list[float]] = {k: [] for k in targets}
+        errors = dict.fromkeys(targets, 0)
         rps: dict[str, list[float]] = {k: [] for k in targets}
         for i in range(args.rounds):
             for name, (url, headers, _) in targets.items():
-                lat[name] += asyncio.run(
+                ok, failed = asyncio.run(
                     open_loop(url, headers, bodies[name], args.rate, args.seconds)
                 )
+                lat[name] += ok
+                errors[name] += failed
             for name, (url, headers, _) in targets.items():
                 rps[name].append(wrk(url, headers, bodies[name], 5))
             print(f"round {i + 1}: " + "  ".join(f"{k} {rps[k][-1]:.0f} req/s" for k in targets))
+        sent = args.rounds * int(args.rate * args.seconds)
+        for k in targets:
+            print(f"{k:8s} errors at {args.rate:.0f} req/s: {errors[k]} of {sent}")
         p50 = {k: statistics.median(v) for k, v in lat.items()}
         p99 = {k: percentile(v, 0.99) for k, v in lat.items()}
         for k in targets:
@@ -260,6 +272,12 @@ def main() -> None:
             f"ratio sipp/litellm sustained req/s {statistics.median(rps['sipp']) / statistics.median(rps['litellm']):.2f}"
             f"   p50 latency {p50['sipp'] / p50['litellm']:.2f}   p99 latency {p99['sipp'] / p99['litellm']:.2f}"
         )
+        too_many = [k for k in targets if errors[k] > args.max_error_rate * sent]
+        if too_many:
+            raise SystemExit(
+                f"error rate above {args.max_error_rate:.1%} on {', '.join(too_many)}: "
+                "the latency figures above leave those requests out and do not hold"
+            )
     finally:
         for proc in procs:
             proc.terminate()

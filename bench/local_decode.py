@@ -1,40 +1,51 @@
-"""Single-stream decode tokens/s: sipp vs a raw llama-cpp-python low-level loop.
+"""Single-stream generation tokens/s: sipp vs a raw llama-cpp-python low-level loop.
 
-Both sides use the same library build, model, thread count, context size,
-load parameters (extra buffer types off on AMX hosts, as sipp does) and the
-same prompt; both decode greedily. Rounds alternate between the two so that
-machine noise hits both alike. Prints each round and the median ratio
-sipp / raw with its spread.
+Each side runs in its own process, one llama context per process: two contexts in
+one process each bring a ggml thread pool and on 2 cores they slow each other
+down (docs/architecture.md, traps). Rounds alternate which side goes first, so
+machine noise hits both alike.
 
-    python bench/local_decode.py [--model PATH] [--rounds 7] [--tokens 128] [--threads 2]
+Both sides use the same library build, model, thread count, context size, load
+parameters (extra buffer types off on AMX hosts, flash attention off, as sipp
+configures a CPU context), the same prompt and the same sampler chain: a logit
+bias that bans every end-of-generation token of the vocabulary, then greedy, so
+each side generates exactly --tokens tokens. Each process warms up on another
+prompt first (sipp with its prefix cache off, so the timed request prefills its
+whole prompt, as the raw loop does).
+
+The figure is wall time: for sipp, `client.query(...).result()` from the call to
+the response; for the raw loop, tokenizing and prefilling the prompt, then
+`llama_decode` + sampling + `llama_token_to_piece` until --tokens tokens are out.
+tokens/s = --tokens / that time. Prints each round, then medians with spread.
+
+    ./dev bench local_decode [--model PATH] [--rounds 7] [--tokens 128] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-import llama_cpp as lc
-
+from _eog import BAN, eog_tokens
 from _stats import spread
-from sipp import (
-    ContextRuntimeConfig,
-    LocalModelDescriptor,
-    NativeRuntimeConfig,
-    SippClient,
-    SippTextOptions,
-)
-from sipp import models as sipp_models
-from sipp.local._llama import backend_init, cpu_has_amx
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
+WARMUP_PROMPT = "The recipe calls for flour, water and"
 
 
-def raw_tokens_per_second(model_path: Path, n_tokens: int, threads: int, n_ctx: int) -> float:
+def raw_side(
+    model_path: Path, n_tokens: int, threads: int, n_ctx: int, eog: list[int]
+) -> dict[str, float]:
+    import llama_cpp as lc
+
+    from sipp.local._llama import backend_init, cpu_has_amx
+
     backend_init()  # same llama.cpp init as sipp (routes its log to Python logging)
     mp = lc.llama_model_default_params()
     mp.n_gpu_layers = 0
@@ -44,47 +55,112 @@ def raw_tokens_per_second(model_path: Path, n_tokens: int, threads: int, n_ctx: 
     cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, 512, 512
     cp.n_threads = cp.n_threads_batch = threads
     cp.n_seq_max = 1
-    cp.flash_attn_type = 0  # as sipp configures a CPU context (see README, engine notes)
+    cp.offload_kqv = cp.op_offload = False
+    cp.no_perf = True
+    cp.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
     ctx = lc.llama_init_from_model(model, cp)
     vocab = lc.llama_model_get_vocab(model)
-    data = PROMPT.encode()
-    toks = (lc.llama_token * 256)()
-    n = lc.llama_tokenize(vocab, data, len(data), toks, 256, True, True)
-    sampler = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-    lc.llama_sampler_chain_add(sampler, lc.llama_sampler_init_greedy())
+    n_vocab = lc.llama_vocab_n_tokens(vocab)
+    bias = (lc.llama_logit_bias * len(eog))(*[lc.llama_logit_bias(token=t, bias=BAN) for t in eog])
     buf = ctypes.create_string_buffer(64)
-    lc.llama_decode(ctx, lc.llama_batch_get_one(toks, n))
-    one = (lc.llama_token * 1)()
-    token = lc.llama_sampler_sample(sampler, ctx, -1)
-    generated = 1
-    start = time.perf_counter()
-    while generated < n_tokens:
-        lc.llama_token_to_piece(vocab, token, buf, 64, 0, False)
-        one[0] = token
-        lc.llama_decode(ctx, lc.llama_batch_get_one(one, 1))
+
+    def decode(batch: object) -> None:
+        status = lc.llama_decode(ctx, batch)
+        if status != 0:
+            raise SystemExit(f"llama_decode failed with status {status}")
+
+    def generate(prompt: str, n: int) -> tuple[int, int]:
+        sampler = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        lc.llama_sampler_chain_add(
+            sampler, lc.llama_sampler_init_logit_bias(n_vocab, len(eog), bias)
+        )
+        lc.llama_sampler_chain_add(sampler, lc.llama_sampler_init_greedy())
+        data = prompt.encode()
+        toks = (lc.llama_token * 256)()
+        n_prompt = lc.llama_tokenize(vocab, data, len(data), toks, 256, True, True)
+        decode(lc.llama_batch_get_one(toks, n_prompt))
+        one = (lc.llama_token * 1)()
         token = lc.llama_sampler_sample(sampler, ctx, -1)
-        generated += 1
-    elapsed = time.perf_counter() - start
-    lc.llama_sampler_free(sampler)
+        lc.llama_token_to_piece(vocab, token, buf, 64, 0, False)
+        generated = 1
+        while generated < n:
+            one[0] = token
+            decode(lc.llama_batch_get_one(one, 1))
+            token = lc.llama_sampler_sample(sampler, ctx, -1)
+            lc.llama_token_to_piece(vocab, token, buf, 64, 0, False)
+            generated += 1
+        lc.llama_sampler_free(sampler)
+        return n_prompt, generated
+
+    generate(WARMUP_PROMPT, 8)
+    lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+    start = time.perf_counter()
+    n_prompt, generated = generate(PROMPT, n_tokens)
+    seconds = time.perf_counter() - start
     lc.llama_free(ctx)
     lc.llama_model_free(model)
-    return (generated - 1) / elapsed
+    return {"prompt_tokens": n_prompt, "generated": generated, "seconds": seconds}
 
 
-def sipp_tokens_per_second(
-    client: SippClient, model_path: Path, n_tokens: int, threads: int, n_ctx: int
-) -> float:
-    config = NativeRuntimeConfig(context=ContextRuntimeConfig(n_ctx=n_ctx, n_threads=threads))
-    endpoint = client.add("bench", LocalModelDescriptor(model_path, config))
-    # Ban end-of-generation so both sides decode exactly n_tokens.
-    response = client.query(
-        PROMPT, endpoint=endpoint, options=SippTextOptions(max_tokens=n_tokens, temperature=0)
-    ).result()
-    stats = response.local_stats
-    assert stats is not None
-    if stats.generated_tokens < n_tokens:
-        print(f"  (sipp stopped early at {stats.generated_tokens} tokens)", file=sys.stderr)
-    return stats.tokens_per_second
+def sipp_side(
+    model_path: Path, n_tokens: int, threads: int, n_ctx: int, eog: list[int]
+) -> dict[str, float]:
+    from sipp import (
+        CacheRuntimeConfig,
+        ContextRuntimeConfig,
+        LocalModelDescriptor,
+        LocalTextOptions,
+        NativeRuntimeConfig,
+        SamplingRuntimeConfig,
+        SippClient,
+        SippTextOptions,
+    )
+
+    config = NativeRuntimeConfig(
+        context=ContextRuntimeConfig(n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads),
+        cache=CacheRuntimeConfig(mode="off"),
+    )
+    local = LocalTextOptions(sampling=SamplingRuntimeConfig(logit_bias=dict.fromkeys(eog, BAN)))
+    with SippClient() as client:
+        endpoint = client.add("bench", LocalModelDescriptor(model_path, config))
+        warm = SippTextOptions(max_tokens=8, temperature=0)
+        client.query(WARMUP_PROMPT, endpoint=endpoint, options=warm, local=local).result()
+        options = SippTextOptions(max_tokens=n_tokens, temperature=0)
+        start = time.perf_counter()
+        response = client.query(PROMPT, endpoint=endpoint, options=options, local=local).result()
+        seconds = time.perf_counter() - start
+    assert response.usage is not None
+    return {
+        "prompt_tokens": response.usage.input_tokens,
+        "generated": response.usage.output_tokens,
+        "seconds": seconds,
+    }
+
+
+SIDES = {"raw": raw_side, "sipp": sipp_side}
+
+
+def run_side(
+    side: str, args: argparse.Namespace, model_path: Path, eog: list[int]
+) -> dict[str, float]:
+    """One measurement of `side` in a fresh process; its last stdout line is the result."""
+    cmd = [
+        sys.executable,
+        __file__,
+        "--side", side,
+        "--model", str(model_path),
+        "--tokens", str(args.tokens),
+        "--threads", str(args.threads),
+        "--ctx", str(args.ctx),
+        "--eog", ",".join(map(str, eog)),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{side} side failed:\n{done.stderr[-3000:]}")
+    result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    if result["generated"] != args.tokens:
+        raise SystemExit(f"{side} generated {result['generated']} tokens, not {args.tokens}")
+    return result
 
 
 def main() -> None:
@@ -96,23 +172,42 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--ctx", type=int, default=2048)
+    parser.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)
+    parser.add_argument("--eog", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.side:  # a child: one measurement, printed as JSON
+        eog = [int(t) for t in args.eog.split(",") if t]
+        measure = SIDES[args.side]
+        print(json.dumps(measure(args.model, args.tokens, args.threads, args.ctx, eog)))
+        return
+
+    from sipp import models as sipp_models
+    from sipp.local._llama import cpu_has_amx
+
     model_path = args.model or sipp_models.pull(sipp_models.DEFAULT_MODEL)
+    eog = eog_tokens(model_path)
     print(
         f"model={model_path.name} tokens={args.tokens} threads={args.threads} n_ctx={args.ctx} "
-        f"extra_bufts={'off (AMX host)' if cpu_has_amx() else 'on'}"
+        f"extra_bufts={'off (AMX host)' if cpu_has_amx() else 'on'} "
+        f"end-of-generation tokens banned on both sides: {eog}; one process per side and round"
     )
-    raw, ours = [], []
-    with SippClient() as client:
-        for i in range(args.rounds):
-            r = raw_tokens_per_second(model_path, args.tokens, args.threads, args.ctx)
-            s = sipp_tokens_per_second(client, model_path, args.tokens, args.threads, args.ctx)
-            raw.append(r)
-            ours.append(s)
-            print(f"round {i + 1}: raw {r:7.1f} tok/s   sipp {s:7.1f} tok/s   ratio {s / r:.3f}")
-    ratios = [s / r for s, r in zip(ours, raw)]
-    print(f"raw  {spread(raw, unit='tok/s')}")
-    print(f"sipp {spread(ours, unit='tok/s')}")
+    rates: dict[str, list[float]] = {"raw": [], "sipp": []}
+    for i in range(args.rounds):
+        order = ("raw", "sipp") if i % 2 == 0 else ("sipp", "raw")
+        got = {side: run_side(side, args, model_path, eog) for side in order}
+        if got["raw"]["prompt_tokens"] != got["sipp"]["prompt_tokens"]:
+            raise SystemExit(f"the sides tokenized the prompt differently: {got}")
+        for side in rates:
+            rates[side].append(args.tokens / got[side]["seconds"])
+        r, s = rates["raw"][-1], rates["sipp"][-1]
+        print(
+            f"round {i + 1} ({order[0]} first): raw {r:7.1f} tok/s   sipp {s:7.1f} tok/s   "
+            f"ratio {s / r:.3f}",
+            flush=True,
+        )
+    ratios = [s / r for s, r in zip(rates["sipp"], rates["raw"])]
+    print(f"raw  {spread(rates['raw'], unit='tok/s')}")
+    print(f"sipp {spread(rates['sipp'], unit='tok/s')}")
     print(f"ratio sipp/raw {spread(ratios, '.3f')}")
 
 

@@ -9,6 +9,7 @@ to the real default model.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -31,8 +32,10 @@ def _snippet(headings: tuple[str, ...], first_line: str) -> str:
     return "\n".join(lines[begin : end + 1]) + "\n"
 
 
-def _run(code: str, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    script = cwd / "snippet.py"
+def _run(
+    code: str, cwd: Path, *args: str, name: str = "snippet.py"
+) -> subprocess.CompletedProcess[str]:
+    script = cwd / name
     script.write_text(code, encoding="utf-8")
     env = dict(os.environ)
     return subprocess.run(
@@ -60,14 +63,51 @@ def test_python_local_quickstart_runs_as_written(tmp_path: Path, smollm_path: Pa
     assert proc.stdout.strip().endswith("576"), proc.stdout
 
 
+# Runs a snippet unchanged, then reports what it printed and the objects it left behind,
+# so the test can check the printed line against the response the snippet received.
+_INSPECT = """
+import contextlib, io, json, runpy, sys
+sys.argv = ["snippet.py", *sys.argv[1:]]
+printed = io.StringIO()
+with contextlib.redirect_stdout(printed):
+    scope = runpy.run_path("snippet.py", run_name="__main__")
+client, endpoint, response = scope["client"], scope["endpoint"], scope["run"].result()
+metrics = client.runtime_metrics(endpoint)
+again = client.query(scope["query_prompt"], endpoint=endpoint, local=scope["LocalTextOptions"](
+    context_key="python-local"), options=scope["SippTextOptions"](max_tokens=1)).result()
+client.close()
+print(json.dumps({
+    "printed": printed.getvalue(),
+    "text": response.text,
+    "finish_reason": response.finish_reason,
+    "output_tokens": response.usage.output_tokens,
+    "prompt_tokens": response.usage.input_tokens,
+    "requests": metrics["requests"],
+    "completed": metrics["completed"],
+    "again_cached": again.local_stats.cached_prompt_tokens,
+}))
+"""
+
+
 def test_python_package_local_query_runs_as_written(tmp_path: Path, smollm_path: Path) -> None:
     code = _snippet(PACKAGE_QUERY, "import sys")
     assert 'CacheRuntimeConfig(mode="live_slot_prefix")' in code
-    proc = _run(code, tmp_path, str(smollm_path))
+    assert "max_tokens=64" in code and 'context_key="python-local"' in code
+    (tmp_path / "snippet.py").write_text(code, encoding="utf-8")
+    proc = _run(_INSPECT, tmp_path, str(smollm_path), name="inspect_snippet.py")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    # The raw "<|system|>" markers are not SmolLM2's template, so the model may stop at
-    # once; the contract is that the snippet runs and prints its result line.
-    assert proc.stdout.endswith("\n"), proc.stdout
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    # It printed exactly the text of the response it received (SmolLM2 does not know the
+    # raw "<|system|>" markers and samples at the default temperature, so the text itself
+    # varies and may be empty).
+    assert got["printed"] == got["text"] + "\n"
+    assert got["finish_reason"] in ("stop", "length")
+    assert got["output_tokens"] <= 64
+    assert (got["finish_reason"] == "length") == (got["output_tokens"] == 64)
+    assert got["requests"] == got["completed"] == 1
+    # Its cache settings took effect: the same prompt under the same context_key reuses
+    # everything but the last prompt token.
+    assert got["again_cached"] == got["prompt_tokens"] - 1
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from sipp import (
     ContextOverflowError,
     ContextRuntimeConfig,
     EndpointRef,
+    ExecutionError,
     LocalModelDescriptor,
     LocalTextOptions,
     NativeRuntimeConfig,
@@ -26,6 +27,8 @@ from sipp import (
     SippClient,
     SippTextOptions,
 )
+
+from .test_decode_failures import FailingDecode
 
 GREEDY = SippTextOptions(max_tokens=20, temperature=0)
 PROMPTS = [
@@ -95,11 +98,47 @@ def test_per_request_sampling_inside_one_batch(eight_slots: tuple[SippClient, En
 def test_a_failing_request_does_not_poison_the_batch(
     eight_slots: tuple[SippClient, EndpointRef],
 ) -> None:
+    """Eight requests decode together; one fails mid-generation (its decode fails after it
+    has produced a few tokens, with the batch partly written to KV memory, as llama.cpp's
+    status 2 leaves it). Only that one fails; the seven that shared its batch finish with
+    exactly the text they produce alone."""
     client, ref = eight_slots
-    good = [client.query(p, endpoint=ref, options=GREEDY) for p in PROMPTS[:3]]
-    with pytest.raises(Exception, match="grammar"):
-        client.query("x", endpoint=ref, local=LocalTextOptions(grammar="root ::= ("))
-    assert all(r.result().finish_reason in ("stop", "length") for r in good)
+    engine = client._registry._endpoints[ref.id]._engine  # type: ignore[attr-defined]
+    doomed, others = PROMPTS[3], [p for p in PROMPTS if p != PROMPTS[3]]
+
+    def alone(prompt: str) -> tuple[str, list[int]]:
+        run = client.query(prompt, endpoint=ref, options=GREEDY, emit_tokens=True)
+        ids = [t for batch in run for t in batch.token_ids]
+        return run.result().text, ids
+
+    solo = {p: alone(p) for p in PROMPTS}
+    elsewhere = {t for p in others for t in solo[p][1]}
+    elsewhere |= {t for p in PROMPTS for t in engine.model.tokenize(p, add_special=True)}
+    generated = solo[doomed][1]
+    # A token the doomed request generates a few steps in, which no other sequence (and no
+    # earlier step of its own) ever puts in a batch: the injected failure hits only there.
+    marker = next(
+        (t for i, t in enumerate(generated) if i >= 3 and t not in elsewhere | set(generated[:i])),
+        None,
+    )
+    assert marker is not None, f"no marker token in {generated}"
+    before = client.runtime_metrics(ref)
+    failing = FailingDecode(engine.ctx, marker, 2, reach_memory=True)
+    engine.ctx = failing
+    try:
+        runs = {p: client.query(p, endpoint=ref, options=GREEDY) for p in PROMPTS}
+        with pytest.raises(ExecutionError, match="status 2"):
+            runs[doomed].result()
+        assert {p: runs[p].result().text for p in others} == {p: solo[p][0] for p in others}
+    finally:
+        engine.ctx = failing._ctx
+    assert failing.failures >= 2, "the failure should first hit a batch shared with others"
+    after = client.runtime_metrics(ref)
+    assert after["failed"] - before["failed"] == 1
+    assert after["completed"] - before["completed"] == len(others)
+    assert after["busy_slots"] == 0 and after["running"] == 0
+    # Nothing of the failed batch lingers: the doomed prompt now gives its solo answer.
+    assert client.query(doomed, endpoint=ref, options=GREEDY).result().text == solo[doomed][0]
 
 
 def test_context_key_follow_up_only_prefills_the_new_suffix(smollm_path: Path) -> None:
