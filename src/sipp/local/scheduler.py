@@ -615,6 +615,7 @@ class Engine:
         n_embd = self.model.n_embd
         pooling = self.ctx.pooling
         for job, seq, first in spans:
+            outcome: SippEmbeddingResponse | SippError
             try:
                 if status != 0:
                     raise ExecutionError(f"llama_decode failed with status {status}")
@@ -628,25 +629,22 @@ class Engine:
                     rows = [_l2_normalize(r) for r in rows]
                 values = [v for row in rows for v in row]
                 usage = Usage(len(job.tokens), 0, len(job.tokens))
-                response = SippEmbeddingResponse(
+                outcome = SippEmbeddingResponse(
                     values, pooling, job.normalize, n_embd, usage, len(rows)
                 )
                 if job.context_key is not None:
-                    self.embed_memo.put(job.context_key, job.tokens, job.normalize, response)
-                job.channel.finish(response)
-                outcome = "completed"
+                    self.embed_memo.put(job.context_key, job.tokens, job.normalize, outcome)
             except SippError as exc:
-                job.channel.finish(exc)
-                outcome = "failed"
+                outcome = exc
             except RuntimeError as exc:
-                job.channel.finish(ExecutionError(str(exc)))
-                outcome = "failed"
+                outcome = ExecutionError(str(exc))
             finally:
                 self.ctx.seq_rm(seq, -1, -1)
+            # Counted before the caller can see the result: metrics read after it include it.
             with self._cond:
-                self._counters[outcome] += 1
+                self._counters["failed" if isinstance(outcome, SippError) else "completed"] += 1
                 self._counters["prompt_tokens"] += len(job.tokens)
-
+            job.channel.finish(outcome)
 
 def _l2_normalize(row: list[float]) -> list[float]:
     norm = math.sqrt(sum(v * v for v in row))
