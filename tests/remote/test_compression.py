@@ -19,6 +19,7 @@ import pytest
 from sipp import (
     AsyncSippClient,
     ChatMessage,
+    InvalidConfigError,
     ProviderDescriptor,
     RateLimitedError,
     RemoteError,
@@ -222,3 +223,23 @@ def test_stream_event_over_the_cap_is_a_typed_error(mode: str) -> None:
         with pytest.raises(RemoteError, match="server-sent event exceeds 1048576 bytes") as info:
             call(mode, _provider(server), "chat", CHAT, emit_tokens=True)
     assert info.value.partial_text == "Streamed"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_event_cap_is_configurable(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIPP_SSE_MAX_EVENT_BYTES", "4096")
+    event = b"data: " + b"x" * 8192 + b"\n\n"  # well under the 1 MiB default
+    reply = [Status(200, {"content-type": "text/event-stream"}), Chunk(FIRST[1]), Chunk(event)]
+    with LoopbackServer(lambda req: reply) as server:
+        with pytest.raises(RemoteError, match="server-sent event exceeds 4096 bytes"):
+            call(mode, _provider(server), "chat", CHAT, emit_tokens=True)
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "1e6", "lots", ""])
+def test_a_bad_event_cap_is_refused_when_the_endpoint_is_added(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SIPP_SSE_MAX_EVENT_BYTES", value)
+    with SippClient() as client:
+        with pytest.raises(InvalidConfigError, match="SIPP_SSE_MAX_EVENT_BYTES"):
+            client.add("p", ProviderDescriptor("openai", "m", api_key="k"))

@@ -19,7 +19,7 @@ from .._descriptors import GatewayTimeoutPolicy
 from .._endpoint import EmbedRequest, Operation, TextRequest
 from .._errors import RemoteError, SippError
 from .._types import SippEmbeddingResponse, SippTextResponse, TokenBatch, Usage
-from ..protocol.sse import SSEDecoder, SSEEvent
+from ..protocol.sse import MAX_EVENT_BYTES, SSEDecoder, SSEEvent
 from ._content import ContentDecoder, content_decoder
 
 __all__ = ["MAX_BODY_BYTES", "Adapter", "EmbedExchange", "StreamParser", "TextExchange"]
@@ -148,11 +148,12 @@ class TextExchange(_Exchange):
         channel: RunChannel[SippTextResponse],
         stream: bool,
         timeouts: GatewayTimeoutPolicy,
+        max_event_bytes: int = MAX_EVENT_BYTES,
     ) -> None:
         super().__init__(adapter, timeouts)
         self.channel = channel
         self.stream = stream
-        self._decoder = SSEDecoder()
+        self._decoder = SSEDecoder(max_event_bytes)
         self._parser = adapter.stream_parser() if stream else None
         self._text: list[str] = []
         self._usage: Usage | None = None

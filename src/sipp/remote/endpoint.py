@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -36,6 +37,7 @@ from .._errors import (
     SippError,
 )
 from .._types import SippEmbeddingResponse, SippTextResponse
+from ..protocol.sse import MAX_EVENT_BYTES
 from ._abortable import Attempt, abortable_transport
 from ._content import ACCEPT_ENCODING
 from ._exchange import Adapter, EmbedExchange, TextExchange
@@ -59,6 +61,7 @@ class RemoteEndpoint(Endpoint):
         self.kind = kind
         self.adapter = adapter
         self.timeouts = timeouts
+        self.max_event_bytes = max_event_bytes_from(os.environ)
         # Per-call timeouts are the fallbacks; the exchange's deadline bounds each call.
         self._client = httpx.Client(
             timeout=httpx.Timeout(
@@ -108,7 +111,9 @@ class RemoteEndpoint(Endpoint):
         self, request: TextRequest, channel: RunChannel[SippTextResponse]
     ) -> tuple[_Build, _Exchange]:
         self.adapter.check_text(request)
-        exchange = TextExchange(self.adapter, channel, request.emit_tokens, self.timeouts)
+        exchange = TextExchange(
+            self.adapter, channel, request.emit_tokens, self.timeouts, self.max_event_bytes
+        )
         return (lambda headers: self.adapter.text_request(request, headers)), exchange
 
     def _embed(
@@ -330,6 +335,17 @@ class _AsyncDeadline:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+
+
+def max_event_bytes_from(env: Mapping[str, str]) -> int:
+    """The cap on one streamed server-sent event: `SIPP_SSE_MAX_EVENT_BYTES`, else 1 MiB."""
+    raw = env.get("SIPP_SSE_MAX_EVENT_BYTES")
+    if raw is None:
+        return MAX_EVENT_BYTES
+    value = int(raw) if raw.strip().isdigit() else 0
+    if value <= 0:
+        raise InvalidConfigError("SIPP_SSE_MAX_EVENT_BYTES must be a positive number of bytes")
+    return value
 
 
 def _aiohttp_error(exc: BaseException, name: str) -> SippError:
