@@ -12,13 +12,11 @@ import gzip
 import json
 import threading
 import zlib
-from typing import Any
 
 import pytest
 
 from sipp import (
     AsyncSippClient,
-    ChatMessage,
     InvalidConfigError,
     ProviderDescriptor,
     RateLimitedError,
@@ -29,42 +27,17 @@ from sipp import (
 
 from .harness import call
 from .loopback import Action, Chunk, LoopbackServer, Request, Status, Wait
+from .openai_wire import CHAT, MODES, chunk, completion
 
-MODES = ["sync", "async"]
-CHAT = [ChatMessage("user", "Say something.")]
-COMPLETION = {
-    "id": "chatcmpl-1",
-    "object": "chat.completion",
-    "created": 1,
-    "model": "gpt-test",
-    "choices": [
-        {
-            "index": 0,
-            "message": {"role": "assistant", "content": "Compressed fine."},
-            "finish_reason": "stop",
-        }
-    ],
-    "usage": {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7},
-}
+COMPLETION = completion("Compressed fine.", 3)
 
 
 def _provider(server: LoopbackServer) -> ProviderDescriptor:
     return ProviderDescriptor("openai", "gpt-test", api_key="sk-test", base_url=server.url + "/v1")
 
 
-def _chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-    body = {
-        "id": "c",
-        "object": "chat.completion.chunk",
-        "created": 1,
-        "model": "gpt-test",
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-    }
-    return b"data: " + json.dumps(body).encode() + b"\n\n"
-
-
-FIRST = [_chunk({"role": "assistant", "content": ""}), _chunk({"content": "Streamed"})]
-REST = [_chunk({"content": " and squeezed."}), _chunk({}, "stop"), b"data: [DONE]\n\n"]
+FIRST = [chunk({"role": "assistant", "content": ""}), chunk({"content": "Streamed"})]
+REST = [chunk({"content": " and squeezed."}), chunk({}, "stop"), b"data: [DONE]\n\n"]
 
 
 def _compressed(body: bytes, coding: str) -> bytes:

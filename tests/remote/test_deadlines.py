@@ -10,13 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 
 from sipp import (
     AsyncSippClient,
-    ChatMessage,
     GatewayTimeoutPolicy,
     ProviderDescriptor,
     RemoteError,
@@ -26,39 +24,11 @@ from sipp.gateway.serve import _add_provider
 
 from .harness import call
 from .loopback import Action, Chunk, LoopbackServer, Raw, Sleep, Status
+from .openai_wire import CHAT, MODES, chunk, completion
 
-MODES = ["sync", "async"]
-CHAT = [ChatMessage("user", "Say something.")]
-COMPLETION = json.dumps(
-    {
-        "id": "chatcmpl-1",
-        "object": "chat.completion",
-        "created": 1,
-        "model": "gpt-test",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": "Late."},
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": {"prompt_tokens": 4, "completion_tokens": 1, "total_tokens": 5},
-    }
-).encode()
+COMPLETION = json.dumps(completion("Late.")).encode()
 
-
-def _chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-    body = {
-        "id": "c",
-        "object": "chat.completion.chunk",
-        "created": 1,
-        "model": "gpt-test",
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-    }
-    return b"data: " + json.dumps(body).encode() + b"\n\n"
-
-
-END = [_chunk({}, "stop"), b"data: [DONE]\n\n"]
+END = [chunk({}, "stop"), b"data: [DONE]\n\n"]
 SSE = {"content-type": "text/event-stream"}
 
 
@@ -106,7 +76,7 @@ def test_stream_without_a_first_token_hits_the_request_deadline(mode: str) -> No
     # Keep-alive comments every 0.2 s for 5 s, then the answer: too late.
     frames = [Status(200, SSE)]
     frames += [a for _ in range(25) for a in (Chunk(b": ping\n\n"), Sleep(0.2))]
-    frames += [Chunk(_chunk({"content": "late"})), *[Chunk(f) for f in END]]
+    frames += [Chunk(chunk({"content": "late"})), *[Chunk(f) for f in END]]
     with LoopbackServer(lambda req: frames) as server:
         with pytest.raises(RemoteError, match="request deadline") as info:
             call(mode, _provider(server, request_s=1), "chat", CHAT, emit_tokens=True)
@@ -116,7 +86,7 @@ def test_stream_without_a_first_token_hits_the_request_deadline(mode: str) -> No
 @pytest.mark.parametrize("mode", MODES)
 def test_stream_idle_deadline_after_the_first_token(mode: str) -> None:
     # The first token at once, then a frame that never completes, one byte per 0.2 s.
-    frames = [Status(200, SSE), Chunk(_chunk({"content": "first"}))]
+    frames = [Status(200, SSE), Chunk(chunk({"content": "first"}))]
     frames += _trickle(b"data: " + b"x" * 25)
     with LoopbackServer(lambda req: frames) as server:
         with pytest.raises(RemoteError, match="no event for 1 s") as info:
@@ -134,7 +104,7 @@ def test_stream_idle_deadline_after_the_first_token(mode: str) -> None:
 def test_a_flowing_stream_may_outlast_the_request_deadline(mode: str) -> None:
     # request_s ends at the first token: tokens every 0.2 s for 1.6 s are fine.
     frames = [Status(200, SSE)]
-    frames += [a for i in range(8) for a in (Chunk(_chunk({"content": f"t{i} "})), Sleep(0.2))]
+    frames += [a for i in range(8) for a in (Chunk(chunk({"content": f"t{i} "})), Sleep(0.2))]
     frames += [Chunk(f) for f in END]
     with LoopbackServer(lambda req: frames) as server:
         response, batches = call(

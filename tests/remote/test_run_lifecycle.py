@@ -15,7 +15,6 @@ import pytest
 
 from sipp import (
     AsyncSippClient,
-    ChatMessage,
     ClientClosedError,
     GatewayTimeoutPolicy,
     OverloadedError,
@@ -34,18 +33,9 @@ from .loopback import (
     full_backlog_listener,
     json_reply,
 )
+from .openai_wire import CHAT, completion
 
-CHAT = [ChatMessage("user", "Say something.")]
-COMPLETION = {
-    "id": "chatcmpl-1",
-    "object": "chat.completion",
-    "created": 1,
-    "model": "gpt-test",
-    "choices": [
-        {"index": 0, "message": {"role": "assistant", "content": "Done."}, "finish_reason": "stop"}
-    ],
-    "usage": {"prompt_tokens": 4, "completion_tokens": 1, "total_tokens": 5},
-}
+COMPLETION = completion("Done.")
 
 
 def _provider(url: str) -> ProviderDescriptor:
