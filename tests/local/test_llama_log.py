@@ -17,21 +17,19 @@ def _lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "sipp.llama"]
 
 
-def test_a_line_in_progress_on_one_thread_is_not_joined_to_anothers(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    caplog.set_level(logging.DEBUG, logger="sipp.llama")
+def _interleave(level: int, a_head: bytes, b_line: bytes, a_tail: bytes) -> None:
+    """Thread A logs `a_head`, thread B then logs a whole line, then A ends its own."""
     a_began, b_ended = threading.Event(), threading.Event()
 
     def a() -> None:
-        _llama._log_to_python(3, b"thread A says ", None)
+        _llama._log_to_python(level, a_head, None)
         a_began.set()
         assert b_ended.wait(30)
-        _llama._log_to_python(3, b"hello\n", None)
+        _llama._log_to_python(level, a_tail, None)
 
     def b() -> None:
         assert a_began.wait(30)
-        _llama._log_to_python(3, b"thread B says bye\n", None)
+        _llama._log_to_python(level, b_line, None)
         b_ended.set()
 
     threads = [threading.Thread(target=a), threading.Thread(target=b)]
@@ -39,6 +37,13 @@ def test_a_line_in_progress_on_one_thread_is_not_joined_to_anothers(
         t.start()
     for t in threads:
         t.join(30)
+
+
+def test_a_line_in_progress_on_one_thread_is_not_joined_to_anothers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="sipp.llama")
+    _interleave(3, b"thread A says ", b"thread B says bye\n", b"hello\n")
     assert sorted(_lines(caplog)) == [
         "llama.cpp: thread A says hello",
         "llama.cpp: thread B says bye",
@@ -68,22 +73,5 @@ def test_many_threads_logging_in_pieces_give_whole_lines(caplog: pytest.LogCaptu
 
 def test_error_lines_from_threads_are_kept_whole_for_load_errors() -> None:
     _llama.recent_log_errors()
-    a_began, b_ended = threading.Event(), threading.Event()
-
-    def a() -> None:
-        _llama._log_to_python(2, b"failed to ", None)
-        a_began.set()
-        assert b_ended.wait(30)
-        _llama._log_to_python(2, b"open file\n", None)
-
-    def b() -> None:
-        assert a_began.wait(30)
-        _llama._log_to_python(2, b"bad magic\n", None)
-        b_ended.set()
-
-    threads = [threading.Thread(target=a), threading.Thread(target=b)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    _interleave(2, b"failed to ", b"bad magic\n", b"open file\n")
     assert sorted(_llama.recent_log_errors()) == ["bad magic", "failed to open file"]
