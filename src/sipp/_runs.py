@@ -74,12 +74,15 @@ class AsyncTextRun(_AsyncRun[SippTextResponse]):
         super().__init__(channel)
         self._emit_tokens = emit_tokens
 
+    @property
+    def _preparing(self) -> bool:
+        """For the gateway: the endpoint has not accepted the run yet (a local request's
+        template, tokens and grammar are still being prepared off the loop)."""
+        return self._channel.preparing
+
     async def _accepted(self) -> None:
-        """For the gateway, before it commits a stream to status 200: wait until the
-        endpoint accepted the run (a local request's template, tokens and grammar are
-        prepared) or the run ended, so a refusal still gets its own status."""
-        if self._channel.preparing:
-            await self._channel.accepted_async()
+        """Wait until the endpoint accepted the run or the run ended."""
+        await self._channel.accepted_async()
 
     @property
     def tokens(self) -> AsyncIterator[TokenBatch]:

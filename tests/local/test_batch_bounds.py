@@ -20,16 +20,11 @@ from sipp import (
 )
 from sipp.local import _llama
 
+from .test_engine import PROMPTS as ENGINE_PROMPTS
+
 GREEDY = SippTextOptions(max_tokens=8, temperature=0)
 PROMPTS = [
-    "The three primary colors are",
-    "Water boils at",
-    "The largest planet in the solar system is",
-    "Python is a programming language that",
-    "The capital of Japan is",
-    "Photosynthesis is the process by which",
-    "A haiku about autumn:",
-    "The speed of light is",
+    *ENGINE_PROMPTS,  # the eight of test_engine, then eight more
     "My favourite fruit is",
     "The ocean is",
     "Once upon a time",

@@ -283,7 +283,8 @@ class PublicCall:
     async def accepted(self, run: AsyncTextRun) -> None:
         """Before a stream commits to 200: wait until the endpoint accepted `run`, and
         raise its refusal (a prompt over the context, a bad grammar) as its own status."""
-        await unless_disconnected(self.request, run._accepted())
+        if run._preparing:  # remote runs are accepted at once: no watcher task for them
+            await unless_disconnected(self.request, run._accepted())
         if run.done:
             await run.result()
 
