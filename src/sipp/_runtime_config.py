@@ -160,7 +160,9 @@ class SamplingRuntimeConfig(_Group):
 
     `samplers` orders the filtering stages (names from `top_k`, `top_p`, `min_p`,
     `temperature`); the final pick is always the seeded random draw, or greedy
-    when the temperature is 0.
+    when the temperature is 0. `frequency_penalty` and `presence_penalty` (each in
+    [-2, 2], as OpenAI defines them) lower the logit of every token already generated
+    in this response by `frequency_penalty * count + presence_penalty`.
     """
 
     _unsupported: ClassVar[Mapping[str, str]] = {
@@ -173,6 +175,8 @@ class SamplingRuntimeConfig(_Group):
     min_p: float | None = None
     temperature: float | None = None
     repeat_penalty: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
     mirostat: int | None = None
     logit_bias: Mapping[int, float] | None = None
 
@@ -192,6 +196,8 @@ class SamplingRuntimeConfig(_Group):
         self._float("min_p", 0.0, 1.0)
         self._float("temperature", 0.0)
         self._float("repeat_penalty", 0.0)
+        self._float("frequency_penalty", -2.0, 2.0)
+        self._float("presence_penalty", -2.0, 2.0)
         if self.logit_bias is not None and (
             not isinstance(self.logit_bias, Mapping)
             or not all(

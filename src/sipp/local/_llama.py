@@ -403,6 +403,11 @@ class SamplerSettings:
     order: tuple[str, ...]
     logit_bias: Mapping[int, float]
     grammar: str | None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    # How many generated tokens the frequency/presence counts look back over; the
+    # endpoint passes the slot's context size, so they count the whole response.
+    penalty_window: int = 0
 
 
 class Sampler:
@@ -418,7 +423,26 @@ class Sampler:
             )
             add(chain, _lc.llama_sampler_init_logit_bias(model.n_vocab, len(s.logit_bias), items))
         if s.repeat_penalty != 1.0:
-            add(chain, _lc.llama_sampler_init_penalties(64, s.repeat_penalty, 0.0, 0.0))
+            add(
+                chain,
+                _lc.llama_sampler_init_penalties(model.n_vocab, 64, s.repeat_penalty, 0.0, 0.0),
+            )
+        if s.frequency_penalty or s.presence_penalty:
+            # OpenAI counts every token sampled so far in the response. llama.cpp keeps
+            # the last `penalty_last_n` accepted tokens, and in this build both 0 and -1
+            # disable the sampler (-1 means "context size" only in llama.cpp's CLI
+            # layer; checked by running it), so the window is passed explicitly. The
+            # chain only ever accepts sampled tokens, never the prompt, as OpenAI defines it.
+            add(
+                chain,
+                _lc.llama_sampler_init_penalties(
+                    model.n_vocab,
+                    max(1, s.penalty_window),
+                    1.0,
+                    s.frequency_penalty,
+                    s.presence_penalty,
+                ),
+            )
         if s.grammar is not None:
             g = _lc.llama_sampler_init_grammar(model.vocab, s.grammar.encode(), b"root")
             if not g:

@@ -161,6 +161,9 @@ class LocalEndpoint(Endpoint):
                     order=tuple(sampling.samplers or ()),
                     logit_bias=dict(sampling.logit_bias or {}),
                     grammar=grammar,
+                    frequency_penalty=float(sampling.frequency_penalty or 0.0),
+                    presence_penalty=float(sampling.presence_penalty or 0.0),
+                    penalty_window=self._engine.n_ctx_slot,
                 ),
             )
         except ValueError as exc:

@@ -61,6 +61,8 @@ _DEFAULT_SAMPLING = SamplingRuntimeConfig(
     min_p=0.05,
     temperature=0.8,
     repeat_penalty=1.0,
+    frequency_penalty=0.0,
+    presence_penalty=0.0,
     logit_bias={},
 )
 
