@@ -115,3 +115,15 @@ def test_responses_read_like_mappings() -> None:
     assert "finish_reason" in response
     with pytest.raises(KeyError):
         response["nope"]
+
+
+def test_logprobs_read_like_mappings_and_nest_in_to_dict() -> None:
+    top = sipp.TopLogprob("hi", (104, 105), -0.25)
+    token = sipp.TokenLogprob("hi", (104, 105), -0.25, (top,))
+    response = sipp.SippTextResponse("hi", "stop", logprobs=(token,))
+    assert response["logprobs"][0]["top"][0]["bytes"] == (104, 105)
+    assert response.to_dict()["logprobs"] == [
+        {"token": "hi", "bytes": (104, 105), "logprob": -0.25, "top": [top.to_dict()]}
+    ]
+    assert sipp.SippTextResponse("hi", "stop").logprobs is None
+    assert sipp.TokenBatch("hi").logprobs == ()

@@ -50,6 +50,8 @@ from ._types import (
     SippTextOptions,
     SippTextResponse,
     TokenBatch,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 from ._version import __version__
@@ -100,6 +102,8 @@ __all__ = [
     "SippTextResponse",
     "TextRun",
     "TokenBatch",
+    "TokenLogprob",
+    "TopLogprob",
     "UnavailableError",
     "UnsupportedOperationError",
     "Usage",

@@ -30,12 +30,15 @@ __all__ = [
     "SippTextOptions",
     "SippTextResponse",
     "TokenBatch",
+    "TokenLogprob",
+    "TopLogprob",
     "Usage",
 ]
 
 ChatRole = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length", "cancelled"]
 _ROLES: frozenset[str] = frozenset(("system", "user", "assistant"))
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 
 
 class _ReadsLikeMapping:
@@ -62,7 +65,11 @@ class _ReadsLikeMapping:
         out: dict[str, Any] = {}
         for name in self._field_names():
             value = getattr(self, name)
-            out[name] = value.to_dict() if isinstance(value, _ReadsLikeMapping) else value
+            if isinstance(value, _ReadsLikeMapping):
+                value = value.to_dict()
+            elif isinstance(value, tuple) and value and isinstance(value[0], _ReadsLikeMapping):
+                value = [v.to_dict() for v in value]
+            out[name] = value
         return out
 
     def _field_names(self) -> tuple[str, ...]:
@@ -164,6 +171,8 @@ class LocalTextOptions:
     `sampling` overrides the endpoint's load-time `SamplingRuntimeConfig` for
     this one request (same fields, e.g. `seed`, `top_k`, `min_p`).
     `json_schema` is a JSON Schema mapping; the output is constrained to match.
+    `logprobs=True` reports each generated token's log probability, and
+    `top_logprobs=k` (0..20, needs `logprobs=True`) the k likeliest tokens at each step.
     """
 
     context_key: str | None = None
@@ -171,6 +180,8 @@ class LocalTextOptions:
     json_schema: Mapping[str, Any] | None = None
     sampling: SamplingRuntimeConfig | None = None  # checked by the local endpoint
     media: Sequence[Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.context_key is not None and (
@@ -187,6 +198,16 @@ class LocalTextOptions:
             raise InvalidRequestError(
                 "media inputs need a vision projector, which this runtime does not support yet"
             )
+        if self.logprobs is not None and not isinstance(self.logprobs, bool):
+            raise InvalidRequestError(f"logprobs must be a bool, got {self.logprobs!r}")
+        check_count("top_logprobs", self.top_logprobs, minimum=0)
+        if self.top_logprobs is not None:
+            if self.top_logprobs > MAX_TOP_LOGPROBS:
+                raise InvalidRequestError(
+                    f"top_logprobs must be <= {MAX_TOP_LOGPROBS}, got {self.top_logprobs}"
+                )
+            if self.logprobs is not True:
+                raise InvalidRequestError("top_logprobs needs logprobs=True")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -208,12 +229,37 @@ class LocalEmbedOptions:
 
 
 @dataclass(frozen=True)
+class TopLogprob(_ReadsLikeMapping):
+    """One candidate token at a step: its text piece, raw bytes and log probability."""
+
+    token: str
+    bytes: tuple[int, ...]
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob(_ReadsLikeMapping):
+    """A generated token's log probability under the model (before penalties, grammar
+    and temperature); `top` holds the likeliest tokens at that step, best first."""
+
+    token: str
+    bytes: tuple[int, ...]
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class TokenBatch(_ReadsLikeMapping):
-    """Text produced since the previous batch. `text` is always whole UTF-8 characters."""
+    """Text produced since the previous batch. `text` is always whole UTF-8 characters.
+
+    `token_ids` are the tokens whose text this batch releases (a token whose bytes
+    were held back, e.g. half a character, arrives with the batch that releases
+    them); `logprobs` has one entry per token id when the request asked for them."""
 
     text: str
     token_ids: tuple[int, ...] = ()
     sequence: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -242,6 +288,7 @@ class SippTextResponse(_ReadsLikeMapping):
     finish_reason: FinishReason
     usage: Usage | None = None
     local_stats: LocalStats | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None  # only when requested
 
 
 @dataclass(frozen=True)

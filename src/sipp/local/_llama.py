@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 try:
     import llama_cpp as _lc
     from llama_cpp import llama_grammar as _grammar
@@ -328,6 +331,14 @@ class Context:
     def clear_memory(self) -> None:
         if self._memory:
             _lc.llama_memory_clear(self._memory, True)
+
+    def logits_row(self, i: int) -> npt.NDArray[np.float32]:
+        """The raw logits of batch entry `i` of the last decode, as a view (no copy):
+        valid only until the next decode."""
+        ptr = _lc.llama_get_logits_ith(self._ptr, i)
+        if not ptr:
+            raise RuntimeError(f"llama.cpp returned no logits for batch entry {i}")
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
 
     def embedding_seq(self, seq_id: int, n_embd: int) -> list[float]:
         ptr = _lc.llama_get_embeddings_seq(self._ptr, seq_id)

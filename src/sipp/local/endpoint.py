@@ -176,6 +176,7 @@ class LocalEndpoint(Endpoint):
             stream=TextStream(options.stop or ()),
             emit=request.emit_tokens,
             context_key=local.context_key if local is not None else None,
+            top_logprobs=(local.top_logprobs or 0) if local is not None and local.logprobs else None,
         )
         try:
             self._engine.submit(job)

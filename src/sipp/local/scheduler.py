@@ -40,10 +40,12 @@ from .._types import (
     SippEmbeddingResponse,
     SippTextResponse,
     TokenBatch,
+    TokenLogprob,
     Usage,
 )
 from . import _llama
 from .kv_cache import EmbedMemo, Snapshot, SnapshotStore, common_prefix
+from .logprobs import token_logprob
 from .model import LoadedModel
 from .text_stream import TextStream
 
@@ -85,6 +87,7 @@ class TextJob:
     stream: TextStream
     emit: bool
     context_key: str | None
+    top_logprobs: int | None = None  # None: logprobs not requested; else the top-k size
     t_submit: float = field(default_factory=time.perf_counter)
     slot: _Slot | None = None
     prefilled: int = 0  # prompt tokens already in the KV
@@ -93,6 +96,10 @@ class TextJob:
     last_token: int = -1
     out_index: int = -1
     batch_seq: itertools.count[int] = field(default_factory=itertools.count)
+    # Tokens (and their logprobs) whose text the stream still holds back.
+    held_ids: list[int] = field(default_factory=list)
+    held_logprobs: list[TokenLogprob] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # those released so far
     t_admit: float = 0.0
     t_first: float = 0.0
 
@@ -528,9 +535,13 @@ class Engine:
             return
         job.generated += 1
         job.last_token = token
+        job.held_ids.append(token)
+        if job.top_logprobs is not None:
+            row = self.ctx.logits_row(job.out_index)
+            job.held_logprobs.append(token_logprob(self.model, row, token, job.top_logprobs))
         text = job.stream.feed(self.model.piece(token))
-        if text and job.emit:
-            job.channel.push(TokenBatch(text, (token,), next(job.batch_seq)))
+        if text:
+            self._release_text(job, text)
         if job.stream.stopped:
             self._finish(job, "stop")
         elif job.max_new is not None and job.generated >= job.max_new:
@@ -538,10 +549,21 @@ class Engine:
         elif len(job.slot.tokens) + 1 >= self.n_ctx_slot:
             self._finish(job, "length")  # no room left to decode the next token
 
+    def _release_text(self, job: TextJob, text: str) -> None:
+        """Hand out `text` with the tokens it completes. Tokens whose text never gets
+        released (cut by a stop string, or half a character at the end) are not reported."""
+        ids, job.held_ids = tuple(job.held_ids), []
+        logprobs: tuple[TokenLogprob, ...] = ()
+        if job.held_logprobs:
+            logprobs, job.held_logprobs = tuple(job.held_logprobs), []
+            job.logprobs.extend(logprobs)
+        if job.emit:
+            job.channel.push(TokenBatch(text, ids, next(job.batch_seq), logprobs))
+
     def _finish(self, job: TextJob, reason: FinishReason) -> None:
         tail = job.stream.flush()
-        if tail and job.emit:
-            job.channel.push(TokenBatch(tail, (), next(job.batch_seq)))
+        if tail:
+            self._release_text(job, tail)
         response = self._response(job, reason)
         self._release(job)
         self._count_outcome(job, "cancelled" if reason == "cancelled" else "completed")
@@ -563,7 +585,8 @@ class Engine:
             queue_ms=((job.t_admit or end) - job.t_submit) * 1000,
         )
         usage = Usage(len(job.prompt), job.generated, len(job.prompt) + job.generated)
-        return SippTextResponse(job.stream.text, reason, usage, stats)
+        logprobs = tuple(job.logprobs) if job.top_logprobs is not None else None
+        return SippTextResponse(job.stream.text, reason, usage, stats, logprobs)
 
     def _release(self, job: TextJob) -> None:
         job.sampler.close()
