@@ -21,6 +21,9 @@ from playwright.sync_api import (
     expect,
     sync_playwright,
 )
+from playwright.sync_api import (
+    Error as PlaywrightError,
+)
 
 from .test_admin_api import PASSWORD, SECRETS, with_admin
 from .test_server import LIMITED, TOKEN, Gateway, running_gateway
@@ -59,14 +62,21 @@ class Watched:
         self.page = page
         self.bodies: list[str] = []
         self.script_errors: list[str] = []
+        self.closing = False
         # Every request of the page goes through here, so every body it got is kept.
         page.route(re.compile(r"/admin"), self._through)
         page.on("pageerror", lambda exc: self.script_errors.append(str(exc)))
         page.on("console", self._console)
 
     def _through(self, route: Route) -> None:
-        response = route.fetch(max_redirects=0)
-        self.bodies.append(response.text())
+        try:
+            response = route.fetch(max_redirects=0)
+            body = response.text()
+        except PlaywrightError:
+            if self.closing:  # a poll still in flight when the test closed its context
+                return
+            raise
+        self.bodies.append(body)
         route.fulfill(response=response)
 
     def _console(self, message: ConsoleMessage) -> None:
@@ -94,6 +104,7 @@ def page(browser: Browser) -> Iterator[Watched]:
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     watched = Watched(context.new_page())
     yield watched
+    watched.closing = True
     context.close()
     assert watched.script_errors == []
 
