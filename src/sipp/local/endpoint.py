@@ -138,6 +138,13 @@ class LocalEndpoint(Endpoint):
         if override is not None and not isinstance(override, SamplingRuntimeConfig):
             raise InvalidRequestError("LocalTextOptions.sampling must be a SamplingRuntimeConfig")
         sampling = self._engine.sampling_for(override, options.temperature, options.top_p)
+        outside = [t for t in sampling.logit_bias or () if not 0 <= t < model.n_vocab]
+        if outside:  # llama.cpp would skip them without a word
+            raise InvalidRequestError(
+                f"logit_bias token id {outside[0]} is outside this model's vocabulary "
+                f"(0 to {model.n_vocab - 1})",
+                field="logit_bias",
+            )
         grammar = None
         if local is not None and local.grammar is not None:
             grammar = local.grammar
@@ -176,7 +183,9 @@ class LocalEndpoint(Endpoint):
             stream=TextStream(options.stop or ()),
             emit=request.emit_tokens,
             context_key=local.context_key if local is not None else None,
-            top_logprobs=(local.top_logprobs or 0) if local is not None and local.logprobs else None,
+            top_logprobs=(local.top_logprobs or 0)
+            if local is not None and local.logprobs
+            else None,
         )
         try:
             self._engine.submit(job)
