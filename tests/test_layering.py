@@ -42,8 +42,10 @@ def _imports(path: Path, *, top_level_only: bool = False) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = package[: len(package) - node.level + 1] if node.level else []
             target = ".".join([*base, *(node.module.split(".") if node.module else [])])
-            found.add(target)
-            if not node.module:  # `from . import x`: x is a module of that package
+            if node.module:
+                found.add(target)
+            else:  # `from .. import x`: x is a module of that package (whose __init__
+                # runs for any import from inside it anyway)
                 found |= {f"{target}.{a.name}" for a in node.names}
     return found
 
@@ -129,3 +131,17 @@ def test_the_resolver_sees_imports() -> None:
     assert "sipp.local.endpoint" in _sipp_imports(MODULES["sipp._client"])
     assert "sipp.local.endpoint" not in _sipp_imports(MODULES["sipp._client"], top_level_only=True)
     assert "llama_cpp" in _imports(MODULES["sipp.local._llama"])
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if _within(n, "sipp.gateway.formats")))
+def test_gateway_formats_know_no_policy(name: str) -> None:
+    allowed = (
+        "sipp._types",
+        "sipp._errors",
+        "sipp.protocol",
+        "sipp.gateway.request",
+        "sipp.gateway.config",
+        "sipp.gateway.formats",
+    )
+    bad = {m for m in _sipp_imports(MODULES[name]) if not _within(m, *allowed)}
+    assert not bad, f"{name} imports {sorted(bad)}"

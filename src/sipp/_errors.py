@@ -51,9 +51,21 @@ class SippError(Exception):
 
 
 class InvalidRequestError(SippError):
-    """A request argument is malformed or out of range (HTTP 400)."""
+    """A request argument is malformed or out of range (HTTP 400). `field` names the
+    request field at fault when there is one (OpenAI's envelope calls it `param`)."""
 
     code = "invalid_request"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        status: int | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(message, status=status, request_id=request_id)
+        self.field = field
 
 
 class InvalidConfigError(SippError):

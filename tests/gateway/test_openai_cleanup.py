@@ -23,8 +23,9 @@ from .test_fuzz import values
 from .test_server import TOKEN, Gateway, running_gateway
 from .upstreams import CountingUpstream, embeddings_reply, poll, text_reply
 
-ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages"]
 AUTH = {"authorization": f"Bearer {TOKEN}"}
+ANTHROPIC_AUTH = {"x-api-key": TOKEN, "anthropic-version": "2023-06-01"}
 CHAT, HI = "/v1/chat/completions", [{"role": "user", "content": "hi"}]
 
 
@@ -113,7 +114,9 @@ mutated = st.sets(
     st.sampled_from(
         [
             *("messages", "prompt", "input", "stream", "max_tokens", "temperature", "stop"),
-            *("n", "encoding_format", "user"),
+            *("n", "encoding_format", "user", "seed", "logit_bias", "logprobs"),
+            *("top_logprobs", "presence_penalty", "frequency_penalty", "response_format"),
+            *("metadata", "store", "system", "top_k", "output_config", "thinking"),
         ]
     ),
     max_size=3,
@@ -127,7 +130,7 @@ def requests(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
     if route == "/v1/embeddings":
         body["input"] = draw(st.one_of(st.text(max_size=10), st.lists(st.text(max_size=8))))
     else:
-        if route == "/v1/chat/completions":
+        if route in (CHAT, "/v1/messages"):
             body["messages"] = draw(valid_messages)
         else:
             body["prompt"] = draw(st.text(min_size=1, max_size=20))
@@ -153,10 +156,14 @@ def test_fuzzed_openai_bodies_release_everything(
     gateway: Gateway, upstream: CountingUpstream, request: tuple[str, dict[str, Any]]
 ) -> None:
     route, body = request
+    anthropic = route == "/v1/messages"
     with (
         httpx.Client(timeout=60) as client,
         client.stream(
-            "POST", f"{gateway.public}{route}", content=json.dumps(body), headers=AUTH
+            "POST",
+            f"{gateway.public}{route}",
+            content=json.dumps(body),
+            headers=ANTHROPIC_AUTH if anthropic else AUTH,
         ) as r,
     ):
         assert r.status_code < 500, r.read()
@@ -166,5 +173,6 @@ def test_fuzzed_openai_bodies_release_everything(
             r.read()
             if r.status_code >= 400:
                 error = r.json()["error"]
-                assert isinstance(error["message"], str) and isinstance(error["code"], str)
+                code = error["type"] if anthropic else error["code"]
+                assert isinstance(error["message"], str) and isinstance(code, str)
     _settled(gateway, upstream)

@@ -66,9 +66,7 @@ def _add(client: SippClient, path: Path, **context: Any) -> EndpointRef:
 @pytest.mark.parametrize(
     ("status", "reach_memory"), [(1, False), (-1, False), (2, True), (-3, True)]
 )
-def test_only_the_failing_request_fails(
-    smollm_path: Path, status: int, reach_memory: bool
-) -> None:
+def test_only_the_failing_request_fails(smollm_path: Path, status: int, reach_memory: bool) -> None:
     with SippClient() as client:
         ref = _add(client, smollm_path, n_ctx=1024, n_parallel=4)
         reference = client.query(COUNTING, endpoint=ref, options=LONG).result().text

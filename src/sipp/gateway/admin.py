@@ -40,10 +40,11 @@ from .._errors import (
     RateLimitedError,
     SippError,
 )
-from .app import GatewayState, read_body
+from .app import ANTHROPIC_MESSAGES, OPENAI_ROUTES
 from .auth import same_secret, secret_digest
+from .call import read_body
 from .limits import RateLimiter, client_ip, served_over_tls
-from .openai_compat import OPENAI_ROUTES
+from .state import GatewayState
 
 __all__ = ["AdminState", "admin_routes", "admin_state"]
 
@@ -266,6 +267,7 @@ def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Rout
             },
             "routes": {k: v for k, v in config.routes.__dict__.items() if v is not None},
             "openai_routes": list(OPENAI_ROUTES),
+            "anthropic_routes": [ANTHROPIC_MESSAGES],
             "targets": targets,
             "tokens": [
                 {"caller": c.label, "targets": sorted(c.targets) or ["*"]}

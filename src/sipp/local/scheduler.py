@@ -671,6 +671,7 @@ class Engine:
                 self._counters["prompt_tokens"] += len(job.tokens)
             job.channel.finish(outcome)
 
+
 def _l2_normalize(row: list[float]) -> list[float]:
     norm = math.sqrt(sum(v * v for v in row))
     return [v / norm for v in row] if norm > 0 else row

@@ -156,9 +156,7 @@ def _check_fields(
 
 
 def _field_error(name: str, problem: str) -> InvalidRequestError:
-    error = InvalidRequestError(f"field '{name}' {problem}")
-    error.field = name  # type: ignore[attr-defined]
-    return error
+    return InvalidRequestError(f"field '{name}' {problem}", field=name)
 
 
 def _target(obj: Mapping[str, Any]) -> str:

@@ -200,6 +200,7 @@
       ["management listener", overview.listeners.management],
       ...Object.entries(overview.routes).map(([name, path]) => [`route: ${name}`, path]),
       ...overview.openai_routes.map((path) => ["OpenAI-compatible", path]),
+      ...overview.anthropic_routes.map((path) => ["Anthropic-compatible", path]),
     ];
     fill("routes", routeRows.map(([name, value]) => el("tr", {}, el("td", {}, name), el("td", {}, el("code", {}, value)))), "");
 

@@ -1,0 +1,427 @@
+"""The request pipeline: every public route, whatever its wire format, runs here.
+
+    client checks -> authenticate -> read + decode (format) -> charge -> resolve,
+    authorize, admit -> execute -> encode (format, JSON or stream) -> settle
+
+`serve` runs the stages in order and owns cleanup: whatever fails, runs the
+request started are cancelled, its admission permit is released and its record
+finishes exactly once (a stream takes both over and does the same when it ends).
+Nothing starts before the whole body is decoded and every check has passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Protocol, TypeVar
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from .._descriptors import EndpointRef
+from .._errors import (
+    AuthorizationError,
+    ClientClosedError,
+    ExecutionError,
+    PayloadTooLargeError,
+    RateLimitedError,
+    SippError,
+)
+from .._runs import AsyncTextRun
+from .._types import SippTextResponse
+from .activity import RequestRecord
+from .auth import Caller
+from .embed_batch import embed_all
+from .formats.base import WireFormat
+from .limits import client_ip
+from .request import (
+    ChoiceDone,
+    Completion,
+    Event,
+    GatewayRequest,
+    TextDelta,
+    UsageTotal,
+    total_usage,
+)
+from .state import GatewayState, for_caller, resolve_target
+from .target_options import target_args
+from .upstream import caller_error
+
+__all__ = ["PublicCall", "check_client", "read_body", "serve", "unless_disconnected"]
+
+logger = logging.getLogger("sipp.gateway")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_T = TypeVar("_T")
+
+
+async def serve(state: GatewayState, request: Request, fmt: WireFormat) -> Response:
+    """Serve one public request in `fmt`; failures become `fmt`'s error body, never a traceback."""
+    call = PublicCall(state, request, fmt.operation)
+    try:
+        call.check_client()
+        caller = call.authenticate(fmt.credential(request.headers))
+        body = await read_body(request, state.config.max_request_bytes)
+        req = fmt.decode(body, request.headers, state.config)
+        if req.user is not None or req.metadata is not None:
+            _attribute(call, req)
+        call.charge(req.cost)
+        ref = call.admit(caller, req.target)
+        if req.operation == "embed":
+            return fmt.encode(req, await call.embed(req, ref), call.request_id)
+        runs = call.start_text(req, ref)
+        if not req.stream:
+            return fmt.encode(req, Completion(await call.wait(runs)), call.request_id)
+        for run in runs:
+            await call.accepted(run)
+        frames = call.stream(fmt, req, runs)
+        headers = {**fmt.stream_headers, "x-request-id": call.request_id}
+        return StreamingResponse(frames, headers=headers)
+    except SippError as exc:
+        exc = for_caller(state, call.rec.target, exc)
+        call.rec.fail(exc.code)
+        return fmt.error(exc, call.request_id)
+    except Exception:
+        logger.exception(
+            "unexpected error serving %s request %s", call.rec.operation, call.request_id
+        )
+        call.rec.fail("execution")
+        return fmt.error(ExecutionError("internal error"), call.request_id)
+    finally:
+        call.close()
+
+
+def _attribute(call: PublicCall, req: GatewayRequest) -> None:
+    """Log who the caller says the request is for (`user`, `metadata`): JSON-quoted, so a
+    value cannot forge log lines; never a metrics label, so it cannot grow the series."""
+    logger.info(
+        "request %s from caller %s for target %s: user=%s metadata=%s",
+        call.request_id,
+        call.rec.caller,
+        json.dumps(req.target),
+        json.dumps(req.user),
+        json.dumps(req.metadata, sort_keys=True),
+    )
+
+
+class _Run(Protocol):
+    @property
+    def done(self) -> bool: ...
+
+    def cancel(self, reason: str | None = None) -> None: ...
+
+
+_R = TypeVar("_R", bound=_Run)
+
+
+class PublicCall:
+    """One public request's record, admission permit and the runs it started."""
+
+    def __init__(self, state: GatewayState, request: Request, operation: str) -> None:
+        self.state, self.request = state, request
+        given = request.headers.get("x-request-id", "")
+        self.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        self.rec = state.record(operation)
+        self._permit = False
+        self._runs: list[_Run] = []
+        self._ip = ""
+
+    # ------------------------------------------------------------- policy stages
+    def check_client(self) -> None:
+        self._ip = check_client(self.state, self.request)
+
+    def authenticate(self, credential: str | None) -> Caller:
+        caller = self.state.tokens.authenticate(credential)
+        self.rec.caller = caller.label
+        return caller
+
+    def charge(self, cost: int) -> None:
+        """Make this request cost `cost` rate-limit tokens (an embedding batch: one per
+        input). The client check took the first; the rest are taken all or none, else 429."""
+        limiter = self.state.rate_limiter
+        if limiter is None or cost <= 1:
+            return
+        try:
+            if cost > limiter.burst:  # waiting never helps: say so rather than invite retries
+                raise RateLimitedError(
+                    f"this request costs {cost} rate-limit tokens (one per input), more than "
+                    f"the burst ({int(limiter.burst)}); send fewer inputs per request"
+                )
+            limiter.check(self._ip, cost=cost - 1)
+        except RateLimitedError:
+            self.state.refused("rate_limited")
+            raise
+
+    def admit(self, caller: Caller, target: str) -> EndpointRef:
+        """Resolve and authorize `target`, then take an admission permit."""
+        ref = resolve_target(self.state, target)
+        self.rec.target = target
+        self.state.tokens.authorize(caller, target)
+        acquire(self.state)
+        self._permit = True
+        return ref
+
+    # ------------------------------------------------------------- execute
+    def track(self, run: _R) -> _R:
+        """A run this request started: `close` cancels it unless it finished or a stream
+        took it over, so no failure path leaves a generation or upstream call running."""
+        self._runs.append(run)
+        return run
+
+    def start_text(self, req: GatewayRequest, ref: EndpointRef) -> list[AsyncTextRun]:
+        """One run per choice, each with its target's arguments (tracked as it starts, so
+        a choice that fails to start cancels the ones before it)."""
+        target = self.state.target_configs[req.target]
+        args = [target_args(req, target, choice) for choice in range(req.generation.n)]
+        client = self.state.client
+        runs = []
+        for extra in args:
+            if req.operation == "query":
+                assert req.prompt is not None
+                run = client.query(
+                    req.prompt,
+                    endpoint=ref,
+                    options=req.options,
+                    local=extra.local,
+                    provider_options=extra.provider_options,
+                    emit_tokens=req.stream,
+                )
+            else:
+                assert req.messages is not None
+                run = client.chat(
+                    req.messages,
+                    endpoint=ref,
+                    options=req.options,
+                    local=extra.local,
+                    provider_options=extra.provider_options,
+                    emit_tokens=req.stream,
+                )
+            runs.append(self.track(run))
+        return runs
+
+    async def wait(self, runs: Sequence[AsyncTextRun]) -> tuple[SippTextResponse, ...]:
+        """Every run's response, or cancel them all if the client hangs up first."""
+        t0 = time.perf_counter()
+        if len(runs) == 1:
+            responses: tuple[SippTextResponse, ...] = (
+                await unless_disconnected(self.request, runs[0].result()),
+            )
+        else:
+            gathered = asyncio.gather(*(run.result() for run in runs))
+            responses = tuple(await unless_disconnected(self.request, gathered))
+        self.rec.waited = time.perf_counter() - t0
+        self.rec.usage(total_usage(responses))
+        return responses
+
+    async def embed(self, req: GatewayRequest, ref: EndpointRef) -> Completion:
+        t0 = time.perf_counter()
+        client = self.state.client
+        if req.single_input:
+            run = self.track(client.embed(req.inputs[0], endpoint=ref))
+            embeddings = [await unless_disconnected(self.request, run.result())]
+        else:
+            embeddings = await unless_disconnected(
+                self.request, embed_all(client, ref, req.inputs, self.track)
+            )
+        self.rec.waited = time.perf_counter() - t0
+        for embedding in embeddings:
+            self.rec.usage(embedding.usage)
+        return Completion(embeddings=tuple(embeddings))
+
+    async def accepted(self, run: AsyncTextRun) -> None:
+        """Before a stream commits to 200: wait until the endpoint accepted `run`, and
+        raise its refusal (a prompt over the context, a bad grammar) as its own status."""
+        if run._preparing:  # remote runs are accepted at once: no watcher task for them
+            await unless_disconnected(self.request, run._accepted())
+        if run.done:
+            await run.result()
+
+    # ------------------------------------------------------------- stream + settle
+    def stream(
+        self, fmt: WireFormat, req: GatewayRequest, runs: list[AsyncTextRun]
+    ) -> AsyncIterator[bytes]:
+        """Hand the permit and the record to the stream, which releases and finishes them."""
+        self._permit = False
+        self.rec.stream = True
+        return _stream(self.state, self.rec, fmt, req, runs, self.request_id)
+
+    def close(self) -> None:
+        if not self.rec.stream:
+            for run in self._runs:
+                if not run.done:
+                    run.cancel("the request failed")
+        if self._permit:
+            release(self.state)
+        if not self.rec.stream:
+            self.rec.finish()
+
+
+async def _stream(
+    state: GatewayState,
+    rec: RequestRecord,
+    fmt: WireFormat,
+    req: GatewayRequest,
+    runs: list[AsyncTextRun],
+    request_id: str,
+) -> AsyncIterator[bytes]:
+    """`fmt`'s frames for the runs' events. However the stream ends (finished, failed, or
+    the client went away), the permit is released, the record settled and finished, and
+    any run still going is cancelled."""
+    try:
+        async for frame in fmt.encode_stream(req, _events(state, rec, runs), request_id):
+            yield frame
+    except SippError as exc:
+        yield fmt.stream_error(exc)
+    except Exception:
+        logger.exception("unexpected error in a %s stream", rec.operation)
+        yield fmt.stream_error(ExecutionError("internal error"))
+    finally:
+        release(state)
+        await _settle(rec, runs)
+        rec.finish()
+        for run in runs:
+            if not run.done:  # the consumer went away: free the slot now, not when collected
+                run.cancel("stream consumer went away")
+
+
+async def _events(
+    state: GatewayState, rec: RequestRecord, runs: list[AsyncTextRun]
+) -> AsyncIterator[Event]:
+    """The runs' output as internal events; failures as the caller may see them."""
+    try:
+        if len(runs) == 1:
+            run = runs[0]
+            async for batch in run:
+                rec.first_token()
+                yield TextDelta(batch)
+            response = await run.result()
+            yield ChoiceDone(response)
+            yield UsageTotal(response.usage)
+        else:
+            async for event in _merged(rec, runs):
+                yield event
+    except SippError as exc:
+        raise for_caller(state, rec.target, exc) from None
+
+
+async def _merged(rec: RequestRecord, runs: list[AsyncTextRun]) -> AsyncIterator[Event]:
+    """Several choices' events interleaved as they arrive, then their total usage."""
+    queue: asyncio.Queue[Event | SippError] = asyncio.Queue()
+
+    async def pump(index: int, run: AsyncTextRun) -> None:
+        try:
+            async for batch in run:
+                queue.put_nowait(TextDelta(batch, index))
+            queue.put_nowait(ChoiceDone(await run.result(), index))
+        except SippError as exc:
+            queue.put_nowait(exc)
+
+    tasks = [asyncio.ensure_future(pump(i, run)) for i, run in enumerate(runs)]
+    try:
+        responses: list[SippTextResponse] = []
+        while len(responses) < len(runs):
+            item = await queue.get()
+            if isinstance(item, SippError):
+                raise item
+            if isinstance(item, TextDelta):
+                rec.first_token()
+            else:
+                assert isinstance(item, ChoiceDone)
+                responses.append(item.response)
+            yield item
+        yield UsageTotal(total_usage(responses))
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _settle(rec: RequestRecord, runs: list[AsyncTextRun]) -> None:
+    """Fill in how a stream ended: its usage, its error code, or `client_closed` when
+    the consumer went away before the end."""
+    if not all(run.done for run in runs):
+        rec.fail("client_closed")
+        return
+    responses = []
+    for run in runs:
+        try:
+            responses.append(await run.result())
+        except SippError as exc:
+            rec.fail(caller_error(exc).code)
+            return
+        except Exception:
+            rec.fail("execution")
+            return
+    rec.usage(total_usage(responses))
+
+
+# ----------------------------------------------------------------- shared helpers
+def check_client(state: GatewayState, request: Request) -> str:
+    """Refuse blocked client addresses (403) and clients over their rate limit (429);
+    the client's address otherwise."""
+    peer = request.client.host if request.client else None
+    ip = client_ip(peer, request.headers, state.config.security)
+    if ip in state.blocked_ips:
+        raise AuthorizationError("this client address is blocked")
+    if state.rate_limiter is not None:
+        try:
+            state.rate_limiter.check(ip)
+        except RateLimitedError:
+            state.refused("rate_limited")
+            raise
+    return ip
+
+
+async def read_body(request: Request, limit: int, name: str = "max_request_bytes") -> bytes:
+    """The body, refused with 413 as soon as more than `limit` bytes are declared or arrive."""
+    too_large = f"request body exceeds {name} ({limit} bytes)"
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(too_large)
+    body = bytearray()
+    async for chunk in request.stream():  # counts bytes actually received, chunked bodies too
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLargeError(too_large)
+    return bytes(body)
+
+
+async def unless_disconnected(request: Request, work: Awaitable[_T]) -> _T:
+    """`work`'s result; if the client hangs up first, cancel `work` (a run's `result()`
+    cancels the run when cancelled, freeing its slot or upstream request) instead of
+    finishing work nobody will read."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    result = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({result, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not result.done():
+            result.cancel()
+    if not result.done() or result.cancelled():
+        raise ClientClosedError("client disconnected before the response was ready")
+    return result.result()
+
+
+def acquire(state: GatewayState) -> None:
+    try:
+        state.limit.acquire()
+    except SippError:
+        state.refused("admission_rejected")
+        raise
+    state.metrics.in_flight.inc()
+    state.activity.in_flight(state.limit.in_flight)
+
+
+def release(state: GatewayState) -> None:
+    state.activity.in_flight(state.limit.in_flight)
+    state.limit.release()
+    state.metrics.in_flight.dec()

@@ -1,0 +1,343 @@
+"""Anthropic's Messages API (`POST /v1/messages`) as a wire format, so the official
+`anthropic` client and tools built on it can use any gateway target unchanged.
+
+The caller's gateway token comes as `x-api-key` (what the SDK sends) or as a
+bearer token. Streams follow Anthropic's event order: `message_start`, per block
+`content_block_start` / `content_block_delta`... / `content_block_stop`, then
+`message_delta` (stop reason, output tokens) and `message_stop`; a failure after
+the stream started is an `error` event. Errors use Anthropic's envelope.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse, Response
+
+from ... import protocol
+from ..._errors import InvalidRequestError, SippError
+from ..._types import ChatMessage, FinishReason, SippTextOptions, Usage
+from ..config import GatewayConfig
+from ..request import (
+    ChoiceDone,
+    Completion,
+    Event,
+    GatewayRequest,
+    Generation,
+    Operation,
+    ResponseFormat,
+    TextDelta,
+)
+from .base import error_headers, field_error
+
+__all__ = ["AnthropicFormat"]
+
+_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "max_tokens",
+        "system",
+        "stop_sequences",
+        "temperature",
+        "top_p",
+        "top_k",
+        "stream",
+        "metadata",
+        "output_config",
+        "cache_control",
+        "thinking",
+    }
+)
+_TEXT_BLOCK = frozenset({"type", "text", "cache_control", "citations"})
+_VERSION = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+_STREAM_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache"}
+
+
+class AnthropicFormat:
+    @property
+    def operation(self) -> Operation:
+        return "chat"
+
+    @property
+    def stream_headers(self) -> Mapping[str, str]:
+        return _STREAM_HEADERS
+
+    def credential(self, headers: Headers) -> str | None:
+        key = headers.get("x-api-key")
+        if key is not None:
+            return f"Bearer {key}"
+        return headers.get("authorization")
+
+    def decode(self, body: bytes, headers: Headers, config: GatewayConfig) -> GatewayRequest:
+        version = headers.get("anthropic-version")
+        if version is None or not _VERSION.match(version):
+            raise InvalidRequestError(
+                "the anthropic-version header is required (for example 2023-06-01)"
+            )
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            raise InvalidRequestError("request body is not valid JSON") from None
+        if not isinstance(obj, dict):
+            raise InvalidRequestError("request body must be a JSON object")
+        for key in obj:
+            if key not in _FIELDS:
+                raise field_error(key, f"{key}: this field is not supported by this gateway")
+        model = obj.get("model")
+        if not isinstance(model, str) or not model:
+            raise field_error("model", "model: field required (the gateway target name)")
+        max_tokens = obj.get("max_tokens")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise field_error("max_tokens", "max_tokens: field required, a positive integer")
+        temperature = _number(obj, "temperature", 0.0, 1.0)
+        stream = obj.get("stream", False)
+        if not isinstance(stream, bool):
+            raise field_error("stream", "stream: must be a boolean")
+        stops = obj.get("stop_sequences")
+        if stops is not None and (
+            not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops)
+        ):
+            raise field_error("stop_sequences", "stop_sequences: must be an array of strings")
+        top_k = obj.get("top_k")
+        if top_k is not None and (
+            isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1
+        ):
+            raise field_error("top_k", "top_k: must be a positive integer")
+        try:
+            options = SippTextOptions(
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=_number(obj, "top_p", 0.0, 1.0),
+                stop=stops or None,
+            )
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(exc.message) from None
+        _cache_control(obj.get("cache_control"), "cache_control")
+        _thinking(obj.get("thinking"))
+        return GatewayRequest(
+            "chat",
+            model,
+            messages=_system(obj.get("system")) + _messages(obj.get("messages")),
+            options=options,
+            stream=stream,
+            generation=Generation(
+                top_k=top_k, response_format=_output_format(obj.get("output_config"))
+            ),
+            user=_user(obj.get("metadata")),
+        )
+
+    def encode(self, request: GatewayRequest, done: Completion, request_id: str) -> Response:
+        response = done.choices[0]
+        body = _message(request, request_id, [{"type": "text", "text": response.text}])
+        body["stop_reason"] = _stop_reason(response.finish_reason)
+        body["usage"] = _usage(response.usage)
+        return JSONResponse(body, headers={"x-request-id": request_id})
+
+    async def encode_stream(
+        self, request: GatewayRequest, events: AsyncIterator[Event], request_id: str
+    ) -> AsyncIterator[bytes]:
+        start = _message(request, request_id, [])
+        start["usage"] = {"input_tokens": 0, "output_tokens": 0}
+        yield _event("message_start", {"type": "message_start", "message": start})
+        yield _event(
+            "content_block_start",
+            {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "text", "text": ""},
+            },
+        )
+        async for event in events:
+            if isinstance(event, TextDelta):
+                delta = {"type": "text_delta", "text": event.batch.text}
+                yield _event(
+                    "content_block_delta",
+                    {"type": "content_block_delta", "index": 0, "delta": delta},
+                )
+            elif isinstance(event, ChoiceDone):
+                response = event.response
+                yield _event("content_block_stop", {"type": "content_block_stop", "index": 0})
+                usage = _usage(response.usage)
+                yield _event(
+                    "message_delta",
+                    {
+                        "type": "message_delta",
+                        "delta": {
+                            "stop_reason": _stop_reason(response.finish_reason),
+                            "stop_sequence": None,
+                        },
+                        "usage": usage,
+                    },
+                )
+        yield _event("message_stop", {"type": "message_stop"})
+
+    def stream_error(self, exc: SippError) -> bytes:
+        return _event("error", _error_body(exc))
+
+    def error(self, exc: SippError, request_id: str) -> Response:
+        return JSONResponse(
+            _error_body(exc),
+            status_code=protocol.status_for(exc),
+            headers=error_headers(exc, request_id),
+        )
+
+
+# ----------------------------------------------------------------- decoding helpers
+def _number(obj: Mapping[str, Any], name: str, low: float, high: float) -> float | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise field_error(name, f"{name}: must be a number from {low:g} to {high:g}")
+    return float(value)
+
+
+def _text(content: Any, where: str) -> str:
+    """A string, or the text of an array of text blocks (other block kinds are refused)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise field_error(where, f"{where}: must be a string or an array of content blocks")
+    parts = []
+    for j, block in enumerate(content):
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind != "text" or not isinstance(block.get("text"), str):
+            raise field_error(
+                where,
+                f"{where}[{j}]: only text blocks are supported by this gateway (got {kind!r})",
+            )
+        if not set(block) <= _TEXT_BLOCK:
+            extra = ", ".join(sorted(set(block) - _TEXT_BLOCK))
+            raise field_error(where, f"{where}[{j}]: unsupported text block fields: {extra}")
+        _cache_control(block.get("cache_control"), f"{where}[{j}].cache_control")
+        parts.append(block["text"])
+    return "".join(parts)
+
+
+def _system(raw: Any) -> tuple[ChatMessage, ...]:
+    if raw is None:
+        return ()
+    return (ChatMessage("system", _text(raw, "system")),)
+
+
+def _messages(raw: Any) -> tuple[ChatMessage, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise field_error("messages", "messages: field required, a non-empty array")
+    out = []
+    for i, m in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
+            raise field_error(
+                "messages", f"{where}: must be an object whose role is user or assistant"
+            )
+        if not set(m) <= {"role", "content"}:
+            raise field_error("messages", f"{where}: only role and content are supported")
+        out.append(ChatMessage(m["role"], _text(m.get("content"), f"{where}.content")))
+    return tuple(out)
+
+
+def _cache_control(value: Any, where: str) -> None:
+    """Accepted as the hint it is: local targets reuse a shared prompt prefix's KV on
+    their own, and nothing else would change the answer."""
+    if value is None:
+        return
+    if (
+        not isinstance(value, dict)
+        or value.get("type") != "ephemeral"
+        or not set(value) <= {"type", "ttl"}
+        or value.get("ttl", "5m") not in ("5m", "1h")
+    ):
+        raise field_error(where, f"{where}: must be {{'type': 'ephemeral'}} with an optional ttl")
+
+
+def _thinking(value: Any) -> None:
+    if value is None or value == {"type": "disabled"}:
+        return
+    raise field_error("thinking", "thinking: extended thinking is not supported by this gateway")
+
+
+def _output_format(config: Any) -> ResponseFormat | None:
+    """`output_config.format`: Anthropic's structured output (a JSON schema)."""
+    if config is None:
+        return None
+    if not isinstance(config, dict) or not set(config) <= {"format", "effort"}:
+        raise field_error("output_config", "output_config: only format is supported")
+    if config.get("effort") is not None:
+        raise field_error(
+            "output_config", "output_config.effort: effort levels are not supported by this gateway"
+        )
+    fmt = config.get("format")
+    if fmt is None:
+        return None
+    if (
+        not isinstance(fmt, dict)
+        or fmt.get("type") != "json_schema"
+        or not isinstance(fmt.get("schema"), dict)
+        or not set(fmt) <= {"type", "schema"}
+    ):
+        raise field_error(
+            "output_config",
+            "output_config.format: must be {'type': 'json_schema', 'schema': {...}}",
+        )
+    return ResponseFormat("json_schema", fmt["schema"])
+
+
+def _user(metadata: Any) -> str | None:
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict) or not set(metadata) <= {"user_id"}:
+        raise field_error("metadata", "metadata: only user_id is supported")
+    user = metadata.get("user_id")
+    if user is not None and (not isinstance(user, str) or len(user) > 256):
+        raise field_error(
+            "metadata", "metadata.user_id: must be a string of at most 256 characters"
+        )
+    return user
+
+
+# ----------------------------------------------------------------- encoding helpers
+def _message(request: GatewayRequest, request_id: str, content: list[Any]) -> dict[str, Any]:
+    return {
+        "id": "msg_" + request_id,
+        "type": "message",
+        "role": "assistant",
+        "model": request.target,
+        "content": content,
+        "stop_reason": None,
+        "stop_sequence": None,
+    }
+
+
+def _stop_reason(finish: FinishReason) -> str:
+    return "max_tokens" if finish == "length" else "end_turn"
+
+
+def _usage(usage: Usage | None) -> dict[str, int]:
+    if usage is None:
+        return {"input_tokens": 0, "output_tokens": 0}
+    return {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens}
+
+
+def _event(name: str, data: dict[str, Any]) -> bytes:
+    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"event: {name}\ndata: {payload}\n\n".encode()
+
+
+def _error_body(exc: SippError) -> dict[str, Any]:
+    kind = _ERROR_TYPES.get(protocol.status_for(exc), "api_error")
+    return {"type": "error", "error": {"type": kind, "message": exc.message}}

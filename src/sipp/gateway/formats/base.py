@@ -1,0 +1,68 @@
+"""What a wire format supplies to the request pipeline, and helpers every format shares."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Mapping
+from typing import Protocol
+
+from starlette.datastructures import Headers
+from starlette.responses import Response
+
+from ..._errors import InvalidRequestError, SippError
+from ..config import GatewayConfig
+from ..request import Completion, Event, GatewayRequest, Operation
+
+__all__ = ["WireFormat", "bearer", "error_headers", "field_error"]
+
+
+class WireFormat(Protocol):
+    """One public route's wire format. It never sees policy (limits, targets, admission):
+    the pipeline in `call.py` runs those between `decode` and `encode`."""
+
+    @property
+    def operation(self) -> Operation:
+        """What the route does, for metrics before its body is read."""
+        ...
+
+    @property
+    def stream_headers(self) -> Mapping[str, str]: ...
+
+    def credential(self, headers: Headers) -> str | None:
+        """The caller's `Authorization` value (`Bearer <token>`), however the format carries it."""
+        ...
+
+    def decode(self, body: bytes, headers: Headers, config: GatewayConfig) -> GatewayRequest:
+        """The whole request, validated; raises `InvalidRequestError` (naming the field)
+        otherwise."""
+        ...
+
+    def encode(self, request: GatewayRequest, done: Completion, request_id: str) -> Response: ...
+
+    def encode_stream(
+        self, request: GatewayRequest, events: AsyncIterator[Event], request_id: str
+    ) -> AsyncIterator[bytes]:
+        """The stream's frames. A failure raised by `events` propagates; the pipeline
+        turns it into `stream_error`'s frame."""
+        ...
+
+    def stream_error(self, exc: SippError) -> bytes: ...
+
+    def error(self, exc: SippError, request_id: str) -> Response: ...
+
+
+def field_error(name: str, message: str) -> InvalidRequestError:
+    """A 400 that names the offending field (`param` in OpenAI's envelope)."""
+    return InvalidRequestError(message, field=name)
+
+
+def bearer(headers: Headers) -> str | None:
+    return headers.get("authorization")
+
+
+def error_headers(exc: SippError, request_id: str) -> dict[str, str]:
+    """`x-request-id`, plus `Retry-After` when the refusal says how long to wait."""
+    headers = {"x-request-id": request_id}
+    if exc.retry_after is not None:
+        headers["retry-after"] = str(math.ceil(exc.retry_after))
+    return headers

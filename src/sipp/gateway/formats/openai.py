@@ -1,0 +1,387 @@
+"""OpenAI's Chat Completions, Completions and Embeddings wire formats, so the official
+`openai` client and OpenAI-compatible tools can use a Sipp gateway unchanged.
+
+Errors use OpenAI's envelope (`{"error": {"message", "type", "param", "code"}}`)
+with the gateway's statuses, so OpenAI clients raise their usual exception classes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any, Literal
+
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse, Response
+
+from ... import protocol
+from ..._errors import InvalidRequestError, SippError
+from ..._types import ChatMessage, ChatRole, SippTextOptions, TokenLogprob, Usage
+from ..config import GatewayConfig
+from ..request import (
+    ChoiceDone,
+    Completion,
+    Event,
+    GatewayRequest,
+    Operation,
+    TextDelta,
+    UsageTotal,
+)
+from .base import bearer, error_headers, field_error
+from .openai_fields import attribution, generation
+
+__all__ = ["OpenAIFormat", "openai_error"]
+
+Kind = Literal["chat", "completion", "embeddings"]
+
+_COMMON = frozenset(
+    {
+        "model",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "stop",
+        "stream",
+        "stream_options",
+        "n",
+        "user",
+        "seed",
+        "logit_bias",
+        "presence_penalty",
+        "frequency_penalty",
+        "logprobs",
+    }
+)
+_FIELDS: dict[Kind, frozenset[str]] = {
+    "chat": _COMMON
+    | {
+        "messages",
+        "max_completion_tokens",
+        "top_logprobs",
+        "response_format",
+        "metadata",
+        "store",
+    },
+    "completion": _COMMON | {"prompt"},
+    "embeddings": frozenset({"model", "input", "encoding_format", "user"}),
+}
+_OPERATIONS: dict[Kind, Operation] = {"chat": "chat", "completion": "query", "embeddings": "embed"}
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    502: "upstream_error",
+}
+_STREAM_HEADERS = {"content-type": "text/event-stream"}
+
+
+def openai_error(exc: SippError, request_id: str) -> JSONResponse:
+    status = protocol.status_for(exc)
+    body = {
+        "error": {
+            "message": exc.message,
+            "type": _ERROR_TYPES.get(status, "server_error"),
+            "param": exc.field if isinstance(exc, InvalidRequestError) else None,
+            "code": exc.code,
+        }
+    }
+    return JSONResponse(body, status_code=status, headers=error_headers(exc, request_id))
+
+
+class OpenAIFormat:
+    """`/v1/chat/completions` (`chat`), `/v1/completions` (`completion`) or
+    `/v1/embeddings` (`embeddings`)."""
+
+    def __init__(self, kind: Kind) -> None:
+        self._kind: Kind = kind
+
+    @property
+    def operation(self) -> Operation:
+        return _OPERATIONS[self._kind]
+
+    @property
+    def stream_headers(self) -> Mapping[str, str]:
+        return _STREAM_HEADERS
+
+    def credential(self, headers: Headers) -> str | None:
+        return bearer(headers)
+
+    # ------------------------------------------------------------- decode
+    def decode(self, body: bytes, headers: Headers, config: GatewayConfig) -> GatewayRequest:
+        obj = _object(body, _FIELDS[self._kind])
+        target = obj["model"]
+        if self._kind == "embeddings":
+            inputs = _inputs(obj, config.max_embedding_inputs)
+            fmt = obj.get("encoding_format", "float")
+            if fmt not in ("float", "base64"):
+                raise field_error("encoding_format", "'encoding_format' must be float or base64")
+            return GatewayRequest(
+                "embed", target, inputs=inputs, cost=len(inputs), wire={"encoding": fmt}
+            )
+        stream, include_usage = _stream_flags(obj)
+        chat = self._kind == "chat"
+        user, metadata = attribution(obj)
+        return GatewayRequest(
+            "chat" if chat else "query",
+            target,
+            messages=_messages(obj.get("messages")) if chat else None,
+            prompt=None if chat else _prompt(obj),
+            options=_options(obj, "max_completion_tokens" if chat else "max_tokens"),
+            stream=stream,
+            include_usage=include_usage,
+            generation=generation(obj, chat=chat),
+            user=user,
+            metadata=metadata,
+        )
+
+    # ------------------------------------------------------------- encode
+    def encode(self, request: GatewayRequest, done: Completion, request_id: str) -> Response:
+        headers = {"x-request-id": request_id}
+        if self._kind == "embeddings":
+            return JSONResponse(_embeddings_body(request, done), headers=headers)
+        chat = self._kind == "chat"
+        choices = []
+        for index, response in enumerate(done.choices):
+            logprobs = _logprobs(response.logprobs, chat) if request.generation.logprobs else None
+            choice: dict[str, Any] = {
+                "index": index,
+                "finish_reason": _finish(response.finish_reason),
+                "logprobs": logprobs,
+            }
+            if chat:
+                choice["message"] = {"role": "assistant", "content": response.text}
+            else:
+                choice["text"] = response.text
+            choices.append(choice)
+        body = {
+            "id": self._ident(request_id),
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": request.target,
+            "choices": choices,
+            "usage": _usage(done.usage),
+        }
+        return JSONResponse(body, headers=headers)
+
+    async def encode_stream(
+        self, request: GatewayRequest, events: AsyncIterator[Event], request_id: str
+    ) -> AsyncIterator[bytes]:
+        chat = self._kind == "chat"
+        with_logprobs = request.generation.logprobs
+        head = (
+            f'data: {{"id":{json.dumps(self._ident(request_id))},'
+            f'"object":"{"chat.completion.chunk" if chat else "text_completion"}",'
+            f'"created":{int(time.time())},"model":{json.dumps(request.target)},'
+        ).encode()
+
+        def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
+            tail = {"choices": choices} if usage is None else {"choices": choices, "usage": usage}
+            return head + _dumps(tail)[1:].encode() + b"\n\n"
+
+        def piece(index: int, text: str | None, finish: str | None, lp: Any = None) -> bytes:
+            if chat:
+                delta: dict[str, Any] = {} if text is None else {"content": text}
+                return chunk(
+                    [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": lp}]
+                )
+            return chunk(
+                [{"index": index, "text": text or "", "finish_reason": finish, "logprobs": lp}]
+            )
+
+        if chat:
+            for index in range(request.generation.n):
+                role = {"role": "assistant", "content": ""}
+                yield chunk([{"index": index, "delta": role, "finish_reason": None}])
+        async for event in events:
+            if isinstance(event, TextDelta):
+                batch = event.batch
+                lp = _logprobs(batch.logprobs, chat) if with_logprobs else None
+                yield piece(event.index, batch.text, None, lp)
+            elif isinstance(event, ChoiceDone):
+                yield piece(event.index, None, _finish(event.response.finish_reason))
+            elif isinstance(event, UsageTotal) and request.include_usage:
+                yield chunk([], usage=_usage(event.usage))
+        yield b"data: [DONE]\n\n"
+
+    def stream_error(self, exc: SippError) -> bytes:
+        error = {"message": exc.message, "type": "server_error", "param": None, "code": exc.code}
+        return b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
+
+    def error(self, exc: SippError, request_id: str) -> Response:
+        return openai_error(exc, request_id)
+
+    def _ident(self, request_id: str) -> str:
+        return ("chatcmpl-" if self._kind == "chat" else "cmpl-") + request_id
+
+
+# ----------------------------------------------------------------- decoding helpers
+def _object(body: bytes, allowed: frozenset[str]) -> dict[str, Any]:
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        raise InvalidRequestError("request body is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise InvalidRequestError("request body must be a JSON object")
+    for key in obj:
+        if key not in allowed:
+            raise field_error(key, f"'{key}' is not supported by this gateway")
+    if not isinstance(obj.get("model"), str) or not obj["model"]:
+        raise InvalidRequestError("'model' is required (the gateway target name)")
+    return obj
+
+
+def _options(obj: dict[str, Any], max_key: str = "max_tokens") -> SippTextOptions:
+    max_tokens = obj.get(max_key, obj.get("max_tokens"))
+    stop = obj.get("stop")
+    if stop is not None and not isinstance(stop, (str, list)):
+        raise InvalidRequestError("'stop' must be a string or an array of strings")
+    return SippTextOptions(
+        max_tokens=max_tokens, temperature=obj.get("temperature"), top_p=obj.get("top_p"), stop=stop
+    )
+
+
+def _content(value: Any, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        parts = []
+        for part in value:
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                raise InvalidRequestError(f"{where}: only text content parts are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise InvalidRequestError(f"{where}: content must be a string or an array of text parts")
+
+
+def _messages(raw: Any) -> tuple[ChatMessage, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise InvalidRequestError("'messages' must be a non-empty array")
+    out = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict):
+            raise InvalidRequestError(f"messages[{i}] must be an object")
+        role: ChatRole = "system"
+        if m.get("role") in ("user", "assistant"):
+            role = m["role"]
+        elif m.get("role") not in ("system", "developer"):
+            raise InvalidRequestError(
+                f"messages[{i}].role must be system, developer, user or assistant"
+            )
+        out.append(ChatMessage(role, _content(m.get("content"), f"messages[{i}]")))
+    return tuple(out)
+
+
+def _stream_flags(obj: dict[str, Any]) -> tuple[bool, bool]:
+    """(`stream`, `stream_options.include_usage`)."""
+    stream = obj.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise field_error("stream", "'stream' must be true or false")
+    options = obj.get("stream_options")
+    if options is None:
+        return bool(stream), False
+    if not isinstance(options, dict) or not set(options) <= {"include_usage"}:
+        raise field_error(
+            "stream_options", "'stream_options' must be an object with only 'include_usage'"
+        )
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise field_error("stream_options", "'stream_options.include_usage' must be a boolean")
+    return bool(stream), include_usage
+
+
+def _prompt(obj: dict[str, Any]) -> str:
+    prompt = obj.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise InvalidRequestError("'prompt' must be a string (or an array of one string)")
+    return prompt
+
+
+def _inputs(obj: dict[str, Any], cap: int) -> tuple[str, ...]:
+    inputs = obj.get("input")
+    inputs = [inputs] if isinstance(inputs, str) else inputs
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(i, str) for i in inputs):
+        raise field_error("input", "'input' must be a string or an array of strings")
+    if len(inputs) > cap:
+        raise field_error(
+            "input",
+            f"'input' has {len(inputs)} items; this gateway takes at most {cap} per request "
+            "([limits] max_embedding_inputs)",
+        )
+    return tuple(inputs)
+
+
+# ----------------------------------------------------------------- encoding helpers
+def _usage(usage: Usage | None) -> dict[str, int] | None:
+    if usage is None:
+        return None
+    return {
+        "prompt_tokens": usage.input_tokens,
+        "completion_tokens": usage.output_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+def _logprobs(entries: Sequence[TokenLogprob] | None, chat: bool) -> dict[str, Any]:
+    """Token log probabilities in the chat shape (`content` entries) or the legacy
+    completions shape (parallel arrays)."""
+    entries = entries or ()
+    if chat:
+        content = [
+            {
+                "token": e.token,
+                "logprob": e.logprob,
+                "bytes": list(e.bytes),
+                "top_logprobs": [
+                    {"token": t.token, "logprob": t.logprob, "bytes": list(t.bytes)} for t in e.top
+                ],
+            }
+            for e in entries
+        ]
+        return {"content": content, "refusal": None}
+    offsets, at = [], 0
+    for e in entries:
+        offsets.append(at)
+        at += len(e.token)
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{t.token: t.logprob for t in e.top} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def _finish(reason: str) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def _embeddings_body(request: GatewayRequest, done: Completion) -> dict[str, Any]:
+    base64_out = request.wire.get("encoding") == "base64"
+    data, tokens = [], 0
+    for index, emb in enumerate(done.embeddings):
+        tokens += emb.usage.input_tokens if emb.usage else 0
+        vector: Any = emb.values
+        if base64_out:
+            vector = base64.b64encode(struct.pack(f"<{len(emb.values)}f", *emb.values)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": vector})
+    return {
+        "object": "list",
+        "data": data,
+        "model": request.target,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
