@@ -34,12 +34,14 @@ def test_a_tool_round_trip_as_messages() -> None:
         ChatMessage("assistant", "", (call,)),
         ChatMessage("tool", '{"temp_c": 18}', tool_call_id="call_1"),
     ]
-    assert ChatMessage.coerce(
-        {"role": "assistant", "content": "", "tool_calls": [call.to_dict()]}
-    ) == turns[1]
-    assert ChatMessage.coerce(
-        {"role": "tool", "content": '{"temp_c": 18}', "tool_call_id": "call_1"}
-    ) == turns[2]
+    assert (
+        ChatMessage.coerce({"role": "assistant", "content": "", "tool_calls": [call.to_dict()]})
+        == turns[1]
+    )
+    assert (
+        ChatMessage.coerce({"role": "tool", "content": '{"temp_c": 18}', "tool_call_id": "call_1"})
+        == turns[2]
+    )
     assert turns[1].to_dict()["tool_calls"] == [
         {"id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'}
     ]
@@ -81,7 +83,9 @@ def test_an_endpoint_without_tool_support_refuses_tools_and_tool_turns() -> None
     with SippClient() as client:
         ref = client.add("g", GatewayDescriptor("t", "http://127.0.0.1:9"))
         with pytest.raises(UnsupportedOperationError, match="tool"):
-            client.chat([ChatMessage("user", "hi")], endpoint=ref, options=SippTextOptions(tools=[WEATHER]))
+            client.chat(
+                [ChatMessage("user", "hi")], endpoint=ref, options=SippTextOptions(tools=[WEATHER])
+            )
         tool_turn = ChatMessage("tool", "18", tool_call_id="c")
         with pytest.raises(UnsupportedOperationError, match="tool"):
             client.chat([ChatMessage("user", "hi"), tool_turn], endpoint=ref)

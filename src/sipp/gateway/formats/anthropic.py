@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 
 from ... import protocol
 from ..._errors import InvalidRequestError, SippError
-from ..._types import ChatMessage, FinishReason, SippTextOptions, Usage
+from ..._types import ChatMessage, FinishReason, SippTextOptions, ToolCall, Usage
 from ..config import GatewayConfig
 from ..request import (
     ChoiceDone,
@@ -32,6 +32,7 @@ from ..request import (
     ResponseFormat,
     TextDelta,
 )
+from .anthropic_tools import BlockStream, tool_fields, tool_use_blocks
 from .base import error_headers, field_error
 
 __all__ = ["AnthropicFormat"]
@@ -51,9 +52,11 @@ _FIELDS = frozenset(
         "output_config",
         "cache_control",
         "thinking",
+        "tools",
+        "tool_choice",
     }
 )
-_TEXT_BLOCK = frozenset({"type", "text", "cache_control", "citations"})
+_TEXT_BLOCK = frozenset({"type", "text", "cache_control"})
 _VERSION = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -124,6 +127,7 @@ class AnthropicFormat:
                 temperature=temperature,
                 top_p=_number(obj, "top_p", 0.0, 1.0),
                 stop=stops or None,
+                **tool_fields(obj),
             )
         except InvalidRequestError as exc:
             raise InvalidRequestError(exc.message) from None
@@ -143,7 +147,11 @@ class AnthropicFormat:
 
     def encode(self, request: GatewayRequest, done: Completion, request_id: str) -> Response:
         response = done.choices[0]
-        body = _message(request, request_id, [{"type": "text", "text": response.text}])
+        content: list[dict[str, Any]] = []
+        if response.text or not response.tool_calls:
+            content.append({"type": "text", "text": response.text})
+        content += tool_use_blocks(response.tool_calls)
+        body = _message(request, request_id, content)
         body["stop_reason"] = _stop_reason(response.finish_reason)
         body["usage"] = _usage(response.usage)
         return JSONResponse(body, headers={"x-request-id": request_id})
@@ -154,25 +162,19 @@ class AnthropicFormat:
         start = _message(request, request_id, [])
         start["usage"] = {"input_tokens": 0, "output_tokens": 0}
         yield _event("message_start", {"type": "message_start", "message": start})
-        yield _event(
-            "content_block_start",
-            {
-                "type": "content_block_start",
-                "index": 0,
-                "content_block": {"type": "text", "text": ""},
-            },
-        )
+        blocks = BlockStream()
         async for event in events:
             if isinstance(event, TextDelta):
-                delta = {"type": "text_delta", "text": event.batch.text}
-                yield _event(
-                    "content_block_delta",
-                    {"type": "content_block_delta", "index": 0, "delta": delta},
-                )
+                batch = event.batch
+                frames = list(blocks.text(batch.text)) if batch.text else []
+                for delta in batch.tool_calls:
+                    frames += blocks.call(delta)
+                for frame in frames:
+                    yield _event(frame["type"], frame)
             elif isinstance(event, ChoiceDone):
                 response = event.response
-                yield _event("content_block_stop", {"type": "content_block_stop", "index": 0})
-                usage = _usage(response.usage)
+                for frame in blocks.close():
+                    yield _event(frame["type"], frame)
                 yield _event(
                     "message_delta",
                     {
@@ -181,7 +183,7 @@ class AnthropicFormat:
                             "stop_reason": _stop_reason(response.finish_reason),
                             "stop_sequence": None,
                         },
-                        "usage": usage,
+                        "usage": _usage(response.usage),
                     },
                 )
         yield _event("message_stop", {"type": "message_stop"})
@@ -213,20 +215,28 @@ def _text(content: Any, where: str) -> str:
         return content
     if not isinstance(content, list):
         raise field_error(where, f"{where}: must be a string or an array of content blocks")
-    parts = []
-    for j, block in enumerate(content):
-        kind = block.get("type") if isinstance(block, dict) else None
-        if kind != "text" or not isinstance(block.get("text"), str):
-            raise field_error(
-                where,
-                f"{where}[{j}]: only text blocks are supported by this gateway (got {kind!r})",
-            )
-        if not set(block) <= _TEXT_BLOCK:
-            extra = ", ".join(sorted(set(block) - _TEXT_BLOCK))
-            raise field_error(where, f"{where}[{j}]: unsupported text block fields: {extra}")
-        _cache_control(block.get("cache_control"), f"{where}[{j}].cache_control")
-        parts.append(block["text"])
-    return "".join(parts)
+    return "".join(_text_block(block, f"{where}[{j}]") for j, block in enumerate(content))
+
+
+def _present(block: dict[str, Any]) -> dict[str, Any]:
+    """The block's fields that are set: SDKs round-trip response blocks with their unset
+    optional fields as null (`citations`, `caller`...), which mean nothing here."""
+    return {k: v for k, v in block.items() if v is not None}
+
+
+def _text_block(block: Any, where: str) -> str:
+    if isinstance(block, dict):
+        block = _present(block)
+    kind = block.get("type") if isinstance(block, dict) else None
+    if kind != "text" or not isinstance(block.get("text"), str):
+        raise field_error(
+            where, f"{where}: only text blocks are supported by this gateway (got {kind!r})"
+        )
+    if not set(block) <= _TEXT_BLOCK:
+        extra = ", ".join(sorted(set(block) - _TEXT_BLOCK))
+        raise field_error(where, f"{where}: unsupported text block fields: {extra}")
+    _cache_control(block.get("cache_control"), f"{where}.cache_control")
+    return str(block["text"])
 
 
 def _system(raw: Any) -> tuple[ChatMessage, ...]:
@@ -236,9 +246,11 @@ def _system(raw: Any) -> tuple[ChatMessage, ...]:
 
 
 def _messages(raw: Any) -> tuple[ChatMessage, ...]:
+    """Turns in order; a user turn's `tool_result` blocks become `tool` turns before the
+    text it carries, an assistant turn's `tool_use` blocks its tool calls."""
     if not isinstance(raw, list) or not raw:
         raise field_error("messages", "messages: field required, a non-empty array")
-    out = []
+    out: list[ChatMessage] = []
     for i, m in enumerate(raw):
         where = f"messages[{i}]"
         if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
@@ -247,8 +259,68 @@ def _messages(raw: Any) -> tuple[ChatMessage, ...]:
             )
         if not set(m) <= {"role", "content"}:
             raise field_error("messages", f"{where}: only role and content are supported")
-        out.append(ChatMessage(m["role"], _text(m.get("content"), f"{where}.content")))
+        role, content = m["role"], m.get("content")
+        if not isinstance(content, list):
+            out.append(ChatMessage(role, _text(content, f"{where}.content")))
+            continue
+        texts: list[str] = []
+        calls: list[ToolCall] = []
+        results: list[ChatMessage] = []
+        for j, block in enumerate(content):
+            at = f"{where}.content[{j}]"
+            kind = block.get("type") if isinstance(block, dict) else None
+            if kind == "tool_use" and role == "assistant":
+                calls.append(_tool_use(block, at))
+            elif kind == "tool_result" and role == "user":
+                results.append(_tool_result(block, at))
+            elif kind == "text":
+                texts.append(_text_block(block, at))
+            else:
+                raise field_error(
+                    "messages",
+                    f"{at}: only text, tool_use (assistant) and tool_result (user) blocks are "
+                    f"supported by this gateway (got {kind!r})",
+                )
+        if role == "assistant":
+            out.append(ChatMessage("assistant", "".join(texts), tuple(calls)))
+            continue
+        out.extend(results)
+        if texts or not results:
+            out.append(ChatMessage("user", "".join(texts)))
     return tuple(out)
+
+
+def _tool_use(block: dict[str, Any], where: str) -> ToolCall:
+    block = _present(block)
+    if (
+        not set(block) <= {"type", "id", "name", "input", "cache_control"}
+        or not isinstance(block.get("id"), str)
+        or not block["id"]
+        or not isinstance(block.get("name"), str)
+        or not isinstance(block.get("input"), dict)
+    ):
+        raise field_error(
+            "messages", f"{where}: a tool_use block needs id, name and an input object"
+        )
+    _cache_control(block.get("cache_control"), f"{where}.cache_control")
+    return ToolCall(block["id"], block["name"], json.dumps(block["input"], ensure_ascii=False))
+
+
+def _tool_result(block: dict[str, Any], where: str) -> ChatMessage:
+    block = _present(block)
+    if not set(block) <= {"type", "tool_use_id", "content", "is_error", "cache_control"}:
+        extra = ", ".join(sorted(set(block) - {"type", "tool_use_id", "content", "is_error"}))
+        raise field_error("messages", f"{where}: unsupported tool_result fields: {extra}")
+    call_id = block.get("tool_use_id")
+    if not isinstance(call_id, str) or not call_id:
+        raise field_error("messages", f"{where}.tool_use_id: a non-empty string is required")
+    is_error = block.get("is_error", False)
+    if not isinstance(is_error, bool):
+        raise field_error("messages", f"{where}.is_error: must be a boolean")
+    _cache_control(block.get("cache_control"), f"{where}.cache_control")
+    text = _text(block.get("content", ""), f"{where}.content")
+    # The chat formats have no error flag on a tool result: say it in the text.
+    return ChatMessage("tool", f"Error: {text}" if is_error else text, tool_call_id=call_id)
 
 
 def _cache_control(value: Any, where: str) -> None:
@@ -324,7 +396,7 @@ def _message(request: GatewayRequest, request_id: str, content: list[Any]) -> di
 
 
 def _stop_reason(finish: FinishReason) -> str:
-    return "max_tokens" if finish == "length" else "end_turn"
+    return {"length": "max_tokens", "tool_calls": "tool_use"}.get(finish, "end_turn")
 
 
 def _usage(usage: Usage | None) -> dict[str, int]:

@@ -32,6 +32,7 @@ from ..request import (
 )
 from .base import bearer, error_headers, field_error
 from .openai_fields import attribution, generation
+from .openai_tools import call_delta, calls_out, tool_call, tool_fields
 
 __all__ = ["OpenAIFormat", "openai_error"]
 
@@ -64,6 +65,9 @@ _FIELDS: dict[Kind, frozenset[str]] = {
         "response_format",
         "metadata",
         "store",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
     },
     "completion": _COMMON | {"prompt"},
     "embeddings": frozenset({"model", "input", "encoding_format", "user"}),
@@ -132,7 +136,7 @@ class OpenAIFormat:
             target,
             messages=_messages(obj.get("messages")) if chat else None,
             prompt=None if chat else _prompt(obj),
-            options=_options(obj, "max_completion_tokens" if chat else "max_tokens"),
+            options=_options(obj, chat=chat),
             stream=stream,
             include_usage=include_usage,
             generation=generation(obj, chat=chat),
@@ -155,7 +159,11 @@ class OpenAIFormat:
                 "logprobs": logprobs,
             }
             if chat:
-                choice["message"] = {"role": "assistant", "content": response.text}
+                message: dict[str, Any] = {"role": "assistant", "content": response.text}
+                if response.tool_calls:
+                    message["content"] = response.text or None
+                    message["tool_calls"] = calls_out(response.tool_calls)
+                choice["message"] = message
             else:
                 choice["text"] = response.text
             choices.append(choice)
@@ -201,6 +209,13 @@ class OpenAIFormat:
         async for event in events:
             if isinstance(event, TextDelta):
                 batch = event.batch
+                if batch.tool_calls and chat:
+                    calls = [call_delta(d) for d in batch.tool_calls]
+                    delta: dict[str, Any] = {"tool_calls": calls}
+                    if batch.text:
+                        delta["content"] = batch.text
+                    yield chunk([{"index": event.index, "delta": delta, "finish_reason": None}])
+                    continue
                 lp = _logprobs(batch.logprobs, chat) if with_logprobs else None
                 yield piece(event.index, batch.text, None, lp)
             elif isinstance(event, ChoiceDone):
@@ -236,13 +251,19 @@ def _object(body: bytes, allowed: frozenset[str]) -> dict[str, Any]:
     return obj
 
 
-def _options(obj: dict[str, Any], max_key: str = "max_tokens") -> SippTextOptions:
-    max_tokens = obj.get(max_key, obj.get("max_tokens"))
+def _options(obj: dict[str, Any], *, chat: bool) -> SippTextOptions:
+    max_tokens = (
+        obj.get("max_completion_tokens", obj.get("max_tokens")) if chat else obj.get("max_tokens")
+    )
     stop = obj.get("stop")
     if stop is not None and not isinstance(stop, (str, list)):
         raise InvalidRequestError("'stop' must be a string or an array of strings")
     return SippTextOptions(
-        max_tokens=max_tokens, temperature=obj.get("temperature"), top_p=obj.get("top_p"), stop=stop
+        max_tokens=max_tokens,
+        temperature=obj.get("temperature"),
+        top_p=obj.get("top_p"),
+        stop=stop,
+        **(tool_fields(obj) if chat else {}),
     )
 
 
@@ -268,16 +289,33 @@ def _messages(raw: Any) -> tuple[ChatMessage, ...]:
         raise InvalidRequestError("'messages' must be a non-empty array")
     out = []
     for i, m in enumerate(raw):
+        where = f"messages[{i}]"
         if not isinstance(m, dict):
-            raise InvalidRequestError(f"messages[{i}] must be an object")
-        role: ChatRole = "system"
-        if m.get("role") in ("user", "assistant"):
-            role = m["role"]
-        elif m.get("role") not in ("system", "developer"):
-            raise InvalidRequestError(
-                f"messages[{i}].role must be system, developer, user or assistant"
+            raise InvalidRequestError(f"{where} must be an object")
+        role = m.get("role")
+        if role == "tool":
+            call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise field_error("messages", f"{where}.tool_call_id must be a non-empty string")
+            out.append(ChatMessage("tool", _content(m.get("content"), where), tool_call_id=call_id))
+            continue
+        if role == "assistant" and m.get("tool_calls"):
+            calls = m["tool_calls"]
+            if not isinstance(calls, list):
+                raise field_error("messages", f"{where}.tool_calls must be an array")
+            content = m.get("content")
+            text = "" if content is None else _content(content, where)
+            tool_calls = tuple(
+                tool_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(calls)
             )
-        out.append(ChatMessage(role, _content(m.get("content"), f"messages[{i}]")))
+            out.append(ChatMessage("assistant", text, tool_calls))
+            continue
+        if role not in ("user", "assistant", "system", "developer"):
+            raise InvalidRequestError(
+                f"{where}.role must be system, developer, user, assistant or tool"
+            )
+        chat_role: ChatRole = "system" if role == "developer" else role
+        out.append(ChatMessage(chat_role, _content(m.get("content"), where)))
     return tuple(out)
 
 
@@ -363,7 +401,7 @@ def _logprobs(entries: Sequence[TokenLogprob] | None, chat: bool) -> dict[str, A
 
 
 def _finish(reason: str) -> str:
-    return "length" if reason == "length" else "stop"
+    return reason if reason in ("length", "tool_calls") else "stop"
 
 
 def _dumps(obj: Any) -> str:
