@@ -90,7 +90,7 @@ def test_runtime_config_groups_default_and_merge() -> None:
         (lambda: SippTextOptions(stop=[""]), "non-empty strings"),
         (lambda: ChatMessage("robot", "hi"), "unknown chat role 'robot'"),
         (lambda: ChatMessage("user", 5), "content must be a string"),
-        (lambda: ChatMessage.coerce({"role": "user"}), "exactly the keys"),
+        (lambda: ChatMessage.coerce({"role": "user"}), "needs the keys"),
         (lambda: LocalTextOptions(grammar="root ::= x", json_schema={}), "not both"),
         (lambda: LocalTextOptions(context_key=""), "non-empty string"),
         (lambda: LocalTextOptions(media=[b"png"]), "vision projector"),

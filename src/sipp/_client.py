@@ -29,6 +29,7 @@ from ._errors import (
     EndpointNotFoundError,
     InvalidConfigError,
     InvalidRequestError,
+    UnsupportedOperationError,
 )
 from ._runs import AsyncEmbeddingRun, AsyncTextRun, EmbeddingRun, TextRun
 from ._types import (
@@ -76,6 +77,12 @@ def _build_endpoint(descriptor: EndpointDescriptor, id: str) -> Endpoint:
         f"unsupported endpoint descriptor {type(descriptor).__name__}; "
         "expected LocalModelDescriptor, GatewayDescriptor or ProviderDescriptor"
     )
+
+
+def _uses_tools(request: TextRequest) -> bool:
+    if request.options.tools:
+        return True
+    return any(m.tool_calls or m.role == "tool" for m in request.messages or ())
 
 
 class _Registry:
@@ -170,6 +177,10 @@ class _Registry:
         """Start a text run. `in_loop`: called from AsyncSippClient inside its event loop,
         so endpoints that do I/O run it as a task there instead of on a thread."""
         endpoint = self.resolve(ref, request.operation)
+        if _uses_tools(request) and not endpoint.supports_tools():
+            raise UnsupportedOperationError(
+                f"this {endpoint.kind} endpoint does not support tool calling yet"
+            )
         channel: RunChannel[SippTextResponse] = RunChannel()
         (endpoint.start_text_async if in_loop else endpoint.start_text)(request, channel)
         return channel

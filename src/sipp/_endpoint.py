@@ -85,6 +85,11 @@ class Endpoint(Protocol):
         False, with nothing started, when this endpoint embeds one input per call."""
         return False
 
+    def supports_tools(self) -> bool:
+        """True when this endpoint honours `SippTextOptions.tools` (and tool messages);
+        the client refuses tools for any other endpoint rather than drop them."""
+        return False
+
     def failure(self) -> str | None:
         """Why the endpoint stopped serving (e.g. its engine worker died), else None."""
         return None

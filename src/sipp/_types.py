@@ -9,6 +9,7 @@ examples index them that way.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
@@ -22,22 +23,30 @@ __all__ = [
     "ChatMessage",
     "ChatRole",
     "FinishReason",
+    "FunctionTool",
     "LocalEmbedOptions",
     "LocalStats",
     "LocalTextOptions",
     "MessageLike",
+    "NamedToolChoice",
     "SippEmbeddingResponse",
     "SippTextOptions",
     "SippTextResponse",
     "TokenBatch",
     "TokenLogprob",
+    "ToolCall",
+    "ToolCallDelta",
+    "ToolChoice",
+    "ToolChoiceMode",
     "TopLogprob",
     "Usage",
 ]
 
-ChatRole = Literal["system", "user", "assistant"]
-FinishReason = Literal["stop", "length", "cancelled"]
-_ROLES: frozenset[str] = frozenset(("system", "user", "assistant"))
+ChatRole = Literal["system", "user", "assistant", "tool"]
+FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
+ToolChoiceMode = Literal["auto", "none", "required"]
+_ROLES: frozenset[str] = frozenset(("system", "user", "assistant", "tool"))
+_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 
 
@@ -77,40 +86,140 @@ class _ReadsLikeMapping:
 
 
 @dataclass(frozen=True)
+class ToolCall(_ReadsLikeMapping):
+    """A function call the model asked for. `arguments` is JSON text, as OpenAI carries
+    it: a constrained local call always parses, a provider's usually does."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def __post_init__(self) -> None:
+        for name in ("id", "name", "arguments"):
+            if not isinstance(getattr(self, name), str):
+                raise InvalidRequestError(f"ToolCall.{name} must be a string")
+        if not self.id or not self.name:
+            raise InvalidRequestError("ToolCall.id and ToolCall.name must not be empty")
+
+    @classmethod
+    def coerce(cls, call: ToolCall | Mapping[str, Any]) -> ToolCall:
+        """Accept a `ToolCall` or a `{"id", "name", "arguments"}` mapping."""
+        if isinstance(call, ToolCall):
+            return call
+        if isinstance(call, Mapping) and set(call) == {"id", "name", "arguments"}:
+            return cls(call["id"], call["name"], call["arguments"])
+        raise InvalidRequestError(
+            "a tool call must be a ToolCall or a mapping with exactly id, name and arguments"
+        )
+
+
+@dataclass(frozen=True)
+class ToolCallDelta(_ReadsLikeMapping):
+    """A piece of tool call `index` of a streamed response: its `id` and `name` come in
+    the call's first delta, then `arguments` fragments that concatenate to its JSON."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class FunctionTool(_ReadsLikeMapping):
+    """A function the model may call: `parameters` is the JSON Schema of its arguments."""
+
+    name: str
+    description: str | None = None
+    parameters: Mapping[str, Any] | None = None
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _TOOL_NAME.match(self.name):
+            raise InvalidRequestError(
+                f"tool name {self.name!r} must be 1-64 letters, digits, '_' or '-'"
+            )
+        if self.description is not None and not isinstance(self.description, str):
+            raise InvalidRequestError(f"tool {self.name!r}: description must be a string")
+        if self.parameters is not None and not isinstance(self.parameters, Mapping):
+            raise InvalidRequestError(
+                f"tool {self.name!r}: parameters must be a JSON Schema mapping"
+            )
+        if not isinstance(self.strict, bool):
+            raise InvalidRequestError(f"tool {self.name!r}: strict must be a bool")
+
+
+@dataclass(frozen=True)
+class NamedToolChoice(_ReadsLikeMapping):
+    """`tool_choice` that makes the model call this one function."""
+
+    name: str
+
+
+ToolChoice: TypeAlias = ToolChoiceMode | NamedToolChoice
+
+
+@dataclass(frozen=True)
 class ChatMessage(_ReadsLikeMapping):
-    """One conversation turn: `ChatMessage("user", "Hello")`."""
+    """One conversation turn: `ChatMessage("user", "Hello")`.
+
+    An assistant turn that called tools carries them in `tool_calls` (its `content` may
+    be empty); each result comes back as a `tool` turn naming the call it answers in
+    `tool_call_id`."""
 
     role: ChatRole
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
 
     def __post_init__(self) -> None:
         if self.role not in _ROLES:
             raise InvalidRequestError(
-                f"unknown chat role {self.role!r}; valid roles are system, user, assistant"
+                f"unknown chat role {self.role!r}; valid roles are system, user, assistant, tool"
             )
         if not isinstance(self.content, str):
             raise InvalidRequestError(
                 f"chat message content must be a string, got {type(self.content).__name__}"
             )
+        if self.tool_calls:
+            if self.role != "assistant":
+                raise InvalidRequestError("only assistant messages carry tool_calls")
+            object.__setattr__(
+                self, "tool_calls", tuple(ToolCall.coerce(c) for c in self.tool_calls)
+            )
+        if self.role == "tool":
+            if not isinstance(self.tool_call_id, str) or not self.tool_call_id:
+                raise InvalidRequestError("a tool message needs the tool_call_id it answers")
+        elif self.tool_call_id is not None:
+            raise InvalidRequestError("only tool messages carry a tool_call_id")
 
     @classmethod
     def coerce(cls, message: MessageLike) -> ChatMessage:
-        """Accept a `ChatMessage` or a `{"role", "content"}` mapping."""
+        """Accept a `ChatMessage` or a mapping with `role` and `content` (and optionally
+        `tool_calls` or `tool_call_id`)."""
         if isinstance(message, ChatMessage):
             return message
         if isinstance(message, Mapping):
-            extra = set(message) - {"role", "content"}
+            extra = set(message) - {"role", "content", "tool_calls", "tool_call_id"}
             if extra or "role" not in message or "content" not in message:
                 raise InvalidRequestError(
-                    "a chat message mapping needs exactly the keys 'role' and 'content'"
+                    "a chat message mapping needs the keys 'role' and 'content' "
+                    "(and optionally 'tool_calls' or 'tool_call_id')"
                 )
-            return cls(cast(ChatRole, message["role"]), message["content"])
+            calls = message.get("tool_calls") or ()
+            if isinstance(calls, (str, bytes, Mapping)) or not isinstance(calls, Sequence):
+                raise InvalidRequestError("tool_calls must be a list of tool calls")
+            return cls(
+                cast(ChatRole, message["role"]),
+                message["content"],
+                tuple(ToolCall.coerce(c) for c in calls),
+                message.get("tool_call_id"),
+            )
         raise InvalidRequestError(
             f"a chat message must be a ChatMessage or a mapping, got {type(message).__name__}"
         )
 
 
-MessageLike: TypeAlias = ChatMessage | Mapping[str, str]
+MessageLike: TypeAlias = ChatMessage | Mapping[str, Any]
 
 
 def _check_probability(name: str, value: float | None, *, allow_zero: bool) -> None:
@@ -150,8 +259,12 @@ class SippTextOptions:
     temperature: float | None = None
     top_p: float | None = None
     stop: Sequence[str] | None = None
+    tools: Sequence[FunctionTool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def __post_init__(self) -> None:
+        _check_tools(self)
         check_count("max_tokens", self.max_tokens, minimum=1)
         check_temperature("temperature", self.temperature)
         _check_probability("top_p", self.top_p, allow_zero=False)
@@ -162,6 +275,37 @@ class SippTextOptions:
             if any(not isinstance(s, str) or s == "" for s in stops):
                 raise InvalidRequestError("stop must be a list of non-empty strings")
             object.__setattr__(self, "stop", stops)
+
+
+def _check_tools(options: SippTextOptions) -> None:
+    """`tools` as a tuple of distinct functions; `tool_choice` and `parallel_tool_calls`
+    only with tools, and a named choice only of one of them."""
+    tools = options.tools
+    if tools is not None:
+        if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence):
+            raise InvalidRequestError("tools must be a list of FunctionTool")
+        if not all(isinstance(t, FunctionTool) for t in tools):
+            raise InvalidRequestError("tools must be a list of FunctionTool")
+        names = [t.name for t in tools]
+        if len(set(names)) != len(names):
+            raise InvalidRequestError("tool names must be distinct")
+        object.__setattr__(options, "tools", tuple(tools) or None)
+    choice = options.tool_choice
+    if choice is not None:
+        if not options.tools:
+            raise InvalidRequestError("tool_choice needs tools")
+        if isinstance(choice, NamedToolChoice):
+            if choice.name not in {t.name for t in options.tools}:
+                raise InvalidRequestError(f"tool_choice names {choice.name!r}, which is not a tool")
+        elif choice not in ("auto", "none", "required"):
+            raise InvalidRequestError(
+                "tool_choice must be 'auto', 'none', 'required' or a NamedToolChoice"
+            )
+    if options.parallel_tool_calls is not None:
+        if not isinstance(options.parallel_tool_calls, bool):
+            raise InvalidRequestError("parallel_tool_calls must be a bool")
+        if not options.tools:
+            raise InvalidRequestError("parallel_tool_calls needs tools")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -260,6 +404,7 @@ class TokenBatch(_ReadsLikeMapping):
     token_ids: tuple[int, ...] = ()
     sequence: int = 0
     logprobs: tuple[TokenLogprob, ...] = ()
+    tool_calls: tuple[ToolCallDelta, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -284,11 +429,15 @@ class LocalStats(_ReadsLikeMapping):
 
 @dataclass(frozen=True)
 class SippTextResponse(_ReadsLikeMapping):
+    """A finished text run. When the model called tools, `tool_calls` holds them (in
+    order) and `finish_reason` is `tool_calls`; `text` is whatever it said besides."""
+
     text: str
     finish_reason: FinishReason
     usage: Usage | None = None
     local_stats: LocalStats | None = None
     logprobs: tuple[TokenLogprob, ...] | None = None  # only when requested
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True)
