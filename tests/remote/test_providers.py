@@ -25,6 +25,7 @@ from sipp import (
     UnsupportedOperationError,
 )
 
+from .anthropic_wire import block_delta, block_start, block_stop, event, message_end, message_start
 from .harness import call
 from .loopback import Chunk, LoopbackServer, Request, Reset, Sleep, Status, json_reply, sse_reply
 
@@ -319,58 +320,14 @@ def test_openai_compatible_correlation_header(mode: str) -> None:
 
 
 # ------------------------------------------------------------------------- Anthropic
-def _event(name: str, obj: dict[str, Any]) -> bytes:
-    return f"event: {name}\ndata: {json.dumps(obj)}\n\n".encode()
-
-
 ANTHROPIC_STREAM = [
-    _event(
-        "message_start",
-        {
-            "type": "message_start",
-            "message": {
-                "id": "msg_1",
-                "type": "message",
-                "role": "assistant",
-                "content": [],
-                "model": "claude-test",
-                "stop_reason": None,
-                "stop_sequence": None,
-                "usage": {"input_tokens": 25, "output_tokens": 1},
-            },
-        },
-    ),
-    _event(
-        "content_block_start",
-        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-    ),
-    _event("ping", {"type": "ping"}),
-    _event(
-        "content_block_delta",
-        {
-            "type": "content_block_delta",
-            "index": 0,
-            "delta": {"type": "text_delta", "text": "Hello"},
-        },
-    ),
-    _event(
-        "content_block_delta",
-        {
-            "type": "content_block_delta",
-            "index": 0,
-            "delta": {"type": "text_delta", "text": ", world"},
-        },
-    ),
-    _event("content_block_stop", {"type": "content_block_stop", "index": 0}),
-    _event(
-        "message_delta",
-        {
-            "type": "message_delta",
-            "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
-            "usage": {"output_tokens": 15},
-        },
-    ),
-    _event("message_stop", {"type": "message_stop"}),
+    message_start(25),
+    block_start(0, {"type": "text", "text": ""}),
+    event("ping", {"type": "ping"}),
+    block_delta(0, {"type": "text_delta", "text": "Hello"}),
+    block_delta(0, {"type": "text_delta", "text": ", world"}),
+    block_stop(0),
+    *message_end("max_tokens", 15),
 ]
 
 
@@ -429,7 +386,7 @@ def test_anthropic_chat_joins_system_messages_and_streams(mode: str) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_anthropic_errors(mode: str) -> None:
-    error_event = _event(
+    error_event = event(
         "error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
     )
     with LoopbackServer(lambda req: sse_reply([*ANTHROPIC_STREAM[:4], error_event])) as server:

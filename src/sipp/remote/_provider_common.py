@@ -56,6 +56,9 @@ class ProviderBase:
         assert descriptor.base_url is not None
         self.base = descriptor.base_url.rstrip("/")
 
+    def supports_tools(self) -> bool:
+        return False  # an adapter declares tools once it carries them both ways
+
     def auth_value(self) -> str | None:
         return self.d.api_key
 

@@ -3,8 +3,8 @@
 query -> POST /messages with the prompt as one user message; chat -> POST
 /messages with system messages joined into the top-level `system` field;
 embed is unsupported (Anthropic has no embeddings API). Streams are named
-SSE events: message_start, content_block_delta, message_delta, message_stop,
-and `error`.
+SSE events: message_start, content_block_start/delta/stop, message_delta,
+message_stop, and `error`. Tool wire shapes are in `_anthropic_tools`.
 """
 
 from __future__ import annotations
@@ -16,11 +16,20 @@ import httpx
 from .._descriptors import ProviderDescriptor
 from .._endpoint import EmbedRequest, Operation, TextRequest
 from .._errors import RemoteError, UnsupportedOperationError
-from .._types import FinishReason, SippEmbeddingResponse, SippTextResponse, TokenBatch, Usage
+from .._types import (
+    FinishReason,
+    SippEmbeddingResponse,
+    SippTextResponse,
+    TokenBatch,
+    ToolCallDelta,
+    Usage,
+)
 from ..protocol.codec import options_fields
 from ..protocol.errors import error_from_status
 from ..protocol.sse import SSEEvent
+from ._anthropic_tools import chat_messages, response_content, tool_fields
 from ._provider_common import ProviderBase, load_json, merge_provider_options
+from ._tool_calls import StreamedToolCalls, settle_finish
 from .endpoint import RemoteEndpoint
 
 __all__ = ["AnthropicAdapter", "anthropic_endpoint"]
@@ -37,6 +46,8 @@ _TYPED = frozenset(
         "top_p",
         "stop_sequences",
         "stream",
+        "tools",
+        "tool_choice",
     }
 )
 # Anthropic's error types that mean "try again later" when they arrive mid-stream.
@@ -57,7 +68,9 @@ def anthropic_endpoint(descriptor: ProviderDescriptor) -> RemoteEndpoint:
 
 
 def _finish(reason: Any) -> FinishReason:
-    return "length" if reason == "max_tokens" else "stop"
+    if reason == "max_tokens":
+        return "length"
+    return "tool_calls" if reason == "tool_use" else "stop"
 
 
 class AnthropicAdapter(ProviderBase):
@@ -66,6 +79,9 @@ class AnthropicAdapter(ProviderBase):
 
     def supports(self, operation: Operation) -> bool:
         return operation != "embed"
+
+    def supports_tools(self) -> bool:
+        return True
 
     def auth_headers(self, key: str | None) -> dict[str, str]:
         headers = {"anthropic-version": self.d.anthropic_version}
@@ -78,24 +94,29 @@ class AnthropicAdapter(ProviderBase):
             "anthropic has no embeddings API; register an embedding endpoint"
         )
 
+    def check_text(self, request: TextRequest) -> None:
+        super().check_text(request)
+        # Fail before anything is sent: a schema json cannot encode, or a tool call whose
+        # arguments are not an object.
+        tool_fields(request.options)
+        if request.messages is not None:
+            chat_messages(request.messages)
+
     def text_request(self, request: TextRequest, headers: dict[str, str]) -> httpx.Request:
         o = request.options
         if request.operation == "query":
-            messages = [{"role": "user", "content": request.prompt}]
+            messages: list[dict[str, Any]] = [{"role": "user", "content": request.prompt}]
             system: list[str] = []
         else:
             assert request.messages is not None
             system = [m.content for m in request.messages if m.role == "system"]
-            messages = [
-                {"role": m.role, "content": m.content}
-                for m in request.messages
-                if m.role != "system"
-            ]
+            messages = chat_messages(request.messages)
         body: dict[str, Any] = {
             "model": self.d.model,
             "max_tokens": DEFAULT_MAX_TOKENS,  # required by Anthropic; the option overrides it
             "messages": messages,
             **options_fields(o, stop_key="stop_sequences"),
+            **tool_fields(o),
         }
         if system:
             body["system"] = "\n\n".join(system)
@@ -106,15 +127,14 @@ class AnthropicAdapter(ProviderBase):
 
     def parse_text(self, body: bytes) -> SippTextResponse:
         obj = load_json(body, self.name, "response")
+        text, calls = response_content(obj.get("content"), self.name)
         try:
-            text = "".join(block["text"] for block in obj["content"] if block.get("type") == "text")
             usage = obj.get("usage") or {}
             n_in, n_out = int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (TypeError, ValueError, AttributeError) as exc:
             raise RemoteError(f"{self.name}: unexpected response shape ({exc})") from None
-        return SippTextResponse(
-            text, _finish(obj.get("stop_reason")), Usage(n_in, n_out, n_in + n_out)
-        )
+        reason = settle_finish(_finish(obj.get("stop_reason")), calls, self.name)
+        return SippTextResponse(text, reason, Usage(n_in, n_out, n_in + n_out), tool_calls=calls)
 
     def stream_parser(self) -> _AnthropicStream:
         return _AnthropicStream(self.name)
@@ -133,6 +153,9 @@ class _AnthropicStream:
         self.reason: FinishReason = "stop"
         self.input_tokens = 0
         self.output_tokens = 0
+        self.sequence = 0
+        self.tools = StreamedToolCalls(name)
+        self.tool_blocks: dict[int, int] = {}  # content block index -> tool call index
 
     def feed(self, event: SSEEvent) -> tuple[list[TokenBatch], SippTextResponse | None]:
         if event.event == "ping":
@@ -143,11 +166,22 @@ class _AnthropicStream:
             usage = (obj.get("message") or {}).get("usage") or {}
             self.input_tokens = int(usage.get("input_tokens", 0))
             self.output_tokens = int(usage.get("output_tokens", 0))
+        elif kind == "content_block_start":
+            block = obj.get("content_block")
+            if isinstance(block, dict) and block.get("type") == "tool_use":
+                return self._batches(self._start_tool(obj, block)), None
         elif kind == "content_block_delta":
             delta = obj.get("delta") or {}
             if delta.get("type") == "text_delta" and delta.get("text"):
                 self.text.append(delta["text"])
-                return [TokenBatch(delta["text"], (), len(self.text) - 1)], None
+                return self._batches(text=delta["text"]), None
+            if delta.get("type") == "input_json_delta":
+                return self._batches(self._tool_arguments(obj, delta)), None
+        elif kind == "content_block_stop":
+            index = obj.get("index")
+            call = self.tool_blocks.get(index) if isinstance(index, int) else None
+            if call is not None:
+                return self._batches(*self._empty_arguments([call])), None
         elif kind == "message_delta":
             self.reason = _finish((obj.get("delta") or {}).get("stop_reason"))
             usage = obj.get("usage") or {}
@@ -156,7 +190,10 @@ class _AnthropicStream:
             usage = Usage(
                 self.input_tokens, self.output_tokens, self.input_tokens + self.output_tokens
             )
-            return [], SippTextResponse("".join(self.text), self.reason, usage)
+            batches = self._batches(*self._empty_arguments(self.tools.indices()))
+            calls = self.tools.calls()
+            reason = settle_finish(self.reason, calls, self.name)
+            return batches, SippTextResponse("".join(self.text), reason, usage, tool_calls=calls)
         elif kind == "error":
             error = obj.get("error") or {}
             status = _ERROR_STATUS.get(str(error.get("type")), 500)
@@ -167,3 +204,42 @@ class _AnthropicStream:
 
     def end(self) -> SippTextResponse:
         raise RemoteError(f"{self.name}: the stream ended before message_stop", retryable=True)
+
+    def _batches(self, *deltas: ToolCallDelta | None, text: str = "") -> list[TokenBatch]:
+        calls = tuple(d for d in deltas if d is not None)
+        if not text and not calls:
+            return []
+        self.sequence += 1
+        return [TokenBatch(text, sequence=self.sequence - 1, tool_calls=calls)]
+
+    def _block_index(self, obj: dict[str, Any]) -> int:
+        index = obj.get("index")
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise RemoteError(f"{self.name}: a {obj.get('type')} event has no block index")
+        return index
+
+    def _start_tool(self, obj: dict[str, Any], block: dict[str, Any]) -> ToolCallDelta | None:
+        call = len(self.tools)  # tool calls are numbered apart from text blocks
+        self.tool_blocks[self._block_index(obj)] = call
+        return self.tools.delta(call, block.get("id"), block.get("name"), "")
+
+    def _tool_arguments(self, obj: dict[str, Any], delta: dict[str, Any]) -> ToolCallDelta | None:
+        call = self.tool_blocks.get(self._block_index(obj))
+        fragment = delta.get("partial_json")
+        if call is None:
+            raise RemoteError(f"{self.name}: input_json_delta for a block that is not a tool_use")
+        if not isinstance(fragment, str):
+            raise RemoteError(
+                f"{self.name}: tool call {call}: input_json_delta without a partial_json string"
+            )
+        return self.tools.delta(call, None, None, fragment)
+
+    def _empty_arguments(self, calls: list[int]) -> list[ToolCallDelta]:
+        """A call made without input streams no partial_json (or only ""): its input is {}."""
+        out = []
+        for call in calls:
+            if not self.tools.has_arguments(call):
+                made = self.tools.delta(call, None, None, "{}")
+                if made is not None:
+                    out.append(made)
+        return out

@@ -91,6 +91,9 @@ class RemoteEndpoint(Endpoint):
     def supports(self, operation: Operation) -> bool:
         return self.adapter.supports(operation)
 
+    def supports_tools(self) -> bool:
+        return self.adapter.supports_tools()
+
     def start_text(self, request: TextRequest, channel: RunChannel[SippTextResponse]) -> None:
         self._submit(*self._text(request, channel))
 

@@ -50,6 +50,9 @@ class GatewayAdapter:
     def supports(self, operation: Operation) -> bool:
         return True  # the gateway decides per target
 
+    def supports_tools(self) -> bool:
+        return False  # the native profile carries no tools
+
     def auth_value(self) -> str | Awaitable[str] | None:
         return self.d.auth_value()  # the value provider runs once per request
 

@@ -3,7 +3,8 @@
 query -> POST /completions {prompt}; chat -> POST /chat/completions {messages};
 embed -> POST /embeddings {input, encoding_format: "float"}. Streams are SSE
 `data:` chunks ending with `data: [DONE]`; usage arrives in a final chunk when
-requested with `stream_options.include_usage`.
+requested with `stream_options.include_usage`. Tools go with chat only (the
+completions API has none); their wire shapes are in `_openai_tools`.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import httpx
 from .._channel import RunChannel
 from .._descriptors import GatewayTimeoutPolicy, ProviderDescriptor
 from .._endpoint import EmbedRequest, Operation, TextRequest
-from .._errors import RemoteError, SippError
+from .._errors import InvalidRequestError, RemoteError, SippError
 from .._types import FinishReason, SippEmbeddingResponse, SippTextResponse, TokenBatch, Usage
 from ..protocol.codec import options_fields
 from ..protocol.sse import SSEEvent
 from ._exchange import EmbedExchange
+from ._openai_tools import chat_message, response_tool_calls, stream_tool_deltas, tool_fields
 from ._provider_common import ProviderBase, load_json, merge_provider_options
+from ._tool_calls import StreamedToolCalls, settle_finish
 from .endpoint import RemoteEndpoint
 
 __all__ = ["OpenAIAdapter", "openai_endpoint"]
@@ -40,6 +43,9 @@ _TYPED = frozenset(
         "stream",
         "stream_options",
         "encoding_format",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
     }
 )
 
@@ -72,8 +78,10 @@ class _OpenAIEndpoint(RemoteEndpoint):
 
 
 def _finish(reason: Any) -> FinishReason:
-    # content_filter, tool_calls and function_call all mean the model stopped on its own.
-    return "length" if reason == "length" else "stop"
+    # content_filter and the legacy function_call mean the model stopped on its own.
+    if reason == "length":
+        return "length"
+    return "tool_calls" if reason == "tool_calls" else "stop"
 
 
 def _usage(obj: Any) -> Usage | None:
@@ -93,6 +101,17 @@ class OpenAIAdapter(ProviderBase):
     def supports(self, operation: Operation) -> bool:
         return True
 
+    def supports_tools(self) -> bool:
+        return True
+
+    def check_text(self, request: TextRequest) -> None:
+        super().check_text(request)
+        if request.operation == "query" and request.options.tools:
+            raise InvalidRequestError(
+                f"{self.name}: tools need chat; the completions API that query uses has none"
+            )
+        tool_fields(request.options)  # a schema json cannot encode fails before sending
+
     def text_request(self, request: TextRequest, headers: dict[str, str]) -> httpx.Request:
         o = request.options
         body: dict[str, Any] = {"model": self.d.model}
@@ -101,7 +120,8 @@ class OpenAIAdapter(ProviderBase):
         else:
             assert request.messages is not None
             path = "/chat/completions"
-            body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+            body["messages"] = [chat_message(m) for m in request.messages]
+            body.update(tool_fields(o))
         # OpenAI's chat API replaced max_tokens (reasoning models reject it); compatible
         # servers and the completions API still use max_tokens.
         chat_on_openai = self.d.provider == "openai" and request.operation == "chat"
@@ -118,14 +138,15 @@ class OpenAIAdapter(ProviderBase):
         obj = load_json(body, self.name, "response")
         try:
             choice = obj["choices"][0]
-            text = choice["text"] if "text" in choice else choice["message"].get("content") or ""
+            message = None if "text" in choice else choice["message"]
+            text = choice["text"] if message is None else message.get("content") or ""
             if not isinstance(text, str):
                 raise TypeError("text is not a string")
         except (KeyError, IndexError, TypeError, AttributeError) as exc:
             raise RemoteError(f"{self.name}: unexpected response shape ({exc})") from None
-        return SippTextResponse(
-            text, _finish(choice.get("finish_reason")), _usage(obj.get("usage"))
-        )
+        calls = () if message is None else response_tool_calls(message, self.name)
+        reason = settle_finish(_finish(choice.get("finish_reason")), calls, self.name)
+        return SippTextResponse(text, reason, _usage(obj.get("usage")), tool_calls=calls)
 
     def stream_parser(self) -> _OpenAIStream:
         return _OpenAIStream(self.name)
@@ -213,6 +234,7 @@ class _OpenAIStream:
         self.reason: FinishReason | None = None
         self.usage: Usage | None = None
         self.sequence = 0
+        self.tools = StreamedToolCalls(name)
 
     def feed(self, event: SSEEvent) -> tuple[list[TokenBatch], SippTextResponse | None]:
         if event.data.strip() == "[DONE]":
@@ -220,7 +242,9 @@ class _OpenAIStream:
                 raise RemoteError(
                     f"{self.name}: stream finished without a finish_reason", retryable=True
                 )
-            return [], SippTextResponse("".join(self.text), self.reason, self.usage)
+            calls = self.tools.calls()
+            reason = settle_finish(self.reason, calls, self.name)
+            return [], SippTextResponse("".join(self.text), reason, self.usage, tool_calls=calls)
         obj = load_json(event.data.encode(), self.name, "stream chunk")
         if "error" in obj:  # some compatible servers report failures inside the stream
             message = (
@@ -229,12 +253,16 @@ class _OpenAIStream:
             raise RemoteError(f"{self.name}: error in stream: {message}", retryable=True)
         batches = []
         for choice in obj.get("choices") or []:
+            delta = choice.get("delta") or {}
             piece = choice.get("text")
             if piece is None:
-                piece = (choice.get("delta") or {}).get("content")
+                piece = delta.get("content")
+            raw = delta.get("tool_calls")
+            deltas = () if raw is None else stream_tool_deltas(raw, self.tools, self.name)
             if piece:
                 self.text.append(piece)
-                batches.append(TokenBatch(piece, (), self.sequence))
+            if piece or deltas:
+                batches.append(TokenBatch(piece or "", sequence=self.sequence, tool_calls=deltas))
                 self.sequence += 1
             if choice.get("finish_reason"):
                 self.reason = _finish(choice["finish_reason"])
