@@ -175,6 +175,10 @@ def test_create_matches_the_library(client: openai.OpenAI, smollm_path: Path) ->
     )
     assert response.usage.total_tokens == direct.usage.total_tokens
     assert response.usage.output_tokens_details.reasoning_tokens == 0
+    # the same prompt again: the engine reuses its prefix's KV, reported as cached tokens
+    again = client.responses.create(model="local", instructions=SYSTEM, input=QUESTION, **GREEDY)
+    assert again.usage is not None
+    assert 0 < again.usage.input_tokens_details.cached_tokens < again.usage.input_tokens
     # the request's settings come back, as OpenAI echoes them
     assert (response.model, response.instructions, response.max_output_tokens) == (
         "local",
