@@ -25,11 +25,9 @@ from starlette.responses import JSONResponse, Response
 from ..._errors import ExecutionError, InvalidRequestError, SippError
 from ..._types import (
     ChatMessage,
-    ChatRole,
     FunctionTool,
     NamedToolChoice,
     SippTextOptions,
-    ToolCall,
     ToolChoice,
 )
 from ..config import GatewayConfig
@@ -46,6 +44,7 @@ from ..request import (
 from .base import bearer, field_error
 from .openai import _object, openai_error
 from .openai_fields import attribution
+from .openai_responses_input import STATELESS, chat_turns
 from .openai_responses_output import (
     ResponseStream,
     call_item,
@@ -82,21 +81,7 @@ _FIELDS = frozenset(
         "conversation",
     }
 )
-_STATELESS = "this gateway keeps no conversation state; send the whole conversation in 'input'"
-_ROLES: dict[str, ChatRole] = {
-    "user": "user",
-    "assistant": "assistant",
-    "system": "system",
-    "developer": "system",
-}
-_MESSAGE_KEYS = frozenset({"type", "role", "content", "id", "status"})
-_CALL_KEYS = frozenset({"type", "call_id", "name", "arguments", "id", "status"})
-_OUTPUT_KEYS = frozenset({"type", "call_id", "output", "id", "status"})
 _TOOL_KEYS = frozenset({"type", "name", "description", "parameters", "strict"})
-_TEXT_PART_KEYS = {
-    "input_text": frozenset({"type", "text"}),
-    "output_text": frozenset({"type", "text", "annotations", "logprobs"}),
-}
 _MODES = ("auto", "none", "required")
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for schema names
 _STREAM_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache"}
@@ -117,49 +102,23 @@ class OpenAIResponsesFormat:
     # ------------------------------------------------------------- decode
     def decode(self, body: bytes, headers: Headers, config: GatewayConfig) -> GatewayRequest:
         obj = _object(body, _FIELDS)
-        _refuse_state(obj)
+        _refuse_unserved(obj)
         stream = obj.get("stream")
         if stream is not None and not isinstance(stream, bool):
             raise field_error("stream", "'stream' must be true or false")
-        tools = _tools(obj.get("tools"))
-        choice, echo_choice = _tool_choice(obj.get("tool_choice"), tools)
-        parallel = obj.get("parallel_tool_calls")
-        if parallel is not None and not isinstance(parallel, bool):
-            raise field_error("parallel_tool_calls", "'parallel_tool_calls' must be true or false")
-        max_tokens = obj.get("max_output_tokens")
-        if max_tokens is not None and (
-            isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
-        ):
-            raise field_error("max_output_tokens", "'max_output_tokens' must be a positive integer")
-        temperature = _number(obj, "temperature", 0.0, 2.0, low_open=False)
-        top_p = _number(obj, "top_p", 0.0, 1.0, low_open=True)
+        options, echo = _options(obj)
         text, response_format = _text(obj.get("text"))
         instructions = obj.get("instructions")
         if instructions is not None and not isinstance(instructions, str):
             raise field_error("instructions", "'instructions' must be a string")
-        messages = _input(obj.get("input"))
+        messages = chat_turns(obj.get("input"))
         if instructions:
             messages = (ChatMessage("system", instructions), *messages)
         user, metadata = attribution(obj)
-        options = SippTextOptions(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            tools=tools or None,
-            tool_choice=choice,
-            # Without tools there is nothing to call in parallel: the flag only echoes.
-            parallel_tool_calls=parallel if tools else None,
-        )
-        echo = {
+        echo |= {
             "instructions": instructions,
-            "max_output_tokens": max_tokens,
             "metadata": dict(metadata or {}),
-            "parallel_tool_calls": True if parallel is None else parallel,
-            "temperature": temperature,
             "text": text,
-            "tool_choice": echo_choice,
-            "tools": [_tool_json(tool) for tool in tools],
-            "top_p": top_p,
             "user": user,
         }
         return GatewayRequest(
@@ -217,16 +176,17 @@ class OpenAIResponsesFormat:
 
 
 # ----------------------------------------------------------------- decoding helpers
-def _refuse_state(obj: Mapping[str, Any]) -> None:
-    """Fields that only make sense with server-side state, which the gateway never keeps."""
+def _refuse_unserved(obj: Mapping[str, Any]) -> None:
+    """Fields only server-side state (which the gateway never keeps) or a feature it does
+    not have could honour: refused unless absent or set to their no-op value."""
     for name in ("previous_response_id", "conversation"):
         if obj.get(name) is not None:
-            raise field_error(name, f"'{name}' is not supported: {_STATELESS}")
+            raise field_error(name, f"'{name}' is not supported: {STATELESS}")
     store = obj.get("store")
     if store is not None and not isinstance(store, bool):
         raise field_error("store", "'store' must be true or false")
     if store:
-        raise field_error("store", f"'store': true is not supported: {_STATELESS}")
+        raise field_error("store", f"'store': true is not supported: {STATELESS}")
     if obj.get("truncation") not in (None, "disabled"):
         raise field_error(
             "truncation",
@@ -241,6 +201,40 @@ def _refuse_state(obj: Mapping[str, Any]) -> None:
         isinstance(reasoning, dict) and all(v is None for v in reasoning.values())
     ):
         raise field_error("reasoning", "'reasoning' is not supported by this gateway")
+
+
+def _options(obj: Mapping[str, Any]) -> tuple[SippTextOptions, dict[str, Any]]:
+    """The sampling and tool fields, and how the response echoes them."""
+    tools = _tools(obj.get("tools"))
+    choice, echo_choice = _tool_choice(obj.get("tool_choice"), tools)
+    parallel = obj.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise field_error("parallel_tool_calls", "'parallel_tool_calls' must be true or false")
+    max_tokens = obj.get("max_output_tokens")
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+    ):
+        raise field_error("max_output_tokens", "'max_output_tokens' must be a positive integer")
+    temperature = _number(obj, "temperature", 0.0, 2.0, low_open=False)
+    top_p = _number(obj, "top_p", 0.0, 1.0, low_open=True)
+    options = SippTextOptions(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        tools=tools or None,
+        tool_choice=choice,
+        # Without tools there is nothing to call in parallel: the flag is only echoed.
+        parallel_tool_calls=parallel if tools else None,
+    )
+    echo = {
+        "max_output_tokens": max_tokens,
+        "parallel_tool_calls": True if parallel is None else parallel,
+        "temperature": temperature,
+        "tool_choice": echo_choice,
+        "tools": [_tool_json(tool) for tool in tools],
+        "top_p": top_p,
+    }
+    return options, echo
 
 
 def _number(
@@ -352,110 +346,6 @@ def _text(raw: Any) -> tuple[dict[str, Any], ResponseFormat | None]:
     if description is not None:
         echo["description"] = description
     return {"format": echo}, ResponseFormat("json_schema", schema, name, description, bool(strict))
-
-
-def _input(raw: Any) -> tuple[ChatMessage, ...]:
-    if isinstance(raw, str):
-        return (ChatMessage("user", raw),)
-    if not isinstance(raw, list) or not raw:
-        raise field_error("input", "'input' is required: a string or a non-empty array of items")
-    turns: list[ChatMessage] = []
-    calls: set[str] = set()
-    for i, item in enumerate(raw):
-        where = f"input[{i}]"
-        if not isinstance(item, dict):
-            raise field_error("input", f"{where}: must be an object")
-        kind = item.get("type", "message" if "role" in item else None)
-        if kind == "message":
-            turns.append(_message(item, where))
-        elif kind == "function_call":
-            call = _function_call(item, where)
-            calls.add(call.id)
-            last = turns[-1] if turns else None
-            if last is not None and last.role == "assistant":
-                # Calls following an assistant turn (text or calls) belong to that turn.
-                turns[-1] = ChatMessage("assistant", last.content, (*last.tool_calls, call))
-            else:
-                turns.append(ChatMessage("assistant", "", (call,)))
-        elif kind == "function_call_output":
-            turns.append(_function_output(item, where, calls))
-        elif kind == "item_reference":
-            raise field_error("input", f"{where}: item_reference items are not supported: {_STATELESS}")
-        else:
-            raise field_error(
-                "input", f"{where}: items of type {kind!r} are not supported by this gateway"
-            )
-    return tuple(turns)
-
-
-def _message(item: Mapping[str, Any], where: str) -> ChatMessage:
-    if not set(item) <= _MESSAGE_KEYS:
-        extra = ", ".join(sorted(set(item) - _MESSAGE_KEYS))
-        raise field_error("input", f"{where}: unsupported message fields: {extra}")
-    role = item.get("role")
-    role = _ROLES.get(role) if isinstance(role, str) else None
-    if role is None:
-        raise field_error("input", f"{where}.role must be user, assistant, system or developer")
-    return ChatMessage(role, _content(item.get("content"), f"{where}.content"))
-
-
-def _content(content: Any, where: str) -> str:
-    """A string, or the text of an array of text parts (image, file and audio parts are
-    refused naming their type)."""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise field_error("input", f"{where}: must be a string or an array of content parts")
-    parts = []
-    for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        allowed = _TEXT_PART_KEYS.get(kind) if isinstance(kind, str) else None
-        if allowed is None:
-            raise field_error(
-                "input",
-                f"{where}[{j}]: {kind!r} parts are not supported by this gateway "
-                "(only input_text and output_text)",
-            )
-        if not isinstance(part.get("text"), str) or not set(part) <= allowed:
-            raise field_error(
-                "input", f"{where}[{j}]: a {kind} part has a string 'text' and nothing else"
-            )
-        parts.append(part["text"])
-    return "".join(parts)
-
-
-def _function_call(item: Mapping[str, Any], where: str) -> ToolCall:
-    if not set(item) <= _CALL_KEYS:
-        extra = ", ".join(sorted(set(item) - _CALL_KEYS))
-        raise field_error("input", f"{where}: unsupported function_call fields: {extra}")
-    call_id, name, arguments = (item.get(key) for key in ("call_id", "name", "arguments"))
-    if not (
-        isinstance(call_id, str)
-        and isinstance(name, str)
-        and isinstance(arguments, str)
-        and call_id
-        and name
-    ):
-        raise field_error(
-            "input", f"{where}: a function_call needs string call_id, name and arguments"
-        )
-    return ToolCall(call_id, name, arguments)
-
-
-def _function_output(item: Mapping[str, Any], where: str, calls: set[str]) -> ChatMessage:
-    if not set(item) <= _OUTPUT_KEYS:
-        extra = ", ".join(sorted(set(item) - _OUTPUT_KEYS))
-        raise field_error("input", f"{where}: unsupported function_call_output fields: {extra}")
-    call_id = item.get("call_id")
-    if not isinstance(call_id, str) or call_id not in calls:
-        raise field_error(
-            "input",
-            f"{where}: function_call_output answers call_id {call_id!r}, which no earlier "
-            f"function_call item has ({_STATELESS})",
-        )
-    return ChatMessage(
-        "tool", _content(item.get("output"), f"{where}.output"), tool_call_id=call_id
-    )
 
 
 def _tool_json(tool: FunctionTool) -> dict[str, Any]:
