@@ -60,6 +60,25 @@ def _tool_upstream(req: Request) -> list[Action]:
     answered = body["messages"][-1]["role"] == "tool"
     if body["model"] == "broken":
         return [*sse_reply([chunk({"role": "assistant", "content": "Par"})]), Reset()]
+    if body["model"] == "interleaved":  # call 0 resumes after call 1 began
+        start = [
+            {
+                "index": i,
+                "id": c["id"],
+                "type": "function",
+                "function": {**c["function"], "arguments": ""},
+            }
+            for i, c in enumerate(CALLS)
+        ]
+        late = [{"index": 0, "function": {"arguments": "{}"}}]
+        return sse_reply(
+            [
+                chunk({"tool_calls": start}),
+                chunk({"tool_calls": late}),
+                chunk({}, "tool_calls"),
+                b"data: [DONE]\n\n",
+            ]
+        )
     if not body.get("stream"):
         message: dict[str, Any] = {"role": "assistant", "content": ANSWER}
         if not answered:
@@ -131,7 +150,7 @@ def gateway(
     smollm_path: Path, tmp_path_factory: pytest.TempPathFactory, upstream: CountingUpstream
 ) -> Iterator[Gateway]:
     def with_tools(toml: str) -> str:
-        targets = {"tools": "gpt-tools", "broken": "broken"}
+        targets = {"tools": "gpt-tools", "broken": "broken", "interleaved": "interleaved"}
         return add_targets(toml, upstream.url, targets, "TEST_PROVIDER_TOKEN")
 
     with running_gateway(smollm_path, tmp_path_factory.mktemp("responses"), with_tools) as gw:
@@ -471,6 +490,17 @@ def test_a_failure_mid_stream_is_an_error_event(client: openai.OpenAI) -> None:
     assert isinstance(events[-1].message, str)  # type: ignore[union-attr]
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert "response.completed" not in [e.type for e in events]
+
+
+def test_a_call_resumed_after_the_next_began_is_an_error_event(client: openai.OpenAI) -> None:
+    # OpenAI's event order closes each call before the next opens: a call that resumes
+    # later cannot be streamed faithfully, so the stream says so instead of garbling it.
+    with client.responses.stream(model="interleaved", input="hi", tools=[WEATHER, CLOCK]) as stream:
+        events = list(stream)
+    kinds = [e.type for e in events]
+    assert kinds.count("response.output_item.done") == 1 and kinds[-1] == "error"
+    assert events[-1].code == "execution"  # type: ignore[union-attr]
+    assert "continued after the next one began" in events[-1].message  # type: ignore[union-attr]
 
 
 IMAGE = {"type": "input_image", "image_url": "data:image/png;base64,AA=="}
