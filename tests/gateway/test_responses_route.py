@@ -336,6 +336,31 @@ def test_structured_output(client: openai.OpenAI) -> None:
     assert isinstance(json.loads(loose.output_text), dict)
 
 
+def test_structured_output_reaches_a_provider_as_its_response_format(
+    client: openai.OpenAI, upstream: CountingUpstream
+) -> None:
+    fmt = {
+        "type": "json_schema",
+        "name": "sky",
+        "description": "The sky's colour.",
+        "schema": SCHEMA,
+        "strict": True,
+    }
+    client.responses.create(model="tools", input=QUESTION, text={"format": fmt})
+    sent = _sent(upstream)
+    assert sent["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "sky",
+            "schema": SCHEMA,
+            "description": "The sky's colour.",
+            "strict": True,
+        },
+    }
+    client.responses.create(model="tools", input=QUESTION, text={"format": {"type": "json_object"}})
+    assert _sent(upstream)["response_format"] == {"type": "json_object"}
+
+
 def test_provider_target(client: openai.OpenAI) -> None:
     response = client.responses.create(model="mock-openai", input="hi")
     assert response.output_text == "from the provider" and response.status == "completed"
