@@ -58,6 +58,7 @@ def test_login_overview_logout(gateway: Gateway) -> None:
     }
     assert overview["targets"][0]["backend"] == "cpu"
     assert {t["caller"] for t in overview["tokens"]} == {"all-targets", "local-only"}
+    assert "/v1/responses" in overview["openai_routes"]
     assert client.get("/admin/api/session").json()["authenticated"]
     assert client.request("DELETE", "/admin/api/session").status_code == 403  # no CSRF header
     assert (

@@ -23,10 +23,17 @@ from .test_fuzz import values
 from .test_server import TOKEN, Gateway, running_gateway
 from .upstreams import CountingUpstream, embeddings_reply, poll, text_reply
 
-ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages"]
+ROUTES = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/messages",
+    "/v1/responses",
+]
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 ANTHROPIC_AUTH = {"x-api-key": TOKEN, "anthropic-version": "2023-06-01"}
 CHAT, HI = "/v1/chat/completions", [{"role": "user", "content": "hi"}]
+RESPONSES = "/v1/responses"
 
 
 def _slow(req: Request) -> list[Action]:
@@ -109,6 +116,7 @@ stream_options = st.one_of(
     st.lists(values, min_size=1, max_size=2),
     values,
 )
+FUNCTION = {"type": "function", "name": "f", "parameters": {"type": "object"}}
 # A valid body for the route, then up to three fields replaced with generated values.
 mutated = st.sets(
     st.sampled_from(
@@ -117,6 +125,8 @@ mutated = st.sets(
             *("n", "encoding_format", "user", "seed", "logit_bias", "logprobs"),
             *("top_logprobs", "presence_penalty", "frequency_penalty", "response_format"),
             *("metadata", "store", "system", "top_k", "output_config", "thinking"),
+            *("instructions", "tools", "tool_choice", "parallel_tool_calls", "text"),
+            *("max_output_tokens", "truncation", "include", "reasoning", "previous_response_id"),
         ]
     ),
     max_size=3,
@@ -129,6 +139,15 @@ def requests(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
     body: dict[str, Any] = {"model": draw(st.sampled_from(["slow", "local", "nope"]))}
     if route == "/v1/embeddings":
         body["input"] = draw(st.one_of(st.text(max_size=10), st.lists(st.text(max_size=8))))
+    elif route == RESPONSES:
+        body["input"] = draw(st.one_of(st.text(min_size=1, max_size=20), valid_messages))
+        body["stream"] = draw(st.booleans())
+        body["max_output_tokens"] = draw(st.integers(1, 4))
+        if draw(st.booleans()):
+            body["tools"] = [dict(FUNCTION, name=draw(st.sampled_from(["f", "g"])))]
+            body["tool_choice"] = draw(
+                st.sampled_from(["auto", "required", {"type": "function", "name": "f"}])
+            )
     else:
         if route in (CHAT, "/v1/messages"):
             body["messages"] = draw(valid_messages)
@@ -140,9 +159,10 @@ def requests(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
             body["stream_options"] = draw(stream_options)
     for name in draw(mutated):
         body[name] = draw(values)
-    limit = body.get("max_tokens")
+    key = "max_output_tokens" if route == RESPONSES else "max_tokens"
+    limit = body.get(key)
     if body["model"] == "local" and (limit is None or (type(limit) is int and limit > 4)):
-        body["max_tokens"] = 4  # keep valid local generations short; invalid values stay
+        body[key] = 4  # keep valid local generations short; invalid values stay
     return route, body
 
 
@@ -152,6 +172,8 @@ def requests(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
 @given(request=requests())
 @example(request=(CHAT, {"model": "slow", "messages": HI, "stream": True, "stream_options": 1}))
 @example(request=(CHAT, {"model": "local", "messages": HI, "stream": True, "stream_options": "x"}))
+@example(request=(RESPONSES, {"model": "slow", "input": HI, "stream": True, "tools": [FUNCTION]}))
+@example(request=(RESPONSES, {"model": "local", "input": [{"role": ["user"], "content": "x"}]}))
 def test_fuzzed_openai_bodies_release_everything(
     gateway: Gateway, upstream: CountingUpstream, request: tuple[str, dict[str, Any]]
 ) -> None:

@@ -25,6 +25,7 @@ from .formats.anthropic import AnthropicFormat
 from .formats.base import WireFormat
 from .formats.native import NativeFormat
 from .formats.openai import OpenAIFormat, openai_error
+from .formats.openai_responses import OpenAIResponsesFormat
 from .state import GatewayState, resolve_target
 
 __all__ = [
@@ -36,7 +37,13 @@ __all__ = [
     "resolve_target",
 ]
 
-OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")
+OPENAI_ROUTES = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/models",
+    "/v1/responses",
+)
 ANTHROPIC_MESSAGES = "/v1/messages"
 
 
@@ -57,6 +64,7 @@ def build_public_app(state: GatewayState) -> Starlette:
         route(OPENAI_ROUTES[1], OpenAIFormat("completion")),
         route(OPENAI_ROUTES[2], OpenAIFormat("embeddings")),
         Route(OPENAI_ROUTES[3], _models(state), methods=["GET"]),
+        route(OPENAI_ROUTES[4], OpenAIResponsesFormat()),
         route(ANTHROPIC_MESSAGES, AnthropicFormat()),
     ]
     middleware = []
