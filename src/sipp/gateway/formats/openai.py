@@ -34,7 +34,7 @@ from .base import bearer, error_headers, field_error
 from .openai_fields import attribution, generation
 from .openai_tools import call_delta, calls_out, tool_call, tool_fields
 
-__all__ = ["OpenAIFormat", "openai_error"]
+__all__ = ["OpenAIFormat", "body_object", "openai_error"]
 
 Kind = Literal["chat", "completion", "embeddings"]
 
@@ -118,7 +118,7 @@ class OpenAIFormat:
 
     # ------------------------------------------------------------- decode
     def decode(self, body: bytes, headers: Headers, config: GatewayConfig) -> GatewayRequest:
-        obj = _object(body, _FIELDS[self._kind])
+        obj = body_object(body, _FIELDS[self._kind])
         target = obj["model"]
         if self._kind == "embeddings":
             inputs = _inputs(obj, config.max_embedding_inputs)
@@ -236,7 +236,8 @@ class OpenAIFormat:
 
 
 # ----------------------------------------------------------------- decoding helpers
-def _object(body: bytes, allowed: frozenset[str]) -> dict[str, Any]:
+def body_object(body: bytes, allowed: frozenset[str]) -> dict[str, Any]:
+    """The body as a JSON object with only `allowed` fields and a `model`, else a 400."""
     try:
         obj = json.loads(body)
     except ValueError:

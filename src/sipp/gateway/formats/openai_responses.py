@@ -42,7 +42,7 @@ from ..request import (
     TextDelta,
 )
 from .base import bearer, field_error
-from .openai import _object, openai_error
+from .openai import body_object, openai_error
 from .openai_fields import attribution
 from .openai_responses_input import STATELESS, chat_turns
 from .openai_responses_output import (
@@ -101,7 +101,7 @@ class OpenAIResponsesFormat:
 
     # ------------------------------------------------------------- decode
     def decode(self, body: bytes, headers: Headers, config: GatewayConfig) -> GatewayRequest:
-        obj = _object(body, _FIELDS)
+        obj = body_object(body, _FIELDS)
         _refuse_unserved(obj)
         stream = obj.get("stream")
         if stream is not None and not isinstance(stream, bool):
