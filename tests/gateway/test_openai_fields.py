@@ -372,6 +372,14 @@ def test_user_and_metadata_are_logged_quoted_never_forwarded(
             timeout=60,
         )
         assert r.status_code == 200
+        unknown = httpx.post(  # refused before attribution: nothing of it is logged
+            f"{gw.public}/v1/chat/completions",
+            json={"model": "m" * 2000, "messages": ASK, "user": "someone"},
+            headers={"authorization": f"Bearer {TOKEN}", "x-request-id": "attr-2"},
+            timeout=60,
+        )
+        assert unknown.status_code == 404
+    assert "attr-2" not in gw.stderr
     lines = gw.stderr.splitlines()
     messages = [json.loads(line)["message"] for line in lines if "attr-1" in line]
     assert len(messages) == 1, gw.stderr[-3000:]

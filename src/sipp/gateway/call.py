@@ -49,7 +49,7 @@ from .request import (
     total_usage,
 )
 from .state import GatewayState, for_caller, resolve_target
-from .target_options import target_args
+from .target_options import TargetArgs, target_args
 from .upstream import caller_error
 
 __all__ = ["PublicCall", "check_client", "read_body", "serve", "unless_disconnected"]
@@ -67,13 +67,16 @@ async def serve(state: GatewayState, request: Request, fmt: WireFormat) -> Respo
         caller = call.authenticate(fmt.credential(request.headers))
         body = await read_body(request, state.config.max_request_bytes)
         req = fmt.decode(body, request.headers, state.config)
+        call.charge(req.cost)
+        ref = call.authorize(caller, req.target)
         if req.user is not None or req.metadata is not None:
             _attribute(call, req)
-        call.charge(req.cost)
-        ref = call.admit(caller, req.target)
         if req.operation == "embed":
+            call.admit()
             return fmt.encode(req, await call.embed(req, ref), call.request_id)
-        runs = call.start_text(req, ref)
+        args = call.target_args(req)  # a field the target cannot honour: 400, not a 429
+        call.admit()
+        runs = call.start_text(req, ref, args)
         if not req.stream:
             return fmt.encode(req, Completion(await call.wait(runs)), call.request_id)
         for run in runs:
@@ -140,30 +143,38 @@ class PublicCall:
         return caller
 
     def charge(self, cost: int) -> None:
-        """Make this request cost `cost` rate-limit tokens (an embedding batch: one per
-        input). The client check took the first; the rest are taken all or none, else 429."""
+        """Make this request cost `cost` rate-limit tokens (one per embedding input or per
+        choice). The client check took the first; the rest are taken all or none, else 429."""
         limiter = self.state.rate_limiter
         if limiter is None or cost <= 1:
             return
         try:
             if cost > limiter.burst:  # waiting never helps: say so rather than invite retries
                 raise RateLimitedError(
-                    f"this request costs {cost} rate-limit tokens (one per input), more than "
-                    f"the burst ({int(limiter.burst)}); send fewer inputs per request"
+                    f"this request costs {cost} rate-limit tokens (one per input or choice), "
+                    f"more than the burst ({int(limiter.burst)}); ask for fewer per request"
                 )
             limiter.check(self._ip, cost=cost - 1)
         except RateLimitedError:
             self.state.refused("rate_limited")
             raise
 
-    def admit(self, caller: Caller, target: str) -> EndpointRef:
-        """Resolve and authorize `target`, then take an admission permit."""
+    def authorize(self, caller: Caller, target: str) -> EndpointRef:
+        """The endpoint serving `target`, if it exists, is up and the caller may use it."""
         ref = resolve_target(self.state, target)
         self.rec.target = target
         self.state.tokens.authorize(caller, target)
+        return ref
+
+    def target_args(self, req: GatewayRequest) -> list[TargetArgs]:
+        """Each choice's arguments for its target, or the 400 naming what it cannot do."""
+        target = self.state.target_configs[req.target]
+        return [target_args(req, target, choice) for choice in range(req.generation.n)]
+
+    def admit(self) -> None:
+        """Take an admission permit (429 at once when they are all taken)."""
         acquire(self.state)
         self._permit = True
-        return ref
 
     # ------------------------------------------------------------- execute
     def track(self, run: _R) -> _R:
@@ -172,34 +183,27 @@ class PublicCall:
         self._runs.append(run)
         return run
 
-    def start_text(self, req: GatewayRequest, ref: EndpointRef) -> list[AsyncTextRun]:
-        """One run per choice, each with its target's arguments (tracked as it starts, so
-        a choice that fails to start cancels the ones before it)."""
-        target = self.state.target_configs[req.target]
-        args = [target_args(req, target, choice) for choice in range(req.generation.n)]
+    def start_text(
+        self, req: GatewayRequest, ref: EndpointRef, args: list[TargetArgs]
+    ) -> list[AsyncTextRun]:
+        """One run per choice (tracked as it starts, so a choice that fails to start
+        cancels the ones before it)."""
         client = self.state.client
         runs = []
         for extra in args:
+            common = {
+                "endpoint": ref,
+                "options": req.options,
+                "local": extra.local,
+                "provider_options": extra.provider_options,
+                "emit_tokens": req.stream,
+            }
             if req.operation == "query":
                 assert req.prompt is not None
-                run = client.query(
-                    req.prompt,
-                    endpoint=ref,
-                    options=req.options,
-                    local=extra.local,
-                    provider_options=extra.provider_options,
-                    emit_tokens=req.stream,
-                )
+                run = client.query(req.prompt, **common)  # type: ignore[arg-type]
             else:
                 assert req.messages is not None
-                run = client.chat(
-                    req.messages,
-                    endpoint=ref,
-                    options=req.options,
-                    local=extra.local,
-                    provider_options=extra.provider_options,
-                    emit_tokens=req.stream,
-                )
+                run = client.chat(req.messages, **common)  # type: ignore[arg-type]
             runs.append(self.track(run))
         return runs
 
@@ -271,17 +275,20 @@ async def _stream(
     """`fmt`'s frames for the runs' events. However the stream ends (finished, failed, or
     the client went away), the permit is released, the record settled and finished, and
     any run still going is cancelled."""
+    failed: str | None = None  # the code of a failure the stream itself reported
     try:
         async for frame in fmt.encode_stream(req, _events(state, rec, runs), request_id):
             yield frame
     except SippError as exc:
+        failed = exc.code
         yield fmt.stream_error(exc)
-    except Exception:
-        logger.exception("unexpected error in a %s stream", rec.operation)
-        yield fmt.stream_error(ExecutionError("internal error"))
+    except Exception as exc:
+        logger.exception("unexpected error in a %s stream %s", rec.operation, request_id)
+        failed = "execution"
+        yield fmt.stream_error(ExecutionError(f"internal error: {type(exc).__name__}"))
     finally:
         release(state)
-        await _settle(rec, runs)
+        await _settle(rec, runs, failed)
         rec.finish()
         for run in runs:
             if not run.done:  # the consumer went away: free the slot now, not when collected
@@ -319,6 +326,9 @@ async def _merged(rec: RequestRecord, runs: list[AsyncTextRun]) -> AsyncIterator
             queue.put_nowait(ChoiceDone(await run.result(), index))
         except SippError as exc:
             queue.put_nowait(exc)
+        except Exception as exc:  # never leave the merge waiting on a choice that died
+            logger.exception("choice %d of a stream failed", index)
+            queue.put_nowait(ExecutionError(f"internal error: {type(exc).__name__}"))
 
     tasks = [asyncio.ensure_future(pump(i, run)) for i, run in enumerate(runs)]
     try:
@@ -339,9 +349,12 @@ async def _merged(rec: RequestRecord, runs: list[AsyncTextRun]) -> AsyncIterator
             task.cancel()
 
 
-async def _settle(rec: RequestRecord, runs: list[AsyncTextRun]) -> None:
-    """Fill in how a stream ended: its usage, its error code, or `client_closed` when
-    the consumer went away before the end."""
+async def _settle(rec: RequestRecord, runs: list[AsyncTextRun], failed: str | None) -> None:
+    """Fill in how a stream ended: the failure it reported (`failed`), else its usage,
+    or `client_closed` when the consumer went away before the end."""
+    if failed is not None:
+        rec.fail(failed)
+        return
     if not all(run.done for run in runs):
         rec.fail("client_closed")
         return

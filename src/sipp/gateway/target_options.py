@@ -85,8 +85,8 @@ def _local(gen: Generation, choice: int) -> TargetArgs:
 
 def _openai_fields(gen: Generation, choice: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    if gen.seed is not None:
-        out["seed"] = gen.seed + choice
+    if gen.seed is not None:  # choice i samples with seed + i, wrapped into int64
+        out["seed"] = (gen.seed + choice + 2**63) % 2**64 - 2**63
     if gen.logit_bias:
         out["logit_bias"] = {str(token): bias for token, bias in gen.logit_bias.items()}
     if gen.presence_penalty is not None:
@@ -122,6 +122,6 @@ def _refuse(gen: Generation, target: ProviderTarget, names: tuple[str, ...]) -> 
         if value not in (None, False):
             raise InvalidRequestError(
                 f"'{name}' is not supported by target '{target.name}' "
-                f"(a {target.type} provider target)",
+                f"({target.type} provider targets cannot honour it)",
                 field=name,
             )

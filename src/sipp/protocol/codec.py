@@ -38,6 +38,7 @@ __all__ = [
     "embed_body",
     "embedding_response_body",
     "error_frame",
+    "load_json_object",
     "parse_embedding_response",
     "parse_text_response",
     "query_body",
@@ -127,10 +128,23 @@ def decode_embed_body(
 def _object(body: bytes | str | Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(body, Mapping):
         return dict(body)
+    return load_json_object(body)
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def load_json_object(body: bytes | str) -> dict[str, Any]:
+    """A request body as a JSON object, or InvalidRequestError: strict JSON (Python's
+    parser also takes NaN and Infinity, which no JSON encoder downstream can write
+    back), nesting within the parser's recursion limit."""
     try:
-        obj = json.loads(body)
+        obj = json.loads(body, parse_constant=_not_json)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequestError("request body is nested too deeply") from None
     if not isinstance(obj, dict):
         raise InvalidRequestError("request body must be a JSON object")
     return obj

@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from ... import protocol
 from ..._errors import InvalidRequestError, SippError
 from ..._types import ChatMessage, FinishReason, SippTextOptions, ToolCall, Usage
+from ...protocol import load_json_object
 from ..config import GatewayConfig
 from ..request import (
     ChoiceDone,
@@ -33,7 +34,7 @@ from ..request import (
     TextDelta,
 )
 from .anthropic_tools import BlockStream, tool_fields, tool_use_blocks
-from .base import error_headers, field_error
+from .base import check_schema, error_headers, field_error, sse_event
 
 __all__ = ["AnthropicFormat"]
 
@@ -92,12 +93,7 @@ class AnthropicFormat:
             raise InvalidRequestError(
                 "the anthropic-version header is required (for example 2023-06-01)"
             )
-        try:
-            obj = json.loads(body)
-        except ValueError:
-            raise InvalidRequestError("request body is not valid JSON") from None
-        if not isinstance(obj, dict):
-            raise InvalidRequestError("request body must be a JSON object")
+        obj = load_json_object(body)
         for key in obj:
             if key not in _FIELDS:
                 raise field_error(key, f"{key}: this field is not supported by this gateway")
@@ -161,7 +157,7 @@ class AnthropicFormat:
     ) -> AsyncIterator[bytes]:
         start = _message(request, request_id, [])
         start["usage"] = {"input_tokens": 0, "output_tokens": 0}
-        yield _event("message_start", {"type": "message_start", "message": start})
+        yield sse_event("message_start", {"type": "message_start", "message": start})
         blocks = BlockStream()
         async for event in events:
             if isinstance(event, TextDelta):
@@ -170,12 +166,12 @@ class AnthropicFormat:
                 for delta in batch.tool_calls:
                     frames += blocks.call(delta)
                 for frame in frames:
-                    yield _event(frame["type"], frame)
+                    yield sse_event(frame["type"], frame)
             elif isinstance(event, ChoiceDone):
                 response = event.response
                 for frame in blocks.close():
-                    yield _event(frame["type"], frame)
-                yield _event(
+                    yield sse_event(frame["type"], frame)
+                yield sse_event(
                     "message_delta",
                     {
                         "type": "message_delta",
@@ -186,10 +182,10 @@ class AnthropicFormat:
                         "usage": _usage(response.usage),
                     },
                 )
-        yield _event("message_stop", {"type": "message_stop"})
+        yield sse_event("message_stop", {"type": "message_stop"})
 
     def stream_error(self, exc: SippError) -> bytes:
-        return _event("error", _error_body(exc))
+        return sse_event("error", _error_body(exc))
 
     def error(self, exc: SippError, request_id: str) -> Response:
         return JSONResponse(
@@ -366,6 +362,7 @@ def _output_format(config: Any) -> ResponseFormat | None:
             "output_config",
             "output_config.format: must be {'type': 'json_schema', 'schema': {...}}",
         )
+    check_schema(fmt["schema"], "output_config", "output_config.format.schema")
     return ResponseFormat("json_schema", fmt["schema"])
 
 
@@ -403,11 +400,6 @@ def _usage(usage: Usage | None) -> dict[str, int]:
     if usage is None:
         return {"input_tokens": 0, "output_tokens": 0}
     return {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens}
-
-
-def _event(name: str, data: dict[str, Any]) -> bytes:
-    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"event: {name}\ndata: {payload}\n\n".encode()
 
 
 def _error_body(exc: SippError) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..._errors import ExecutionError, InvalidRequestError
 from ..._types import FunctionTool, NamedToolChoice, ToolCall, ToolCallDelta, ToolChoice
-from .base import field_error
+from .base import check_schema, field_error
 
 __all__ = ["BlockStream", "tool_fields", "tool_input", "tool_use_blocks"]
 
@@ -61,6 +61,7 @@ class BlockStream:
     def __init__(self) -> None:
         self._index = -1
         self._open: str | None = None  # "text", or "call<i>" for tool call i
+        self._started: set[int] = set()
 
     def text(self, text: str) -> Iterator[dict[str, Any]]:
         if self._open != "text":
@@ -71,6 +72,11 @@ class BlockStream:
     def call(self, delta: ToolCallDelta) -> Iterator[dict[str, Any]]:
         key = f"call{delta.index}"
         if self._open != key:
+            if delta.index in self._started:  # its block is closed: it cannot take more
+                raise ExecutionError(
+                    f"the target resumed tool call {delta.index} after another began"
+                )
+            self._started.add(delta.index)
             yield from self.close()
             block = {
                 "type": "tool_use",
@@ -111,6 +117,7 @@ def _tool(raw: Any, index: int) -> FunctionTool:
         raise field_error("tools", f"{where}.strict: must be a boolean")
     if not isinstance(raw.get("input_schema"), dict):
         raise field_error("tools", f"{where}.input_schema: field required, a JSON schema object")
+    check_schema(raw["input_schema"], "tools", f"{where}.input_schema")
     try:
         return FunctionTool(
             name=raw.get("name"),  # type: ignore[arg-type]  # checked by FunctionTool
@@ -143,7 +150,7 @@ def _choice(raw: Any, tools: tuple[FunctionTool, ...]) -> tuple[ToolChoice | Non
     parallel = None if disable is None else not disable
     if kind == "tool":
         name = raw.get("name")
-        if name not in {t.name for t in tools}:
+        if not isinstance(name, str) or name not in {t.name for t in tools}:
             raise field_error("tool_choice", f"tool_choice.name: {name!r} is not one of the tools")
         return NamedToolChoice(name), parallel
     mode: ToolChoice = {"auto": "auto", "any": "required", "none": "none"}[kind]  # type: ignore[assignment]

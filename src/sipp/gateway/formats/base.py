@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import AsyncIterator, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 from starlette.datastructures import Headers
 from starlette.responses import Response
@@ -13,7 +14,15 @@ from ..._errors import InvalidRequestError, SippError
 from ..config import GatewayConfig
 from ..request import Completion, Event, GatewayRequest, Operation
 
-__all__ = ["WireFormat", "bearer", "error_headers", "field_error"]
+__all__ = [
+    "MAX_SCHEMA_DEPTH",
+    "WireFormat",
+    "bearer",
+    "check_schema",
+    "error_headers",
+    "field_error",
+    "sse_event",
+]
 
 
 class WireFormat(Protocol):
@@ -54,6 +63,30 @@ class WireFormat(Protocol):
 def field_error(name: str, message: str) -> InvalidRequestError:
     """A 400 that names the offending field (`param` in OpenAI's envelope)."""
     return InvalidRequestError(message, field=name)
+
+
+MAX_SCHEMA_DEPTH = 64  # JSON Schemas nest far less; grammar builders recurse per level
+
+
+def check_schema(schema: Any, field: str, where: str) -> None:
+    """Refuse a JSON Schema nested deeper than `MAX_SCHEMA_DEPTH` (400 naming `field`)."""
+    level = [schema]
+    for _ in range(MAX_SCHEMA_DEPTH + 1):
+        level = [
+            child
+            for node in level
+            if isinstance(node, (dict, list))
+            for child in (node.values() if isinstance(node, dict) else node)
+        ]
+        if not level:
+            return
+    raise field_error(field, f"{where} is nested more than {MAX_SCHEMA_DEPTH} levels deep")
+
+
+def sse_event(name: str, data: Mapping[str, Any]) -> bytes:
+    """One SSE frame with an event name (Anthropic's and the Responses API's style)."""
+    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"event: {name}\ndata: {payload}\n\n".encode()
 
 
 def bearer(headers: Headers) -> str | None:

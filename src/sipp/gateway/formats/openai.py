@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from ... import protocol
 from ..._errors import InvalidRequestError, SippError
 from ..._types import ChatMessage, ChatRole, SippTextOptions, TokenLogprob, Usage
+from ...protocol import load_json_object
 from ..config import GatewayConfig
 from ..request import (
     ChoiceDone,
@@ -82,7 +83,7 @@ _ERROR_TYPES = {
     429: "rate_limit_error",
     502: "upstream_error",
 }
-_STREAM_HEADERS = {"content-type": "text/event-stream"}
+_STREAM_HEADERS = {"content-type": "text/event-stream; charset=utf-8"}
 
 
 def openai_error(exc: SippError, request_id: str) -> JSONResponse:
@@ -131,6 +132,7 @@ class OpenAIFormat:
         stream, include_usage = _stream_flags(obj)
         chat = self._kind == "chat"
         user, metadata = attribution(obj)
+        gen = generation(obj, chat=chat)
         return GatewayRequest(
             "chat" if chat else "query",
             target,
@@ -139,7 +141,8 @@ class OpenAIFormat:
             options=_options(obj, chat=chat),
             stream=stream,
             include_usage=include_usage,
-            generation=generation(obj, chat=chat),
+            generation=gen,
+            cost=gen.n,
             user=user,
             metadata=metadata,
         )
@@ -238,12 +241,7 @@ class OpenAIFormat:
 # ----------------------------------------------------------------- decoding helpers
 def body_object(body: bytes, allowed: frozenset[str]) -> dict[str, Any]:
     """The body as a JSON object with only `allowed` fields and a `model`, else a 400."""
-    try:
-        obj = json.loads(body)
-    except ValueError:
-        raise InvalidRequestError("request body is not valid JSON") from None
-    if not isinstance(obj, dict):
-        raise InvalidRequestError("request body must be a JSON object")
+    obj = load_json_object(body)
     for key in obj:
         if key not in allowed:
             raise field_error(key, f"'{key}' is not supported by this gateway")

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..request import Generation, ResponseFormat
-from .base import field_error
+from .base import check_schema, field_error
 
 __all__ = ["MAX_N", "attribution", "generation"]
 
@@ -26,14 +26,31 @@ _MAX_USER = 256
 _MAX_METADATA = 16
 
 
+_GENERATION_FIELDS = frozenset(
+    {
+        "n",
+        "seed",
+        "logprobs",
+        "top_logprobs",
+        "logit_bias",
+        "presence_penalty",
+        "frequency_penalty",
+        "response_format",
+    }
+)
+_PLAIN = Generation()
+
+
 def generation(obj: Mapping[str, Any], *, chat: bool) -> Generation:
     """The generation fields of a chat (or legacy completions) body."""
+    if _GENERATION_FIELDS.isdisjoint(obj):  # the common case costs one set test
+        return _PLAIN
     n = _integer(obj, "n", 1, MAX_N, default=None) or 1
     seed = obj.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise field_error("seed", "'seed' must be an integer")
-    if seed is not None and not -(2**63) <= seed < 2**64:
-        raise field_error("seed", "'seed' is out of range (a 64-bit integer)")
+    if seed is not None and not -(2**63) <= seed < 2**63:
+        raise field_error("seed", "'seed' is out of range (a signed 64-bit integer)")
     if chat:
         logprobs = obj.get("logprobs", False)
         if logprobs is None:
@@ -158,6 +175,7 @@ def _response_format(raw: Any) -> ResponseFormat | None:
             "'response_format.json_schema.name' must be 1-64 letters, digits, '_' or '-'",
         )
     schema = spec.get("schema", {})
+    check_schema(schema, "response_format", "'response_format.json_schema.schema'")
     if not isinstance(schema, dict):
         raise field_error(
             "response_format", "'response_format.json_schema.schema' must be an object"

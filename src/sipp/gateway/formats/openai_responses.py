@@ -41,7 +41,7 @@ from ..request import (
     ResponseFormat,
     TextDelta,
 )
-from .base import bearer, field_error
+from .base import bearer, check_schema, field_error
 from .openai import body_object, openai_error
 from .openai_fields import attribution
 from .openai_responses_input import STATELESS, chat_turns
@@ -273,6 +273,7 @@ def _tools(raw: Any) -> tuple[FunctionTool, ...]:
         strict = tool.get("strict")
         if strict is not None and not isinstance(strict, bool):
             raise field_error("tools", f"tools[{i}].strict must be a boolean")
+        check_schema(tool.get("parameters"), "tools", f"tools[{i}].parameters")
         try:
             tools.append(
                 FunctionTool(
@@ -338,6 +339,7 @@ def _text(raw: Any) -> tuple[dict[str, Any], ResponseFormat | None]:
         raise field_error("text", "'text.format.name' must be 1-64 letters, digits, '_' or '-'")
     if not isinstance(schema, dict):
         raise field_error("text", "'text.format.schema' must be a JSON Schema object")
+    check_schema(schema, "text", "'text.format.schema'")
     if strict is not None and not isinstance(strict, bool):
         raise field_error("text", "'text.format.strict' must be a boolean")
     if description is not None and not isinstance(description, str):

@@ -3,7 +3,6 @@ the numbered events a streamed response is made of (see `openai_responses`)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 from ..._errors import ExecutionError, SippError
 from ..._types import SippTextResponse, ToolCall, ToolCallDelta
 from ..request import GatewayRequest
+from .base import sse_event
 
 __all__ = [
     "ResponseStream",
@@ -85,7 +85,7 @@ def message_status(response: SippTextResponse) -> str:
 
 
 def error_frame(exc: SippError, sequence_number: int) -> bytes:
-    return _frame(
+    return sse_event(
         "error",
         {
             "type": "error",
@@ -128,7 +128,7 @@ class ResponseStream:
     def event(self, kind: str, **fields: Any) -> bytes:
         data = {"type": kind, **fields, "sequence_number": self._next}
         self._next += 1
-        return _frame(kind, data)
+        return sse_event(kind, data)
 
     def start(self) -> list[bytes]:
         snapshot = response_object(self.request, self.request_id, self.created_at, [], None)
@@ -287,8 +287,3 @@ def _usage(response: SippTextResponse) -> dict[str, Any] | None:
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": usage.total_tokens,
     }
-
-
-def _frame(kind: str, data: dict[str, Any]) -> bytes:
-    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"event: {kind}\ndata: {payload}\n\n".encode()

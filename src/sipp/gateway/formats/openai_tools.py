@@ -8,7 +8,7 @@ from typing import Any
 
 from ..._errors import InvalidRequestError
 from ..._types import FunctionTool, NamedToolChoice, ToolCall, ToolCallDelta, ToolChoice
-from .base import field_error
+from .base import check_schema, field_error
 
 __all__ = ["call_delta", "calls_out", "tool_call", "tool_fields"]
 
@@ -99,6 +99,7 @@ def _tool(raw: Any, index: int) -> FunctionTool:
     strict = function.get("strict")
     if strict is not None and not isinstance(strict, bool):
         raise field_error("tools", f"{where}.function.strict must be a boolean")
+    check_schema(function.get("parameters"), "tools", f"{where}.function.parameters")
     try:
         return FunctionTool(
             name=function.get("name"),  # type: ignore[arg-type]  # checked by FunctionTool
