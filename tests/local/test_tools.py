@@ -201,6 +201,32 @@ def test_smollm_generic_required_makes_a_valid_call(text_client: Client) -> None
     assert len(response.tool_calls) == 1 and response.text == ""
 
 
+def test_a_schema_with_defs_gets_valid_arguments(qwen: Client) -> None:
+    client, ref = qwen
+    # The shape pydantic (and so the OpenAI SDK's pydantic_function_tool) writes.
+    contact = FunctionTool(
+        name="add_contact",
+        description="Save a contact",
+        parameters={
+            "$defs": {
+                "Address": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}},
+                    "required": ["city"],
+                }
+            },
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "home": {"$ref": "#/$defs/Address"}},
+            "required": ["name", "home"],
+        },
+    )
+    options = _options(tools=[*TOOLS, contact], tool_choice=NamedToolChoice("add_contact"))
+    response = client.chat(
+        [ChatMessage("user", "Save Ada Lovelace, who lives in London.")], endpoint=ref, options=options
+    ).result()
+    _check_calls(response, (contact,))  # jsonschema follows the $ref
+
+
 def test_smollm_generic_auto_answers_or_calls(text_client: Client) -> None:
     client, ref = text_client
     for messages in ([ChatMessage("user", "Hi! How are you?")], LOOP):

@@ -120,19 +120,47 @@ def _literal(text: str) -> str:
 
 
 def _call_schema(tools: Sequence[FunctionTool]) -> Mapping[str, Any]:
-    """One `{"name", "arguments"}` call of any of `tools`."""
-    variants = [
-        {
-            "type": "object",
-            "properties": {
-                "name": {"const": t.name},
-                "arguments": dict(t.parameters) if t.parameters is not None else {"type": "object"},
-            },
-            "required": ["name", "arguments"],
-        }
-        for t in tools
-    ]
-    return variants[0] if len(variants) == 1 else {"anyOf": variants}
+    """One `{"name", "arguments"}` call of any of `tools`.
+
+    A parameters schema may keep its subschemas in `$defs` (pydantic writes them so)
+    and point at them with `#/$defs/...`: nested here, those pointers would resolve
+    against the call schema, so each tool's definitions move up to it, renamed per
+    tool so two tools' `Address` cannot collide."""
+    variants: list[dict[str, Any]] = []
+    defs: dict[str, Any] = {}
+    for i, tool in enumerate(tools):
+        params: dict[str, Any] = dict(tool.parameters or {"type": "object"})
+        prefix = f"sipp-tool-{i}-"
+        for key in ("$defs", "definitions"):
+            found = params.pop(key, None)
+            if isinstance(found, Mapping):
+                defs.update((prefix + name, _move_refs(sub, prefix)) for name, sub in found.items())
+        variants.append(
+            {
+                "type": "object",
+                "properties": {"name": {"const": tool.name}, "arguments": _move_refs(params, prefix)},
+                "required": ["name", "arguments"],
+            }
+        )
+    schema: dict[str, Any] = variants[0] if len(variants) == 1 else {"anyOf": variants}
+    if defs:
+        schema = {**schema, "$defs": defs}
+    return schema
+
+
+def _move_refs(value: Any, prefix: str) -> Any:
+    """`value` with `#/$defs/X` and `#/definitions/X` pointers renamed to `#/$defs/{prefix}X`."""
+    if isinstance(value, dict):
+        out = {k: _move_refs(v, prefix) for k, v in value.items()}
+        ref = out.get("$ref")
+        if isinstance(ref, str):
+            for old in ("#/$defs/", "#/definitions/"):
+                if ref.startswith(old):
+                    out["$ref"] = "#/$defs/" + prefix + ref[len(old) :]
+        return out
+    if isinstance(value, list):
+        return [_move_refs(v, prefix) for v in value]
+    return value
 
 
 def _grammar(head: str, schemas: Mapping[str, Mapping[str, Any]]) -> str:
