@@ -71,7 +71,7 @@ def test_hermes_parser_holds_back_only_a_possible_marker() -> None:
 )
 def test_an_unparseable_call_block_stays_text(block: str) -> None:
     closed = "</tool_call>" if block.endswith("}") or "json" in block else ""
-    output = f"<tool_call>\n{block}\n{closed}"
+    output = f"Sure: <tool_call>\n{block}\n{closed}"
     parser = HermesParser(NAMES)
     text, deltas = _stream(parser, _chars(output))
     assert deltas == [] and parser.calls == []

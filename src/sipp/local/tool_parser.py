@@ -76,6 +76,7 @@ class HermesParser(_Calls):
         self._pending = ""
         self._inside = False
         self._after_call = False  # drop the whitespace that follows a block
+        self._gap = ""  # whitespace held back before the open block
 
     def feed(self, text: str) -> tuple[str, list[ToolCallDelta]]:
         self._pending += text
@@ -99,12 +100,15 @@ class HermesParser(_Calls):
                 if delta is not None:
                     deltas.append(delta)
                     self._after_call = True
-                else:
-                    out.append(self._text(OPEN + body + (CLOSE if end >= 0 else "")))
+                else:  # not a call after all: the block and the gap before it are text
+                    out.append(self._text(self._gap + OPEN + body + (CLOSE if end >= 0 else "")))
                 continue
             start = self._pending.find(OPEN)
             if start >= 0:
-                out.append(self._text(self._pending[:start].rstrip()))
+                before = self._pending[:start]
+                kept = before.rstrip()
+                out.append(self._text(kept))
+                self._gap = before[len(kept) :]
                 self._pending = self._pending[start + len(OPEN) :]
                 self._inside = True
                 continue
