@@ -31,6 +31,12 @@ def gemma_path() -> Path:
     return models.pull("gemma3-270m", verify=False)
 
 
+@pytest.fixture(scope="session")
+def qwen_path() -> Path:
+    """Qwen2.5-Coder 0.5B Instruct: the one small model whose template renders tools."""
+    return models.pull("qwen2.5-coder-0.5b-instruct", verify=False)
+
+
 @pytest.fixture(scope="module")
 def text_client(smollm_path: Path) -> Iterator[tuple[SippClient, EndpointRef]]:
     """One client with the default model loaded for text (2 slots), shared per module."""

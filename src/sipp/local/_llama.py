@@ -36,6 +36,7 @@ __all__ = [
     "backend_init",
     "cpu_has_amx",
     "installed_backends",
+    "json_schema_rules",
     "json_schema_to_grammar",
     "llama_version",
     "recent_log_errors",
@@ -124,9 +125,23 @@ def cpu_has_amx() -> bool:
 
 
 def json_schema_to_grammar(schema: Mapping[str, Any]) -> str:
+    """GBNF whose `root` rule matches JSON that follows `schema`."""
+    return json_schema_rules({"root": schema})
+
+
+def json_schema_rules(schemas: Mapping[str, Mapping[str, Any]]) -> str:
+    """GBNF with one rule per entry, named by its key, matching JSON that follows its
+    schema; the rules they share (`space`, `string`, ...) appear once. Lets a caller
+    build a larger grammar around them."""
     import json
 
-    return str(_grammar.json_schema_to_gbnf(json.dumps(schema)))
+    converter_cls: Any = _grammar.SchemaConverter  # untyped upstream
+    converter = converter_cls(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    for rule, schema in schemas.items():
+        # The round trip copies the schema (the converter edits what it resolves).
+        resolved = converter.resolve_refs(json.loads(json.dumps(schema)), "input")
+        converter.visit(resolved, "" if rule == "root" else rule)
+    return str(converter.format_grammar())
 
 
 @dataclass(frozen=True)
@@ -414,6 +429,11 @@ class SamplerSettings:
     order: tuple[str, ...]
     logit_bias: Mapping[int, float]
     grammar: str | None
+    # Non-empty: the grammar is lazy, free text until one of these tokens is sampled.
+    # A trigger token is fed to the grammar as its first input, so the grammar must
+    # start with that token's text (a pattern trigger could replay text it rejects,
+    # and llama.cpp aborts the process on that).
+    grammar_trigger_tokens: tuple[int, ...] = ()
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     # How many generated tokens the frequency/presence counts look back over; the
@@ -455,7 +475,15 @@ class Sampler:
                 ),
             )
         if s.grammar is not None:
-            g = _lc.llama_sampler_init_grammar(model.vocab, s.grammar.encode(), b"root")
+            if s.grammar_trigger_tokens:
+                triggers = (_lc.llama_token * len(s.grammar_trigger_tokens))(
+                    *s.grammar_trigger_tokens
+                )
+                g = _lc.llama_sampler_init_grammar_lazy_patterns(
+                    model.vocab, s.grammar.encode(), b"root", None, 0, triggers, len(triggers)
+                )
+            else:
+                g = _lc.llama_sampler_init_grammar(model.vocab, s.grammar.encode(), b"root")
             if not g:
                 self.close()
                 raise ValueError("; ".join(recent_log_errors()) or "the grammar does not parse")

@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import cached_property
 from typing import Any, TypeVar
 
 from .._channel import RunChannel
@@ -29,9 +30,11 @@ from .._errors import (
 from .._runtime_config import SamplingRuntimeConfig
 from .._types import SippEmbeddingResponse, SippTextResponse
 from . import _llama
+from .chat_template import HERMES_OPEN
 from .model import load_model
 from .scheduler import EmbedJob, Engine, TextJob
 from .text_stream import TextStream
+from .tool_plan import ToolPlan, plan_tools
 
 __all__ = ["LocalEndpoint"]
 
@@ -73,8 +76,19 @@ class LocalEndpoint(Endpoint):
             f"{name} is loaded for embeddings only; {operation} needs a text-generation load"
         )
 
+    def supports_tools(self) -> bool:
+        return True
+
+    @cached_property
+    def _tool_marker_token(self) -> int | None:
+        """The id of `<tool_call>` when the vocabulary has it as one token (Qwen does):
+        a lazy grammar can then start exactly there."""
+        tokens = self.loaded.model.tokenize(HERMES_OPEN, add_special=False, parse_special=True)
+        return tokens[0] if len(tokens) == 1 else None
+
     # -- text -------------------------------------------------------------------------
-    def render_chat(self, request: TextRequest) -> str:
+    def render_chat(self, request: TextRequest) -> tuple[str, ToolPlan | None]:
+        """The prompt, and how tool calls run when the request has tools or tool turns."""
         template = self.loaded.chat_template
         if template is None:
             why = self.loaded.template_problem or "its GGUF declares no tokenizer.chat_template"
@@ -82,8 +96,15 @@ class LocalEndpoint(Endpoint):
                 f"chat is unavailable for {self.loaded.path.name}: {why}; "
                 "use query with a prompt you render yourself"
             )
-        assert request.messages is not None
-        return template.render(request.messages, add_generation_prompt=True)
+        messages = request.messages
+        assert messages is not None
+        if not request.options.tools and not any(m.tool_calls or m.tool_call_id for m in messages):
+            return template.render(messages, add_generation_prompt=True), None
+        plan = plan_tools(
+            template.tool_support, messages, request.options, self._tool_marker_token
+        )
+        text = template.render(plan.messages, tools=plan.template_tools, add_generation_prompt=True)
+        return text, plan
 
     def start_text(self, request: TextRequest, channel: RunChannel[SippTextResponse]) -> None:
         self._check_text(request)
@@ -98,6 +119,10 @@ class LocalEndpoint(Endpoint):
         self._engine.check_available()
         self._require(request.operation)
         _reject_remote_options(request.endpoint_options, request.provider_options)
+        if request.operation == "query" and request.options.tools:
+            raise UnsupportedOperationError(
+                "tools need chat on a local endpoint: the model's chat template renders them"
+            )
 
     def _later(self, submit: Callable[[], None], channel: RunChannel[R]) -> None:
         channel.begin_preparing()
@@ -122,8 +147,9 @@ class LocalEndpoint(Endpoint):
 
     def _submit_text(self, request: TextRequest, channel: RunChannel[SippTextResponse]) -> None:
         model = self.loaded.model
+        plan: ToolPlan | None = None
         if request.operation == "chat":
-            text = self.render_chat(request)
+            text, plan = self.render_chat(request)
             assert self.loaded.chat_template is not None  # render_chat raised otherwise
             bos = self.loaded.chat_template.bos_token
             # The template already wrote BOS when the model wants one: don't add it twice.
@@ -146,7 +172,14 @@ class LocalEndpoint(Endpoint):
                 field="logit_bias",
             )
         grammar = None
-        if local is not None and local.grammar is not None:
+        if plan is not None and plan.grammar is not None:
+            if local is not None and (local.grammar is not None or local.json_schema is not None):
+                raise InvalidRequestError(
+                    "LocalTextOptions.grammar and json_schema cannot be combined with tools "
+                    "(tool calls bring their own grammar); use tool_choice='none' to keep yours"
+                )
+            grammar = plan.grammar
+        elif local is not None and local.grammar is not None:
             grammar = local.grammar
         elif local is not None and local.json_schema is not None:
             try:
@@ -168,6 +201,9 @@ class LocalEndpoint(Endpoint):
                     order=tuple(sampling.samplers or ()),
                     logit_bias=dict(sampling.logit_bias or {}),
                     grammar=grammar,
+                    grammar_trigger_tokens=(plan.trigger_token,)
+                    if plan is not None and plan.trigger_token is not None
+                    else (),
                     frequency_penalty=float(sampling.frequency_penalty or 0.0),
                     presence_penalty=float(sampling.presence_penalty or 0.0),
                     penalty_window=self._engine.n_ctx_slot,
@@ -186,6 +222,7 @@ class LocalEndpoint(Endpoint):
             top_logprobs=(local.top_logprobs or 0)
             if local is not None and local.logprobs
             else None,
+            tools=plan.parser() if plan is not None else None,
         )
         try:
             self._engine.submit(job)

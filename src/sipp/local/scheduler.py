@@ -41,6 +41,7 @@ from .._types import (
     SippTextResponse,
     TokenBatch,
     TokenLogprob,
+    ToolCallDelta,
     Usage,
 )
 from . import _llama
@@ -48,6 +49,7 @@ from .kv_cache import EmbedMemo, Snapshot, SnapshotStore, common_prefix
 from .logprobs import token_logprob
 from .model import LoadedModel
 from .text_stream import TextStream
+from .tool_parser import ToolCallParser
 
 __all__ = ["EmbedJob", "Engine", "TextJob"]
 
@@ -88,6 +90,7 @@ class TextJob:
     emit: bool
     context_key: str | None
     top_logprobs: int | None = None  # None: logprobs not requested; else the top-k size
+    tools: ToolCallParser | None = None  # set when the reply may hold tool calls
     t_submit: float = field(default_factory=time.perf_counter)
     slot: _Slot | None = None
     prefilled: int = 0  # prompt tokens already in the KV
@@ -541,7 +544,7 @@ class Engine:
             job.held_logprobs.append(token_logprob(self.model, row, token, job.top_logprobs))
         text = job.stream.feed(self.model.piece(token))
         if text:
-            self._release_text(job, text)
+            self._on_text(job, text, final=False)
         if job.stream.stopped:
             self._finish(job, "stop")
         elif job.max_new is not None and job.generated >= job.max_new:
@@ -549,21 +552,36 @@ class Engine:
         elif len(job.slot.tokens) + 1 >= self.n_ctx_slot:
             self._finish(job, "length")  # no room left to decode the next token
 
-    def _release_text(self, job: TextJob, text: str) -> None:
-        """Hand out `text` with the tokens it completes. Tokens whose text never gets
-        released (cut by a stop string, or half a character at the end) are not reported."""
+    def _on_text(self, job: TextJob, text: str, *, final: bool) -> None:
+        """Pass released text through the tool-call parser, if the job has one: what it
+        holds back (a possible call marker, a call being written) keeps its tokens held."""
+        calls: list[ToolCallDelta] = []
+        if job.tools is not None:
+            text, calls = job.tools.feed(text)
+            if final:
+                tail, more = job.tools.finish()
+                text, calls = text + tail, calls + more
+        if text or calls:
+            self._release_text(job, text, tuple(calls))
+
+    def _release_text(
+        self, job: TextJob, text: str, calls: tuple[ToolCallDelta, ...] = ()
+    ) -> None:
+        """Hand out `text` (and completed tool calls) with the tokens it completes. Tokens
+        whose text never gets released (cut by a stop string, or half a character at the
+        end) are not reported."""
         ids, job.held_ids = tuple(job.held_ids), []
         logprobs: tuple[TokenLogprob, ...] = ()
         if job.held_logprobs:
             logprobs, job.held_logprobs = tuple(job.held_logprobs), []
             job.logprobs.extend(logprobs)
         if job.emit:
-            job.channel.push(TokenBatch(text, ids, next(job.batch_seq), logprobs))
+            job.channel.push(TokenBatch(text, ids, next(job.batch_seq), logprobs, calls))
 
     def _finish(self, job: TextJob, reason: FinishReason) -> None:
         tail = job.stream.flush()
-        if tail:
-            self._release_text(job, tail)
+        if tail or job.tools is not None:
+            self._on_text(job, tail, final=True)
         response = self._response(job, reason)
         self._release(job)
         self._count_outcome(job, "cancelled" if reason == "cancelled" else "completed")
@@ -586,7 +604,12 @@ class Engine:
         )
         usage = Usage(len(job.prompt), job.generated, len(job.prompt) + job.generated)
         logprobs = tuple(job.logprobs) if job.top_logprobs is not None else None
-        return SippTextResponse(job.stream.text, reason, usage, stats, logprobs)
+        if job.tools is None:
+            return SippTextResponse(job.stream.text, reason, usage, stats, logprobs)
+        calls = tuple(job.tools.calls)
+        if calls and reason == "stop":
+            reason = "tool_calls"
+        return SippTextResponse(job.tools.text, reason, usage, stats, logprobs, calls)
 
     def _release(self, job: TextJob) -> None:
         job.sampler.close()
