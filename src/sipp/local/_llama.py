@@ -331,6 +331,17 @@ class Context:
             return True
         return bool(_lc.llama_memory_seq_rm(self._memory, seq_id, p0, p1))
 
+    def seq_span(self, seq_id: int) -> tuple[int, int]:
+        """(lowest, highest) position the memory holds for the sequence, every one in
+        between included; (-1, -1) when it holds none. The lowest is above 0 once a
+        sliding-window cache has dropped the oldest cells."""
+        if not self._memory:
+            return -1, -1
+        return (
+            int(_lc.llama_memory_seq_pos_min(self._memory, seq_id)),
+            int(_lc.llama_memory_seq_pos_max(self._memory, seq_id)),
+        )
+
     def seq_state(self, seq_id: int) -> bytes:
         """One sequence's KV state, as bytes (host memory)."""
         size = int(_lc.llama_state_seq_get_size(self._ptr, seq_id))

@@ -91,6 +91,9 @@ class TextJob:
     context_key: str | None
     top_logprobs: int | None = None  # None: logprobs not requested; else the top-k size
     tools: ToolCallParser | None = None  # set when the reply may hold tool calls
+    # (sibling, n): this job waits for `sibling` to prefill its first n prompt tokens,
+    # the same as ours, and then copies them instead of computing them again.
+    share: tuple[TextJob, int] | None = None
     t_submit: float = field(default_factory=time.perf_counter)
     slot: _Slot | None = None
     prefilled: int = 0  # prompt tokens already in the KV
@@ -163,6 +166,8 @@ class Engine:
         self._embedding: list[EmbedJob] = []  # the embed step in progress, for _crashed
         self._batch = _llama.Batch(loaded.n_batch)
         self._turn = 0  # rotation offset when more sequences generate than n_batch holds
+        self._waiters: list[TextJob] = []  # jobs with a pending `share`
+        self._can_share = self.reuse_prefix  # off for good if a memory cannot trim a copy
         self._counters: dict[str, float] = dict.fromkeys(
             (
                 "requests",
@@ -413,6 +418,59 @@ class Engine:
         slot.context_key = job.context_key
         job.prefilled = job.cached = keep
         job.t_admit = time.perf_counter()
+        if self._can_share:
+            self._share_sibling_prompt(job)
+
+    def _share_sibling_prompt(self, job: TextJob) -> None:
+        """n identical prompts arrive together (OpenAI's `n`, or a fan-out): let one of
+        them prefill, the others copy its KV. Pick the running job whose prompt shares
+        the longest prefix with ours, if that beats what our own slot kept."""
+        best: TextJob | None = None
+        # At least the last prompt token is decoded by the job itself, for its logits.
+        most = job.prefilled
+        for other in self._active:
+            if other is job or other.share is not None:
+                continue
+            n = min(common_prefix(other.prompt, job.prompt), len(job.prompt) - 1)
+            if n > most:
+                best, most = other, n
+        if best is None:
+            return
+        job.share = (best, most)
+        if best.prefilled >= most:
+            self._copy_shared(job)
+        else:
+            self._waiters.append(job)
+
+    def _copy_shared(self, job: TextJob) -> None:
+        """Copy the sibling's first n KV cells into our slot. Through host memory, as a
+        snapshot restore does: llama_memory_seq_cp across the per-slot streams copies the
+        whole stream and only at the next decode, too late if either slot changes first."""
+        assert job.share is not None and job.slot is not None
+        sibling, n = job.share
+        job.share = None
+        assert sibling.slot is not None
+        state = self.ctx.seq_state(sibling.slot.seq_id)
+        seq = job.slot.seq_id
+        self.ctx.seq_rm(seq, -1, -1)
+        if self.ctx.set_seq_state(seq, state):
+            if not self.ctx.seq_rm(seq, n, -1):
+                self._can_share = False  # this memory cannot cut a sequence: never again
+            elif self.ctx.seq_span(seq) == (0, n - 1):
+                job.slot.tokens = job.prompt[:n]
+                job.prefilled = job.cached = n
+                return
+        # Not all of positions 0..n-1 came across (a sliding-window cache drops cells once
+        # the sibling has moved past them): the job prefills its whole prompt itself.
+        self.ctx.seq_rm(seq, -1, -1)
+        job.slot.tokens = []
+        job.prefilled = job.cached = 0
+
+    def _copy_ready_shares(self) -> None:
+        """After a decode: every waiter whose sibling now holds the shared prefix copies it."""
+        for job in [w for w in self._waiters if w.share and w.share[0].prefilled >= w.share[1]]:
+            self._waiters.remove(job)
+            self._copy_shared(job)
 
     def _swap_snapshots(self, job: TextJob, slot: _Slot, keep: int) -> int:
         """Save what `slot` would lose; restore a stored sequence that shares more of the prompt."""
@@ -445,7 +503,7 @@ class Engine:
         for job in self._active:
             if room <= 0:
                 break
-            if not job.prefilling:
+            if not job.prefilling or job.share is not None:
                 continue
             take = len(job.prompt) - job.prefilled
             if self.chunk_cap:
@@ -497,6 +555,8 @@ class Engine:
             else:
                 job.slot.tokens.extend(job.prompt[job.prefilled : job.prefilled + take])
                 job.prefilled += take
+        if self._waiters:  # before sampling: a sibling that finishes now still holds its KV
+            self._copy_ready_shares()
         for job, take in plan:
             if take == 0 or not job.prefilling:
                 if job.t_first == 0.0:
@@ -615,6 +675,8 @@ class Engine:
         job.sampler.close()
         if job in self._active:
             self._active.remove(job)
+        if self._waiters:
+            self._drop_shares_with(job)
         slot = job.slot
         if slot is not None:
             slot.busy = False
@@ -624,6 +686,15 @@ class Engine:
                 slot.tokens.clear()
         with self._cond:
             self._cond.notify_all()
+
+    def _drop_shares_with(self, job: TextJob) -> None:
+        """`job` leaves: it no longer waits to copy, and whoever waited on it prefills alone."""
+        if job in self._waiters:
+            self._waiters.remove(job)
+            job.share = None
+        for waiter in [w for w in self._waiters if w.share and w.share[0] is job]:
+            self._waiters.remove(waiter)
+            waiter.share = None
 
     def _count_outcome(self, job: TextJob, outcome: str) -> None:
         with self._cond:

@@ -1,0 +1,85 @@
+"""n identical prompts started together are prefilled once; the others copy its KV."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sipp import (
+    CacheRuntimeConfig,
+    ChatMessage,
+    ContextRuntimeConfig,
+    LocalModelDescriptor,
+    NativeRuntimeConfig,
+    SchedulerRuntimeConfig,
+    SippClient,
+    SippTextOptions,
+)
+
+MESSAGES = [
+    ChatMessage("system", "You are a patient teacher who explains things step by step."),
+    ChatMessage("user", "Explain why the sky is blue, in two sentences."),
+]
+GREEDY = SippTextOptions(max_tokens=24, temperature=0)
+
+
+def _config(**groups: object) -> NativeRuntimeConfig:
+    return NativeRuntimeConfig(context=ContextRuntimeConfig(n_ctx=512, n_parallel=3), **groups)  # type: ignore[arg-type]
+
+
+def _solo(path: Path, messages: list[ChatMessage]) -> str:
+    with SippClient() as client:
+        ref = client.add("solo", LocalModelDescriptor(path, _config()))
+        return client.chat(messages, endpoint=ref, options=GREEDY).result().text
+
+
+def test_three_identical_chats_prefill_once(smollm_path: Path) -> None:
+    solo = _solo(smollm_path, MESSAGES)
+    with SippClient() as client:
+        ref = client.add("n3", LocalModelDescriptor(smollm_path, _config()))
+        runs = [client.chat(MESSAGES, endpoint=ref, options=GREEDY) for _ in range(3)]
+        responses = [r.result() for r in runs]
+    assert [r.text for r in responses] == [solo] * 3
+    stats = [r.local_stats for r in responses]
+    assert all(s is not None for s in stats)
+    prompt = stats[0].prompt_tokens  # type: ignore[union-attr]
+    shared = [s for s in stats if s.cached_prompt_tokens == prompt - 1]  # type: ignore[union-attr]
+    assert len(shared) >= 2, stats
+
+
+def test_a_longer_prompt_copies_the_shared_part_of_a_running_sibling(smollm_path: Path) -> None:
+    """The follow-up shares the first prompt's system turn: it copies that much, prefills
+    the rest, and answers as it does alone."""
+    follow = [MESSAGES[0], ChatMessage("user", "And why are sunsets red?")]
+    solo = _solo(smollm_path, follow)
+    with SippClient() as client:
+        ref = client.add("m", LocalModelDescriptor(smollm_path, _config()))
+        first = client.chat(MESSAGES, endpoint=ref, options=GREEDY)
+        second = client.chat(follow, endpoint=ref, options=GREEDY)
+        first.result()
+        response = second.result()
+    assert response.text == solo
+    assert response.local_stats is not None
+    assert 0 < response.local_stats.cached_prompt_tokens < response.local_stats.prompt_tokens - 1
+
+
+def test_waiters_prefill_alone_when_the_sibling_is_cancelled(smollm_path: Path) -> None:
+    """Small prefill chunks keep the first run prefilling for many steps; it is cancelled
+    meanwhile, and the copies that waited for it still answer correctly."""
+    long_messages = [MESSAGES[0], ChatMessage("user", " ".join(["Tell me about the sea."] * 40))]
+    solo = _solo(smollm_path, long_messages)
+    config = _config(scheduler=SchedulerRuntimeConfig(prefill_chunk_size=8))
+    with SippClient() as client:
+        ref = client.add("m", LocalModelDescriptor(smollm_path, config))
+        runs = [client.chat(long_messages, endpoint=ref, options=GREEDY) for _ in range(3)]
+        runs[0].cancel()
+        assert runs[0].result().finish_reason == "cancelled"
+        assert [r.result().text for r in runs[1:]] == [solo, solo]
+
+
+def test_cache_mode_off_prefills_every_copy(smollm_path: Path) -> None:
+    with SippClient() as client:
+        config = _config(cache=CacheRuntimeConfig(mode="off"))
+        ref = client.add("off", LocalModelDescriptor(smollm_path, config))
+        runs = [client.chat(MESSAGES, endpoint=ref, options=GREEDY) for _ in range(3)]
+        stats = [r.result().local_stats for r in runs]
+    assert [s.cached_prompt_tokens for s in stats if s is not None] == [0, 0, 0]
