@@ -83,3 +83,20 @@ def test_cache_mode_off_prefills_every_copy(smollm_path: Path) -> None:
         runs = [client.chat(MESSAGES, endpoint=ref, options=GREEDY) for _ in range(3)]
         stats = [r.result().local_stats for r in runs]
     assert [s.cached_prompt_tokens for s in stats if s is not None] == [0, 0, 0]
+
+
+def test_a_sliding_window_model_shares_too(gemma_path: Path) -> None:
+    """Gemma 3's sliding-window cache: the copied cells cover every position, so the
+    copies answer exactly as a solo run does."""
+    prompt = "Explain why the sky is blue, in two sentences."
+    with SippClient() as client:
+        ref = client.add("solo", LocalModelDescriptor(gemma_path, _config()))
+        solo = client.query(prompt, endpoint=ref, options=GREEDY).result().text
+    with SippClient() as client:
+        ref = client.add("n3", LocalModelDescriptor(gemma_path, _config()))
+        runs = [client.query(prompt, endpoint=ref, options=GREEDY) for _ in range(3)]
+        responses = [r.result() for r in runs]
+    assert [r.text for r in responses] == [solo] * 3
+    stats = [r.local_stats for r in responses if r.local_stats is not None]
+    last = stats[0].prompt_tokens - 1  # a fresh endpoint: one run prefills, two copy
+    assert sorted(s.cached_prompt_tokens for s in stats) == [0, last, last], stats
