@@ -14,9 +14,9 @@ from langchain_core.messages import AIMessageChunk, HumanMessage, ToolMessage
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
 
-from .test_server import TOKEN, Gateway, running_gateway
+from .test_server import TOKEN, Gateway
 from .test_tool_routes import ANSWER, _openai
-from .upstreams import CountingUpstream, add_targets
+from .upstreams import CountingUpstream, provider_gateway
 
 
 @tool
@@ -27,20 +27,17 @@ def get_weather(city: str) -> str:
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[CountingUpstream]:
-    server = CountingUpstream(_openai)
-    yield server
-    server.close()
+    with CountingUpstream(_openai) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def gateway(
     smollm_path: Path, tmp_path_factory: pytest.TempPathFactory, upstream: CountingUpstream
 ) -> Iterator[Gateway]:
-    def edit(toml: str) -> str:
-        toml = toml.replace("max_request_bytes = 4096", "max_request_bytes = 65536")
-        return add_targets(toml, upstream.url, {"up": "up-model"}, None)
-
-    with running_gateway(smollm_path, tmp_path_factory.mktemp("langchain"), edit) as gw:
+    with provider_gateway(
+        smollm_path, tmp_path_factory.mktemp("langchain"), upstream, {"up": "up-model"}
+    ) as gw:
         yield gw
 
 

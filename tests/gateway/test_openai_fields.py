@@ -28,7 +28,7 @@ from sipp import (
 
 from ..remote.loopback import Action, Request, json_reply
 from .test_server import TOKEN, Gateway, running_gateway
-from .upstreams import CountingUpstream, add_targets, text_reply
+from .upstreams import CountingUpstream, add_targets, provider_gateway, text_reply
 
 ANTHROPIC = """
 [[targets]]
@@ -61,22 +61,22 @@ def _reply(req: Request) -> list[Action]:
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[CountingUpstream]:
-    server = CountingUpstream(_reply)
-    yield server
-    server.close()
+    with CountingUpstream(_reply) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def gateway(
     smollm_path: Path, tmp_path_factory: pytest.TempPathFactory, upstream: CountingUpstream
 ) -> Iterator[Gateway]:
-    def edit(toml: str) -> str:
-        toml = toml.replace("max_request_bytes = 4096", "max_request_bytes = 65536")
-        toml = add_targets(toml, upstream.url, {"up": "up-model"}, None)
+    def with_claude(toml: str) -> str:
         return toml + ANTHROPIC.format(url=upstream.url)
 
     env = {"TEST_ANTHROPIC_KEY": "anthropic-secret"}
-    with running_gateway(smollm_path, tmp_path_factory.mktemp("fields"), edit, env) as gw:
+    directory = tmp_path_factory.mktemp("fields")
+    with provider_gateway(
+        smollm_path, directory, upstream, {"up": "up-model"}, with_claude, env
+    ) as gw:
         yield gw
 
 

@@ -155,11 +155,9 @@ def test_openai_errors_map_to_openai_exceptions(gateway: Gateway) -> None:
     good = openai.OpenAI(base_url=gateway.public + "/v1", api_key=TOKEN, max_retries=0)
     with pytest.raises(openai.NotFoundError):
         good.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
-    with pytest.raises(openai.BadRequestError, match="tools"):
+    with pytest.raises(openai.BadRequestError, match="service_tier"):
         good.chat.completions.create(
-            model="local",
-            messages=[{"role": "user", "content": "x"}],
-            tools=[{"type": "function", "function": {"name": "f"}}],
+            model="local", messages=[{"role": "user", "content": "x"}], service_tier="flex"
         )
     r = httpx.post(
         f"{gateway.public}/v1/chat/completions",

@@ -25,8 +25,8 @@ from sipp.gateway.formats.openai import OpenAIFormat
 from sipp.gateway.request import ChoiceDone
 
 from ..remote.loopback import Action, Request, Sleep, sse_reply
-from .test_server import TOKEN, Gateway, _config, running_gateway
-from .upstreams import CountingUpstream, add_targets, poll, text_reply
+from .test_server import TOKEN, Gateway, _config
+from .upstreams import CountingUpstream, poll, provider_gateway, text_reply
 
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 ASK = [{"role": "user", "content": "hi"}]
@@ -62,21 +62,21 @@ def _upstream(req: Request) -> list[Action]:
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[CountingUpstream]:
-    server = CountingUpstream(_upstream)
-    yield server
-    server.close()
+    with CountingUpstream(_upstream) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def gateway(
     smollm_path: Path, tmp_path_factory: pytest.TempPathFactory, upstream: CountingUpstream
 ) -> Iterator[Gateway]:
-    def edit(toml: str) -> str:
+    def one_permit(toml: str) -> str:
         toml = toml.replace("max_concurrent_requests = 2", "max_concurrent_requests = 1")
-        toml = toml.replace("max_request_bytes = 4096", "max_request_bytes = 1048576")
-        return add_targets(toml, upstream.url, {"up": "up-model", "slow": "stall"}, None)
+        return toml.replace("max_request_bytes = 65536", "max_request_bytes = 1048576")
 
-    with running_gateway(smollm_path, tmp_path_factory.mktemp("edges"), edit) as gw:
+    targets = {"up": "up-model", "slow": "stall"}
+    directory = tmp_path_factory.mktemp("edges")
+    with provider_gateway(smollm_path, directory, upstream, targets, one_permit) as gw:
         yield gw
     assert "unexpected error serving" not in gw.stderr
 

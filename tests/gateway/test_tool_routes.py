@@ -15,8 +15,8 @@ import openai
 import pytest
 
 from ..remote.loopback import Action, Request, json_reply, sse_reply
-from .test_server import TOKEN, Gateway, running_gateway
-from .upstreams import CountingUpstream, add_targets
+from .test_server import TOKEN, Gateway
+from .upstreams import CountingUpstream, provider_gateway
 
 WEATHER = {
     "type": "function",
@@ -111,20 +111,17 @@ def _openai(req: Request) -> list[Action]:
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[CountingUpstream]:
-    server = CountingUpstream(_openai)
-    yield server
-    server.close()
+    with CountingUpstream(_openai) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def gateway(
     smollm_path: Path, tmp_path_factory: pytest.TempPathFactory, upstream: CountingUpstream
 ) -> Iterator[Gateway]:
-    def edit(toml: str) -> str:
-        toml = toml.replace("max_request_bytes = 4096", "max_request_bytes = 65536")
-        return add_targets(toml, upstream.url, {"up": "up-model"}, None)
-
-    with running_gateway(smollm_path, tmp_path_factory.mktemp("tools"), edit) as gw:
+    with provider_gateway(
+        smollm_path, tmp_path_factory.mktemp("tools"), upstream, {"up": "up-model"}
+    ) as gw:
         yield gw
 
 

@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from ..remote.loopback import Action, Handler, LoopbackServer, Request, json_reply, sse_reply
+from .test_server import Gateway, running_gateway
 
 
 class CountingUpstream(LoopbackServer):
@@ -101,3 +104,23 @@ def poll(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> Non
         if time.monotonic() > deadline:
             raise AssertionError(f"still not true after {timeout}s: {what}")
         time.sleep(0.05)
+
+
+@contextmanager
+def provider_gateway(
+    model: Path,
+    directory: Path,
+    upstream: LoopbackServer,
+    targets: dict[str, str],
+    edit: Callable[[str], str] = lambda toml: toml,
+    env: dict[str, str] | None = None,
+) -> Iterator[Gateway]:
+    """`running_gateway` with 64 KiB bodies and one openai_compatible target per
+    `name -> upstream model` on `upstream`; `edit` adjusts the TOML further."""
+
+    def configure(toml: str) -> str:
+        toml = toml.replace("max_request_bytes = 4096", "max_request_bytes = 65536")
+        return edit(add_targets(toml, upstream.url, targets, None))
+
+    with running_gateway(model, directory, configure, env) as gw:
+        yield gw

@@ -17,7 +17,9 @@ NAMES = frozenset({"get_weather"})
 CALL_ID = re.compile(r"^call_[0-9a-f]{24}$")
 
 
-def _stream(parser: HermesParser | GenericParser, chunks: list[str]) -> tuple[str, list[ToolCallDelta]]:
+def _stream(
+    parser: HermesParser | GenericParser, chunks: list[str]
+) -> tuple[str, list[ToolCallDelta]]:
     text, deltas = "", []
     for chunk in chunks:
         out, found = parser.feed(chunk)
@@ -81,7 +83,9 @@ def test_an_unparseable_call_block_stays_text(block: str) -> None:
 def test_hermes_parser_accepts_quoted_arguments_and_compacts_them() -> None:
     parser = HermesParser(NAMES)
     quoted = json.dumps(json.dumps({"city": "Zürich", "days": 2}))
-    _, deltas = _stream(parser, [f'<tool_call>{{"name": "get_weather", "arguments": {quoted}}}</tool_call>'])
+    _, deltas = _stream(
+        parser, [f'<tool_call>{{"name": "get_weather", "arguments": {quoted}}}</tool_call>']
+    )
     assert [d.arguments for d in deltas] == ['{"city":"Zürich","days":2}']
 
 

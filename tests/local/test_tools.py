@@ -222,7 +222,9 @@ def test_a_schema_with_defs_gets_valid_arguments(qwen: Client) -> None:
     )
     options = _options(tools=[*TOOLS, contact], tool_choice=NamedToolChoice("add_contact"))
     response = client.chat(
-        [ChatMessage("user", "Save Ada Lovelace, who lives in London.")], endpoint=ref, options=options
+        [ChatMessage("user", "Save Ada Lovelace, who lives in London.")],
+        endpoint=ref,
+        options=options,
     ).result()
     _check_calls(response, (contact,))  # jsonschema follows the $ref
 
@@ -249,7 +251,9 @@ def test_generic_format_describes_tools_and_writes_the_history_itself(
 def test_tools_refuse_a_grammar_of_the_caller_and_query(text_client: Client) -> None:
     client, ref = text_client
     with pytest.raises(InvalidRequestError, match="cannot be combined with tools"):
-        client.chat(ASK, endpoint=ref, options=_options(), local=LocalTextOptions(grammar='root ::= "x"'))
+        client.chat(
+            ASK, endpoint=ref, options=_options(), local=LocalTextOptions(grammar='root ::= "x"')
+        )
     with pytest.raises(UnsupportedOperationError, match="tools need chat"):
         client.query("Weather?", endpoint=ref, options=_options())
     bad_schema = FunctionTool(name="bad", parameters={"type": "object", "$ref": "#/nowhere"})
