@@ -84,7 +84,9 @@ def tool_dict(tool: FunctionTool) -> dict[str, Any]:
     if tool.description is not None:
         function["description"] = tool.description
     function["parameters"] = (
-        dict(tool.parameters) if tool.parameters is not None else {"type": "object", "properties": {}}
+        dict(tool.parameters)
+        if tool.parameters is not None
+        else {"type": "object", "properties": {}}
     )
     return {"type": "function", "function": function}
 

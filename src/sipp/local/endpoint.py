@@ -100,9 +100,7 @@ class LocalEndpoint(Endpoint):
         assert messages is not None
         if not request.options.tools and not any(m.tool_calls or m.tool_call_id for m in messages):
             return template.render(messages, add_generation_prompt=True), None
-        plan = plan_tools(
-            template.tool_support, messages, request.options, self._tool_marker_token
-        )
+        plan = plan_tools(template.tool_support, messages, request.options, self._tool_marker_token)
         text = template.render(plan.messages, tools=plan.template_tools, add_generation_prompt=True)
         return text, plan
 

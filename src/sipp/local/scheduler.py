@@ -624,9 +624,7 @@ class Engine:
         if text or calls:
             self._release_text(job, text, tuple(calls))
 
-    def _release_text(
-        self, job: TextJob, text: str, calls: tuple[ToolCallDelta, ...] = ()
-    ) -> None:
+    def _release_text(self, job: TextJob, text: str, calls: tuple[ToolCallDelta, ...] = ()) -> None:
         """Hand out `text` (and completed tool calls) with the tokens it completes. Tokens
         whose text never gets released (cut by a stop string, or half a character at the
         end) are not reported."""

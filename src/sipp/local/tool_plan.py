@@ -78,7 +78,7 @@ def plan_tools(
     parallel = options.parallel_tool_calls is not False
     names = frozenset(t.name for t in allowed)
     if hermes:
-        block = f'{_literal(HERMES_OPEN + chr(10))} sipp-tool-call {_literal(chr(10) + CLOSE)}'
+        block = f"{_literal(HERMES_OPEN + chr(10))} sipp-tool-call {_literal(chr(10) + CLOSE)}"
         grammar = _grammar(
             f"root ::= {_repeat('sipp-tool-block', _literal(chr(10)), parallel)}\n"
             f"sipp-tool-block ::= {block}",
@@ -138,7 +138,10 @@ def _call_schema(tools: Sequence[FunctionTool]) -> Mapping[str, Any]:
         variants.append(
             {
                 "type": "object",
-                "properties": {"name": {"const": tool.name}, "arguments": _move_refs(params, prefix)},
+                "properties": {
+                    "name": {"const": tool.name},
+                    "arguments": _move_refs(params, prefix),
+                },
                 "required": ["name", "arguments"],
             }
         )

@@ -34,7 +34,7 @@ from ..request import (
     TextDelta,
 )
 from .anthropic_tools import BlockStream, tool_fields, tool_use_blocks
-from .base import check_schema, error_headers, field_error, sse_event
+from .base import EVENT_STREAM_HEADERS, check_schema, error_headers, field_error, sse_event
 
 __all__ = ["AnthropicFormat"]
 
@@ -69,7 +69,6 @@ _ERROR_TYPES = {
     503: "overloaded_error",
     529: "overloaded_error",
 }
-_STREAM_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache"}
 
 
 class AnthropicFormat:
@@ -79,7 +78,7 @@ class AnthropicFormat:
 
     @property
     def stream_headers(self) -> Mapping[str, str]:
-        return _STREAM_HEADERS
+        return EVENT_STREAM_HEADERS
 
     def credential(self, headers: Headers) -> str | None:
         key = headers.get("x-api-key")

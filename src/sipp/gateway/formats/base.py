@@ -15,6 +15,7 @@ from ..config import GatewayConfig
 from ..request import Completion, Event, GatewayRequest, Operation
 
 __all__ = [
+    "EVENT_STREAM_HEADERS",
     "MAX_SCHEMA_DEPTH",
     "WireFormat",
     "bearer",
@@ -65,6 +66,8 @@ def field_error(name: str, message: str) -> InvalidRequestError:
     return InvalidRequestError(message, field=name)
 
 
+# Named-event SSE streams (Anthropic's, the Responses API's): no caching on the way.
+EVENT_STREAM_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache"}
 MAX_SCHEMA_DEPTH = 64  # JSON Schemas nest far less; grammar builders recurse per level
 
 

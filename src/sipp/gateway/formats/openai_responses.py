@@ -41,7 +41,7 @@ from ..request import (
     ResponseFormat,
     TextDelta,
 )
-from .base import bearer, check_schema, field_error
+from .base import EVENT_STREAM_HEADERS, bearer, check_schema, field_error
 from .openai import body_object, openai_error
 from .openai_fields import attribution
 from .openai_responses_input import STATELESS, chat_turns
@@ -84,7 +84,6 @@ _FIELDS = frozenset(
 _TOOL_KEYS = frozenset({"type", "name", "description", "parameters", "strict"})
 _MODES = ("auto", "none", "required")
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for schema names
-_STREAM_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache"}
 
 
 class OpenAIResponsesFormat:
@@ -94,7 +93,7 @@ class OpenAIResponsesFormat:
 
     @property
     def stream_headers(self) -> Mapping[str, str]:
-        return _STREAM_HEADERS
+        return EVENT_STREAM_HEADERS
 
     def credential(self, headers: Headers) -> str | None:
         return bearer(headers)
