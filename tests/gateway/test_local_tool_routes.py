@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import jsonschema
@@ -18,6 +19,16 @@ from .test_tool_routes import WEATHER
 
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 PARAMETERS = WEATHER["function"]["parameters"]  # type: ignore[index]
+# One forced call of get_weather, greedy: the same request streamed and not.
+FORCED: dict[str, Any] = {
+    "model": "local",
+    "messages": ASK,
+    "tools": [WEATHER],
+    "tool_choice": "required",
+    "parallel_tool_calls": False,
+    "max_tokens": 60,
+    "temperature": 0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -38,30 +49,14 @@ def oa(gateway: Gateway) -> Iterator[openai.OpenAI]:
 
 
 def test_openai_sdk_tool_loop_on_a_local_target(oa: openai.OpenAI) -> None:
-    first = oa.chat.completions.create(
-        model="local",
-        messages=ASK,
-        tools=[WEATHER],
-        tool_choice="required",
-        parallel_tool_calls=False,
-        max_tokens=60,
-        temperature=0,
-    )
+    first = oa.chat.completions.create(**FORCED)  # type: ignore[call-overload]
     choice = first.choices[0]
     assert choice.finish_reason == "tool_calls"
     [call] = choice.message.tool_calls  # type: ignore[misc]
     assert call.function.name == "get_weather" and call.id.startswith("call_")
     jsonschema.validate(json.loads(call.function.arguments), PARAMETERS)
 
-    with oa.chat.completions.stream(
-        model="local",
-        messages=ASK,
-        tools=[WEATHER],
-        tool_choice="required",
-        parallel_tool_calls=False,
-        max_tokens=60,
-        temperature=0,
-    ) as stream:
+    with oa.chat.completions.stream(**FORCED) as stream:  # type: ignore[arg-type]
         final = stream.get_final_completion()
     [streamed] = final.choices[0].message.tool_calls  # type: ignore[misc]
     assert (streamed.function.name, streamed.function.arguments) == (

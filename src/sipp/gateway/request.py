@@ -22,6 +22,7 @@ from .._types import (
 )
 
 __all__ = [
+    "PLAIN_GENERATION",
     "ChoiceDone",
     "Completion",
     "Event",
@@ -65,6 +66,9 @@ class Generation:
     top_logprobs: int | None = None
 
 
+PLAIN_GENERATION = Generation()  # a body without any of the fields: shared, compared by identity
+
+
 @dataclass(frozen=True, slots=True)
 class GatewayRequest:
     """A decoded, validated public request.
@@ -85,7 +89,7 @@ class GatewayRequest:
     stream: bool = False
     include_usage: bool = False
     cost: int = 1
-    generation: Generation = field(default_factory=Generation)
+    generation: Generation = PLAIN_GENERATION
     # Caller attribution: recorded in the gateway's log, never forwarded to a target.
     user: str | None = None
     metadata: Mapping[str, str] | None = None

@@ -16,7 +16,7 @@ from .._errors import InvalidRequestError
 from .._runtime_config import SamplingRuntimeConfig
 from .._types import LocalTextOptions
 from .config import LocalTarget, ProviderTarget
-from .request import GatewayRequest, Generation
+from .request import PLAIN_GENERATION, GatewayRequest, Generation
 
 __all__ = ["TargetArgs", "target_args"]
 
@@ -41,7 +41,7 @@ def target_args(
     """Arguments for choice `choice` of `req` on `target`. Choices differ only in their
     seed, so `n` samples of one seeded request are distinct and each reproducible."""
     gen = req.generation
-    if gen == _PLAIN:
+    if gen is PLAIN_GENERATION or gen == PLAIN_GENERATION:
         return NO_ARGS
     if isinstance(target, LocalTarget):
         return _local(gen, choice)
@@ -51,9 +51,6 @@ def target_args(
         return TargetArgs(provider_options=_anthropic_fields(gen) or None)
     _refuse(gen, target, ("logprobs", "top_k"))
     return TargetArgs(provider_options=_openai_fields(gen, choice) or None)
-
-
-_PLAIN = Generation()
 
 
 def _local(gen: Generation, choice: int) -> TargetArgs:

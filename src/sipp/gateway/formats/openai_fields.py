@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from ..request import Generation, ResponseFormat
+from ..request import PLAIN_GENERATION, Generation, ResponseFormat
 from .base import check_schema, field_error
 
 __all__ = ["MAX_N", "attribution", "generation"]
@@ -38,13 +38,12 @@ _GENERATION_FIELDS = frozenset(
         "response_format",
     }
 )
-_PLAIN = Generation()
 
 
 def generation(obj: Mapping[str, Any], *, chat: bool) -> Generation:
     """The generation fields of a chat (or legacy completions) body."""
     if _GENERATION_FIELDS.isdisjoint(obj):  # the common case costs one set test
-        return _PLAIN
+        return PLAIN_GENERATION
     n = _integer(obj, "n", 1, MAX_N, default=None) or 1
     seed = obj.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
