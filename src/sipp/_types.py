@@ -430,7 +430,9 @@ class LocalStats(_ReadsLikeMapping):
 @dataclass(frozen=True)
 class SippTextResponse(_ReadsLikeMapping):
     """A finished text run. When the model called tools, `tool_calls` holds them (in
-    order) and `finish_reason` is `tool_calls`; `text` is whatever it said besides."""
+    order) and `finish_reason` is `tool_calls`; `text` is whatever it said besides.
+    `stop_sequence` is the stop string that ended the text, when the endpoint says
+    which (local models and Anthropic do; OpenAI does not)."""
 
     text: str
     finish_reason: FinishReason
@@ -438,6 +440,7 @@ class SippTextResponse(_ReadsLikeMapping):
     local_stats: LocalStats | None = None
     logprobs: tuple[TokenLogprob, ...] | None = None  # only when requested
     tool_calls: tuple[ToolCall, ...] = ()
+    stop_sequence: str | None = None
 
 
 @dataclass(frozen=True)

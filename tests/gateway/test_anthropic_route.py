@@ -64,6 +64,23 @@ def test_messages_create_matches_the_library(
     )
 
 
+def test_a_stop_sequence_is_reported_as_such(
+    client: anthropic.Anthropic, smollm_path: Path
+) -> None:
+    direct = _library(smollm_path, 12)
+    stop = direct.text.split()[1]  # a word the greedy answer reaches after its first
+    stops = ["never-in-this-answer", stop]
+    ask = {"model": "local", "system": SYSTEM, "messages": ASK, "max_tokens": 12}
+    message = client.messages.create(**ask, stop_sequences=stops, extra_body=GREEDY)
+    assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", stop)
+    assert message.content[0].text == direct.text[: direct.text.index(stop)]  # type: ignore[union-attr]
+    with client.messages.stream(**ask, stop_sequences=stops, extra_body=GREEDY) as stream:
+        final = stream.get_final_message()
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", stop)
+    plain = client.messages.create(**ask, extra_body=GREEDY)
+    assert plain.stop_sequence is None and plain.stop_reason != "stop_sequence"
+
+
 def test_stream_helper_and_event_order(client: anthropic.Anthropic, gateway: Gateway) -> None:
     whole = client.messages.create(
         model="local", system=SYSTEM, messages=ASK, max_tokens=10, extra_body=GREEDY

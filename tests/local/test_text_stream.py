@@ -36,6 +36,16 @@ def test_stop_string_split_across_pieces_is_cut_out() -> None:
     assert stream.stopped
 
 
+def test_the_stop_string_that_matched_first_is_recorded() -> None:
+    # "<|end|>" completes in the second piece, "end" already in it at an earlier offset.
+    _, stream = _run([b"Hello <|e", b"nd|> more end"], ["<|end|>", "more"])
+    assert stream.matched == "<|end|>"
+    _, stream = _run([b"one two three"], ["three", "two"])
+    assert (stream.text, stream.matched) == ("one ", "two")
+    _, stream = _run([b"no match"], ["zzz"])
+    assert stream.matched is None
+
+
 def test_partial_stop_prefix_is_released_when_it_does_not_complete() -> None:
     out, stream = _run([b"a <|e", b"xtra"], ["<|end|>"])
     assert "".join(out) == "a <|extra"

@@ -13,7 +13,10 @@ def event(name: str, obj: dict[str, Any]) -> bytes:
 
 
 def message(
-    content: list[dict[str, Any]], stop_reason: str = "end_turn", output_tokens: int = 4
+    content: list[dict[str, Any]],
+    stop_reason: str = "end_turn",
+    output_tokens: int = 4,
+    stop_sequence: str | None = None,
 ) -> dict[str, Any]:
     """A non-streamed Messages response to a 10-token prompt."""
     return {
@@ -23,7 +26,7 @@ def message(
         "model": "claude-test",
         "content": content,
         "stop_reason": stop_reason,
-        "stop_sequence": None,
+        "stop_sequence": stop_sequence,
         "usage": {"input_tokens": 10, "output_tokens": output_tokens},
     }
 
@@ -64,14 +67,16 @@ def block_stop(index: int) -> bytes:
     return event("content_block_stop", {"type": "content_block_stop", "index": index})
 
 
-def message_end(stop_reason: str, output_tokens: int) -> list[bytes]:
+def message_end(
+    stop_reason: str, output_tokens: int, stop_sequence: str | None = None
+) -> list[bytes]:
     """`message_delta` with the stop reason and usage, then `message_stop`."""
     return [
         event(
             "message_delta",
             {
                 "type": "message_delta",
-                "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
                 "usage": {"output_tokens": output_tokens},
             },
         ),

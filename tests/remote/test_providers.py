@@ -25,9 +25,27 @@ from sipp import (
     UnsupportedOperationError,
 )
 
-from .anthropic_wire import block_delta, block_start, block_stop, event, message_end, message_start
+from .anthropic_wire import (
+    block_delta,
+    block_start,
+    block_stop,
+    event,
+    message,
+    message_end,
+    message_start,
+)
 from .harness import call
-from .loopback import Chunk, LoopbackServer, Request, Reset, Sleep, Status, json_reply, sse_reply
+from .loopback import (
+    Action,
+    Chunk,
+    LoopbackServer,
+    Request,
+    Reset,
+    Sleep,
+    Status,
+    json_reply,
+    sse_reply,
+)
 
 MODES = ["sync", "async"]
 CHAT = [
@@ -382,6 +400,31 @@ def test_anthropic_chat_joins_system_messages_and_streams(mode: str) -> None:
     assert [b.text for b in batches] == ["Hello", ", world"]
     assert (response.text, response.finish_reason) == ("Hello, world", "length")
     assert (response.usage.input_tokens, response.usage.output_tokens) == (25, 15)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropic_reports_which_stop_sequence_ended_the_text(mode: str, stream: bool) -> None:
+    def reply(req: Request) -> list[Action]:
+        if stream:
+            return sse_reply(
+                [
+                    message_start(),
+                    block_start(0, {"type": "text", "text": ""}),
+                    block_delta(0, {"type": "text_delta", "text": "Hello"}),
+                    block_stop(0),
+                    *message_end("stop_sequence", 2, "END"),
+                ]
+            )
+        return json_reply(message([{"type": "text", "text": "Hello"}], "stop_sequence", 2, "END"))
+
+    with LoopbackServer(reply) as server:
+        response, _ = call(mode, _anthropic(server), "chat", CHAT, options=OPTS, emit_tokens=stream)
+    assert (response.text, response.finish_reason, response.stop_sequence) == (
+        "Hello",
+        "stop",
+        "END",
+    )
 
 
 @pytest.mark.parametrize("mode", MODES)

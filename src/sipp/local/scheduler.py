@@ -662,12 +662,13 @@ class Engine:
         )
         usage = Usage(len(job.prompt), job.generated, len(job.prompt) + job.generated)
         logprobs = tuple(job.logprobs) if job.top_logprobs is not None else None
+        matched = job.stream.matched
         if job.tools is None:
-            return SippTextResponse(job.stream.text, reason, usage, stats, logprobs)
+            return SippTextResponse(job.stream.text, reason, usage, stats, logprobs, (), matched)
         calls = tuple(job.tools.calls)
         if calls and reason == "stop":
             reason = "tool_calls"
-        return SippTextResponse(job.tools.text, reason, usage, stats, logprobs, calls)
+        return SippTextResponse(job.tools.text, reason, usage, stats, logprobs, calls, matched)
 
     def _release(self, job: TextJob) -> None:
         job.sampler.close()

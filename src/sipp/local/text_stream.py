@@ -21,6 +21,7 @@ class TextStream:
         self._held = ""
         self.text = ""  # everything released so far
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def feed(self, data: bytes) -> str:
         """Add token bytes; return the newly releasable text."""
@@ -39,8 +40,9 @@ class TextStream:
         return self._release(self._held, final=True)
 
     def _release(self, pending: str, *, final: bool) -> str:
-        cut = self._first_stop(pending)
-        if cut is not None:
+        hit = self._first_stop(pending)
+        if hit is not None:
+            cut, self.matched = hit
             out, self._held, self.stopped = pending[:cut], "", True
         elif final:
             out, self._held = pending, ""
@@ -50,9 +52,10 @@ class TextStream:
         self.text += out
         return out
 
-    def _first_stop(self, text: str) -> int | None:
-        hits = [i for i in (text.find(s) for s in self._stops) if i >= 0]
-        return min(hits) if hits else None
+    def _first_stop(self, text: str) -> tuple[int, str] | None:
+        """Where the earliest stop string starts in `text`, and which one it is."""
+        hits = [(i, s) for s in self._stops if (i := text.find(s)) >= 0]
+        return min(hits, key=lambda hit: hit[0]) if hits else None
 
     def _partial_stop_tail(self, text: str) -> int:
         """Length of the longest suffix of `text` that is a proper prefix of a stop string."""

@@ -73,6 +73,12 @@ def _finish(reason: Any) -> FinishReason:
     return "tool_calls" if reason == "tool_use" else "stop"
 
 
+def _stop_sequence(obj: Any) -> str | None:
+    """Which of the request's stop sequences ended the text (Anthropic says so)."""
+    value = obj.get("stop_sequence") if isinstance(obj, dict) else None
+    return value if isinstance(value, str) else None
+
+
 class AnthropicAdapter(ProviderBase):
     typed_fields = _TYPED
     request_id_headers = ("request-id", "x-request-id")
@@ -134,7 +140,13 @@ class AnthropicAdapter(ProviderBase):
         except (TypeError, ValueError, AttributeError) as exc:
             raise RemoteError(f"{self.name}: unexpected response shape ({exc})") from None
         reason = settle_finish(_finish(obj.get("stop_reason")), calls, self.name)
-        return SippTextResponse(text, reason, Usage(n_in, n_out, n_in + n_out), tool_calls=calls)
+        return SippTextResponse(
+            text,
+            reason,
+            Usage(n_in, n_out, n_in + n_out),
+            tool_calls=calls,
+            stop_sequence=_stop_sequence(obj),
+        )
 
     def stream_parser(self) -> _AnthropicStream:
         return _AnthropicStream(self.name)
@@ -156,6 +168,7 @@ class _AnthropicStream:
         self.sequence = 0
         self.tools = StreamedToolCalls(name)
         self.tool_blocks: dict[int, int] = {}  # content block index -> tool call index
+        self.stop_sequence: str | None = None
 
     def feed(self, event: SSEEvent) -> tuple[list[TokenBatch], SippTextResponse | None]:
         if event.event == "ping":
@@ -183,7 +196,9 @@ class _AnthropicStream:
             if call is not None:
                 return self._batches(*self._empty_arguments([call])), None
         elif kind == "message_delta":
-            self.reason = _finish((obj.get("delta") or {}).get("stop_reason"))
+            delta = obj.get("delta") or {}
+            self.reason = _finish(delta.get("stop_reason"))
+            self.stop_sequence = _stop_sequence(delta)
             usage = obj.get("usage") or {}
             self.output_tokens = int(usage.get("output_tokens", self.output_tokens))
         elif kind == "message_stop":
@@ -193,7 +208,14 @@ class _AnthropicStream:
             batches = self._batches(*self._empty_arguments(self.tools.indices()))
             calls = self.tools.calls()
             reason = settle_finish(self.reason, calls, self.name)
-            return batches, SippTextResponse("".join(self.text), reason, usage, tool_calls=calls)
+            response = SippTextResponse(
+                "".join(self.text),
+                reason,
+                usage,
+                tool_calls=calls,
+                stop_sequence=self.stop_sequence,
+            )
+            return batches, response
         elif kind == "error":
             error = obj.get("error") or {}
             status = _ERROR_STATUS.get(str(error.get("type")), 500)

@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 
 from ... import protocol
 from ..._errors import InvalidRequestError, SippError
-from ..._types import ChatMessage, FinishReason, SippTextOptions, ToolCall, Usage
+from ..._types import ChatMessage, SippTextOptions, SippTextResponse, ToolCall, Usage
 from ...protocol import load_json_object
 from ..config import GatewayConfig
 from ..request import (
@@ -147,7 +147,8 @@ class AnthropicFormat:
             content.append({"type": "text", "text": response.text})
         content += tool_use_blocks(response.tool_calls)
         body = _message(request, request_id, content)
-        body["stop_reason"] = _stop_reason(response.finish_reason)
+        body["stop_reason"] = _stop_reason(response)
+        body["stop_sequence"] = response.stop_sequence
         body["usage"] = _usage(response.usage)
         return JSONResponse(body, headers={"x-request-id": request_id})
 
@@ -175,8 +176,8 @@ class AnthropicFormat:
                     {
                         "type": "message_delta",
                         "delta": {
-                            "stop_reason": _stop_reason(response.finish_reason),
-                            "stop_sequence": None,
+                            "stop_reason": _stop_reason(response),
+                            "stop_sequence": response.stop_sequence,
                         },
                         "usage": _usage(response.usage),
                     },
@@ -391,8 +392,12 @@ def _message(request: GatewayRequest, request_id: str, content: list[Any]) -> di
     }
 
 
-def _stop_reason(finish: FinishReason) -> str:
-    return {"length": "max_tokens", "tool_calls": "tool_use"}.get(finish, "end_turn")
+def _stop_reason(response: SippTextResponse) -> str:
+    if response.finish_reason == "stop" and response.stop_sequence is not None:
+        return "stop_sequence"
+    return {"length": "max_tokens", "tool_calls": "tool_use"}.get(
+        response.finish_reason, "end_turn"
+    )
 
 
 def _usage(usage: Usage | None) -> dict[str, int]:
