@@ -555,7 +555,7 @@ IMAGE = {"type": "input_image", "image_url": "data:image/png;base64,AA=="}
             "tool_choice",
             "x",
         ),
-        ({"tools": [WEATHER, WEATHER]}, "tools", "distinct"),
+        ({"tools": [WEATHER, WEATHER]}, "tools", "used twice"),
         ({"text": {"format": {"type": "json_schema", "schema": {}}}}, "text", "name"),
         ({"max_output_tokens": 0}, "max_output_tokens", "positive"),
         ({"temperature": 3}, "temperature", "temperature"),

@@ -288,6 +288,7 @@ def test_bad_tool_fields_are_400_naming_the_field(
     [
         {"tools": [{"type": "web_search_20250305", "name": "web_search"}]},
         {"tools": [{"name": "f"}]},  # no input_schema
+        {"tools": [{"name": "f", "input_schema": {}}, {"name": "f", "input_schema": {}}]},
         {
             "tools": [{"name": "f", "input_schema": {}}],
             "tool_choice": {"type": "tool", "name": "g"},

@@ -72,13 +72,8 @@ _ERROR_TYPES = {
 
 
 class AnthropicFormat:
-    @property
-    def operation(self) -> Operation:
-        return "chat"
-
-    @property
-    def stream_headers(self) -> Mapping[str, str]:
-        return EVENT_STREAM_HEADERS
+    operation: Operation = "chat"
+    stream_headers = EVENT_STREAM_HEADERS
 
     def credential(self, headers: Headers) -> str | None:
         key = headers.get("x-api-key")

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..._errors import ExecutionError, InvalidRequestError
 from ..._types import FunctionTool, NamedToolChoice, ToolCall, ToolCallDelta, ToolChoice
-from .base import check_schema, field_error
+from .base import check_schema, distinct_tools, field_error
 
 __all__ = ["BlockStream", "tool_fields", "tool_input", "tool_use_blocks"]
 
@@ -23,10 +23,7 @@ def tool_fields(obj: Mapping[str, Any]) -> dict[str, Any]:
     if raw is not None:
         if not isinstance(raw, list):
             raise field_error("tools", "tools: must be an array of tools")
-        tools = tuple(_tool(t, i) for i, t in enumerate(raw))
-        if len({t.name for t in tools}) != len(tools):
-            raise field_error("tools", "tools: names must be distinct")
-        out["tools"] = tools or None
+        out["tools"] = distinct_tools([_tool(t, i) for i, t in enumerate(raw)])
     choice = obj.get("tool_choice")
     if choice is not None:
         mode, parallel = _choice(choice, out.get("tools") or ())

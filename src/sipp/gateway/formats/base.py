@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from starlette.datastructures import Headers
 from starlette.responses import Response
 
 from ..._errors import InvalidRequestError, SippError
+from ..._types import FunctionTool
 from ..config import GatewayConfig
 from ..request import Completion, Event, GatewayRequest, Operation
 
 __all__ = [
     "EVENT_STREAM_HEADERS",
     "MAX_SCHEMA_DEPTH",
+    "BearerFormat",
     "WireFormat",
     "bearer",
     "check_schema",
@@ -61,6 +63,16 @@ class WireFormat(Protocol):
     def error(self, exc: SippError, request_id: str) -> Response: ...
 
 
+class BearerFormat:
+    """What most formats share: the caller's token arrives as `Authorization: Bearer`."""
+
+    operation: Operation
+    stream_headers: Mapping[str, str]
+
+    def credential(self, headers: Headers) -> str | None:
+        return bearer(headers)
+
+
 def field_error(name: str, message: str) -> InvalidRequestError:
     """A 400 that names the offending field (`param` in OpenAI's envelope)."""
     return InvalidRequestError(message, field=name)
@@ -69,6 +81,17 @@ def field_error(name: str, message: str) -> InvalidRequestError:
 # Named-event SSE streams (Anthropic's, the Responses API's): no caching on the way.
 EVENT_STREAM_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache"}
 MAX_SCHEMA_DEPTH = 64  # JSON Schemas nest far less; grammar builders recurse per level
+
+
+def distinct_tools(tools: Sequence[FunctionTool]) -> tuple[FunctionTool, ...] | None:
+    """`tools` as the library takes them (None when empty), or the 400 naming a repeated
+    name: a model's call names its tool, so two tools of one name make a call ambiguous."""
+    seen: set[str] = set()
+    for tool in tools:
+        if tool.name in seen:
+            raise field_error("tools", f"tools: the name {tool.name!r} is used twice")
+        seen.add(tool.name)
+    return tuple(tools) or None
 
 
 def check_schema(schema: Any, field: str, where: str) -> None:

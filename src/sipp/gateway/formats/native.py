@@ -7,7 +7,7 @@ that fails after it started ends with one `event: error` frame.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse, Response
@@ -17,32 +17,23 @@ from ..._errors import SippError
 from ...protocol.streaming import SSE_HEADERS
 from ..config import GatewayConfig
 from ..request import ChoiceDone, Completion, Event, GatewayRequest, Operation, TextDelta
-from .base import bearer, error_headers
+from .base import BearerFormat, error_headers
 
 __all__ = ["NativeFormat"]
 
 
-class NativeFormat:
+class NativeFormat(BearerFormat):
+    stream_headers = SSE_HEADERS
+
     def __init__(self, operation: Operation) -> None:
-        self._operation: Operation = operation
-
-    @property
-    def operation(self) -> Operation:
-        return self._operation
-
-    @property
-    def stream_headers(self) -> Mapping[str, str]:
-        return SSE_HEADERS
-
-    def credential(self, headers: Headers) -> str | None:
-        return bearer(headers)
+        self.operation = operation
 
     def decode(self, body: bytes, headers: Headers, config: GatewayConfig) -> GatewayRequest:
-        if self._operation == "embed":
+        if self.operation == "embed":
             embed = protocol.decode_embed_body(body)
             return GatewayRequest("embed", embed.target, inputs=(embed.input,), single_input=True)
         decode = (
-            protocol.decode_query_body if self._operation == "query" else protocol.decode_chat_body
+            protocol.decode_query_body if self.operation == "query" else protocol.decode_chat_body
         )
         req = decode(body)
         return GatewayRequest(

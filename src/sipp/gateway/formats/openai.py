@@ -11,7 +11,7 @@ import base64
 import json
 import struct
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Literal
 
 from starlette.datastructures import Headers
@@ -31,7 +31,7 @@ from ..request import (
     TextDelta,
     UsageTotal,
 )
-from .base import bearer, error_headers, field_error
+from .base import BearerFormat, error_headers, field_error
 from .openai_fields import attribution, generation
 from .openai_tools import call_delta, calls_out, tool_call, tool_fields
 
@@ -99,23 +99,15 @@ def openai_error(exc: SippError, request_id: str) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=error_headers(exc, request_id))
 
 
-class OpenAIFormat:
+class OpenAIFormat(BearerFormat):
     """`/v1/chat/completions` (`chat`), `/v1/completions` (`completion`) or
     `/v1/embeddings` (`embeddings`)."""
 
+    stream_headers = _STREAM_HEADERS
+
     def __init__(self, kind: Kind) -> None:
         self._kind: Kind = kind
-
-    @property
-    def operation(self) -> Operation:
-        return _OPERATIONS[self._kind]
-
-    @property
-    def stream_headers(self) -> Mapping[str, str]:
-        return _STREAM_HEADERS
-
-    def credential(self, headers: Headers) -> str | None:
-        return bearer(headers)
+        self.operation = _OPERATIONS[kind]
 
     # ------------------------------------------------------------- decode
     def decode(self, body: bytes, headers: Headers, config: GatewayConfig) -> GatewayRequest:

@@ -41,7 +41,7 @@ from ..request import (
     ResponseFormat,
     TextDelta,
 )
-from .base import EVENT_STREAM_HEADERS, bearer, check_schema, field_error
+from .base import EVENT_STREAM_HEADERS, BearerFormat, check_schema, distinct_tools, field_error
 from .openai import body_object, openai_error
 from .openai_fields import attribution
 from .openai_responses_input import STATELESS, chat_turns
@@ -86,17 +86,9 @@ _MODES = ("auto", "none", "required")
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for schema names
 
 
-class OpenAIResponsesFormat:
-    @property
-    def operation(self) -> Operation:
-        return "chat"
-
-    @property
-    def stream_headers(self) -> Mapping[str, str]:
-        return EVENT_STREAM_HEADERS
-
-    def credential(self, headers: Headers) -> str | None:
-        return bearer(headers)
+class OpenAIResponsesFormat(BearerFormat):
+    operation: Operation = "chat"
+    stream_headers = EVENT_STREAM_HEADERS
 
     # ------------------------------------------------------------- decode
     def decode(self, body: bytes, headers: Headers, config: GatewayConfig) -> GatewayRequest:
@@ -284,10 +276,7 @@ def _tools(raw: Any) -> tuple[FunctionTool, ...]:
             )
         except InvalidRequestError as exc:
             raise field_error("tools", f"tools[{i}]: {exc.message}") from None
-    names = [tool.name for tool in tools]
-    if len(set(names)) != len(names):
-        raise field_error("tools", "'tools' names must be distinct")
-    return tuple(tools)
+    return distinct_tools(tools) or ()
 
 
 def _tool_choice(raw: Any, tools: tuple[FunctionTool, ...]) -> tuple[ToolChoice | None, Any]:
