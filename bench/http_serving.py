@@ -1,0 +1,277 @@
+"""Local generation over HTTP: `sipp-gateway serve` against llama.cpp's `llama-server`.
+
+Both serve the same GGUF (SmolLM2-135M Q4_1) on `/v1/chat/completions` with the same
+slots (-np), context per slot, batch sizes, threads, flash attention (off unless
+--flash-attention on) and weight repacking (off on AMX hosts), prompt caching off on
+both sides. llama-server is built by bench/_llama_tools.py from the llama.cpp vendored
+in the pinned llama-cpp-python sdist. Requests are non-streamed chats, greedy, with
+every end-of-generation token banned by `logit_bias` (-100, the OpenAI range both
+accept), so each generates exactly --tokens tokens (checked from `usage`).
+
+Each round starts one server at a time (one llama context alive on the machine), warms
+it up, then measures:
+* single: one request; generated tokens / wall time from request out to response in
+  (prefill included, as a caller sees it);
+* concurrent: --clients requests with distinct prompts sent at once; all generated
+  tokens / wall time from the first request out to the last response in.
+The side that goes first alternates by round. Prints each round, then medians with
+spread and the per-round ratios sipp / llama-server (> 1: sipp faster).
+
+    ./dev bench http_serving [--rounds 3] [--tokens 128] [--clients 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from _eog import eog_tokens
+from _llama_tools import ensure_tools, tool_env
+from _stats import spread
+
+QUESTIONS = [
+    "Explain how a bicycle works.",
+    "Describe the water cycle.",
+    "What makes a good cup of coffee?",
+    "Tell me about the history of the printing press.",
+    "How do airplanes stay in the air?",
+    "Why is the sky blue?",
+    "Describe a walk through a forest in autumn.",
+    "How does a computer store numbers?",
+]
+SYSTEM = "You are a helpful assistant. Answer in plain prose, in as much detail as you can."
+N_BATCH = 512
+TOKEN = "bench-token"
+GATEWAY_TOML = """
+public_bind = "127.0.0.1:{public}"
+management_bind = "127.0.0.1:{management}"
+max_request_bytes = 65536
+max_concurrent_requests = 64
+allowed_origins = []
+admin_password_env = "BENCH_ADMIN"
+
+[security.client_ip]
+source = "peer"
+trusted_proxy_cidrs = []
+
+[security.rate_limit]
+enabled = false
+requests_per_minute = 60
+burst = 60
+
+[routes]
+readiness = "/readyz"
+
+[[tokens]]
+env = "BENCH_TOKEN"
+caller = "bench"
+targets = []
+
+[[targets]]
+name = "local"
+type = "local"
+model = "{model}"
+backend = "cpu"
+stats = "off"
+
+[targets.runtime.context]
+n_ctx = {ctx}
+n_parallel = {clients}
+n_batch = {batch}
+n_ubatch = {batch}
+n_threads = {threads}
+n_threads_batch = {threads}
+flash_attention = {flash}
+
+[targets.runtime.placement]
+use_extra_bufts = {extra_bufts}
+
+[targets.runtime.cache]
+mode = "off"
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
+    deadline = time.monotonic() + 300
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"{proc.args[0]} exited early; see {log}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{url} did not become ready; see {log}")
+        time.sleep(0.25)
+
+
+@contextmanager
+def _running(cmd: list[str], env: dict[str, str], ready: str, log: Path) -> Iterator[None]:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            _wait_ready(proc, ready, log)
+            yield
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextmanager
+def sipp_server(args: argparse.Namespace, directory: Path) -> Iterator[str]:
+    from sipp.local._llama import cpu_has_amx
+
+    public, management = _free_port(), _free_port()
+    config = directory / "gateway.toml"
+    config.write_text(
+        GATEWAY_TOML.format(
+            public=public,
+            management=management,
+            model=args.model,
+            ctx=args.ctx,
+            clients=args.clients,
+            batch=N_BATCH,
+            threads=args.threads,
+            flash=str(args.flash_attention == "on").lower(),
+            extra_bufts=str(not cpu_has_amx()).lower(),
+        )
+    )
+    env = {**os.environ, "BENCH_TOKEN": TOKEN, "BENCH_ADMIN": "bench-admin"}
+    cmd = [sys.executable, "-m", "sipp.cli.gateway", "serve", "--config", str(config)]
+    ready = f"http://127.0.0.1:{management}/readyz"
+    with _running(cmd, env, ready, directory / "sipp-gateway.log"):
+        yield f"http://127.0.0.1:{public}"
+
+
+@contextmanager
+def llama_server(args: argparse.Namespace, directory: Path) -> Iterator[str]:
+    from sipp.local._llama import cpu_has_amx
+
+    port = _free_port()
+    cmd = [
+        str(ensure_tools() / "llama-server"),
+        "-m", str(args.model), "--host", "127.0.0.1", "--port", str(port),
+        "-c", str(args.ctx * args.clients), "-np", str(args.clients),
+        "-b", str(N_BATCH), "-ub", str(N_BATCH),
+        "-t", str(args.threads), "-tb", str(args.threads),
+        "-fa", args.flash_attention, "--no-cache-prompt", "--no-webui",
+        *(["--no-repack"] if cpu_has_amx() else []),
+    ]  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    with _running(cmd, tool_env(), url + "/health", directory / "llama-server.log"):
+        yield url
+
+
+def measure(url: str, args: argparse.Namespace, bias: dict[str, int]) -> tuple[float, float]:
+    """(single, concurrent) generated tokens per second against the server at `url`."""
+    headers = {"authorization": f"Bearer {TOKEN}"}
+
+    def one(http: httpx.Client, question: str, tokens: int) -> int:
+        body = {
+            "model": "local",
+            "messages": [
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": question},
+            ],
+            "max_tokens": tokens,
+            "temperature": 0,
+            "logit_bias": bias,
+        }
+        r = http.post(f"{url}/v1/chat/completions", json=body, headers=headers)
+        r.raise_for_status()
+        generated = int(r.json()["usage"]["completion_tokens"])
+        if generated != tokens:
+            raise SystemExit(f"{url} generated {generated} tokens, not {tokens}")
+        return generated
+
+    def timed(work: Callable[[], int]) -> float:
+        start = time.perf_counter()
+        tokens = work()
+        return tokens / (time.perf_counter() - start)
+
+    clients = [httpx.Client(timeout=900) for _ in range(args.clients)]
+    try:
+        one(clients[0], "List three colours.", 8)  # warm-up: first decode, connections
+        single = timed(lambda: one(clients[0], QUESTIONS[0], args.tokens))
+        with ThreadPoolExecutor(args.clients) as pool:
+
+            def together() -> int:
+                jobs = [
+                    pool.submit(one, clients[i], QUESTIONS[i % len(QUESTIONS)], args.tokens)
+                    for i in range(args.clients)
+                ]
+                return sum(job.result() for job in jobs)
+
+            concurrent = timed(together)
+    finally:
+        for http in clients:
+            http.close()
+    return single, concurrent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ctx", type=int, default=512, help="context per slot")
+    parser.add_argument("--flash-attention", choices=("on", "off"), default="off")
+    parser.add_argument("--model", type=Path, default=None)
+    args = parser.parse_args()
+    if args.model is None:
+        from sipp import models
+
+        args.model = models.pull("smollm2-135m-instruct", verify=False)
+    bias = {str(t): -100 for t in eog_tokens(args.model)}
+    sides = {"sipp": sipp_server, "llama-server": llama_server}
+    results: dict[str, dict[str, list[float]]] = {
+        name: {"single": [], "concurrent": []} for name in sides
+    }
+    with tempfile.TemporaryDirectory(prefix="sipp-bench-http-") as tmp:
+        for i in range(args.rounds):
+            order = list(sides) if i % 2 == 0 else list(reversed(sides))
+            for name in order:
+                with sides[name](args, Path(tmp)) as url:
+                    single, concurrent = measure(url, args, bias)
+                results[name]["single"].append(single)
+                results[name]["concurrent"].append(concurrent)
+                print(
+                    f"round {i + 1} {name:12} single {single:6.1f} tok/s   "
+                    f"{args.clients} concurrent {concurrent:6.1f} tok/s",
+                    flush=True,
+                )
+    for name, by_kind in results.items():
+        for kind, values in by_kind.items():
+            print(f"{name:12} {kind:10} {spread(values, '.1f', 'tok/s')}")
+    for kind in ("single", "concurrent"):
+        ratios = [
+            a / b for a, b in zip(results["sipp"][kind], results["llama-server"][kind], strict=True)
+        ]
+        print(f"sipp / llama-server {kind:10} per round: {spread(ratios, '.3f')}")
+
+
+if __name__ == "__main__":
+    main()
