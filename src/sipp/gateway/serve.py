@@ -22,6 +22,7 @@ from .admin import admin_state
 from .app import GatewayState, build_management_app, build_public_app
 from .auth import TokenTable, read_secret
 from .config import GatewayConfig, LocalTarget, ProviderTarget
+from .shaping import build_shaper
 
 __all__ = ["configure_logging", "serve"]
 
@@ -129,6 +130,7 @@ async def serve(
             read_secret(env, target.secret_env, f"target {target.name}")
 
     state = GatewayState(config, AsyncSippClient(), tokens)
+    state.shaper = build_shaper(config, env, state.metrics)
     state.admin = admin_state(admin_password, env)
     servers = [
         _Server(
@@ -179,6 +181,8 @@ async def serve(
     loader.cancel()
     await asyncio.gather(loader, return_exceptions=True)
     await state.client.close()
+    if state.shaper is not None:
+        await state.shaper.close()
     logger.info("stopped after %.1fs; models freed", time.monotonic() - started)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.remove_signal_handler(sig)
