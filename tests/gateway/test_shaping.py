@@ -16,7 +16,7 @@ import pytest
 
 from ..remote.loopback import Action, Chunk, LoopbackServer, Request, Status, Wait
 from .limited_gateways import FREE, LIMITED_CALLER, held_upstream, limited_gateway
-from .test_server import Gateway
+from .test_server import TOKEN, Gateway, running_gateway
 from .upstreams import poll, text_reply
 
 # "hi" as one user message: 3 (conversation) + 4 (message) + ceil(2 / 4) = 8 tokens
@@ -252,3 +252,27 @@ def test_a_stream_cut_by_the_caller_is_charged_what_was_streamed(tmp_path: Path)
         release.set()
         # charged: the 3 streamed tokens (12 bytes) and the prompt's 8; then the probe's 18
         assert _remaining_tokens(gw) == budget - (3 + 8) - RESERVED
+
+
+def test_a_local_target_reserves_its_exact_prompt_token_count(
+    smollm_path: Path, tmp_path: Path
+) -> None:
+    """The reservation of a local chat is the model's own count of its rendered prompt
+    (what the engine reports as prompt tokens), not the byte estimate."""
+    budget = 100_000
+
+    def limit(toml: str) -> str:
+        return toml.replace(
+            'caller = "all-targets"\ntargets = []',
+            f'caller = "all-targets"\ntargets = []\nlimits = {{ tokens_per_day = {budget} }}',
+        )
+
+    body = {"model": "local", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    with running_gateway(smollm_path, tmp_path, limit) as gw:
+        r = httpx.post(
+            f"{gw.public}/v1/chat/completions", json=body, headers=_auth(TOKEN), timeout=120
+        )
+        assert r.status_code == 200, r.text
+        prompt = r.json()["usage"]["prompt_tokens"]
+        assert prompt != 8  # the estimate of "hi" as one message: the template adds more
+        assert int(r.headers["x-ratelimit-remaining-tokens"]) == budget - (prompt + 4)

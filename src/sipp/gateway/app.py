@@ -53,9 +53,10 @@ def build_public_app(state: GatewayState) -> Starlette:
     def route(path: str, fmt: WireFormat) -> Route:
         async def endpoint(request: Request) -> Response:
             response = await serve(state, request, fmt)
-            limits = getattr(request.state, "limit_headers", None)  # set when a limit applies
-            if limits:
-                response.headers.update(limits)
+            if state.shaper is not None:  # the reserve stage left the limits' headers
+                limits = getattr(request.state, "limit_headers", None)
+                if limits:
+                    response.headers.update(limits)
             return response
 
         return Route(path, endpoint, methods=["POST"])

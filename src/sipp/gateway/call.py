@@ -181,7 +181,7 @@ class PublicCall:
         shaper = self.state.shaper
         if shaper is None or not shaper.applies(self.rec.caller, req.target):
             return
-        self.reservation = await shaper.reserve(self.rec.caller, req.target, req, None)
+        self.reservation = await shaper.reserve(self.rec.caller, req.target, req)
         if self.reservation is not None:
             self.request.state.limit_headers = self.reservation.headers
             if self.reservation.refusal is not None:

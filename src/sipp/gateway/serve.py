@@ -90,6 +90,8 @@ async def _add_local(state: GatewayState, target: LocalTarget) -> None:
     descriptor = LocalModelDescriptor(os.path.abspath(target.model), config)
     endpoint = await asyncio.to_thread(LocalEndpoint, descriptor, target.name, target.backend)
     state.targets[target.name] = state.client._install(target.name, endpoint)
+    if state.shaper is not None:  # its tokenizer counts prompts for token limits
+        state.shaper.local[target.name] = endpoint
     if target.stats != "off":
         state.stats_targets.add(target.name)
 

@@ -24,7 +24,7 @@ import logging
 import math
 from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._errors import InvalidConfigError, RateLimitedError, UnavailableError
 from .activity import RequestRecord
@@ -33,6 +33,9 @@ from .config import GatewayConfig, LimitConfig
 from .metrics import GatewayMetrics
 from .request import Event, GatewayRequest, TextDelta
 from .store import Bucket, Grant, Store, StoreUnavailable
+
+if TYPE_CHECKING:
+    from ..local.endpoint import LocalEndpoint
 
 __all__ = [
     "Reservation",
@@ -105,6 +108,9 @@ class Shaper:
         }
         self.fail_closed = any(limit.fail_closed for group in self._groups() for limit in group)
         self._settling: set[asyncio.Future[None]] = set()
+        # local targets' endpoints by target name (serve adds them as they load), whose
+        # tokenizer counts a prompt exactly
+        self.local: dict[str, LocalEndpoint] = {}
 
     def _groups(self) -> Iterable[tuple[_Limit, ...]]:
         return [*self._callers.values(), *self._targets.values()]
@@ -134,7 +140,7 @@ class Shaper:
         return (caller is not None and caller in self._callers) or target in self._targets
 
     async def reserve(
-        self, caller: str | None, target: str, req: GatewayRequest, prompt_tokens: int | None
+        self, caller: str | None, target: str, req: GatewayRequest
     ) -> Reservation | None:
         """Reserve one request and its estimated tokens on every limit that applies; when
         one cannot cover it, the reservation carries the 429 (with Retry-After) to raise.
@@ -143,7 +149,13 @@ class Shaper:
         limits = (*self._callers.get(caller or "", ()), *self._targets.get(target, ()))
         if not limits:
             return None
-        input_tokens = estimate_input(req) if prompt_tokens is None else prompt_tokens
+        input_tokens = None
+        if target in self.local and any(limit.tokens for limit in limits):
+            from .prompt_count import local_prompt_tokens
+
+            input_tokens = await local_prompt_tokens(self.local[target], req)
+        if input_tokens is None:
+            input_tokens = estimate_input(req)
         output = req.options.max_tokens if req.options.max_tokens is not None else None
         if req.operation == "embed":
             tokens = input_tokens
