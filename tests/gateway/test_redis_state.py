@@ -18,7 +18,7 @@ import pytest
 from ..remote.loopback import LoopbackServer
 from .limited_gateways import LIMITED_CALLER, held_upstream, limited_gateway
 from .redis_server import RedisServer, running_redis
-from .test_server import Gateway
+from .test_server import ENV, Gateway
 from .upstreams import poll, text_reply
 
 CHAT = {"model": "remote", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
@@ -197,3 +197,57 @@ def test_redis_killed_and_restarted_under_load(
         allowed = {200, 429} | ({503} if policy == "fail_closed" else set())
         assert set(everything) <= allowed, everything
         assert a.metric("sipp_gateway_state_available") == 1
+
+
+def _admin(gw: Gateway) -> tuple[httpx.Client, dict[str, str]]:
+    client = httpx.Client(base_url=gw.management, timeout=30)
+    r = client.post("/admin/api/session", json={"password": ENV["TEST_ADMIN_PASSWORD"]})
+    assert r.status_code == 200, r.text
+    return client, {"x-sipp-admin-csrf": r.json()["csrf_token"]}
+
+
+def test_runtime_controls_set_on_one_replica_hold_on_the_other(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    """Block an IP (or disable a target) through replica A's admin API: replica B refuses
+    it too, without a request to Redis on its request path (it follows Redis every 0.25 s)."""
+    with (
+        LoopbackServer(text_reply) as upstream,
+        _replicas(tmp_path, redis, upstream, "requests_per_minute = 1000") as (a, b),
+    ):
+        url_b = f"{b.public}/v1/chat/completions"
+
+        def status_b() -> int:
+            return httpx.post(url_b, json=CHAT, headers=AUTH, timeout=30).status_code
+
+        assert status_b() == 200
+        admin_a, csrf_a = _admin(a)
+        admin_b, csrf_b = _admin(b)
+        r = admin_a.post("/admin/api/controls/block", json={"ip": "127.0.0.1"}, headers=csrf_a)
+        assert r.status_code == 200, r.text
+        poll(lambda: status_b() == 403, "replica B refuses the IP blocked on A")
+        overview = admin_b.get("/admin/api/overview").json()
+        assert overview["controls"]["blocked_ips"] == ["127.0.0.1"]
+        r = admin_b.post("/admin/api/controls/unblock", json={"ip": "127.0.0.1"}, headers=csrf_b)
+        assert r.status_code == 200
+        poll(
+            lambda: (
+                httpx.post(f"{a.public}/v1/chat/completions", json=CHAT, headers=AUTH).status_code
+                == 200
+            ),
+            "replica A serves the IP unblocked on B",
+        )
+        r = admin_a.post(
+            "/admin/api/controls/disable_target", json={"target": "remote"}, headers=csrf_a
+        )
+        assert r.status_code == 200
+        poll(lambda: status_b() == 503, "replica B refuses the target disabled on A")
+        # Redis away: a change is refused, not made on one replica only
+        redis.stop()
+        r = admin_a.post(
+            "/admin/api/controls/enable_target", json={"target": "remote"}, headers=csrf_a
+        )
+        assert r.status_code == 503 and "not made" in r.text
+        assert status_b() == 503  # the last known controls hold
+        redis.start()  # empty: nothing disabled any more
+        poll(lambda: status_b() == 200, "the controls follow Redis again")

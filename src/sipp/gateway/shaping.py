@@ -44,6 +44,7 @@ __all__ = [
     "estimate_input",
     "estimate_text",
     "metered",
+    "open_store",
     "rate_limit_headers",
     "settle",
 ]
@@ -230,19 +231,11 @@ class Shaper:
         while self._settling:
             await asyncio.gather(*self._settling, return_exceptions=True)
 
-    async def close(self) -> None:
-        await self.settled()
-        await self.store.close()
 
-
-def build_shaper(
-    config: GatewayConfig, env: Mapping[str, str], metrics: GatewayMetrics
-) -> Shaper | None:
-    """The configuration's limits over its state store; None when nothing is limited, so
-    such a gateway never opens a Redis connection nor pays for limits on a request."""
-    if not any(t.limits for t in config.tokens) and not any(t.limits for t in config.targets):
-        return None
-    store: Store
+def open_store(config: GatewayConfig, env: Mapping[str, str]) -> Store | None:
+    """The configured state store: Redis when `[state]` says so (limits and runtime
+    controls then live there), this process's memory when a limit needs counting, else
+    None, so a gateway without either never opens a connection nor pays for one."""
     if config.state.backend == "redis":
         assert config.state.url_env is not None  # the parser requires it
         url = read_secret(env, config.state.url_env, "state.url_env")
@@ -252,11 +245,24 @@ def build_shaper(
             raise InvalidConfigError(
                 'state.backend = "redis" needs the redis client: pip install "sipppy[redis]"'
             ) from None
-        store = RedisStore(url)
-    else:
-        from .store.memory import MemoryStore
+        return RedisStore(url)
+    if not _limited(config):
+        return None
+    from .store.memory import MemoryStore
 
-        store = MemoryStore()
+    return MemoryStore()
+
+
+def _limited(config: GatewayConfig) -> bool:
+    return any(t.limits for t in config.tokens) or any(t.limits for t in config.targets)
+
+
+def build_shaper(
+    config: GatewayConfig, store: Store | None, metrics: GatewayMetrics
+) -> Shaper | None:
+    """The configuration's limits over `store`; None when nothing is limited."""
+    if store is None or not _limited(config):
+        return None
     return Shaper(config, store, metrics)
 
 

@@ -39,6 +39,7 @@ class GatewayState:
     admin: Any = None  # AdminState when an admin route and password are configured
     secrets: list[str] = field(default_factory=list)  # provider keys, masked in logs
     shaper: Shaper | None = None  # caller and target limits, when any is configured
+    shared: Any = None  # SharedControls: the runtime controls every replica shares (Redis)
 
     def __post_init__(self) -> None:
         self.limit = ConcurrencyLimit(self.config.max_concurrent_requests)

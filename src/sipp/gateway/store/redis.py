@@ -13,10 +13,11 @@ operation after the back-off tries again, which is how limits resume on their ow
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -120,14 +121,9 @@ class RedisStore:
         try:
             reply = await self._script(keys=[b.key for b in buckets], args=args)
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
-            self._down_until = time.monotonic() + RETRY_AFTER_S
-            if self.available:
-                logger.error("state store (Redis) unavailable: %s", type(exc).__name__)
-            self.available = False
+            self._failed(exc)
             raise StoreUnavailable(str(exc)) from None
-        if not self.available:
-            logger.info("state store (Redis) available again")
-        self.available = True
+        self._recovered()
         return reply
 
     async def reserve(self, buckets: Sequence[Bucket], amounts: Sequence[int]) -> Grant:
@@ -142,6 +138,44 @@ class RedisStore:
 
     async def adjust(self, buckets: Sequence[Bucket], deltas: Sequence[int]) -> None:
         await self._run(buckets, deltas, "a")
+
+    async def members(self, keys: Sequence[str]) -> list[set[str]]:
+        """The members of each set in `keys` (one round trip)."""
+        async with self._guard(), self._redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.smembers(key)
+            replies = await pipe.execute()
+        return [{m.decode() if isinstance(m, bytes) else str(m) for m in r} for r in replies]
+
+    async def set_member(self, key: str, member: str, present: bool) -> None:
+        async with self._guard():
+            if present:
+                await self._redis.sadd(key, member)
+            else:
+                await self._redis.srem(key, member)
+
+    @contextlib.asynccontextmanager
+    async def _guard(self) -> AsyncIterator[None]:
+        """Redis failures as `StoreUnavailable`, with the back-off `_run` keeps."""
+        if time.monotonic() < self._down_until:
+            raise StoreUnavailable("Redis was unreachable moments ago")
+        try:
+            yield
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            self._failed(exc)
+            raise StoreUnavailable(str(exc)) from None
+        self._recovered()
+
+    def _failed(self, exc: BaseException) -> None:
+        self._down_until = time.monotonic() + RETRY_AFTER_S
+        if self.available:
+            logger.error("state store (Redis) unavailable: %s", type(exc).__name__)
+        self.available = False
+
+    def _recovered(self) -> None:
+        if not self.available:
+            logger.info("state store (Redis) available again")
+        self.available = True
 
     async def ping(self) -> bool:
         try:
