@@ -5,6 +5,7 @@ every response of a limited caller, JSON and streamed, in every wire format."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import threading
 import time
@@ -14,8 +15,14 @@ from typing import Any
 import httpx
 import pytest
 
+from sipp import InvalidConfigError
+from sipp.gateway.config import parse_config
+from sipp.gateway.metrics import GatewayMetrics
+from sipp.gateway.shaping import build_shaper, open_store
+
 from ..remote.loopback import Action, Chunk, LoopbackServer, Request, Status, Wait
 from .limited_gateways import FREE, LIMITED_CALLER, held_upstream, limited_gateway
+from .test_config import BASE
 from .test_server import TOKEN, Gateway, running_gateway
 from .upstreams import poll, text_reply
 
@@ -276,3 +283,16 @@ def test_a_local_target_reserves_its_exact_prompt_token_count(
         prompt = r.json()["usage"]["prompt_tokens"]
         assert prompt != 8  # the estimate of "hi" as one message: the template adds more
         assert int(r.headers["x-ratelimit-remaining-tokens"]) == budget - (prompt + 4)
+
+
+def test_without_limits_nothing_is_opened_and_redis_needs_its_url() -> None:
+    """No limit and the memory backend: no store, no shaper, so a request pays nothing.
+    Redis configured: its URL's variable must be set, or serve refuses to start."""
+    plain = parse_config(copy.deepcopy(BASE))
+    assert open_store(plain, {}) is None
+    assert build_shaper(plain, None, GatewayMetrics(dict)) is None
+    redis = parse_config({**copy.deepcopy(BASE), "state": {"backend": "redis", "url_env": "R"}})
+    with pytest.raises(
+        InvalidConfigError, match=r"state\.url_env: environment variable R is not set"
+    ):
+        open_store(redis, {})

@@ -99,11 +99,13 @@ return out
 class RedisStore:
     """A pooled asyncio Redis client (hiredis parses replies when installed)."""
 
-    def __init__(self, url: str, *, max_connections: int = 64, timeout_s: float = 1.0) -> None:
+    def __init__(self, url: str, *, max_connections: int = 128, timeout_s: float = 1.0) -> None:
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
             max_connections=max_connections,
-            timeout=timeout_s,  # waiting for a free connection
+            # Every connection busy is load, not an outage: wait longer for one than for
+            # Redis itself, or a burst would fail open and slip past the limits.
+            timeout=5 * timeout_s,
             socket_connect_timeout=timeout_s,
             socket_timeout=timeout_s,
         )
