@@ -20,11 +20,11 @@ from sipp.gateway.config import parse_config
 from sipp.gateway.metrics import GatewayMetrics
 from sipp.gateway.shaping import build_shaper, open_store
 
-from ..remote.loopback import Action, Chunk, LoopbackServer, Request, Status, Wait
+from ..remote.loopback import Action, Chunk, Close, LoopbackServer, Request, Status, Wait
 from .limited_gateways import FREE, LIMITED_CALLER, held_upstream, limited_gateway
 from .test_config import BASE
 from .test_server import TOKEN, Gateway, running_gateway
-from .upstreams import poll, text_reply
+from .upstreams import embeddings_reply, poll, text_reply
 
 # "hi" as one user message: 3 (conversation) + 4 (message) + ceil(2 / 4) = 8 tokens
 # estimated; with max_tokens 10 a request reserves 18. The upstream reports 3 + 3 = 6.
@@ -207,8 +207,9 @@ def test_a_target_limit_refuses_with_retry_after(tmp_path: Path) -> None:
             assert "max_tokens" in never.json()["error"]["message"]
 
 
-def _cut_stream_upstream(release: threading.Event) -> LoopbackServer:
-    """Streams one delta of 12 bytes (3 estimated tokens), then waits until `release`."""
+def _cut_stream_upstream(release: threading.Event, hang_up: bool = False) -> LoopbackServer:
+    """Streams one delta of 12 bytes (3 estimated tokens), then waits until `release`
+    (or, with `hang_up`, drops the connection mid-stream)."""
 
     def handler(req: Request) -> list[Action]:
         if not req.json().get("stream"):
@@ -224,7 +225,7 @@ def _cut_stream_upstream(release: threading.Event) -> LoopbackServer:
         return [
             Status(200, {"content-type": "text/event-stream"}),
             Chunk(frame),
-            Wait(release, 120),
+            Close() if hang_up else Wait(release, 120),
         ]
 
     return LoopbackServer(handler)
@@ -259,6 +260,40 @@ def test_a_stream_cut_by_the_caller_is_charged_what_was_streamed(tmp_path: Path)
         release.set()
         # charged: the 3 streamed tokens (12 bytes) and the prompt's 8; then the probe's 18
         assert _remaining_tokens(gw) == budget - (3 + 8) - RESERVED
+
+
+def test_a_stream_cut_by_the_upstream_is_charged_what_was_streamed(tmp_path: Path) -> None:
+    budget = 10_000
+    with (
+        _cut_stream_upstream(threading.Event(), hang_up=True) as upstream,
+        limited_gateway(tmp_path, upstream, f"tokens_per_day = {budget}") as gw,
+    ):
+        with httpx.stream(
+            "POST",
+            f"{gw.public}/v1/chat/completions",
+            json={**CHAT, "stream": True},
+            headers=_auth(LIMITED_CALLER),
+            timeout=60,
+        ) as r:
+            body = "".join(r.iter_lines())
+        assert "hello world!" in body and "error" in body  # the stream ended in an error
+        assert _remaining_tokens(gw) == budget - (3 + 8) - RESERVED
+
+
+def test_embeddings_are_charged_their_reported_usage(tmp_path: Path) -> None:
+    budget = 10_000
+    with (
+        LoopbackServer(embeddings_reply) as upstream,
+        limited_gateway(tmp_path, upstream, f"tokens_per_day = {budget}") as gw,
+    ):
+        body = {"model": "remote", "input": ["one input", "another input here"]}
+        r = httpx.post(f"{gw.public}/v1/embeddings", json=body, headers=_auth(LIMITED_CALLER))
+        assert r.status_code == 200, r.text
+        # reserved the inputs' estimate (3 + 5), no output
+        assert int(r.headers["x-ratelimit-remaining-tokens"]) == budget - 8
+        again = httpx.post(f"{gw.public}/v1/embeddings", json=body, headers=_auth(LIMITED_CALLER))
+        # the first settled at the usage the upstream reported: one token per input
+        assert int(again.headers["x-ratelimit-remaining-tokens"]) == budget - 2 - 8
 
 
 def test_a_local_target_reserves_its_exact_prompt_token_count(
