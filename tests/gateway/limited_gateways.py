@@ -25,12 +25,13 @@ def toml(
     caller_limits: str = "",
     target_limits: str = "",
     state: str = "",
+    origins: str = "[]",
 ) -> str:
     return f"""
 public_bind = "127.0.0.1:{public}"
 management_bind = "127.0.0.1:{management}"
 max_request_bytes = 65536
-allowed_origins = []
+allowed_origins = {origins}
 admin_password_env = "TEST_ADMIN_PASSWORD"
 
 [security.client_ip]
@@ -80,11 +81,14 @@ def limited_gateway(
     state: str = "",
     env: dict[str, str] | None = None,
     name: str = "gateway",
+    origins: str = "[]",
 ) -> Iterator[Gateway]:
     """A ready gateway; on exit SIGTERM and exit code 0."""
     public, management = _free_port(), _free_port()
     path = directory / f"{name}.toml"
-    path.write_text(toml(upstream.url, public, management, caller_limits, target_limits, state))
+    path.write_text(
+        toml(upstream.url, public, management, caller_limits, target_limits, state, origins)
+    )
     gw = Gateway(path, {**ENV, **(env or {})}, public, management)
     try:
         gw.wait_ready(timeout=60)

@@ -181,6 +181,24 @@ def test_every_response_of_a_limited_caller_carries_the_headers(
         assert not any(name in free.headers for name in HEADERS)  # no limit: no headers
 
 
+def test_a_browser_may_read_the_limit_headers(tmp_path: Path) -> None:
+    origin = "https://app.example.com"
+    with (
+        LoopbackServer(text_reply) as upstream,
+        limited_gateway(
+            tmp_path, upstream, "requests_per_minute = 100", origins=f'["{origin}"]'
+        ) as gw,
+    ):
+        r = httpx.post(
+            f"{gw.public}/v1/chat/completions",
+            json=CHAT,
+            headers={**_auth(LIMITED_CALLER), "origin": origin},
+        )
+        assert r.status_code == 200
+        exposed = r.headers["access-control-expose-headers"].lower()
+        assert all(name in exposed for name in (*HEADERS, "retry-after"))
+
+
 def test_a_target_limit_refuses_with_retry_after(tmp_path: Path) -> None:
     with (
         LoopbackServer(text_reply) as upstream,

@@ -26,6 +26,7 @@ from .formats.base import WireFormat
 from .formats.native import NativeFormat
 from .formats.openai import OpenAIFormat, openai_error
 from .formats.openai_responses import OpenAIResponsesFormat
+from .shaping import RATE_LIMIT_HEADERS
 from .state import GatewayState, resolve_target
 
 __all__ = [
@@ -86,7 +87,7 @@ def build_public_app(state: GatewayState) -> Starlette:
                     "x-api-key",
                     "anthropic-version",
                 ],
-                expose_headers=["x-request-id"],
+                expose_headers=["x-request-id", "retry-after", *RATE_LIMIT_HEADERS],
                 max_age=600,
             )
         )

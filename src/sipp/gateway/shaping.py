@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from ..local.endpoint import LocalEndpoint
 
 __all__ = [
+    "RATE_LIMIT_HEADERS",
     "Reservation",
     "Shaper",
     "build_shaper",
@@ -52,6 +53,11 @@ __all__ = [
 logger = logging.getLogger("sipp.gateway")
 
 MINUTE_MS, DAY_MS = 60_000, 86_400_000
+RATE_LIMIT_HEADERS = tuple(
+    f"x-ratelimit-{what}-{unit}"
+    for unit in ("requests", "tokens")
+    for what in ("limit", "remaining", "reset")
+)
 MESSAGE_OVERHEAD, CONVERSATION_OVERHEAD = 4, 3  # role and separators, as OpenAI counts them
 
 
