@@ -349,3 +349,6 @@ def test_without_limits_nothing_is_opened_and_redis_needs_its_url() -> None:
         InvalidConfigError, match=r"state\.url_env: environment variable R is not set"
     ):
         open_store(redis, {})
+    with pytest.raises(InvalidConfigError, match="does not hold a redis") as info:
+        open_store(redis, {"R": "http://user:secret-pw@host"})
+    assert "secret-pw" not in str(info.value)

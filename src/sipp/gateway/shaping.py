@@ -251,7 +251,13 @@ def open_store(config: GatewayConfig, env: Mapping[str, str]) -> Store | None:
             raise InvalidConfigError(
                 'state.backend = "redis" needs the redis client: pip install "sipppy[redis]"'
             ) from None
-        return RedisStore(url)
+        try:
+            return RedisStore(url)
+        except ValueError:  # the message would quote the URL, which may hold a password
+            raise InvalidConfigError(
+                f"state.url_env: {config.state.url_env} does not hold a redis://, rediss:// "
+                "or unix:// URL"
+            ) from None
     if not _limited(config):
         return None
     from .store.memory import MemoryStore
