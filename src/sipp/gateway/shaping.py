@@ -100,7 +100,6 @@ class Shaper:
 
     def __init__(self, config: GatewayConfig, store: Store, metrics: GatewayMetrics) -> None:
         self.store, self.metrics = store, metrics
-        self.backend = config.state.backend
         self.reserve_output = config.reserve_output_tokens
         prefix, default = config.state.key_prefix, config.state.on_unavailable
         self._callers = {
@@ -163,11 +162,10 @@ class Shaper:
             input_tokens = await local_prompt_tokens(self.local[target], req)
         if input_tokens is None:
             input_tokens = estimate_input(req)
-        output = req.options.max_tokens if req.options.max_tokens is not None else None
-        if req.operation == "embed":
-            tokens = input_tokens
-        else:
-            tokens = input_tokens + (output or self.reserve_output) * req.generation.n
+        tokens = input_tokens
+        if req.operation != "embed":
+            output = req.options.max_tokens or self.reserve_output
+            tokens += output * req.generation.n
         amounts = [tokens if limit.tokens else 1 for limit in limits]
         try:
             grant = await self.store.reserve([limit.bucket for limit in limits], amounts)
