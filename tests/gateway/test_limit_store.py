@@ -157,3 +157,49 @@ def test_refusals_say_when_to_retry_and_windows_start_over(loop: asyncio.Abstrac
     assert refused.retry_after == pytest.approx(400.0)
     now[0] += 400
     assert loop.run_until_complete(store.reserve(day, [10])).ok
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    amounts=st.lists(st.integers(1, 40), min_size=1, max_size=60),
+    used=st.lists(st.integers(0, 40), min_size=60, max_size=60),
+    backend=st.sampled_from(["memory", "redis"]),
+)
+def test_concurrent_reserve_and_settle_keep_the_bucket_exact(
+    loop: asyncio.AbstractEventLoop,
+    redis_server: RedisServer,
+    amounts: list[int],
+    used: list[int],
+    backend: str,
+) -> None:
+    """Reservations racing each other (several Redis connections), then their settlements
+    racing too: what was granted never exceeds the bucket, and afterwards the bucket holds
+    exactly its capacity minus what the settlements charged."""
+    store: Store = (
+        MemoryStore(clock=lambda: 1_700_000_000.0)
+        if backend == "memory"
+        else RedisStore(redis_server.url)
+    )
+    bucket = [Bucket(f"race:{next(_counter)}", 200, FOREVER)]
+
+    async def race() -> tuple[list[bool], float]:
+        grants = await asyncio.gather(*(store.reserve(bucket, [a]) for a in amounts))
+        ok = [g.ok for g in grants]
+        settles = [
+            store.adjust(bucket, [min(u, a) - a])  # a refund of what the run did not use
+            for a, u, granted in zip(amounts, used, ok, strict=False)
+            if granted
+        ]
+        await asyncio.gather(*settles)
+        return ok, (await store.reserve(bucket, [0])).levels[0].remaining
+
+    try:
+        ok, level = loop.run_until_complete(race())
+    finally:
+        loop.run_until_complete(store.close())
+    granted = [a for a, g in zip(amounts, ok, strict=True) if g]
+    assert sum(granted) <= 200
+    charged = sum(min(u, a) for a, u, g in zip(amounts, used, ok, strict=False) if g)
+    assert int(level) == 200 - charged
