@@ -1,7 +1,8 @@
 """The request pipeline: every public route, whatever its wire format, runs here.
 
     client checks -> authenticate -> read + decode (format) -> charge -> resolve,
-    authorize, admit -> execute -> encode (format, JSON or stream) -> settle
+    authorize, reserve (limits) -> admit -> execute -> encode (format, JSON or stream)
+    -> settle (usage -> limits, record)
 
 `serve` runs the stages in order and owns cleanup: whatever fails, runs the
 request started are cancelled, its admission permit is released and its record
