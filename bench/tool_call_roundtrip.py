@@ -74,7 +74,9 @@ class SippSide:
         )
         self.ref = self.client.add("qwen", LocalModelDescriptor(model, config))
         fn = TOOL["function"]
-        tool = FunctionTool(name=fn["name"], description=fn["description"], parameters=fn["parameters"])
+        tool = FunctionTool(
+            name=fn["name"], description=fn["description"], parameters=fn["parameters"]
+        )
         self.options = SippTextOptions(
             max_tokens=max_tokens, temperature=0, tools=[tool], tool_choice="required"
         )
@@ -175,7 +177,9 @@ def main() -> None:
                 times[name].append(elapsed)
                 parsed[name] += call is not None
                 shown = call or "no tool call"
-                print(f"round {i + 1} {name:12} {elapsed * 1000:8.0f} ms  {tokens:3d} tokens  {shown}")
+                print(
+                    f"round {i + 1} {name:12} {elapsed * 1000:8.0f} ms  {tokens:3d} tokens  {shown}"
+                )
     finally:
         sipp.close()
         server.close()

@@ -306,17 +306,23 @@ def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Rout
                     ip = str(ipaddress.ip_address(str(body.get("ip", ""))))
                 except ValueError:
                     raise InvalidRequestError("'ip' must be an IP address") from None
-                (state.blocked_ips.add if action == "block" else state.blocked_ips.discard)(ip)
+                if state.shared is not None:  # every replica's, through Redis
+                    await state.shared.change("blocked_ips", ip, action == "block")
+                else:
+                    (state.blocked_ips.add if action == "block" else state.blocked_ips.discard)(ip)
                 record(sid, action, {"ip": ip})
             elif action in ("disable_target", "enable_target"):
                 name = body.get("target")
                 if name not in {t.name for t in config.targets}:
                     raise InvalidRequestError("'target' must name a configured target")
-                (
-                    state.disabled_targets.add
-                    if action == "disable_target"
-                    else state.disabled_targets.discard
-                )(name)
+                if state.shared is not None:
+                    await state.shared.change("disabled_targets", name, action == "disable_target")
+                else:
+                    (
+                        state.disabled_targets.add
+                        if action == "disable_target"
+                        else state.disabled_targets.discard
+                    )(name)
                 record(sid, action, {"target": name})
             elif action == "max_concurrent_requests":
                 value = body.get("value")

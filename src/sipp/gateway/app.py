@@ -26,6 +26,7 @@ from .formats.base import WireFormat
 from .formats.native import NativeFormat
 from .formats.openai import OpenAIFormat, openai_error
 from .formats.openai_responses import OpenAIResponsesFormat
+from .shaping import RATE_LIMIT_HEADERS
 from .state import GatewayState, resolve_target
 
 __all__ = [
@@ -52,7 +53,12 @@ def build_public_app(state: GatewayState) -> Starlette:
 
     def route(path: str, fmt: WireFormat) -> Route:
         async def endpoint(request: Request) -> Response:
-            return await serve(state, request, fmt)
+            response = await serve(state, request, fmt)
+            if state.shaper is not None:  # the reserve stage left the limits' headers
+                limits = getattr(request.state, "limit_headers", None)
+                if limits:
+                    response.headers.update(limits)
+            return response
 
         return Route(path, endpoint, methods=["POST"])
 
@@ -81,7 +87,7 @@ def build_public_app(state: GatewayState) -> Starlette:
                     "x-api-key",
                     "anthropic-version",
                 ],
-                expose_headers=["x-request-id"],
+                expose_headers=["x-request-id", "retry-after", *RATE_LIMIT_HEADERS],
                 max_age=600,
             )
         )
@@ -141,9 +147,15 @@ def build_management_app(state: GatewayState) -> Starlette:
 
     async def readiness(request: Request) -> Response:
         failed = any(state.target_state(t.name) == "failed" for t in state.config.targets)
-        if state.ready and not failed:
-            return PlainTextResponse("ready")
-        return PlainTextResponse("not ready", status_code=503)
+        if not state.ready or failed:
+            return PlainTextResponse("not ready", status_code=503)
+        shaper = state.shaper
+        if shaper is not None and not await shaper.available():
+            # A limit that fails closed refuses every request it covers: leave the rotation.
+            if shaper.fail_closed:
+                return PlainTextResponse("not ready: state store unavailable", status_code=503)
+            return PlainTextResponse("ready: state store unavailable, limits fail open")
+        return PlainTextResponse("ready")
 
     async def metrics_route(request: Request) -> Response:
         return Response(

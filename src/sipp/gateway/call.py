@@ -1,7 +1,8 @@
 """The request pipeline: every public route, whatever its wire format, runs here.
 
     client checks -> authenticate -> read + decode (format) -> charge -> resolve,
-    authorize, admit -> execute -> encode (format, JSON or stream) -> settle
+    authorize, reserve (limits) -> admit -> execute -> encode (format, JSON or stream)
+    -> settle (usage -> limits, record)
 
 `serve` runs the stages in order and owns cleanup: whatever fails, runs the
 request started are cancelled, its admission permit is released and its record
@@ -48,6 +49,7 @@ from .request import (
     UsageTotal,
     total_usage,
 )
+from .shaping import Reservation, metered, settle
 from .state import GatewayState, for_caller, resolve_target
 from .target_options import TargetArgs, target_args
 from .upstream import caller_error
@@ -72,9 +74,11 @@ async def serve(state: GatewayState, request: Request, fmt: WireFormat) -> Respo
         if req.user is not None or req.metadata is not None:
             _attribute(call, req)
         if req.operation == "embed":
+            await call.reserve(req)
             call.admit()
             return fmt.encode(req, await call.embed(req, ref), call.request_id)
         args = call.target_args(req)  # a field the target cannot honour: 400, not a 429
+        await call.reserve(req)
         call.admit()
         runs = call.start_text(req, ref, args)
         if not req.stream:
@@ -132,6 +136,7 @@ class PublicCall:
         self._permit = False
         self._runs: list[_Run] = []
         self._ip = ""
+        self.reservation: Reservation | None = None
 
     # ------------------------------------------------------------- policy stages
     def check_client(self) -> None:
@@ -170,6 +175,19 @@ class PublicCall:
         """Each choice's arguments for its target, or the 400 naming what it cannot do."""
         target = self.state.target_configs[req.target]
         return [target_args(req, target, choice) for choice in range(req.generation.n)]
+
+    async def reserve(self, req: GatewayRequest) -> None:
+        """Reserve the request and its estimated tokens on every limit that applies (429
+        when one cannot cover them); the response carries the limits' headers."""
+        shaper = self.state.shaper
+        if shaper is None or not shaper.applies(self.rec.caller, req.target):
+            return
+        self.reservation = await shaper.reserve(self.rec.caller, req.target, req)
+        if self.reservation is not None:
+            self.request.state.limit_headers = self.reservation.headers
+            if self.reservation.refusal is not None:
+                self.state.refused("rate_limited")
+                raise self.reservation.refusal
 
     def admit(self) -> None:
         """Take an admission permit (429 at once when they are all taken)."""
@@ -251,7 +269,7 @@ class PublicCall:
         """Hand the permit and the record to the stream, which releases and finishes them."""
         self._permit = False
         self.rec.stream = True
-        return _stream(self.state, self.rec, fmt, req, runs, self.request_id)
+        return _stream(self.state, self.rec, fmt, req, runs, self.request_id, self.reservation)
 
     def close(self) -> None:
         if not self.rec.stream:
@@ -261,6 +279,7 @@ class PublicCall:
         if self._permit:
             release(self.state)
         if not self.rec.stream:
+            settle(self.reservation, self.rec, ran=bool(self._runs))
             self.rec.finish()
 
 
@@ -271,13 +290,17 @@ async def _stream(
     req: GatewayRequest,
     runs: list[AsyncTextRun],
     request_id: str,
+    reservation: Reservation | None = None,
 ) -> AsyncIterator[bytes]:
     """`fmt`'s frames for the runs' events. However the stream ends (finished, failed, or
     the client went away), the permit is released, the record settled and finished, and
     any run still going is cancelled."""
     failed: str | None = None  # the code of a failure the stream itself reported
+    events = _events(state, rec, runs)
+    if reservation is not None:
+        events = metered(reservation, events)
     try:
-        async for frame in fmt.encode_stream(req, _events(state, rec, runs), request_id):
+        async for frame in fmt.encode_stream(req, events, request_id):
             yield frame
     except SippError as exc:
         failed = exc.code
@@ -289,6 +312,7 @@ async def _stream(
     finally:
         release(state)
         await _settle(rec, runs, failed)
+        settle(reservation, rec, ran=True)
         rec.finish()
         for run in runs:
             if not run.done:  # the consumer went away: free the slot now, not when collected

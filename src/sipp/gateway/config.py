@@ -26,10 +26,12 @@ else:  # pragma: no cover
 __all__ = [
     "ConfigError",
     "GatewayConfig",
+    "LimitConfig",
     "LocalTarget",
     "ProviderTarget",
     "Routes",
     "SecurityConfig",
+    "StateConfig",
     "TokenConfig",
     "load_config",
     "parse_config",
@@ -38,6 +40,9 @@ __all__ = [
 BACKENDS = ("auto", "cpu", "cuda", "metal", "vulkan")
 MAX_EMBEDDING_INPUTS = 2048  # per /v1/embeddings request, as OpenAI's own API allows
 STATS = ("off", "basic", "profile")
+ON_UNAVAILABLE = ("fail_open", "fail_closed")
+RESERVE_OUTPUT_TOKENS = 1024  # reserved per choice for a request that does not set max_tokens
+LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "on_unavailable")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _HEADER = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
@@ -72,10 +77,32 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True)
+class LimitConfig:
+    """The limits of one caller label or one target (`[tokens.limits]`, `[targets.limits]`);
+    None = not limited. `on_unavailable` None = `[state].on_unavailable`."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None  # input + output
+    tokens_per_day: int | None = None  # a budget per UTC day
+    on_unavailable: Literal["fail_open", "fail_closed"] | None = None
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    """Where limits keep their counts: this process, or a Redis every replica shares."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    url_env: str | None = None  # the variable holding the Redis URL (it may hold a password)
+    on_unavailable: Literal["fail_open", "fail_closed"] = "fail_open"
+    key_prefix: str = "sipp"
+
+
+@dataclass(frozen=True)
 class TokenConfig:
     env: str
     caller: str
     targets: tuple[str, ...]  # empty = every target
+    limits: LimitConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +113,7 @@ class LocalTarget:
     stats: str = "basic"
     runtime: NativeRuntimeConfig = field(default_factory=NativeRuntimeConfig)
     type: Literal["local"] = "local"
+    limits: LimitConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +126,7 @@ class ProviderTarget:
     timeout_seconds: float | None = None
     correlation_header: str | None = None
     version: str | None = None
+    limits: LimitConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +142,8 @@ class GatewayConfig:
     tokens: tuple[TokenConfig, ...]
     targets: tuple[LocalTarget | ProviderTarget, ...]
     max_embedding_inputs: int = MAX_EMBEDDING_INPUTS
+    state: StateConfig = StateConfig()
+    reserve_output_tokens: int = RESERVE_OUTPUT_TOKENS
 
 
 def load_config(path: str | Path) -> GatewayConfig:
@@ -240,6 +271,7 @@ class _Parser:
             "admin_password_env",
             "security",
             "limits",
+            "state",
             "routes",
             "tokens",
             "targets",
@@ -254,7 +286,8 @@ class _Parser:
         origins = self.origins(data.get("allowed_origins", []))
         admin_env = self.env_name(data, "admin_password_env", "")
         security = self.security(data)
-        max_inputs = self.limits(data.get("limits", {}))
+        max_inputs, reserve_output = self.limits(data.get("limits", {}))
+        state = self.state(data.get("state", {}))
         routes = self.routes(data.get("routes", {}))
         targets = self.targets(data.get("targets"))
         tokens = self.tokens(data.get("tokens", []), {t.name for t in targets})
@@ -272,15 +305,52 @@ class _Parser:
             tokens,
             targets,
             max_inputs,
+            state,
+            reserve_output,
         )
 
-    def limits(self, table: Any) -> int:
+    def limits(self, table: Any) -> tuple[int, int]:
         if not isinstance(table, Mapping):
             self.fail("limits", "must be a table")
-            return MAX_EMBEDDING_INPUTS
-        self.keys(table, "limits", ("max_embedding_inputs",))
+            return MAX_EMBEDDING_INPUTS, RESERVE_OUTPUT_TOKENS
+        self.keys(table, "limits", ("max_embedding_inputs", "reserve_output_tokens"))
         value = self.integer(table, "max_embedding_inputs", "limits", MAX_EMBEDDING_INPUTS, 1)
-        return value or MAX_EMBEDDING_INPUTS
+        reserve = self.integer(table, "reserve_output_tokens", "limits", RESERVE_OUTPUT_TOKENS, 1)
+        return value or MAX_EMBEDDING_INPUTS, reserve or RESERVE_OUTPUT_TOKENS
+
+    def state(self, table: Any) -> StateConfig:
+        if not isinstance(table, Mapping):
+            self.fail("state", "must be a table")
+            return StateConfig()
+        self.keys(table, "state", ("backend", "url_env", "on_unavailable", "key_prefix"))
+        backend = self.choice(table, "backend", "state", ("memory", "redis"), "memory")
+        url_env = self.env_name(table, "url_env", "state", required=backend == "redis")
+        if backend == "memory" and url_env is not None:
+            self.fail("state.url_env", 'is only read with backend = "redis"')
+        policy = self.choice(table, "on_unavailable", "state", ON_UNAVAILABLE, "fail_open")
+        prefix = self.string(table, "key_prefix", "state", required=False) or "sipp"
+        return StateConfig(backend, url_env, policy, prefix)  # type: ignore[arg-type]
+
+    def limit_table(self, table: Mapping[str, Any], path: str) -> LimitConfig | None:
+        """`path.limits`, or None when the table is absent or sets no limit."""
+        if "limits" not in table:
+            return None
+        raw, where = table["limits"], f"{path}.limits"
+        if not isinstance(raw, Mapping):
+            self.fail(where, "must be a table")
+            return None
+        self.keys(raw, where, LIMIT_FIELDS)
+        rpm = self.integer(raw, "requests_per_minute", where, None, 1)
+        tpm = self.integer(raw, "tokens_per_minute", where, None, 1)
+        tpd = self.integer(raw, "tokens_per_day", where, None, 1)
+        policy = None
+        if "on_unavailable" in raw:
+            policy = self.choice(raw, "on_unavailable", where, ON_UNAVAILABLE, "fail_open")
+        if rpm is None and tpm is None and tpd is None:
+            if policy is not None:
+                self.fail(f"{where}.on_unavailable", "applies to no limit; set one first")
+            return None
+        return LimitConfig(rpm, tpm, tpd, policy)  # type: ignore[arg-type]
 
     def origins(self, value: Any) -> tuple[str, ...]:
         if not isinstance(value, list) or not all(isinstance(o, str) for o in value):
@@ -355,12 +425,13 @@ class _Parser:
             self.fail("tokens", "must be an array of [[tokens]] tables")
             return ()
         out = []
+        limited: dict[str, tuple[str, LimitConfig]] = {}  # caller -> (path, its limits)
         for i, table in enumerate(value):
             path = f"tokens[{i}]"
             if not isinstance(table, Mapping):
                 self.fail(path, "must be a table")
                 continue
-            self.keys(table, path, ("env", "caller", "targets"))
+            self.keys(table, path, ("env", "caller", "targets", "limits"))
             env = self.env_name(table, "env", path)
             caller = self.string(table, "caller", path)
             allowed = table.get("targets", [])
@@ -370,8 +441,16 @@ class _Parser:
             for j, name in enumerate(allowed):
                 if name not in target_names:
                     self.fail(f"{path}.targets[{j}]", f"references unknown target {name!r}")
+            limits = self.limit_table(table, path)
+            if limits is not None and caller is not None:
+                # Limits count per caller label: two tables of one label must not disagree.
+                seen = limited.setdefault(caller, (path, limits))
+                if seen[1] != limits:
+                    self.fail(
+                        f"{path}.limits", f"differs from {seen[0]}.limits of caller {caller!r}"
+                    )
             if env and caller:
-                out.append(TokenConfig(env, caller, tuple(allowed)))
+                out.append(TokenConfig(env, caller, tuple(allowed), limits))
         return tuple(out)
 
     def targets(self, value: Any) -> tuple[LocalTarget | ProviderTarget, ...]:
@@ -408,7 +487,7 @@ class _Parser:
     def local_target(
         self, table: Mapping[str, Any], path: str, name: str | None
     ) -> LocalTarget | None:
-        self.keys(table, path, ("name", "type", "model", "backend", "stats", "runtime"))
+        self.keys(table, path, ("name", "type", "model", "backend", "stats", "runtime", "limits"))
         model = self.string(table, "model", path)
         backend = self.choice(table, "backend", path, BACKENDS, "auto")
         stats = self.choice(table, "stats", path, STATS, "basic")
@@ -418,15 +497,24 @@ class _Parser:
                 runtime = runtime_config_from_mapping(table["runtime"])
             except InvalidConfigError as exc:
                 self.fail(f"{path}.runtime", exc.message)
+        limits = self.limit_table(table, path)
         if name is None or model is None:
             return None
-        return LocalTarget(name, Path(model), backend, stats, runtime)
+        return LocalTarget(name, Path(model), backend, stats, runtime, limits=limits)
 
     def provider_target(
         self, table: Mapping[str, Any], path: str, name: str | None, kind: str
     ) -> ProviderTarget | None:
         fields = {
-            "openai": ("name", "type", "model", "api_key_env", "base_url", "timeout_seconds"),
+            "openai": (
+                "name",
+                "type",
+                "model",
+                "api_key_env",
+                "base_url",
+                "timeout_seconds",
+                "limits",
+            ),
             "openai_compatible": (
                 "name",
                 "type",
@@ -435,6 +523,7 @@ class _Parser:
                 "token_env",
                 "correlation_header",
                 "timeout_seconds",
+                "limits",
             ),
             "anthropic": (
                 "name",
@@ -444,6 +533,7 @@ class _Parser:
                 "base_url",
                 "version",
                 "timeout_seconds",
+                "limits",
             ),
         }[kind]
         for key in table:
@@ -471,6 +561,8 @@ class _Parser:
         if header is not None and not _HEADER.match(header):
             self.fail(f"{path}.correlation_header", "must be a valid HTTP header name")
         version = self.string(table, "version", path, required=False)
+        limits = self.limit_table(table, path)
         if name is None or model is None:
             return None
-        return ProviderTarget(name, kind, model, secret, base_url, timeout, header, version)  # type: ignore[arg-type]
+        args = (secret, base_url, timeout, header, version, limits)
+        return ProviderTarget(name, kind, model, *args)  # type: ignore[arg-type]

@@ -98,6 +98,23 @@ class GatewayMetrics:
             ["target", "status"],
             registry=r,
         )
+        self.limit_refused = Counter(
+            "sipp_gateway_limit_refused",
+            "Requests refused by a caller's or target's limit ([tokens.limits], [targets.limits])",
+            ["scope", "limit"],
+            registry=r,
+        )
+        self.state_errors = Counter(
+            "sipp_gateway_state_errors",
+            "Limit operations that could not reach the state store (Redis)",
+            registry=r,
+        )
+        self.state_available = Gauge(
+            "sipp_gateway_state_available",
+            "1 while the state store answered the last limit operation, else 0",
+            registry=r,
+        )
+        self.state_available.set(1)
         r.register(_LocalRuntimeCollector(local_stats))
 
     def observe(self, record: RequestRecord) -> None:

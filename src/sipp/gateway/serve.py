@@ -22,6 +22,8 @@ from .admin import admin_state
 from .app import GatewayState, build_management_app, build_public_app
 from .auth import TokenTable, read_secret
 from .config import GatewayConfig, LocalTarget, ProviderTarget
+from .shaping import build_shaper, open_store
+from .shared_controls import shared_controls
 
 __all__ = ["configure_logging", "serve"]
 
@@ -89,6 +91,8 @@ async def _add_local(state: GatewayState, target: LocalTarget) -> None:
     descriptor = LocalModelDescriptor(os.path.abspath(target.model), config)
     endpoint = await asyncio.to_thread(LocalEndpoint, descriptor, target.name, target.backend)
     state.targets[target.name] = state.client._install(target.name, endpoint)
+    if state.shaper is not None:  # its tokenizer counts prompts for token limits
+        state.shaper.local[target.name] = endpoint
     if target.stats != "off":
         state.stats_targets.add(target.name)
 
@@ -129,6 +133,9 @@ async def serve(
             read_secret(env, target.secret_env, f"target {target.name}")
 
     state = GatewayState(config, AsyncSippClient(), tokens)
+    store = open_store(config, env)
+    state.shaper = build_shaper(config, store, state.metrics)
+    state.shared = shared_controls(state, store)
     state.admin = admin_state(admin_password, env)
     servers = [
         _Server(
@@ -169,6 +176,8 @@ async def serve(
         "listening: public %s:%d, management %s:%d", *config.public_bind, *config.management_bind
     )
     loader = asyncio.create_task(_load_targets(state, env))
+    # every replica's copy of the shared runtime controls follows Redis
+    sync = asyncio.create_task(state.shared.run()) if state.shared is not None else None
 
     await stop.wait()
     started = time.monotonic()
@@ -179,6 +188,13 @@ async def serve(
     loader.cancel()
     await asyncio.gather(loader, return_exceptions=True)
     await state.client.close()
+    if sync is not None:
+        sync.cancel()
+        await asyncio.gather(sync, return_exceptions=True)
+    if state.shaper is not None:
+        await state.shaper.settled()
+    if store is not None:
+        await store.close()
     logger.info("stopped after %.1fs; models freed", time.monotonic() - started)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.remove_signal_handler(sig)

@@ -18,6 +18,7 @@ from .auth import TokenTable
 from .config import GatewayConfig
 from .limits import ConcurrencyLimit, RateLimiter
 from .metrics import GatewayMetrics
+from .shaping import Shaper
 from .upstream import caller_error, from_upstream, log_upstream
 
 __all__ = ["GatewayState", "for_caller", "resolve_target"]
@@ -37,6 +38,8 @@ class GatewayState:
     disabled_targets: set[str] = field(default_factory=set)
     admin: Any = None  # AdminState when an admin route and password are configured
     secrets: list[str] = field(default_factory=list)  # provider keys, masked in logs
+    shaper: Shaper | None = None  # caller and target limits, when any is configured
+    shared: Any = None  # SharedControls: the runtime controls every replica shares (Redis)
 
     def __post_init__(self) -> None:
         self.limit = ConcurrencyLimit(self.config.max_concurrent_requests)

@@ -1,0 +1,376 @@
+"""Token-aware limits: reserve before a request runs, settle with what it really used.
+
+Every limit that applies to a request (its caller label's and its target's
+`requests_per_minute`, `tokens_per_minute`, `tokens_per_day`) is reserved in one
+atomic step of the state store, so concurrent requests, on one replica or several,
+cannot together pass a limit. The token reservation is an estimate:
+
+    input  = the exact prompt token count when the target is local (its tokenizer),
+             else ceil(UTF-8 bytes / 4) of every prompt, message and tool definition
+             plus 4 per message and 3 per conversation
+    output = max_tokens (or [limits].reserve_output_tokens when absent) times n
+
+When the request ends, the token buckets are settled with the real usage (a refund
+or a further charge); a stream cut short is charged what was streamed, and the
+prompt's estimate once anything was. A request refused before it ran gives
+everything back, its request count too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .._errors import InvalidConfigError, RateLimitedError, UnavailableError
+from .activity import RequestRecord
+from .auth import read_secret
+from .config import GatewayConfig, LimitConfig
+from .metrics import GatewayMetrics
+from .request import Event, GatewayRequest, TextDelta
+from .store import Bucket, Grant, Store, StoreUnavailable
+
+if TYPE_CHECKING:
+    from ..local.endpoint import LocalEndpoint
+
+__all__ = [
+    "RATE_LIMIT_HEADERS",
+    "Reservation",
+    "Shaper",
+    "build_shaper",
+    "estimate_input",
+    "estimate_text",
+    "metered",
+    "open_store",
+    "rate_limit_headers",
+    "settle",
+]
+
+logger = logging.getLogger("sipp.gateway")
+
+MINUTE_MS, DAY_MS = 60_000, 86_400_000
+RATE_LIMIT_HEADERS = tuple(
+    f"x-ratelimit-{what}-{unit}"
+    for unit in ("requests", "tokens")
+    for what in ("limit", "remaining", "reset")
+)
+MESSAGE_OVERHEAD, CONVERSATION_OVERHEAD = 4, 3  # role and separators, as OpenAI counts them
+
+
+def estimate_text(text: str) -> int:
+    """A remote target's token count for `text`: UTF-8 bytes / 4, rounded up."""
+    return -(-len(text.encode("utf-8")) // 4)
+
+
+def estimate_input(req: GatewayRequest) -> int:
+    """The documented estimate of a request's input tokens (see the module's docstring)."""
+    if req.inputs:
+        return sum(estimate_text(text) for text in req.inputs)
+    total = estimate_text(req.prompt) if req.prompt is not None else 0
+    if req.messages is not None:
+        total += CONVERSATION_OVERHEAD
+        for message in req.messages:
+            total += MESSAGE_OVERHEAD + estimate_text(message.content)
+            for call in message.tool_calls:
+                total += estimate_text(call.name) + estimate_text(call.arguments)
+    for tool in req.options.tools or ():
+        schema = json.dumps(tool.parameters) if tool.parameters is not None else ""
+        total += estimate_text(tool.name) + estimate_text(tool.description or "")
+        total += estimate_text(schema)
+    return total
+
+
+@dataclass(frozen=True, slots=True)
+class _Limit:
+    """One configured limit as a bucket, with what it counts and whose it is."""
+
+    bucket: Bucket
+    tokens: bool  # counts tokens (else requests)
+    scope: str  # caller or target
+    name: str  # requests_per_minute, tokens_per_minute or tokens_per_day
+    fail_closed: bool
+
+
+class Shaper:
+    """The limits of a configuration, over one state store."""
+
+    def __init__(self, config: GatewayConfig, store: Store, metrics: GatewayMetrics) -> None:
+        self.store, self.metrics = store, metrics
+        self.reserve_output = config.reserve_output_tokens
+        prefix, default = config.state.key_prefix, config.state.on_unavailable
+        self._callers = {
+            t.caller: self._limits(f"{prefix}:caller:{t.caller}", "caller", t.limits, default)
+            for t in config.tokens
+            if t.limits is not None
+        }
+        self._targets = {
+            t.name: self._limits(f"{prefix}:target:{t.name}", "target", t.limits, default)
+            for t in config.targets
+            if t.limits is not None
+        }
+        self.fail_closed = any(limit.fail_closed for group in self._groups() for limit in group)
+        self._settling: set[asyncio.Future[None]] = set()
+        # local targets' endpoints by target name (serve adds them as they load), whose
+        # tokenizer counts a prompt exactly
+        self.local: dict[str, LocalEndpoint] = {}
+
+    def _groups(self) -> Iterable[tuple[_Limit, ...]]:
+        return [*self._callers.values(), *self._targets.values()]
+
+    @staticmethod
+    def _limits(key: str, scope: str, config: LimitConfig, default: str) -> tuple[_Limit, ...]:
+        closed = (config.on_unavailable or default) == "fail_closed"
+        out = []
+        for name, value, period, window, tokens in (
+            ("requests_per_minute", config.requests_per_minute, MINUTE_MS, False, False),
+            ("tokens_per_minute", config.tokens_per_minute, MINUTE_MS, False, True),
+            ("tokens_per_day", config.tokens_per_day, DAY_MS, True, True),
+        ):
+            if value is not None:
+                bucket = Bucket(f"{key}:{name}", value, period, window)
+                out.append(_Limit(bucket, tokens, scope, name, closed))
+        return tuple(out)
+
+    async def available(self) -> bool:
+        """Whether the state store answers now (the readiness route asks)."""
+        up = await self.store.ping()
+        self.metrics.state_available.set(int(up))
+        return up
+
+    def applies(self, caller: str | None, target: str) -> bool:
+        """Whether any limit covers this request: two dict lookups, no store call."""
+        return (caller is not None and caller in self._callers) or target in self._targets
+
+    async def reserve(
+        self, caller: str | None, target: str, req: GatewayRequest
+    ) -> Reservation | None:
+        """Reserve one request and its estimated tokens on every limit that applies; when
+        one cannot cover it, the reservation carries the 429 (with Retry-After) to raise.
+        None when no limit applies, or the store is unreachable and every limit involved
+        fails open (503 when one fails closed)."""
+        limits = (*self._callers.get(caller or "", ()), *self._targets.get(target, ()))
+        if not limits:
+            return None
+        input_tokens = None
+        if target in self.local and any(limit.tokens for limit in limits):
+            from .prompt_count import local_prompt_tokens
+
+            input_tokens = await local_prompt_tokens(self.local[target], req)
+        if input_tokens is None:
+            input_tokens = estimate_input(req)
+        tokens = input_tokens
+        if req.operation != "embed":
+            output = req.options.max_tokens or self.reserve_output
+            tokens += output * req.generation.n
+        amounts = [tokens if limit.tokens else 1 for limit in limits]
+        try:
+            grant = await self.store.reserve([limit.bucket for limit in limits], amounts)
+        except StoreUnavailable:
+            self._unavailable()
+            if any(limit.fail_closed for limit in limits):
+                error = UnavailableError("rate limits cannot be checked right now; retry later")
+                error.retry_after = 1
+                raise error from None
+            return None
+        self.metrics.state_available.set(1)
+        reservation = Reservation(self, limits, tokens, input_tokens, grant)
+        if not grant.ok:
+            reservation.refusal = self._refusal(limits, amounts, grant)
+        return reservation
+
+    def _refusal(
+        self, limits: tuple[_Limit, ...], amounts: list[int], grant: Grant
+    ) -> RateLimitedError:
+        short = [
+            limit
+            for limit, amount, level in zip(limits, amounts, grant.levels, strict=True)
+            if amount > level.remaining
+        ] or list(limits)
+        for limit in short:
+            self.metrics.limit_refused.labels(limit.scope, limit.name).inc()
+        first = short[0]
+        what = "requests" if not first.tokens else "tokens"
+        if grant.retry_after is None:
+            error = RateLimitedError(
+                f"this request needs more {what} than the {first.scope}'s "
+                f"{first.name} ({first.bucket.capacity}) allows; ask for fewer (max_tokens)"
+            )
+        else:
+            error = RateLimitedError(
+                f"the {first.scope}'s {first.name} ({first.bucket.capacity}) is used up; "
+                "retry later"
+            )
+            error.retry_after = max(1, math.ceil(grant.retry_after))
+        return error
+
+    def _unavailable(self) -> None:
+        self.metrics.state_errors.inc()
+        self.metrics.state_available.set(0)
+
+    def adjust(self, limits: Iterable[_Limit], deltas: Iterable[int]) -> None:
+        """Apply a settlement in the background: the response does not wait for it."""
+        pairs = [(limit.bucket, delta) for limit, delta in zip(limits, deltas) if delta]
+        if not pairs:
+            return
+        buckets, amounts = zip(*pairs, strict=True)
+        self._spawn(self._adjust(list(buckets), list(amounts)))
+
+    async def _adjust(self, buckets: list[Bucket], deltas: list[int]) -> None:
+        try:
+            await self.store.adjust(buckets, deltas)
+        except StoreUnavailable:
+            self._unavailable()  # a lost settlement: the reservation stands as charged
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def settled(self) -> None:
+        """Wait for the settlements under way (shutdown, tests)."""
+        while self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
+
+
+def open_store(config: GatewayConfig, env: Mapping[str, str]) -> Store | None:
+    """The configured state store: Redis when `[state]` says so (limits and runtime
+    controls then live there), this process's memory when a limit needs counting, else
+    None, so a gateway without either never opens a connection nor pays for one."""
+    if config.state.backend == "redis":
+        assert config.state.url_env is not None  # the parser requires it
+        url = read_secret(env, config.state.url_env, "state.url_env")
+        try:
+            from .store.redis import RedisStore  # the redis client is only needed here
+        except ImportError:
+            raise InvalidConfigError(
+                'state.backend = "redis" needs the redis client: pip install "sipppy[redis]"'
+            ) from None
+        try:
+            return RedisStore(url)
+        except ValueError:  # the message would quote the URL, which may hold a password
+            raise InvalidConfigError(
+                f"state.url_env: {config.state.url_env} does not hold a redis://, rediss:// "
+                "or unix:// URL"
+            ) from None
+    if not _limited(config):
+        return None
+    from .store.memory import MemoryStore
+
+    return MemoryStore()
+
+
+def _limited(config: GatewayConfig) -> bool:
+    return any(t.limits for t in config.tokens) or any(t.limits for t in config.targets)
+
+
+def build_shaper(
+    config: GatewayConfig, store: Store | None, metrics: GatewayMetrics
+) -> Shaper | None:
+    """The configuration's limits over `store`; None when nothing is limited."""
+    if store is None or not _limited(config):
+        return None
+    return Shaper(config, store, metrics)
+
+
+def settle(reservation: Reservation | None, rec: RequestRecord, ran: bool) -> None:
+    """Settle a finished request's reservation from its record: the real usage when the
+    target reported it; the estimate when it succeeded without usage; what was streamed
+    when it failed; everything back when it never ran."""
+    if reservation is None:
+        return
+    if not ran:
+        reservation.cancel()
+        return
+    used = rec.input_tokens + rec.output_tokens
+    if used:
+        reservation.settle(used)
+    elif rec.code is None:
+        reservation.settle(reservation.tokens)
+    else:
+        reservation.settle_cut()
+
+
+async def metered(reservation: Reservation, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
+    """`events`, counting the output tokens they deliver (a remote delta's token ids are
+    unknown: its text's estimate then)."""
+    async for event in events:
+        if isinstance(event, TextDelta):
+            batch = event.batch
+            reservation.streamed += len(batch.token_ids) or estimate_text(batch.text)
+        yield event
+
+
+class Reservation:
+    """What one request reserved; `settle` or `cancel` it exactly once."""
+
+    def __init__(
+        self,
+        shaper: Shaper,
+        limits: tuple[_Limit, ...],
+        tokens: int,
+        input_tokens: int,
+        grant: Grant,
+    ) -> None:
+        self.shaper, self.limits, self.tokens = shaper, limits, tokens
+        self.input_tokens = input_tokens
+        self.granted = grant.ok
+        self.headers = rate_limit_headers(limits, grant)
+        self.refusal: RateLimitedError | None = None
+        self.streamed = 0  # output tokens a stream delivered (its charge if cut short)
+        self._done = not grant.ok  # a refused reservation took nothing
+
+    def settle(self, used: int) -> None:
+        """Charge `used` tokens instead of the estimate; the request stays counted."""
+        if self._done:
+            return
+        self._done = True
+        self.shaper.adjust(
+            self.limits, [used - self.tokens if limit.tokens else 0 for limit in self.limits]
+        )
+
+    def cancel(self) -> None:
+        """The request never ran: give back its tokens and its request count."""
+        if self._done:
+            return
+        self._done = True
+        self.shaper.adjust(
+            self.limits, [-self.tokens if limit.tokens else -1 for limit in self.limits]
+        )
+
+    def settle_cut(self) -> None:
+        """A run that ended without usage: charge what was streamed (and the prompt's
+        estimate once anything was)."""
+        self.settle(self.streamed + self.input_tokens if self.streamed else 0)
+
+
+def rate_limit_headers(limits: tuple[_Limit, ...], grant: Grant) -> dict[str, str]:
+    """OpenAI's `x-ratelimit-*` headers for the tightest request limit and token limit."""
+    headers: dict[str, str] = {}
+    for tokens, suffix in ((False, "requests"), (True, "tokens")):
+        pairs = [
+            pair for pair in zip(limits, grant.levels, strict=True) if pair[0].tokens == tokens
+        ]
+        if not pairs:
+            continue
+        limit, level = min(pairs, key=lambda pair: pair[1].remaining)
+        headers[f"x-ratelimit-limit-{suffix}"] = str(limit.bucket.capacity)
+        headers[f"x-ratelimit-remaining-{suffix}"] = str(max(0, math.floor(level.remaining)))
+        headers[f"x-ratelimit-reset-{suffix}"] = duration(level.reset_s)
+    return headers
+
+
+def duration(seconds: float) -> str:
+    """Seconds the way OpenAI's reset headers write them: 20ms, 1s, 6m0s, 1h2m3s."""
+    ms = max(0, math.ceil(seconds * 1000))
+    if ms < 1000:
+        return f"{ms}ms"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs = f"{rest / 1000:.3f}".rstrip("0").rstrip(".") + "s"
+    if hours:
+        return f"{hours}h{minutes}m{secs}"
+    return f"{minutes}m{secs}" if minutes else secs
