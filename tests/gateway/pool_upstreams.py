@@ -48,6 +48,8 @@ class Deployment(CountingUpstream):
             return error_reply(400, "This model's maximum context length is 8 tokens")
         if mode == "slow":  # headers, then nothing for longer than any test waits
             return [Status(200, {"content-type": "text/event-stream"}), Sleep(60)]
+        if mode == "late_reset":  # headers, a pause, then the connection drops
+            return [Status(200, {"content-type": "text/event-stream"}), Sleep(1.0), Reset()]
         if mode == "after_first" and req.json().get("stream"):
             return _first_then_reset(req, self.text)
         return text_reply(req, self.text)

@@ -25,7 +25,7 @@ FAST_RETRY = "attempts = 3\nbackoff_base_seconds = 0.01\nbackoff_cap_seconds = 0
 BREAKER = "window_seconds = 60\nmin_requests = 3\nfailure_rate = 0.5\ncooldown_seconds = 1\n"
 NAMES = (
     "a", "b", "c", "solo", "spare", "chain1", "chain2", "small", "big", "limited",
-    "limited_long", "strict", "capped",
+    "limited_long", "strict", "capped", "patient",
 )  # fmt: skip
 
 
@@ -88,6 +88,7 @@ def _toml(ups: dict[str, Deployment]) -> str:
         + one("limited", retry="attempts = 2\nretry_after_cap_seconds = 5")
         + one("limited_long", retry="attempts = 3\nretry_after_cap_seconds = 1")
         + one("strict", 'fallbacks = ["spare"]', retry=FAST_RETRY)
+        + one("patient", 'fallbacks = ["spare"]', retry="first_token_timeout_seconds = 0.3")
         + one("capped", "max_attempts = 3", retry="attempts = 10\nbackoff_base_seconds = 0.01")
     )
 
@@ -116,10 +117,15 @@ def healthy(setup: Setup) -> Iterator[None]:
     yield
     poll(lambda: all(up.open_requests == 0 for up in setup.ups.values()), "upstreams idle")
     poll(lambda: setup.gw.metric("sipp_gateway_in_flight_requests") == 0, "gateway idle")
-    text = httpx.get(f"{setup.gw.management}/metrics", timeout=60).text
-    for line in text.splitlines():
-        if line.startswith("sipp_gateway_deployment_in_flight{"):
-            assert line.endswith(" 0.0"), line
+    poll(lambda: _deployments_in_flight(setup.gw) == 0, "no attempt left in flight")
+
+
+def _deployments_in_flight(gw: Gateway) -> float:
+    text = httpx.get(f"{gw.management}/metrics", timeout=60).text
+    prefix = "sipp_gateway_deployment_in_flight{"
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)
+    )
 
 
 def _chat(gw: Gateway, target: str, stream: bool = False) -> httpx.Response:
@@ -187,6 +193,23 @@ def test_a_client_gone_while_the_stream_is_held_closes_the_upstream_request(
         )
     poll(lambda: solo.hangups > hangups, "the held upstream request was closed")
     poll(lambda: setup.attempts("solo", "solo", "cancelled") >= 1, "the attempt ended")
+
+
+def test_a_stream_commits_at_the_first_token_deadline(setup: Setup) -> None:
+    """No first token within first_token_timeout_seconds: the stream commits anyway, so a
+    failure after that is its error frame, not a fallback."""
+    patient, spare = setup.ups["patient"], setup.ups["spare"]
+    patient.mode = "late_reset"
+    spare_before = len(spare.requests)
+    r = _chat(setup.gw, "patient", stream=True)
+    assert r.status_code == 200
+    text, error = _stream_text(r)
+    assert text == "" and error is not None and error["code"] == "upstream"
+    assert len(spare.requests) == spare_before
+    assert r.headers["x-sipp-attempts"] == "1"
+    patient.mode = "ok"
+    r = _chat(setup.gw, "patient", stream=True)  # a late answer is served whole
+    assert _stream_text(r) == ("from patient", None)
 
 
 # ----------------------------------------------------------------- fallbacks
@@ -369,12 +392,7 @@ def test_random_failure_schedules_keep_the_invariants(
     # Nothing is left behind: upstream connections, the permit, per-deployment counts.
     poll(lambda: all(up.open_requests == 0 for up in ups), "upstream requests closed")
     poll(lambda: setup.gw.metric("sipp_gateway_in_flight_requests") == 0, "permit released")
-    for name in "abc":
-        labels = f'{{deployment="{name}",target="pool"}}'
-        poll(
-            lambda labels=labels: setup.gw.metric("sipp_gateway_deployment_in_flight", labels) == 0,
-            f"deployment {name} idle",
-        )
+    poll(lambda: _deployments_in_flight(setup.gw) == 0, "no attempt left in flight")
 
 
 def test_a_full_local_queue_is_a_429_the_pool_falls_back_from(setup: Setup) -> None:
