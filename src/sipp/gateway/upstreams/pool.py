@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..._descriptors import EndpointRef
 from .breaker import Breaker
@@ -24,7 +24,6 @@ class DeploymentState:
     ref: EndpointRef | None = None  # its own endpoint when it has a base URL
     in_flight: int = 0
     latency: float | None = None  # EWMA of seconds to the first token (or the response)
-    failures: int = field(default=0)
 
     @property
     def name(self) -> str:
