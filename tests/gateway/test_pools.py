@@ -284,6 +284,15 @@ def test_attempts_are_capped_per_request(setup: Setup) -> None:
     assert setup.attempts("capped", "capped", "5xx") >= 3
 
 
+def test_the_attempt_cap_is_per_choice(setup: Setup) -> None:
+    """n choices more than max_attempts (5 by default) each get their own attempts."""
+    body = {"model": "spare", "messages": [{"role": "user", "content": "hi"}], "n": 8}
+    r = httpx.post(f"{setup.gw.public}/v1/chat/completions", json=body, headers=AUTH, timeout=60)
+    assert r.status_code == 200, r.text
+    assert [c["message"]["content"] for c in r.json()["choices"]] == ["from spare"] * 8
+    assert r.headers["x-sipp-attempts"] == "8"
+
+
 # ----------------------------------------------------------------- pools and breakers
 def test_pool_spreads_requests_over_its_deployments(setup: Setup) -> None:
     before = {n: len(setup.ups[n].requests) for n in "abc"}

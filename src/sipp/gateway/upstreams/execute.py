@@ -157,6 +157,7 @@ class Execution:
         self.answered: list[str] = []
         self._unnoted: tuple[str, SippError] | None = None
         self._closed = False
+        self._used = [0] * len(args)  # attempts per choice: each choice has the whole cap
 
     # ------------------------------------------------------------------ choices
     async def responses(self) -> tuple[SippTextResponse, ...]:
@@ -229,7 +230,7 @@ class Execution:
         failures = 0
         last: tuple[SippError | None, str] = (None, "unavailable")
         while failures < retry.attempts:
-            if len(self.attempts) >= self._max_attempts:
+            if self._used[choice] >= self._max_attempts:
                 return last[0], "cap"
             dep = pool.pick(tried | blocked)
             if dep.name in blocked:
@@ -244,6 +245,7 @@ class Execution:
             self._note()
             attempt = Attempt(self.state, pool, dep)
             self.attempts.append(attempt)
+            self._used[choice] += 1
             tried.add(dep.name)
             try:
                 if stream:

@@ -81,7 +81,7 @@ class Resilience:
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
     fallbacks: tuple[str, ...] = ()
     context_fallbacks: tuple[str, ...] = ()
-    max_attempts: int = 5  # per request, over this target and every fallback
+    max_attempts: int = 5  # per request (each of its n choices), fallbacks included
 
     @property
     def has_alternatives(self) -> bool:
