@@ -32,6 +32,7 @@ NAMES = (
 class Setup:
     def __init__(self, gw: Gateway, ups: dict[str, Deployment]) -> None:
         self.gw, self.ups = gw, ups
+        self.retried: list[str] = []  # request ids that took more than one attempt
 
     def attempts(self, target: str, deployment: str, outcome: str) -> float:
         labels = f'{{deployment="{deployment}",outcome="{outcome}",target="{target}"}}'
@@ -103,10 +104,15 @@ def setup(smollm_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
     try:
         with running_gateway(smollm_path, tmp_path_factory.mktemp("pools"), edit) as gw:
-            yield Setup(gw, ups)
+            setup = Setup(gw, ups)
+            yield setup
     finally:
         for up in ups.values():
             up.close()
+    # Each request that needed several attempts has a log line listing them.
+    logged = [json.loads(line)["message"] for line in gw.stderr.splitlines() if line[:1] == "{"]
+    for request_id in setup.retried:
+        assert any(m.startswith(f"request {request_id} for target") for m in logged), request_id
 
 
 @pytest.fixture(autouse=True)
@@ -128,9 +134,12 @@ def _deployments_in_flight(gw: Gateway) -> float:
     )
 
 
-def _chat(gw: Gateway, target: str, stream: bool = False) -> httpx.Response:
+def _chat(setup: Setup, target: str, stream: bool = False) -> httpx.Response:
     body = {"model": target, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
-    return httpx.post(f"{gw.public}/v1/chat/completions", json=body, headers=AUTH, timeout=60)
+    r = httpx.post(f"{setup.gw.public}/v1/chat/completions", json=body, headers=AUTH, timeout=60)
+    if int(r.headers["x-sipp-attempts"]) > 1:
+        setup.retried.append(r.headers["x-request-id"])
+    return r
 
 
 def _stream_text(response: httpx.Response) -> tuple[str, dict[str, Any] | None]:
@@ -154,7 +163,7 @@ def test_failure_after_the_first_token_is_an_error_frame_not_a_splice(setup: Set
     solo, spare = setup.ups["solo"], setup.ups["spare"]
     solo.mode = "after_first"
     spare_before = len(spare.requests)
-    r = _chat(setup.gw, "solo", stream=True)
+    r = _chat(setup, "solo", stream=True)
     assert r.status_code == 200
     text, error = _stream_text(r)
     assert text == solo.text[:4]  # what the caller had seen stays, nothing is spliced on
@@ -169,7 +178,7 @@ def test_failure_before_the_first_token_is_retried_then_falls_back(setup: Setup)
     solo.mode = "reset"
     before = len(solo.requests)
     for stream in (False, True):
-        r = _chat(setup.gw, "solo", stream=stream)
+        r = _chat(setup, "solo", stream=stream)
         assert r.status_code == 200, r.text
         text = _stream_text(r)[0] if stream else r.json()["choices"][0]["message"]["content"]
         assert text == spare.text
@@ -201,14 +210,14 @@ def test_a_stream_commits_at_the_first_token_deadline(setup: Setup) -> None:
     patient, spare = setup.ups["patient"], setup.ups["spare"]
     patient.mode = "late_reset"
     spare_before = len(spare.requests)
-    r = _chat(setup.gw, "patient", stream=True)
+    r = _chat(setup, "patient", stream=True)
     assert r.status_code == 200
     text, error = _stream_text(r)
     assert text == "" and error is not None and error["code"] == "upstream"
     assert len(spare.requests) == spare_before
     assert r.headers["x-sipp-attempts"] == "1"
     patient.mode = "ok"
-    r = _chat(setup.gw, "patient", stream=True)  # a late answer is served whole
+    r = _chat(setup, "patient", stream=True)  # a late answer is served whole
     assert _stream_text(r) == ("from patient", None)
 
 
@@ -216,7 +225,7 @@ def test_a_stream_commits_at_the_first_token_deadline(setup: Setup) -> None:
 def test_fallbacks_are_tried_in_order(setup: Setup) -> None:
     ups = setup.ups
     ups["chain1"].mode = ups["chain2"].mode = "500"
-    r = _chat(setup.gw, "chain1")
+    r = _chat(setup, "chain1")
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "from spare"
     assert r.headers["x-sipp-target"] == "spare/spare" and r.headers["x-sipp-attempts"] == "3"
     c1, c2, sp = ups["chain1"].times[-1], ups["chain2"].times[-1], ups["spare"].times[-1]
@@ -227,7 +236,7 @@ def test_context_errors_go_to_context_fallbacks(setup: Setup) -> None:
     ups = setup.ups
     ups["small"].mode = "context"
     spare_before = len(ups["spare"].requests)
-    r = _chat(setup.gw, "small")
+    r = _chat(setup, "small")
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "from big"
     assert r.headers["x-sipp-target"] == "big/big"
     assert len(ups["spare"].requests) == spare_before  # not the ordinary fallbacks
@@ -237,7 +246,7 @@ def test_context_errors_go_to_context_fallbacks(setup: Setup) -> None:
 def test_all_fallbacks_failing_gives_the_last_failure(setup: Setup) -> None:
     for name in ("chain1", "chain2", "spare"):
         setup.ups[name].mode = "500"
-    r = _chat(setup.gw, "chain1")
+    r = _chat(setup, "chain1")
     assert r.status_code == 502 and r.json()["error"]["code"] == "upstream"
     assert r.headers["x-sipp-attempts"] == "3" and "x-sipp-target" not in r.headers
 
@@ -247,7 +256,7 @@ def test_retry_after_is_honoured(setup: Setup) -> None:
     limited = setup.ups["limited"]
     limited.mode = "429once"
     before = len(limited.times)
-    r = _chat(setup.gw, "limited")
+    r = _chat(setup, "limited")
     assert r.status_code == 200 and r.headers["x-sipp-attempts"] == "2"
     first, second = limited.times[before : before + 2]
     assert second - first >= 1.0  # the upstream asked for one second
@@ -257,7 +266,7 @@ def test_retry_after_over_the_cap_is_not_waited_for(setup: Setup) -> None:
     up = setup.ups["limited_long"]
     up.mode = "429"  # Retry-After: 30, the target's cap is 1 s
     before = len(up.requests)
-    r = _chat(setup.gw, "limited_long")
+    r = _chat(setup, "limited_long")
     assert r.status_code == 429 and r.headers["retry-after"] == "30"
     assert len(up.requests) - before == 1  # not retried after 1 s, not waited 30 s
     assert r.headers["x-sipp-attempts"] == "1"
@@ -268,7 +277,7 @@ def test_client_errors_are_never_retried(setup: Setup, status: str) -> None:
     strict, spare = setup.ups["strict"], setup.ups["spare"]
     strict.mode = status
     before, spare_before = len(strict.requests), len(spare.requests)
-    r = _chat(setup.gw, "strict")
+    r = _chat(setup, "strict")
     assert r.status_code == 502 and r.json()["error"]["code"] == "upstream"
     assert len(strict.requests) - before == 1 and len(spare.requests) == spare_before
     assert r.headers["x-sipp-attempts"] == "1"
@@ -278,7 +287,7 @@ def test_attempts_are_capped_per_request(setup: Setup) -> None:
     capped = setup.ups["capped"]
     capped.mode = "500"
     before = len(capped.requests)
-    r = _chat(setup.gw, "capped")
+    r = _chat(setup, "capped")
     assert r.status_code == 502
     assert len(capped.requests) - before == 3 and r.headers["x-sipp-attempts"] == "3"
     assert setup.attempts("capped", "capped", "5xx") >= 3
@@ -297,7 +306,7 @@ def test_the_attempt_cap_is_per_choice(setup: Setup) -> None:
 def test_pool_spreads_requests_over_its_deployments(setup: Setup) -> None:
     before = {n: len(setup.ups[n].requests) for n in "abc"}
     for _ in range(30):
-        r = _chat(setup.gw, "pool")
+        r = _chat(setup, "pool")
         assert r.status_code == 200
         assert r.headers["x-sipp-target"] in ("pool/a", "pool/b", "pool/c")
     assert all(len(setup.ups[n].requests) > before[n] for n in "abc")
@@ -420,7 +429,7 @@ def test_a_full_local_queue_is_a_429_the_pool_falls_back_from(setup: Setup) -> N
         )
         assert direct.status_code == 429 and direct.headers["retry-after"] == "1", direct.text
         assert direct.json()["error"]["code"] == "overloaded"
-        pooled = _chat(setup.gw, "via-local")
+        pooled = _chat(setup, "via-local")
         assert pooled.status_code == 200, pooled.text
         assert pooled.json()["choices"][0]["message"]["content"] == "from spare"
         assert pooled.headers["x-sipp-attempts"] == "2"
