@@ -72,3 +72,18 @@ def test_an_abandoned_probe_lets_the_next_attempt_probe() -> None:
     assert breaker.start() is True
     breaker.abandon(probe=True)  # its caller went away: nothing learned
     assert breaker.state == "open" and breaker.start() is True
+
+
+def test_failures_in_a_row_open_it_among_many_successes() -> None:
+    breaker, _ = _breaker()
+    for _ in range(20):
+        breaker.record(False, probe=False)
+    for _ in range(4):
+        breaker.record(True, probe=False)
+    assert breaker.state == "closed"  # 4 of 24 failed, and not yet 5 in a row
+    breaker.record(True, probe=False)
+    assert breaker.state == "open"
+    off = Breaker(BreakerPolicy(consecutive_failures=0, min_requests=100), Clock())
+    for _ in range(50):
+        off.record(True, probe=False)
+    assert off.state == "closed"  # only the rate, over at least 100 attempts

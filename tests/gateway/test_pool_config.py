@@ -69,6 +69,7 @@ def test_a_pool_parses() -> None:
     assert res.retry.attempts == 3 and res.retry.on == frozenset({"connect", "5xx"})
     assert res.retry.first_token_timeout_seconds == 3
     assert res.breaker.min_requests == 4 and res.breaker.failure_rate == 0.25
+    assert res.breaker.consecutive_failures == 5  # the default
     assert res.fallbacks == ("local",) and res.has_alternatives
 
 
@@ -98,6 +99,10 @@ def test_a_target_without_the_keys_is_a_pool_of_itself() -> None:
         ),
         ({"breaker": {"failure_rate": 2}}, "targets[1].breaker.failure_rate: must be a number"),
         ({"breaker": {"min_requests": 0}}, "targets[1].breaker.min_requests: must be greater"),
+        (
+            {"breaker": {"consecutive_failures": -1}},
+            "targets[1].breaker.consecutive_failures: must be >= 0",
+        ),
         ({"deployments": []}, "targets[1].deployments: must be a non-empty array"),
         (
             {"deployments": [{"base_url": "ftp://x"}]},

@@ -17,7 +17,8 @@ BreakerState = Literal["closed", "open", "half_open"]
 
 class Breaker:
     """Opens when, over the last `window_seconds`, at least `min_requests` attempts ended
-    and at least `failure_rate` of them failed. After `cooldown_seconds` one attempt may
+    and at least `failure_rate` of them failed, or after `consecutive_failures` failures
+    in a row. After `cooldown_seconds` one attempt may
     probe: its success closes the breaker, its failure opens it for another cooldown."""
 
     def __init__(self, policy: BreakerPolicy, clock: Callable[[], float] = time.monotonic) -> None:
@@ -25,6 +26,7 @@ class Breaker:
         self._clock = clock
         self._outcomes: deque[tuple[float, bool]] = deque()  # (when, failed)
         self._failures = 0
+        self._streak = 0  # failures in a row
         self._opened_at: float | None = None
         self._probing = False
         self.opened = 0  # times it opened, for metrics
@@ -64,11 +66,15 @@ class Breaker:
             return
         self._outcomes.append((now, failed))
         self._failures += failed
+        self._streak = self._streak + 1 if failed else 0
         horizon = now - self.policy.window_seconds
         while self._outcomes and self._outcomes[0][0] < horizon:
             self._failures -= self._outcomes.popleft()[1]
         count = len(self._outcomes)
-        if count >= self.policy.min_requests and self._failures >= self.policy.failure_rate * count:
+        streak = self.policy.consecutive_failures
+        if (streak and self._streak >= streak) or (
+            count >= self.policy.min_requests and self._failures >= self.policy.failure_rate * count
+        ):
             self._opened_at = now
             self.opened += 1
 
@@ -76,6 +82,7 @@ class Breaker:
         self._opened_at = None
         self._outcomes.clear()
         self._failures = 0
+        self._streak = 0
 
     def abandon(self, probe: bool) -> None:
         """An attempt ended without telling anything about the deployment (the caller went

@@ -71,6 +71,9 @@ class BreakerPolicy:
     min_requests: int = 5
     failure_rate: float = 0.5
     cooldown_seconds: float = 10.0
+    # Also opens after this many failures in a row (0: off): a dead deployment among
+    # many successes would otherwise take most of a window to reach the rate.
+    consecutive_failures: int = 5
 
 
 @dataclass(frozen=True)
@@ -203,7 +206,17 @@ def _breaker(p: _Parser, table: Any, path: str) -> BreakerPolicy:
     if not isinstance(table, Mapping):
         p.fail(path, "must be a table")
         return BreakerPolicy()
-    p.keys(table, path, ("window_seconds", "min_requests", "failure_rate", "cooldown_seconds"))
+    p.keys(
+        table,
+        path,
+        (
+            "window_seconds",
+            "min_requests",
+            "failure_rate",
+            "cooldown_seconds",
+            "consecutive_failures",
+        ),
+    )
     d = BreakerPolicy()
     rate = table.get("failure_rate", d.failure_rate)
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
@@ -217,6 +230,7 @@ def _breaker(p: _Parser, table: Any, path: str) -> BreakerPolicy:
         p.integer(table, "min_requests", path, d.min_requests, 1) or d.min_requests,
         float(rate),
         _seconds(p, table, "cooldown_seconds", path, d.cooldown_seconds),
+        p.integer(table, "consecutive_failures", path, d.consecutive_failures, 0) or 0,
     )
 
 
