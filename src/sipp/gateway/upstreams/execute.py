@@ -131,6 +131,11 @@ class HeldRun:
         self.attempt.end("ok")
 
 
+def _retrieve(task: asyncio.Task[TokenBatch | None]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 async def _next(batches: AsyncIterator[TokenBatch]) -> TokenBatch | None:
     try:
         return await batches.__anext__()
@@ -312,6 +317,8 @@ class Execution:
             return HeldRun(run, attempt)
         rest = run.__aiter__()
         first = asyncio.ensure_future(_next(rest))
+        # A stream whose consumer leaves before reading it never awaits `first`.
+        first.add_done_callback(_retrieve)
         timeout = attempt.pool.resilience.retry.first_token_timeout_seconds
         try:
             await asyncio.wait({first}, timeout=timeout)
