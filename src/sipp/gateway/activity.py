@@ -91,6 +91,8 @@ class RequestRecord:
     waited: float = 0.0  # time spent waiting on the target (non-streaming)
     stream: bool = False
     duration: float = 0.0
+    attempts: int = 0  # upstream attempts it took (retries and fallbacks included)
+    answered_by: str | None = None  # the target (or target/deployment) that answered
     _done: bool = False
 
     def first_token(self) -> None:

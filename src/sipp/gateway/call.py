@@ -18,7 +18,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable
 from typing import Protocol, TypeVar
 
 from starlette.requests import Request
@@ -53,6 +53,7 @@ from .shaping import Reservation, metered, settle
 from .state import GatewayState, for_caller, resolve_target
 from .target_options import TargetArgs, target_args
 from .upstream import caller_error
+from .upstreams.execute import Execution, HeldRun
 
 __all__ = ["PublicCall", "check_client", "read_body", "serve", "unless_disconnected"]
 
@@ -80,18 +81,18 @@ async def serve(state: GatewayState, request: Request, fmt: WireFormat) -> Respo
         args = call.target_args(req)  # a field the target cannot honour: 400, not a 429
         await call.reserve(req)
         call.admit()
-        runs = call.start_text(req, ref, args)
+        execution = call.execute(req, args)
         if not req.stream:
-            return fmt.encode(req, Completion(await call.wait(runs)), call.request_id)
-        for run in runs:
-            await call.accepted(run)
+            responses = await call.wait(execution)
+            return call.headed(fmt.encode(req, Completion(responses), call.request_id))
+        runs = await unless_disconnected(request, execution.streams())
         frames = call.stream(fmt, req, runs)
-        headers = {**fmt.stream_headers, "x-request-id": call.request_id}
+        headers = {**fmt.stream_headers, "x-request-id": call.request_id, **execution.headers()}
         return StreamingResponse(frames, headers=headers)
     except SippError as exc:
         exc = for_caller(state, call.rec.target, exc)
         call.rec.fail(exc.code)
-        return fmt.error(exc, call.request_id)
+        return call.headed(fmt.error(exc, call.request_id))
     except Exception:
         logger.exception(
             "unexpected error serving %s request %s", call.rec.operation, call.request_id
@@ -137,6 +138,7 @@ class PublicCall:
         self._runs: list[_Run] = []
         self._ip = ""
         self.reservation: Reservation | None = None
+        self.execution: Execution | None = None
 
     # ------------------------------------------------------------- policy stages
     def check_client(self) -> None:
@@ -201,14 +203,11 @@ class PublicCall:
         self._runs.append(run)
         return run
 
-    def start_text(
-        self, req: GatewayRequest, ref: EndpointRef, args: list[TargetArgs]
-    ) -> list[AsyncTextRun]:
-        """One run per choice (tracked as it starts, so a choice that fails to start
-        cancels the ones before it)."""
+    def execute(self, req: GatewayRequest, args: list[TargetArgs]) -> Execution:
+        """The execute stage for `req`'s choices: `close` ends whatever it left open."""
         client = self.state.client
-        runs = []
-        for extra in args:
+
+        def start(ref: EndpointRef, extra: TargetArgs) -> AsyncTextRun:
             common = {
                 "endpoint": ref,
                 "options": req.options,
@@ -218,26 +217,26 @@ class PublicCall:
             }
             if req.operation == "query":
                 assert req.prompt is not None
-                run = client.query(req.prompt, **common)  # type: ignore[arg-type]
-            else:
-                assert req.messages is not None
-                run = client.chat(req.messages, **common)  # type: ignore[arg-type]
-            runs.append(self.track(run))
-        return runs
+                return client.query(req.prompt, **common)  # type: ignore[arg-type]
+            assert req.messages is not None
+            return client.chat(req.messages, **common)  # type: ignore[arg-type]
 
-    async def wait(self, runs: Sequence[AsyncTextRun]) -> tuple[SippTextResponse, ...]:
-        """Every run's response, or cancel them all if the client hangs up first."""
+        self.execution = Execution(self.state, self.rec, req, self.request_id, start, args)
+        return self.execution
+
+    async def wait(self, execution: Execution) -> tuple[SippTextResponse, ...]:
+        """Every choice's response, or cancel them all if the client hangs up first."""
         t0 = time.perf_counter()
-        if len(runs) == 1:
-            responses: tuple[SippTextResponse, ...] = (
-                await unless_disconnected(self.request, runs[0].result()),
-            )
-        else:
-            gathered = asyncio.gather(*(run.result() for run in runs))
-            responses = tuple(await unless_disconnected(self.request, gathered))
+        responses = await unless_disconnected(self.request, execution.responses())
         self.rec.waited = time.perf_counter() - t0
         self.rec.usage(total_usage(responses))
         return responses
+
+    def headed(self, response: Response) -> Response:
+        """`response` with the execute stage's attempt headers, once it ran."""
+        if self.execution is not None:
+            response.headers.update(self.execution.headers())
+        return response
 
     async def embed(self, req: GatewayRequest, ref: EndpointRef) -> Completion:
         t0 = time.perf_counter()
@@ -254,32 +253,29 @@ class PublicCall:
             self.rec.usage(embedding.usage)
         return Completion(embeddings=tuple(embeddings))
 
-    async def accepted(self, run: AsyncTextRun) -> None:
-        """Before a stream commits to 200: wait until the endpoint accepted `run`, and
-        raise its refusal (a prompt over the context, a bad grammar) as its own status."""
-        if run._preparing:  # remote runs are accepted at once: no watcher task for them
-            await unless_disconnected(self.request, run._accepted())
-        if run.done:
-            await run.result()
-
     # ------------------------------------------------------------- stream + settle
     def stream(
-        self, fmt: WireFormat, req: GatewayRequest, runs: list[AsyncTextRun]
+        self, fmt: WireFormat, req: GatewayRequest, runs: list[HeldRun]
     ) -> AsyncIterator[bytes]:
-        """Hand the permit and the record to the stream, which releases and finishes them."""
+        """Hand the permit, the record and the execution to the stream, which releases,
+        finishes and closes them."""
+        assert self.execution is not None
         self._permit = False
         self.rec.stream = True
-        return _stream(self.state, self.rec, fmt, req, runs, self.request_id, self.reservation)
+        return _stream(self.state, self.rec, fmt, req, runs, self.execution, self.reservation)
 
     def close(self) -> None:
         if not self.rec.stream:
             for run in self._runs:
                 if not run.done:
                     run.cancel("the request failed")
+            if self.execution is not None:
+                self.execution.close()
         if self._permit:
             release(self.state)
         if not self.rec.stream:
-            settle(self.reservation, self.rec, ran=bool(self._runs))
+            started = bool(self._runs) or bool(self.execution and self.execution.attempts)
+            settle(self.reservation, self.rec, ran=started)
             self.rec.finish()
 
 
@@ -288,14 +284,15 @@ async def _stream(
     rec: RequestRecord,
     fmt: WireFormat,
     req: GatewayRequest,
-    runs: list[AsyncTextRun],
-    request_id: str,
+    runs: list[HeldRun],
+    execution: Execution,
     reservation: Reservation | None = None,
 ) -> AsyncIterator[bytes]:
     """`fmt`'s frames for the runs' events. However the stream ends (finished, failed, or
     the client went away), the permit is released, the record settled and finished, and
     any run still going is cancelled."""
     failed: str | None = None  # the code of a failure the stream itself reported
+    request_id = execution.request_id
     events = _events(state, rec, runs)
     if reservation is not None:
         events = metered(reservation, events)
@@ -313,14 +310,15 @@ async def _stream(
         release(state)
         await _settle(rec, runs, failed)
         settle(reservation, rec, ran=True)
-        rec.finish()
         for run in runs:
             if not run.done:  # the consumer went away: free the slot now, not when collected
                 run.cancel("stream consumer went away")
+        execution.close()
+        rec.finish()
 
 
 async def _events(
-    state: GatewayState, rec: RequestRecord, runs: list[AsyncTextRun]
+    state: GatewayState, rec: RequestRecord, runs: list[HeldRun]
 ) -> AsyncIterator[Event]:
     """The runs' output as internal events; failures as the caller may see them."""
     try:
@@ -339,11 +337,11 @@ async def _events(
         raise for_caller(state, rec.target, exc) from None
 
 
-async def _merged(rec: RequestRecord, runs: list[AsyncTextRun]) -> AsyncIterator[Event]:
+async def _merged(rec: RequestRecord, runs: list[HeldRun]) -> AsyncIterator[Event]:
     """Several choices' events interleaved as they arrive, then their total usage."""
     queue: asyncio.Queue[Event | SippError] = asyncio.Queue()
 
-    async def pump(index: int, run: AsyncTextRun) -> None:
+    async def pump(index: int, run: HeldRun) -> None:
         try:
             async for batch in run:
                 queue.put_nowait(TextDelta(batch, index))
@@ -373,7 +371,7 @@ async def _merged(rec: RequestRecord, runs: list[AsyncTextRun]) -> AsyncIterator
             task.cancel()
 
 
-async def _settle(rec: RequestRecord, runs: list[AsyncTextRun], failed: str | None) -> None:
+async def _settle(rec: RequestRecord, runs: list[HeldRun], failed: str | None) -> None:
     """Fill in how a stream ended: the failure it reported (`failed`), else its usage,
     or `client_closed` when the consumer went away before the end."""
     if failed is not None:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from .._errors import InvalidConfigError
 from .._runtime_config import NativeRuntimeConfig, runtime_config_from_mapping
+from .upstreams.policy import RESILIENCE_KEYS, Resilience, check_references, parse_resilience
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -114,6 +115,7 @@ class LocalTarget:
     runtime: NativeRuntimeConfig = field(default_factory=NativeRuntimeConfig)
     type: Literal["local"] = "local"
     limits: LimitConfig | None = None
+    resilience: Resilience = field(default_factory=Resilience)
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,7 @@ class ProviderTarget:
     correlation_header: str | None = None
     version: str | None = None
     limits: LimitConfig | None = None
+    resilience: Resilience = field(default_factory=Resilience)
 
 
 @dataclass(frozen=True)
@@ -459,6 +462,7 @@ class _Parser:
             return ()
         out: list[LocalTarget | ProviderTarget] = []
         names: set[str] = set()
+        paths: dict[str, str] = {}
         for i, table in enumerate(value):
             path = f"targets[{i}]"
             if not isinstance(table, Mapping):
@@ -482,12 +486,18 @@ class _Parser:
                 continue
             if target is not None:
                 out.append(target)
+                paths.setdefault(target.name, path)
+        check_references(self, [(paths[t.name], t.name, t.resilience) for t in out])
         return tuple(out)
 
     def local_target(
         self, table: Mapping[str, Any], path: str, name: str | None
     ) -> LocalTarget | None:
-        self.keys(table, path, ("name", "type", "model", "backend", "stats", "runtime", "limits"))
+        self.keys(
+            table,
+            path,
+            ("name", "type", "model", "backend", "stats", "runtime", "limits", *RESILIENCE_KEYS),
+        )
         model = self.string(table, "model", path)
         backend = self.choice(table, "backend", path, BACKENDS, "auto")
         stats = self.choice(table, "stats", path, STATS, "basic")
@@ -498,9 +508,12 @@ class _Parser:
             except InvalidConfigError as exc:
                 self.fail(f"{path}.runtime", exc.message)
         limits = self.limit_table(table, path)
+        resilience = parse_resilience(self, table, path, "local")
         if name is None or model is None:
             return None
-        return LocalTarget(name, Path(model), backend, stats, runtime, limits=limits)
+        return LocalTarget(
+            name, Path(model), backend, stats, runtime, limits=limits, resilience=resilience
+        )
 
     def provider_target(
         self, table: Mapping[str, Any], path: str, name: str | None, kind: str
@@ -535,7 +548,7 @@ class _Parser:
                 "timeout_seconds",
                 "limits",
             ),
-        }[kind]
+        }[kind] + RESILIENCE_KEYS
         for key in table:
             if key not in fields:
                 self.fail(
@@ -544,9 +557,22 @@ class _Parser:
                 )
         model = self.string(table, "model", path)
         secret_key = "token_env" if kind == "openai_compatible" else "api_key_env"
+        resilience = parse_resilience(self, table, path, kind)
+        pooled = "deployments" in table
+        for key in (secret_key, "base_url"):
+            if pooled and key in table:
+                self.fail(f"{path}.{key}", "is set per deployment when deployments are listed")
+        if pooled and kind != "openai_compatible":
+            for j, dep in enumerate(resilience.deployments):
+                if dep.target is None and dep.secret_env is None:
+                    self.fail(f"{path}.deployments[{j}].{secret_key}", "is required")
         # A local vLLM or llama-server often takes no key: token_env is optional there.
-        secret = self.env_name(table, secret_key, path, required=kind != "openai_compatible")
-        base_url = self.string(table, "base_url", path, required=kind == "openai_compatible")
+        secret = self.env_name(
+            table, secret_key, path, required=kind != "openai_compatible" and not pooled
+        )
+        base_url = self.string(
+            table, "base_url", path, required=kind == "openai_compatible" and not pooled
+        )
         if base_url is not None and not re.match(r"^https?://[^\s/?#]+(/[^\s?#]*)?$", base_url):
             self.fail(
                 f"{path}.base_url", "must be an absolute http(s) URL without query or fragment"
@@ -564,5 +590,15 @@ class _Parser:
         limits = self.limit_table(table, path)
         if name is None or model is None:
             return None
-        args = (secret, base_url, timeout, header, version, limits)
-        return ProviderTarget(name, kind, model, *args)  # type: ignore[arg-type]
+        return ProviderTarget(
+            name,
+            kind,  # type: ignore[arg-type]
+            model,
+            secret,
+            base_url,
+            timeout,
+            header,
+            version,
+            limits=limits,
+            resilience=resilience,
+        )

@@ -3,14 +3,17 @@ operation, error code and configured target names only."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .activity import RequestRecord
+
+if TYPE_CHECKING:
+    from .upstreams.pool import Pool
 
 __all__ = ["GatewayMetrics"]
 
@@ -42,8 +45,50 @@ class _LocalRuntimeCollector(Collector):
         yield from families.values()
 
 
+_BREAKER_STATES = {"closed": 0.0, "open": 1.0, "half_open": 2.0}
+
+
+class _PoolCollector(Collector):
+    """Reads each pooled deployment's breaker, in-flight count and latency at scrape time."""
+
+    def __init__(self, source: Callable[[], Iterable[Pool]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["target", "deployment"]
+        state = GaugeMetricFamily(
+            "sipp_gateway_breaker_state",
+            "Circuit breaker per deployment: 0 closed, 1 open, 2 half-open (probing)",
+            labels=labels,
+        )
+        opened = CounterMetricFamily(
+            "sipp_gateway_breaker_opened", "Times a deployment's breaker opened", labels=labels
+        )
+        in_flight = GaugeMetricFamily(
+            "sipp_gateway_deployment_in_flight", "Attempts in flight per deployment", labels=labels
+        )
+        latency = GaugeMetricFamily(
+            "sipp_gateway_deployment_latency_seconds",
+            "EWMA of a deployment's time to first token (or to the response)",
+            labels=labels,
+        )
+        for pool in self._source():
+            for dep in pool.deployments:
+                key = [pool.name, dep.name]
+                state.add_metric(key, _BREAKER_STATES[dep.breaker.state])
+                opened.add_metric(key, float(dep.breaker.opened))
+                in_flight.add_metric(key, float(dep.in_flight))
+                if dep.latency is not None:
+                    latency.add_metric(key, dep.latency)
+        yield from (state, opened, in_flight, latency)
+
+
 class GatewayMetrics:
-    def __init__(self, local_stats: Callable[[], dict[str, dict[str, Any]]]) -> None:
+    def __init__(
+        self,
+        local_stats: Callable[[], dict[str, dict[str, Any]]],
+        pools: Callable[[], Iterable[Pool]] = tuple,
+    ) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
             "sipp_gateway_requests", "Public requests by operation", ["operation"], registry=r
@@ -98,6 +143,13 @@ class GatewayMetrics:
             ["target", "status"],
             registry=r,
         )
+        self.upstream_attempts = Counter(
+            "sipp_gateway_upstream_attempts",
+            "Attempts on upstream deployments by target, deployment and outcome "
+            "(ok, connect, timeout, 429, 5xx, 4xx, context, error, unavailable, cancelled)",
+            ["target", "deployment", "outcome"],
+            registry=r,
+        )
         self.limit_refused = Counter(
             "sipp_gateway_limit_refused",
             "Requests refused by a caller's or target's limit ([tokens.limits], [targets.limits])",
@@ -116,6 +168,7 @@ class GatewayMetrics:
         )
         self.state_available.set(1)
         r.register(_LocalRuntimeCollector(local_stats))
+        r.register(_PoolCollector(pools))
 
     def observe(self, record: RequestRecord) -> None:
         op = record.operation

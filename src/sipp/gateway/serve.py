@@ -15,8 +15,13 @@ from collections.abc import Mapping
 import uvicorn
 
 from .._client import AsyncSippClient
-from .._descriptors import GatewayTimeoutPolicy, LocalModelDescriptor, ProviderDescriptor
-from .._errors import SippError
+from .._descriptors import (
+    EndpointRef,
+    GatewayTimeoutPolicy,
+    LocalModelDescriptor,
+    ProviderDescriptor,
+)
+from .._errors import ModelLoadError, SippError
 from .._runtime_config import NativeRuntimeConfig, ObservabilityRuntimeConfig
 from .admin import admin_state
 from .app import GatewayState, build_management_app, build_public_app
@@ -24,6 +29,7 @@ from .auth import TokenTable, read_secret
 from .config import GatewayConfig, LocalTarget, ProviderTarget
 from .shaping import build_shaper, open_store
 from .shared_controls import shared_controls
+from .upstreams.pool import Pool
 
 __all__ = ["configure_logging", "serve"]
 
@@ -66,7 +72,11 @@ class _Server(uvicorn.Server):
 
 
 async def _load_targets(state: GatewayState, env: Mapping[str, str]) -> None:
-    for target in state.config.targets:
+    # A pool of other targets loads after them, whatever their order in the file.
+    def pools_of_targets_last(target: LocalTarget | ProviderTarget) -> bool:
+        return any(d.target is not None for d in target.resilience.deployments)
+
+    for target in sorted(state.config.targets, key=pools_of_targets_last):
         try:
             if isinstance(target, LocalTarget):
                 await _add_local(state, target)
@@ -100,9 +110,44 @@ async def _add_local(state: GatewayState, target: LocalTarget) -> None:
 async def _add_provider(
     state: GatewayState, target: ProviderTarget, env: Mapping[str, str]
 ) -> None:
+    pool = state.pools[target.name]
+    if pool.implicit:
+        ref = await _register(state, target, target.name, target.base_url, target.secret_env, env)
+        state.targets[target.name] = ref
+        return
+    refs = []
+    for dep in pool.deployments:  # each listed deployment is its own endpoint
+        if dep.spec.target is None:
+            name = f"{target.name}@{dep.name}"
+            dep.ref = await _register(
+                state, target, name, dep.spec.base_url, dep.spec.secret_env, env
+            )
+            refs.append(dep.ref)
+    # The target's own name resolves (for readiness, operator switches, embeddings) to
+    # its first deployment with an endpoint of its own, if any.
+    state.targets[target.name] = refs[0] if refs else _first_target(state, pool)
+
+
+def _first_target(state: GatewayState, pool: Pool) -> EndpointRef:
+    name = pool.deployments[0].spec.target
+    assert name is not None
+    ref = state.targets.get(name)
+    if ref is None:
+        raise ModelLoadError(f"deployment target {name!r} did not load")
+    return ref
+
+
+async def _register(
+    state: GatewayState,
+    target: ProviderTarget,
+    name: str,
+    base_url: str | None,
+    secret_env: str | None,
+    env: Mapping[str, str],
+) -> EndpointRef:
     secret = None
-    if target.secret_env is not None:
-        secret = read_secret(env, target.secret_env, f"target {target.name}")
+    if secret_env is not None:
+        secret = read_secret(env, secret_env, f"target {target.name}")
         state.secrets.append(secret)
     timeout = (
         GatewayTimeoutPolicy(request_s=target.timeout_seconds)
@@ -113,12 +158,12 @@ async def _add_provider(
         target.type,
         target.model,
         api_key=secret,
-        base_url=target.base_url,
+        base_url=base_url,
         correlation_header=target.correlation_header,
         timeout=timeout,
         anthropic_version=target.version or "2023-06-01",
     )
-    state.targets[target.name] = await state.client.add(target.name, descriptor)
+    return await state.client.add(name, descriptor)
 
 
 async def serve(
@@ -129,8 +174,11 @@ async def serve(
     tokens = TokenTable(config.tokens, env)
     admin_password = read_secret(env, config.admin_password_env, "admin_password_env")
     for target in config.targets:  # fail fast on missing provider secrets, before binding
-        if isinstance(target, ProviderTarget) and target.secret_env is not None:
-            read_secret(env, target.secret_env, f"target {target.name}")
+        if isinstance(target, ProviderTarget):
+            envs = [target.secret_env, *(d.secret_env for d in target.resilience.deployments)]
+            for secret_env in envs:
+                if secret_env is not None:
+                    read_secret(env, secret_env, f"target {target.name}")
 
     state = GatewayState(config, AsyncSippClient(), tokens)
     store = open_store(config, env)

@@ -20,6 +20,7 @@ from .limits import ConcurrencyLimit, RateLimiter
 from .metrics import GatewayMetrics
 from .shaping import Shaper
 from .upstream import caller_error, from_upstream, log_upstream
+from .upstreams.pool import Pool
 
 __all__ = ["GatewayState", "for_caller", "resolve_target"]
 
@@ -49,9 +50,11 @@ class GatewayState:
             if security.rate_limit_enabled
             else None
         )
-        self.metrics = GatewayMetrics(self.local_stats)
-        self.activity = Activity()
         self.target_configs = {t.name: t for t in self.config.targets}
+        # Every target is a pool, of its deployments or of itself alone.
+        self.pools = {t.name: Pool(t.name, t.resilience) for t in self.config.targets}
+        self.metrics = GatewayMetrics(self.local_stats, lambda: self.pools.values())
+        self.activity = Activity()
 
     def record(self, operation: str) -> RequestRecord:
         """A new public request's record; its `finish` feeds /metrics and the dashboard."""

@@ -11,13 +11,52 @@ and an upstream timeout stays 504 `timeout`, because the caller can act on both.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 
-from .._errors import RateLimitedError, RemoteError, SippError
+from .._errors import (
+    ContextOverflowError,
+    OverloadedError,
+    RateLimitedError,
+    RemoteError,
+    SippError,
+    UnavailableError,
+)
 
-__all__ = ["caller_error", "from_upstream", "log_upstream"]
+__all__ = ["HEALTH_FAILURES", "caller_error", "failure_kind", "from_upstream", "log_upstream"]
 
 logger = logging.getLogger("sipp.gateway.upstream")
+# How OpenAI-style, Anthropic, vLLM and llama-server word a prompt over the context.
+_CONTEXT = re.compile(
+    r"context[_ ]length|context window|maximum context|prompt is too long|exceeds the context",
+    re.I,
+)
+# Failed attempts that count against a deployment's health (its circuit breaker).
+HEALTH_FAILURES = frozenset({"connect", "timeout", "429", "5xx"})
+
+
+def failure_kind(exc: SippError) -> str:
+    """How the execute stage treats a failed attempt: `connect`, `timeout`, `429` and
+    `5xx` may be retried and fall back; `context` goes to the context fallbacks;
+    `unavailable` (a target switched off or stopped) moves on without retrying it;
+    `4xx` and `error` are the request's own fault and final."""
+    if isinstance(exc, ContextOverflowError) or (
+        exc.status == 400 and _CONTEXT.search(exc.message)
+    ):
+        return "context"
+    if exc.status == 429 or isinstance(exc, (OverloadedError, RateLimitedError)):
+        return "429"
+    if exc.code == "timeout":
+        return "timeout"
+    if exc.status is not None:
+        return "5xx" if exc.status >= 500 else "4xx"
+    if isinstance(exc, RemoteError):
+        return "connect" if exc.retryable else "error"
+    if isinstance(exc, UnavailableError) or exc.code in ("model_load", "backend_unavailable"):
+        return "unavailable"
+    if exc.code == "execution":  # a local engine failed while running
+        return "5xx"
+    return "4xx" if exc.code in ("invalid_request", "unsupported_operation") else "error"
 
 
 def from_upstream(exc: SippError) -> bool:

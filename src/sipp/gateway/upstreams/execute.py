@@ -1,0 +1,374 @@
+"""The execute stage: run one request's choices on its target's pool, retrying and
+falling back until each one commits.
+
+An attempt picks a deployment (see `Pool.pick`) and starts a run there. A failure
+before the commit point moves on: the same target again after a backoff with jitter
+(a 429's `Retry-After` is honoured up to `retry_after_cap_seconds`; a longer one
+takes that deployment out of this request), then the target's `fallbacks` in order,
+or its `context_fallbacks` for a prompt over the context. 400/401/403 are final.
+
+The commit point: a non-streaming choice commits with its response. A streaming
+choice, when the target has anywhere else to go, is held until its first content
+arrives (or `first_token_timeout_seconds` passes); nothing reached the caller
+before that, so a failure is still retried. After it, a failure is the stream's
+error frame: the caller never gets text spliced from two upstreams.
+
+`Execution.close` is the one cleanup: every attempt still open is ended
+(`cancelled`), its run cancelled (closing its upstream connection) and its
+deployment's in-flight count given back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TypeVar
+
+from ..._descriptors import EndpointRef
+from ..._errors import OverloadedError, SippError, UnavailableError
+from ..._runs import AsyncTextRun
+from ..._types import SippTextResponse, TokenBatch
+from ..activity import RequestRecord
+from ..request import GatewayRequest
+from ..state import GatewayState, resolve_target
+from ..target_options import TargetArgs, target_args
+from ..upstream import HEALTH_FAILURES, failure_kind, from_upstream, log_upstream
+from .pool import DeploymentState, Pool
+
+__all__ = ["Execution", "HeldRun"]
+
+logger = logging.getLogger("sipp.gateway.upstream")
+Start = Callable[[EndpointRef, TargetArgs], AsyncTextRun]
+_T = TypeVar("_T")
+_LOCAL_RETRY_AFTER = 1.0  # seconds a caller is told to wait when a local queue is full
+
+
+class Attempt:
+    """One try of one choice on one deployment; `end` settles it exactly once."""
+
+    def __init__(self, state: GatewayState, pool: Pool, dep: DeploymentState) -> None:
+        self.state, self.pool, self.dep = state, pool, dep
+        self.run: AsyncTextRun | None = None
+        self.outcome: str | None = None
+        self.probe = dep.breaker.start()
+        self.started = time.perf_counter()
+        self._measured = False
+        dep.in_flight += 1
+
+    @property
+    def label(self) -> str:
+        """`target`, or `target/deployment` for a pool: what `x-sipp-target` shows."""
+        return self.pool.name if self.pool.implicit else f"{self.pool.name}/{self.dep.name}"
+
+    def first_output(self) -> None:
+        if not self._measured:
+            self._measured = True
+            self.dep.observe_latency(time.perf_counter() - self.started)
+
+    def end(self, outcome: str) -> None:
+        if self.outcome is not None:
+            return
+        self.outcome = outcome
+        self.dep.in_flight -= 1
+        breaker = self.dep.breaker
+        if outcome in HEALTH_FAILURES:
+            breaker.record(True, self.probe)
+        elif outcome in ("cancelled", "unavailable"):
+            breaker.abandon(self.probe)
+        else:
+            breaker.record(False, self.probe)
+        self.state.metrics.upstream_attempts.labels(self.pool.name, self.dep.name, outcome).inc()
+        if self.run is not None and not self.run.done:
+            self.run.cancel("attempt abandoned")
+
+
+class HeldRun:
+    """A committed streaming choice: its run, with the first batch already taken off
+    it when the stream was held. Iterating it settles its attempt."""
+
+    def __init__(
+        self,
+        run: AsyncTextRun,
+        attempt: Attempt,
+        first: asyncio.Task[TokenBatch | None] | None = None,
+        rest: AsyncIterator[TokenBatch] | None = None,
+    ) -> None:
+        self.run, self.attempt = run, attempt
+        self._first, self._rest = first, rest
+
+    @property
+    def done(self) -> bool:
+        return self.run.done
+
+    def cancel(self, reason: str | None = None) -> None:
+        self.run.cancel(reason)
+
+    async def result(self) -> SippTextResponse:
+        return await self.run.result()
+
+    async def __aiter__(self) -> AsyncIterator[TokenBatch]:
+        try:
+            if self._first is None or self._rest is None:
+                async for batch in self.run:
+                    self.attempt.first_output()
+                    yield batch
+            else:
+                first = await self._first
+                if first is not None:
+                    self.attempt.first_output()
+                    yield first
+                    async for batch in self._rest:
+                        yield batch
+        except SippError as exc:
+            self.attempt.end(failure_kind(exc))
+            raise
+        finally:
+            if self._first is not None and not self._first.done():
+                self._first.cancel()
+        self.attempt.end("ok")
+
+
+def _retrieve(task: asyncio.Task[TokenBatch | None]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+async def _next(batches: AsyncIterator[TokenBatch]) -> TokenBatch | None:
+    try:
+        return await batches.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+class Execution:
+    """One request's attempts over its target, its pool and its fallbacks."""
+
+    def __init__(
+        self,
+        state: GatewayState,
+        rec: RequestRecord,
+        req: GatewayRequest,
+        request_id: str,
+        start: Start,
+        args: Sequence[TargetArgs],
+    ) -> None:
+        self.state, self.rec, self.req, self.request_id = state, rec, req, request_id
+        self._start, self._args = start, args
+        self.primary = req.target
+        self.attempts: list[Attempt] = []
+        self.answered: list[str] = []
+        self._unnoted: tuple[str, SippError] | None = None
+        self._closed = False
+        self._used = [0] * len(args)  # attempts per choice: each choice has the whole cap
+
+    # ------------------------------------------------------------------ choices
+    async def responses(self) -> tuple[SippTextResponse, ...]:
+        """Every choice's response (non-streaming)."""
+        return tuple(await self._each(self._response))
+
+    async def streams(self) -> list[HeldRun]:
+        """Every choice's committed stream."""
+        return await self._each(self._stream)
+
+    async def _response(self, choice: int) -> SippTextResponse:
+        out = await self._choice(choice, stream=False)
+        assert not isinstance(out, HeldRun)
+        return out
+
+    async def _stream(self, choice: int) -> HeldRun:
+        out = await self._choice(choice, stream=True)
+        assert isinstance(out, HeldRun)
+        return out
+
+    async def _each(self, one: Callable[[int], Awaitable[_T]]) -> list[_T]:
+        n = len(self._args)
+        if n == 1:
+            return [await one(0)]
+        tasks = [asyncio.ensure_future(one(c)) for c in range(n)]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:  # one choice failed: the others stop retrying at once
+                task.cancel()
+
+    async def _choice(self, choice: int, stream: bool) -> SippTextResponse | HeldRun:
+        queue = [self.primary]
+        visited: set[str] = set()
+        last: SippError | None = None
+        while queue:
+            name = queue.pop(0)
+            if name in visited:
+                continue
+            visited.add(name)
+            pool = self.state.pools[name]
+            outcome = await self._on_target(pool, choice, stream)
+            if not isinstance(outcome, tuple):
+                return outcome
+            error, kind = outcome
+            last = error or last
+            res = pool.resilience
+            if kind == "cap":
+                break
+            if kind == "context":
+                queue = list(res.context_fallbacks)
+            elif kind in ("4xx", "error"):
+                break
+            else:
+                queue = [*res.fallbacks, *queue]
+        if last is None:
+            last = UnavailableError(f"target {self.primary!r} has no deployment to try")
+        if isinstance(last, OverloadedError) and last.retry_after is None:
+            last.retry_after = _LOCAL_RETRY_AFTER
+        raise last
+
+    async def _on_target(
+        self, pool: Pool, choice: int, stream: bool
+    ) -> SippTextResponse | HeldRun | tuple[SippError | None, str]:
+        """The choice's result from `pool`, or the last failure there and its kind
+        (`cap` when the request's attempts ran out)."""
+        retry = pool.resilience.retry
+        tried: set[str] = set()
+        blocked: set[str] = set()  # out of this request: switched off, or asked a long wait
+        failures = 0
+        last: tuple[SippError | None, str] = (None, "unavailable")
+        while failures < retry.attempts:
+            if self._used[choice] >= self._max_attempts:
+                return last[0], "cap"
+            dep = pool.pick(tried | blocked)
+            if dep.name in blocked:
+                break
+            try:
+                ref, args = self._prepare(pool, dep, choice)
+            except SippError as exc:
+                logger.info("target %s: deployment %s skipped: %s", pool.name, dep.name, exc)
+                blocked.add(dep.name)
+                last = (exc, "unavailable")
+                continue
+            self._note()
+            attempt = Attempt(self.state, pool, dep)
+            self.attempts.append(attempt)
+            self._used[choice] += 1
+            tried.add(dep.name)
+            try:
+                if stream:
+                    held = await self._commit(attempt, ref, args, pool.resilience.has_alternatives)
+                    self.answered.append(attempt.label)
+                    return held
+                attempt.run = self._start(ref, args)
+                response = await attempt.run.result()
+            except SippError as exc:
+                kind = failure_kind(exc)
+                attempt.end(kind)
+                last = (exc, kind)
+                self._unnoted = (pool.name, exc)
+                if kind in ("context", "4xx", "error"):
+                    return last
+                failures += 1
+                if kind == "unavailable":
+                    blocked.add(dep.name)
+                    continue
+                if kind not in retry.on:
+                    break
+                delay = _backoff(retry.backoff_base_seconds, retry.backoff_cap_seconds, failures)
+                if kind == "429" and exc.retry_after is not None:
+                    if exc.retry_after > retry.retry_after_cap_seconds:
+                        blocked.add(dep.name)
+                        delay = 0.0
+                    else:
+                        delay = max(delay, exc.retry_after)
+                if failures < retry.attempts and delay > 0:
+                    await asyncio.sleep(delay)
+                continue
+            attempt.first_output()
+            attempt.end("ok")
+            self.answered.append(attempt.label)
+            return response
+        return last
+
+    @property
+    def _max_attempts(self) -> int:
+        return self.state.pools[self.primary].resilience.max_attempts
+
+    def _prepare(
+        self, pool: Pool, dep: DeploymentState, choice: int
+    ) -> tuple[EndpointRef, TargetArgs]:
+        """The endpoint and arguments of `choice` on `dep` (a 404/503 if it is switched
+        off, a 400 if that target cannot honour the request's fields)."""
+        name = dep.spec.target or pool.name
+        ref = resolve_target(self.state, name)
+        if dep.ref is not None:
+            ref = dep.ref
+        if name == self.primary:
+            return ref, self._args[choice]
+        return ref, target_args(self.req, self.state.target_configs[name], choice)
+
+    async def _commit(
+        self, attempt: Attempt, ref: EndpointRef, args: TargetArgs, hold: bool
+    ) -> HeldRun:
+        run = attempt.run = self._start(ref, args)
+        if not hold:  # as before pools: commit once the endpoint accepted the run
+            if run._preparing:
+                await run._accepted()
+            if run.done:
+                await run.result()
+            return HeldRun(run, attempt)
+        rest = run.__aiter__()
+        first = asyncio.ensure_future(_next(rest))
+        # A stream whose consumer leaves before reading it never awaits `first`.
+        first.add_done_callback(_retrieve)
+        timeout = attempt.pool.resilience.retry.first_token_timeout_seconds
+        try:
+            await asyncio.wait({first}, timeout=timeout)
+        except asyncio.CancelledError:
+            first.cancel()
+            raise
+        if first.done():
+            first.result()  # a failure before the first content: raise it, still retryable
+        return HeldRun(run, attempt, first, rest)
+
+    def _note(self) -> None:
+        """Log and count the failure this request is moving on from (the last failure,
+        the one the caller gets, is logged and counted by the pipeline's `for_caller`)."""
+        if self._unnoted is None:
+            return
+        target, exc = self._unnoted
+        self._unnoted = None
+        if from_upstream(exc):
+            status = str(exc.status) if exc.status is not None else exc.code
+            self.state.metrics.upstream_errors.labels(target, status).inc()
+            log_upstream(target, exc, self.state.secrets)
+
+    # ------------------------------------------------------------------ cleanup
+    def headers(self) -> dict[str, str]:
+        """`x-sipp-target` (who answered) and `x-sipp-attempts` (how many tries it took)."""
+        out = {"x-sipp-attempts": str(len(self.attempts))}
+        if self.answered:
+            out["x-sipp-target"] = ", ".join(dict.fromkeys(self.answered))
+        return out
+
+    def close(self) -> None:
+        """End every attempt still open (cancelling its run); record and log the tries."""
+        if self._closed:
+            return
+        self._closed = True
+        for attempt in self.attempts:
+            attempt.end("cancelled")
+        self.rec.attempts = len(self.attempts)
+        self.rec.answered_by = ", ".join(dict.fromkeys(self.answered)) or None
+        if len(self.attempts) > 1 or any(a.outcome != "ok" for a in self.attempts):
+            logger.info(
+                "request %s for target %s: %d attempt(s): %s",
+                self.request_id,
+                self.primary,
+                len(self.attempts),
+                ", ".join(f"{a.label}={a.outcome}" for a in self.attempts),
+            )
+
+
+def _backoff(base: float, cap: float, failures: int) -> float:
+    """Exponential backoff with jitter: between half and all of base * 2^(failures-1)."""
+    ceiling = min(cap, base * 2.0 ** (failures - 1))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
