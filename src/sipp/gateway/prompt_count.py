@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 from .._endpoint import TextRequest
 from .._errors import SippError
-from ..local.endpoint import LocalEndpoint
 from .request import GatewayRequest
+
+if TYPE_CHECKING:  # the gateway loads the engine only when it serves a local target
+    from ..local.endpoint import LocalEndpoint
 
 __all__ = ["local_prompt_tokens"]
 
