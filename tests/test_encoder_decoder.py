@@ -23,6 +23,7 @@ from sipp import (
     ContextOverflowError,
     ContextRuntimeConfig,
     EndpointRef,
+    GatewayDescriptor,
     InvalidConfigError,
     LocalModelDescriptor,
     LocalTextOptions,
@@ -280,3 +281,39 @@ def test_embed_is_refused(t5: Client, t5_gguf: Path) -> None:
         client.embed("hi", endpoint=ref).result()
     with pytest.raises(InvalidConfigError, match="encoder-decoder"):
         _load(t5_gguf, embeddings=True, pooling="mean")
+
+
+def test_the_gateway_serves_query_on_a_t5_target(
+    t5_gguf: Path, t5: Client, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The spec's route to a local encoder-decoder target over HTTP is query: the native
+    route through a gateway endpoint, and OpenAI's completions through the official SDK."""
+    import openai
+
+    from .gateway.test_server import TOKEN, running_gateway
+
+    client, ref = t5
+    expected = client.query(PROMPTS[1], endpoint=ref, options=GREEDY).result().text
+    with running_gateway(t5_gguf, tmp_path_factory.mktemp("t5-gateway")) as gw:
+        with SippClient() as remote:
+            target = remote.add(
+                "gw",
+                GatewayDescriptor(
+                    "local", gw.public, authentication_kind="bearer", authentication_value=TOKEN
+                ),
+            )
+            assert remote.query(PROMPTS[1], endpoint=target, options=GREEDY).result().text == (
+                expected
+            )
+            run = remote.query(PROMPTS[1], endpoint=target, options=GREEDY, emit_tokens=True)
+            assert "".join(batch.text for batch in run) == expected
+            with pytest.raises(UnsupportedOperationError):
+                remote.chat([ChatMessage("user", "hi")], endpoint=target).result()
+        oa = openai.OpenAI(base_url=gw.public + "/v1", api_key=TOKEN, max_retries=0, timeout=120)
+        try:
+            done = oa.completions.create(
+                model="local", prompt=PROMPTS[1], max_tokens=MAX_NEW, temperature=0
+            )
+        finally:
+            oa.close()
+        assert done.choices[0].text == expected
