@@ -124,7 +124,7 @@ def test_the_generated_model_is_an_encoder_decoder_gguf(t5_gguf: Path) -> None:
 
     model = _llama.LlamaModel(t5_gguf, _llama.ModelParams(0, 0, True, False, False))
     try:
-        assert model.has_encoder and model.has_decoder
+        assert model.has_encoder and model.has_decoder and model.encoder_decoder
         assert model.meta("general.architecture") == "t5"
         assert model.decoder_start == 0  # T5 starts decoding from <pad>
     finally:

@@ -175,6 +175,8 @@ class LlamaModel:
         self.n_embd = int(_lc.llama_model_n_embd(ptr))
         self.has_encoder = bool(_lc.llama_model_has_encoder(ptr))
         self.has_decoder = bool(_lc.llama_model_has_decoder(ptr))
+        # T5 and its family; an encoder-only model (T5ENCODER) is an embedding model.
+        self.encoder_decoder = self.has_encoder and self.has_decoder
         # Encoder-decoder models: the token the decoder starts from, as llama.cpp's own
         # examples pick it (the model's decoder-start token, else BOS).
         start = int(_lc.llama_model_decoder_start_token(ptr))

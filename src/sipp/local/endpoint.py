@@ -67,7 +67,7 @@ class LocalEndpoint(Endpoint):
         if self.supports(operation):
             return
         name = self.loaded.path.name
-        if operation == "embed" and self.loaded.model.has_encoder:
+        if operation == "embed" and self.loaded.model.encoder_decoder:
             raise UnsupportedOperationError(
                 f"{name} is an encoder-decoder model: it generates text with query, "
                 "and this runtime computes no embeddings with it"
@@ -164,7 +164,7 @@ class LocalEndpoint(Endpoint):
         options, local = request.options, request.local
         self._engine.check_prompt(tokens)
         encoder_prompt: list[int] | None = None
-        if model.has_encoder:  # the encoder reads the prompt; the decoder starts afresh
+        if model.encoder_decoder:  # the encoder reads the prompt; the decoder starts afresh
             encoder_prompt, tokens = tokens, [model.decoder_start]
         override = local.sampling if local is not None else None
         if override is not None and not isinstance(override, SamplingRuntimeConfig):

@@ -153,7 +153,7 @@ def load_model(path: Path, config: NativeRuntimeConfig, backend: str | None = No
 
     try:
         embeddings = bool(ctx_cfg.embeddings)
-        if embeddings and model.has_encoder:
+        if embeddings and model.encoder_decoder:
             raise InvalidConfigError(
                 f"{path.name} is an encoder-decoder model: it generates text (query), "
                 "this runtime computes no embeddings with it (drop embeddings=True)"
@@ -182,7 +182,7 @@ def load_model(path: Path, config: NativeRuntimeConfig, backend: str | None = No
             offload_kqv=False if on_cpu else (ctx_cfg.offload_kqv is not False),
             op_offload=not on_cpu,
             profiling=bool(config.observability.backend_profiling),
-            unified_kv=model.has_encoder,
+            unified_kv=model.encoder_decoder,
         )
         if forced_cpu and ctx_cfg.flash_attention:
             raise InvalidConfigError(

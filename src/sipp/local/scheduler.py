@@ -140,7 +140,7 @@ class Engine:
         sched = config.scheduler
         n_slots = self.ctx.n_seq_max
         self.n_ctx_slot = self.ctx.n_ctx_seq
-        self.encoder = self.model.has_encoder
+        self.encoder = self.model.encoder_decoder
         if self.encoder:
             # One KV stream for every slot (see ContextParams.unified_kv): each slot gets
             # its share, so all of them together never overflow it.
