@@ -175,6 +175,12 @@ class LlamaModel:
         self.n_embd = int(_lc.llama_model_n_embd(ptr))
         self.has_encoder = bool(_lc.llama_model_has_encoder(ptr))
         self.has_decoder = bool(_lc.llama_model_has_decoder(ptr))
+        # T5 and its family; an encoder-only model (T5ENCODER) is an embedding model.
+        self.encoder_decoder = self.has_encoder and self.has_decoder
+        # Encoder-decoder models: the token the decoder starts from, as llama.cpp's own
+        # examples pick it (the model's decoder-start token, else BOS).
+        start = int(_lc.llama_model_decoder_start_token(ptr))
+        self.decoder_start = start if start >= 0 else int(_lc.llama_vocab_bos(self.vocab))
         self.add_bos = bool(_lc.llama_vocab_get_add_bos(self.vocab))
         self._piece_buf = ctypes.create_string_buffer(256)
 
@@ -272,6 +278,10 @@ class ContextParams:
     offload_kqv: bool
     op_offload: bool
     profiling: bool
+    # One KV stream for every sequence. Encoder-decoder models need it: with a stream per
+    # sequence llama.cpp splits a batch into equal per-sequence parts, which its
+    # cross-attention refuses (an assert that aborts the process).
+    unified_kv: bool = False
 
 
 class Context:
@@ -292,7 +302,7 @@ class Context:
         # Text: each sequence gets its own n_ctx / n_seq_max window (a slot is a slot).
         # Embeddings: one shared stream, so llama.cpp keeps every input of a batch in
         # one micro-batch; split per stream, pooling would see only part of an input.
-        cp.kv_unified = p.embeddings
+        cp.kv_unified = p.embeddings or p.unified_kv
         if p.pooling is not None:
             cp.pooling_type = POOLING[p.pooling]
         if p.flash_attention is not None:
@@ -310,6 +320,7 @@ class Context:
         self.n_ctx = int(_lc.llama_n_ctx(ptr))
         self.n_ctx_seq = int(_lc.llama_n_ctx_seq(ptr))
         self.n_batch = int(_lc.llama_n_batch(ptr))
+        self.n_ubatch = int(_lc.llama_n_ubatch(ptr))
         self.n_seq_max = int(_lc.llama_n_seq_max(ptr))
         self.pooling = POOLING_NAMES.get(int(_lc.llama_pooling_type(ptr)), "none")
         self._memory = _lc.llama_get_memory(ptr)
@@ -325,6 +336,15 @@ class Context:
 
     def decode(self, batch: Batch) -> int:
         return int(_lc.llama_decode(self._ptr, batch.raw))
+
+    def encode(self, batch: Batch) -> int:
+        """Run an encoder-decoder model's encoder over `batch`. llama.cpp keeps one encoder
+        output per context, replaced by every call, and the decoder's cross-attention reads
+        the rows whose sequence id matches its own. The batch must fit in one micro-batch
+        (`n_ubatch`): a larger one trips an assert that aborts the process."""
+        if batch.n > self.n_ubatch:
+            raise ValueError(f"an encoder batch holds at most {self.n_ubatch} tokens")
+        return int(_lc.llama_encode(self._ptr, batch.raw))
 
     def seq_rm(self, seq_id: int, p0: int, p1: int = -1) -> bool:
         if not self._memory:  # encoder-only models keep no KV memory

@@ -67,6 +67,11 @@ class LocalEndpoint(Endpoint):
         if self.supports(operation):
             return
         name = self.loaded.path.name
+        if operation == "embed" and self.loaded.model.encoder_decoder:
+            raise UnsupportedOperationError(
+                f"{name} is an encoder-decoder model: it generates text with query, "
+                "and this runtime computes no embeddings with it"
+            )
         if operation == "embed":
             raise UnsupportedOperationError(
                 f"{name} was not loaded for embeddings; register it with "
@@ -158,6 +163,9 @@ class LocalEndpoint(Endpoint):
         tokens = model.tokenize(text, add_special=add_special, parse_special=True)
         options, local = request.options, request.local
         self._engine.check_prompt(tokens)
+        encoder_prompt: list[int] | None = None
+        if model.encoder_decoder:  # the encoder reads the prompt; the decoder starts afresh
+            encoder_prompt, tokens = tokens, [model.decoder_start]
         override = local.sampling if local is not None else None
         if override is not None and not isinstance(override, SamplingRuntimeConfig):
             raise InvalidRequestError("LocalTextOptions.sampling must be a SamplingRuntimeConfig")
@@ -221,6 +229,7 @@ class LocalEndpoint(Endpoint):
             if local is not None and local.logprobs
             else None,
             tools=plan.parser() if plan is not None else None,
+            encoder_prompt=encoder_prompt,
         )
         try:
             self._engine.submit(job)

@@ -153,6 +153,11 @@ def load_model(path: Path, config: NativeRuntimeConfig, backend: str | None = No
 
     try:
         embeddings = bool(ctx_cfg.embeddings)
+        if embeddings and model.encoder_decoder:
+            raise InvalidConfigError(
+                f"{path.name} is an encoder-decoder model: it generates text (query), "
+                "this runtime computes no embeddings with it (drop embeddings=True)"
+            )
         n_parallel = ctx_cfg.n_parallel or 1
         n_ctx = ctx_cfg.n_ctx or min(DEFAULT_N_CTX, model.n_ctx_train or DEFAULT_N_CTX)
         n_batch, n_ubatch = batch_sizes(ctx_cfg, n_ctx, n_parallel)
@@ -177,6 +182,7 @@ def load_model(path: Path, config: NativeRuntimeConfig, backend: str | None = No
             offload_kqv=False if on_cpu else (ctx_cfg.offload_kqv is not False),
             op_offload=not on_cpu,
             profiling=bool(config.observability.backend_profiling),
+            unified_kv=model.encoder_decoder,
         )
         if forced_cpu and ctx_cfg.flash_attention:
             raise InvalidConfigError(

@@ -94,6 +94,9 @@ class TextJob:
     # (sibling, n): this job waits for `sibling` to prefill its first n prompt tokens,
     # the same as ours, and then copies them instead of computing them again.
     share: tuple[TextJob, int] | None = None
+    # Encoder-decoder models: the tokenized prompt, which the encoder reads; `prompt` is
+    # then the decoder's own start ([decoder-start token]).
+    encoder_prompt: list[int] | None = None
     t_submit: float = field(default_factory=time.perf_counter)
     slot: _Slot | None = None
     prefilled: int = 0  # prompt tokens already in the KV
@@ -112,6 +115,11 @@ class TextJob:
     @property
     def prefilling(self) -> bool:
         return self.prefilled < len(self.prompt)
+
+    @property
+    def prompt_tokens(self) -> int:
+        """What the caller's prompt cost: the encoder's input on encoder-decoder models."""
+        return len(self.encoder_prompt if self.encoder_prompt is not None else self.prompt)
 
 
 @dataclass(eq=False)
@@ -132,6 +140,11 @@ class Engine:
         sched = config.scheduler
         n_slots = self.ctx.n_seq_max
         self.n_ctx_slot = self.ctx.n_ctx_seq
+        self.encoder = self.model.encoder_decoder
+        if self.encoder:
+            # One KV stream for every slot (see ContextParams.unified_kv): each slot gets
+            # its share, so all of them together never overflow it.
+            self.n_ctx_slot = self.ctx.n_ctx // self.ctx.n_seq_max
         self.max_running = min(sched.max_running_requests or n_slots, n_slots)
         if sched.continuous_batching is False:
             self.max_running = 1
@@ -140,7 +153,9 @@ class Engine:
         )
         self.chunk_cap = sched.prefill_chunk_size or 0
         cache_mode = config.cache.mode or "live_slot_prefix"
-        self.reuse_prefix = cache_mode != "off"
+        # Encoder-decoder: the decoder's KV depends on the encoder's input, not on the
+        # decoder tokens a prefix match compares, so nothing is reused across requests.
+        self.reuse_prefix = cache_mode != "off" and not self.encoder
         self.snapshots = (
             SnapshotStore(
                 config.cache.max_snapshot_entries
@@ -150,7 +165,7 @@ class Engine:
                 if config.cache.max_snapshot_bytes is not None
                 else 256 << 20,
             )
-            if cache_mode == "snapshot"
+            if cache_mode == "snapshot" and not self.encoder
             else None
         )
         self.sampling = config.sampling.merged_over(_DEFAULT_SAMPLING)
@@ -209,6 +224,11 @@ class Engine:
             raise ContextOverflowError(
                 f"prompt is {len(tokens)} tokens but the context holds {self.n_ctx_slot} per slot "
                 "(raise ContextRuntimeConfig.n_ctx or shorten the prompt)"
+            )
+        if self.encoder and len(tokens) > self.ctx.n_ubatch:
+            raise ContextOverflowError(
+                f"prompt is {len(tokens)} tokens but this encoder reads at most "
+                f"{self.ctx.n_ubatch} at once (raise ContextRuntimeConfig.n_ubatch and n_batch)"
             )
 
     @property
@@ -297,6 +317,8 @@ class Engine:
                 # KV edits and snapshot copies run outside the lock `submit` takes.
                 for job in starts:
                     self._start(job)
+                if starts and self.encoder:
+                    self._encode_active(starts)
                 if embed_jobs:
                     self._embedding = embed_jobs
                     self._embed_step(embed_jobs)
@@ -372,6 +394,9 @@ class Engine:
             if len(self._active) >= self.max_running:
                 keep.append(job)
                 continue
+            if job.encoder_prompt is not None and not self._encoder_room(job):
+                keep.append(job)
+                continue
             slot = self._pick_slot(job)
             if slot is None:
                 keep.append(job)
@@ -382,6 +407,54 @@ class Engine:
             starts.append(job)
         self._queue = keep
         return embeds, starts
+
+    def _encoder_room(self, job: TextJob) -> bool:
+        """Whether `job`'s encoder input fits in one encode beside every running job's:
+        each admission encodes them all again (see `_encode_active`)."""
+        assert job.encoder_prompt is not None
+        running = sum(len(j.encoder_prompt or ()) for j in self._active)
+        return running + len(job.encoder_prompt) <= self.ctx.n_ubatch
+
+    def _encode_active(self, starts: list[TextJob]) -> None:
+        """Encode the prompts of every running job (the new ones included) in one call.
+
+        llama.cpp keeps a single encoder output per context and each `llama_encode`
+        replaces it, while the decoder's cross-attention picks its rows by sequence id.
+        So requests batch together only if their prompts are encoded together: a new
+        request encodes every running one again. The encoder sees each sequence alone
+        (llama.cpp masks across sequences) and T5's position bias depends only on
+        distances, so each sequence starts where its decoder KV ends, as llama.cpp
+        requires of a batch. If the encode fails, the new jobs fail and the others are
+        encoded again without them."""
+        running = [j for j in self._active if j not in starts]
+        if self._encode(self._active):
+            return
+        for job in starts:
+            self._fail_encode(job)
+        if running and not self._encode(running):
+            for job in running:
+                self._fail_encode(job)
+
+    def _encode(self, jobs: list[TextJob]) -> bool:
+        batch = self._batch
+        batch.clear()
+        for job in jobs:
+            assert job.slot is not None and job.encoder_prompt is not None
+            base = len(job.slot.tokens)
+            for i, token in enumerate(job.encoder_prompt):
+                batch.add(token, base + i, job.slot.seq_id, True)
+        status = self.ctx.encode(batch)
+        if status != 0:
+            logger.warning("llama_encode failed with status %d", status)
+        return status == 0
+
+    def _fail_encode(self, job: TextJob) -> None:
+        assert job.slot is not None
+        self.ctx.seq_rm(job.slot.seq_id, -1, -1)
+        job.slot.tokens.clear()
+        self._release(job)
+        self._count_outcome(job, "failed")
+        job.channel.finish(ExecutionError("llama_encode failed"))
 
     def _finish_unstarted(self, job: TextJob | EmbedJob) -> None:
         self._counters["cancelled"] += 1
@@ -650,7 +723,7 @@ class Engine:
         prefill_ms = ((job.t_first or end) - (job.t_admit or end)) * 1000
         decode_s = end - job.t_first if job.t_first else 0.0
         stats = LocalStats(
-            prompt_tokens=len(job.prompt),
+            prompt_tokens=job.prompt_tokens,
             cached_prompt_tokens=job.cached,
             generated_tokens=job.generated,
             prefill_ms=prefill_ms,
@@ -660,7 +733,7 @@ class Engine:
             else 0.0,
             queue_ms=((job.t_admit or end) - job.t_submit) * 1000,
         )
-        usage = Usage(len(job.prompt), job.generated, len(job.prompt) + job.generated)
+        usage = Usage(job.prompt_tokens, job.generated, job.prompt_tokens + job.generated)
         logprobs = tuple(job.logprobs) if job.top_logprobs is not None else None
         matched = job.stream.matched
         if job.tools is None:
@@ -699,7 +772,7 @@ class Engine:
         with self._cond:
             c = self._counters
             c[outcome] += 1
-            c["prompt_tokens"] += len(job.prompt)
+            c["prompt_tokens"] += job.prompt_tokens
             c["cached_prompt_tokens"] += job.cached
             c["generated_tokens"] += job.generated
             end = time.perf_counter()
