@@ -423,7 +423,8 @@ def test_a_full_local_queue_is_a_429_the_pool_falls_back_from(setup: Setup) -> N
         timeout=60,
     ) as busy:  # takes the local target's only slot until it is closed
         assert busy.status_code == 200
-        next(busy.iter_bytes())
+        first = next(busy.iter_bytes())
+        assert b'"text"' in first and b"error" not in first, first  # generating, holding the slot
         direct = httpx.post(
             f"{setup.gw.public}/v1/completions", json=body, headers=AUTH, timeout=60
         )

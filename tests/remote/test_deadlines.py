@@ -20,6 +20,7 @@ from sipp import (
     RemoteError,
 )
 from sipp.gateway.config import ProviderTarget
+from sipp.gateway.upstreams.pool import Pool
 from sipp.gateway.serve import _add_provider
 
 from .harness import call
@@ -122,10 +123,12 @@ def test_gateway_target_timeout_seconds_is_the_request_deadline() -> None:
 
     async def main(url: str) -> RemoteError:
         async with AsyncSippClient() as client:
-            state = SimpleNamespace(client=client, targets={})
             target = ProviderTarget(
                 "slow", "openai_compatible", "gpt-test", None, url + "/v1", timeout_seconds=1
             )
+            # A single-upstream target is a pool of itself.
+            pools = {"slow": Pool("slow", target.resilience)}
+            state = SimpleNamespace(client=client, targets={}, pools=pools)
             await _add_provider(state, target, {})  # type: ignore[arg-type]
             with pytest.raises(RemoteError) as info:
                 await client.chat(CHAT, endpoint=state.targets["slow"])
