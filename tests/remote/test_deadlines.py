@@ -20,8 +20,8 @@ from sipp import (
     RemoteError,
 )
 from sipp.gateway.config import ProviderTarget
-from sipp.gateway.upstreams.pool import Pool
 from sipp.gateway.serve import _add_provider
+from sipp.gateway.upstreams.pool import Pool
 
 from .harness import call
 from .loopback import Action, Chunk, LoopbackServer, Raw, Sleep, Status
