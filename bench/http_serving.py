@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,17 +38,9 @@ import httpx
 from _eog import eog_tokens
 from _llama_tools import ensure_tools, tool_env
 from _stats import spread
+from batched_throughput import QUESTIONS
+from gateway_overhead import free_port
 
-QUESTIONS = [
-    "Explain how a bicycle works.",
-    "Describe the water cycle.",
-    "What makes a good cup of coffee?",
-    "Tell me about the history of the printing press.",
-    "How do airplanes stay in the air?",
-    "Why is the sky blue?",
-    "Describe a walk through a forest in autumn.",
-    "How does a computer store numbers?",
-]
 SYSTEM = "You are a helpful assistant. Answer in plain prose, in as much detail as you can."
 N_BATCH = 512
 TOKEN = "bench-token"
@@ -102,12 +93,6 @@ mode = "off"
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
     deadline = time.monotonic() + 300
     while True:
@@ -143,7 +128,7 @@ def _running(cmd: list[str], env: dict[str, str], ready: str, log: Path) -> Iter
 def sipp_server(args: argparse.Namespace, directory: Path) -> Iterator[str]:
     from sipp.local._llama import cpu_has_amx
 
-    public, management = _free_port(), _free_port()
+    public, management = free_port(), free_port()
     config = directory / "gateway.toml"
     config.write_text(
         GATEWAY_TOML.format(
@@ -169,7 +154,7 @@ def sipp_server(args: argparse.Namespace, directory: Path) -> Iterator[str]:
 def llama_server(args: argparse.Namespace, directory: Path) -> Iterator[str]:
     from sipp.local._llama import cpu_has_amx
 
-    port = _free_port()
+    port = free_port()
     cmd = [
         str(ensure_tools() / "llama-server"),
         "-m", str(args.model), "--host", "127.0.0.1", "--port", str(port),
