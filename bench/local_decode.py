@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from _eog import BAN, eog_tokens
 from _stats import spread
@@ -39,8 +40,13 @@ PROMPT = "Once upon a time, in a small village by the sea, there lived"
 WARMUP_PROMPT = "The recipe calls for flour, water and"
 
 
+class Prompts(NamedTuple):
+    timed: str
+    warmup: str
+
+
 def raw_side(
-    model_path: Path, n_tokens: int, threads: int, n_ctx: int, eog: list[int]
+    model_path: Path, n_tokens: int, threads: int, n_ctx: int, eog: list[int], prompts: Prompts
 ) -> dict[str, float]:
     import llama_cpp as lc
 
@@ -64,10 +70,18 @@ def raw_side(
     bias = (lc.llama_logit_bias * len(eog))(*[lc.llama_logit_bias(token=t, bias=BAN) for t in eog])
     buf = ctypes.create_string_buffer(64)
 
-    def decode(batch: object) -> None:
-        status = lc.llama_decode(ctx, batch)
+    # An encoder-decoder model (T5) encodes the prompt, then decodes from its start token.
+    encoder = lc.llama_model_has_encoder(model) and lc.llama_model_has_decoder(model)
+    start_token = lc.llama_model_decoder_start_token(model)
+    if start_token < 0:
+        start_token = lc.llama_vocab_bos(vocab)
+
+    def check(status: int, what: str) -> None:
         if status != 0:
-            raise SystemExit(f"llama_decode failed with status {status}")
+            raise SystemExit(f"{what} failed with status {status}")
+
+    def decode(batch: object) -> None:
+        check(lc.llama_decode(ctx, batch), "llama_decode")
 
     def generate(prompt: str, n: int) -> tuple[int, int]:
         sampler = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
@@ -78,11 +92,15 @@ def raw_side(
         data = prompt.encode()
         toks = (lc.llama_token * 256)()
         n_prompt = lc.llama_tokenize(vocab, data, len(data), toks, 256, True, True)
-        decode(lc.llama_batch_get_one(toks, n_prompt))
         one = (lc.llama_token * 1)()
-        token = lc.llama_sampler_sample(sampler, ctx, -1)
-        lc.llama_token_to_piece(vocab, token, buf, 64, 0, False)
-        generated = 1
+        if encoder:
+            check(lc.llama_encode(ctx, lc.llama_batch_get_one(toks, n_prompt)), "llama_encode")
+            token, generated = start_token, 0
+        else:
+            decode(lc.llama_batch_get_one(toks, n_prompt))
+            token = lc.llama_sampler_sample(sampler, ctx, -1)
+            lc.llama_token_to_piece(vocab, token, buf, 64, 0, False)
+            generated = 1
         while generated < n:
             one[0] = token
             decode(lc.llama_batch_get_one(one, 1))
@@ -92,10 +110,10 @@ def raw_side(
         lc.llama_sampler_free(sampler)
         return n_prompt, generated
 
-    generate(WARMUP_PROMPT, 8)
+    generate(prompts.warmup, 8)
     lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
     start = time.perf_counter()
-    n_prompt, generated = generate(PROMPT, n_tokens)
+    n_prompt, generated = generate(prompts.timed, n_tokens)
     seconds = time.perf_counter() - start
     lc.llama_free(ctx)
     lc.llama_model_free(model)
@@ -103,7 +121,7 @@ def raw_side(
 
 
 def sipp_side(
-    model_path: Path, n_tokens: int, threads: int, n_ctx: int, eog: list[int]
+    model_path: Path, n_tokens: int, threads: int, n_ctx: int, eog: list[int], prompts: Prompts
 ) -> dict[str, float]:
     from sipp import (
         CacheRuntimeConfig,
@@ -124,10 +142,12 @@ def sipp_side(
     with SippClient() as client:
         endpoint = client.add("bench", LocalModelDescriptor(model_path, config))
         warm = SippTextOptions(max_tokens=8, temperature=0)
-        client.query(WARMUP_PROMPT, endpoint=endpoint, options=warm, local=local).result()
+        client.query(prompts.warmup, endpoint=endpoint, options=warm, local=local).result()
         options = SippTextOptions(max_tokens=n_tokens, temperature=0)
         start = time.perf_counter()
-        response = client.query(PROMPT, endpoint=endpoint, options=options, local=local).result()
+        response = client.query(
+            prompts.timed, endpoint=endpoint, options=options, local=local
+        ).result()
         seconds = time.perf_counter() - start
     assert response.usage is not None
     return {
@@ -153,6 +173,8 @@ def run_side(
         "--threads", str(args.threads),
         "--ctx", str(args.ctx),
         "--eog", ",".join(map(str, eog)),
+        "--prompt", args.prompt,
+        "--warmup-prompt", args.warmup_prompt,
     ]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -163,22 +185,27 @@ def run_side(
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None, description: str | None = None) -> None:
+    """Run the benchmark; `argv` and `description` let another script (t5_query.py) run
+    it with its own model, prompts and defaults."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description or __doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--ctx", type=int, default=2048)
+    parser.add_argument("--prompt", default=PROMPT)
+    parser.add_argument("--warmup-prompt", default=WARMUP_PROMPT)
     parser.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--eog", default="", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.side:  # a child: one measurement, printed as JSON
         eog = [int(t) for t in args.eog.split(",") if t]
         measure = SIDES[args.side]
-        print(json.dumps(measure(args.model, args.tokens, args.threads, args.ctx, eog)))
+        prompts = Prompts(args.prompt, args.warmup_prompt)
+        print(json.dumps(measure(args.model, args.tokens, args.threads, args.ctx, eog, prompts)))
         return
 
     from sipp import models as sipp_models
