@@ -414,7 +414,16 @@ def test_random_failure_schedules_keep_the_invariants(
 
 
 def test_a_full_local_queue_is_a_429_the_pool_falls_back_from(setup: Setup) -> None:
-    body = {"model": "busy-local", "prompt": "Count: 1, 2, 3,", "max_tokens": 1500}
+    # Greedy with SmolLM2's end-of-generation tokens (0, 2, 4) banned: the busy stream
+    # cannot end early and free the slot while the test relies on it being taken.
+    no_end = {"0": -100, "2": -100, "4": -100}
+    body = {
+        "model": "busy-local",
+        "prompt": "Count: 1, 2, 3,",
+        "max_tokens": 1500,
+        "temperature": 0,
+        "logit_bias": no_end,
+    }
     with httpx.stream(
         "POST",
         f"{setup.gw.public}/v1/completions",
@@ -426,9 +435,15 @@ def test_a_full_local_queue_is_a_429_the_pool_falls_back_from(setup: Setup) -> N
         first = next(busy.iter_bytes())
         assert b'"text"' in first and b"error" not in first, first  # generating, holding the slot
         direct = httpx.post(
-            f"{setup.gw.public}/v1/completions", json=body, headers=AUTH, timeout=60
+            f"{setup.gw.public}/v1/completions",
+            json={**body, "prompt": "Name three colours:"},
+            headers=AUTH,
+            timeout=60,
         )
-        assert direct.status_code == 429 and direct.headers["retry-after"] == "1", direct.text
+        if direct.status_code != 429:  # say how the busy stream ended: it should still run
+            rest = b"".join(busy.iter_bytes())
+            raise AssertionError(f"slot not taken; busy stream ended with {rest[-300:]!r}")
+        assert direct.headers["retry-after"] == "1", direct.text
         assert direct.json()["error"]["code"] == "overloaded"
         pooled = _chat(setup, "via-local")
         assert pooled.status_code == 200, pooled.text
