@@ -88,6 +88,17 @@ model_list:
 """
 
 
+def start_mock(script: str, procs: list[subprocess.Popen[bytes]]) -> str:
+    """Run a loopback mock `script` (formatted with the repository root) in its own process,
+    added to `procs`; its URL, the first line it prints."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script.format(root=str(ROOT))], stdout=subprocess.PIPE
+    )
+    procs.append(proc)
+    assert proc.stdout is not None
+    return proc.stdout.readline().decode().strip()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -171,12 +182,7 @@ def main() -> None:
     procs: list[subprocess.Popen[bytes]] = []
     tmp = Path(tempfile.mkdtemp(prefix="sipp-bench-"))
     try:
-        mock_proc = subprocess.Popen(
-            [sys.executable, "-c", MOCK.format(root=str(ROOT))], stdout=subprocess.PIPE
-        )
-        procs.append(mock_proc)
-        assert mock_proc.stdout is not None
-        mock = mock_proc.stdout.readline().decode().strip()
+        mock = start_mock(MOCK, procs)
 
         public, management = free_port(), free_port()
         (tmp / "gw.toml").write_text(

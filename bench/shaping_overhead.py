@@ -26,7 +26,15 @@ from pathlib import Path
 import httpx
 
 from _stats import percentile
-from gateway_overhead import BODY, GATEWAY_TOML, MOCK, ROOT, free_port, open_loop, wait_http
+from gateway_overhead import (
+    BODY,
+    GATEWAY_TOML,
+    MOCK,
+    free_port,
+    open_loop,
+    start_mock,
+    wait_http,
+)
 
 LIMITS = "limits = { requests_per_minute = 100000000, tokens_per_minute = 1000000000 }"
 REDIS_STATE = '\n[state]\nbackend = "redis"\nurl_env = "BENCH_REDIS_URL"\n'
@@ -66,12 +74,7 @@ def main() -> None:
     procs: list[subprocess.Popen[bytes]] = []
     tmp = Path(tempfile.mkdtemp(prefix="sipp-bench-shaping-"))
     try:
-        mock_proc = subprocess.Popen(
-            [sys.executable, "-c", MOCK.format(root=str(ROOT))], stdout=subprocess.PIPE
-        )
-        procs.append(mock_proc)
-        assert mock_proc.stdout is not None
-        mock = mock_proc.stdout.readline().decode().strip()
+        mock = start_mock(MOCK, procs)
         redis, redis_url = _redis(tmp)
         procs.append(redis)
         env = {

@@ -28,9 +28,8 @@ from pathlib import Path
 import httpx
 
 from _stats import spread
-from gateway_overhead import BODY, free_port, wait_http
+from gateway_overhead import BODY, free_port, start_mock, wait_http
 
-ROOT = Path(__file__).resolve().parents[1]
 STREAM_MOCK = """
 import json, sys, time
 sys.path.insert(0, {root!r})
@@ -173,14 +172,7 @@ def main() -> None:
     procs: list[subprocess.Popen[bytes]] = []
     tmp = Path(tempfile.mkdtemp(prefix="sipp-failover-"))
     try:
-        urls = []
-        for _ in range(3):
-            proc = subprocess.Popen(
-                [sys.executable, "-c", STREAM_MOCK.format(root=str(ROOT))], stdout=subprocess.PIPE
-            )
-            procs.append(proc)
-            assert proc.stdout is not None
-            urls.append(proc.stdout.readline().decode().strip())
+        urls = [start_mock(STREAM_MOCK, procs) for _ in range(3)]
         public, management = free_port(), free_port()
         (tmp / "gw.toml").write_text(
             TOML.format(public=public, management=management, a=urls[0], b=urls[1], c=urls[2])
