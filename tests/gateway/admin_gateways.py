@@ -21,7 +21,7 @@ PASSWORD = ENV["TEST_ADMIN_PASSWORD"]
 AUTH = {"authorization": f"Bearer {LIMITED_CALLER}"}
 SINGLES = ("primary", "spare1", "spare2")
 CALLER_LIMITS = "requests_per_minute = 1000\ntokens_per_minute = 100000\ntokens_per_day = 1000000"
-TARGET_LIMITS = "requests_per_minute = 500"
+TARGET_LIMITS = "requests_per_minute = 500\ntokens_per_day = 2000000"
 # The breaker of a failing deployment opens after two failures and stays open.
 POOL_TABLES = {
     "retry": "attempts = 2\nbackoff_base_seconds = 0.01\nbackoff_cap_seconds = 0.02",

@@ -1,6 +1,7 @@
 """The admin API's pools and fallback rules on a live `sipp-gateway serve`: the pool
 snapshot, fallback edits checked like `sipp-gateway check`, audited, applied to the
-next request, and reset by a restart (the memory backend)."""
+next request, reset by a restart (the memory backend), and shared by every replica
+through a real redis-server (`[state] backend = "redis"`)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import pytest
 from ..remote.loopback import LoopbackServer
 from .admin_gateways import admin_gateway, chat, deployments, login, open_breaker, pool
 from .pool_upstreams import Deployment
+from .redis_server import running_redis
 from .test_server import Gateway
-from .upstreams import text_reply
+from .upstreams import poll, text_reply
 
 
 class Setup:
@@ -218,3 +220,65 @@ def test_a_restart_resets_the_edits(
         client, _ = login(gw)
         assert pool(client, "primary")["fallbacks"] == ["spare1"]
         assert not pool(client, "primary")["edited"]
+
+
+def test_edits_are_shared_by_replicas_on_redis(
+    tmp_path: Path, upstream: LoopbackServer, ups: dict[str, Deployment]
+) -> None:
+    """Edited on replica A, followed by replica B (its requests too), kept in Redis across
+    a restart, and a reset on B is A's too."""
+    env = {"TEST_REDIS_URL": ""}
+    state = 'backend = "redis"\nurl_env = "TEST_REDIS_URL"\nkey_prefix = "shared"'
+    with running_redis(tmp_path) as redis:
+        env["TEST_REDIS_URL"] = redis.url
+        ups["primary"].mode = "500"
+        with admin_gateway(tmp_path, upstream, ups, state, env, name="a") as a:
+            with admin_gateway(tmp_path, upstream, ups, state, env, name="b") as b:
+                client_a, csrf_a = login(a)
+                client_b, csrf_b = login(b)
+                assert chat(b, "primary").headers["x-sipp-target"] == "spare1"
+                r = _edit(client_a, csrf_a, target="primary", fallbacks=["spare2"])
+                assert r.status_code == 200, r.text
+                poll(
+                    lambda: pool(client_b, "primary")["fallbacks"] == ["spare2"],
+                    "replica B follows A's edit",
+                )
+                served = chat(b, "primary")
+                assert served.status_code == 200 and served.headers["x-sipp-target"] == "spare2"
+                # B checks edits against the shared table: A's edit makes this one a loop
+                loop = _edit(client_b, csrf_b, target="spare2", fallbacks=["primary"])
+                assert loop.status_code == 400 and "fallbacks loop" in loop.text
+            # a replica started later finds the edit in Redis
+            with admin_gateway(tmp_path, upstream, ups, state, env, name="c") as c:
+                client_c, csrf_c = login(c)
+                assert pool(client_c, "primary")["fallbacks"] == ["spare2"]
+                assert chat(c, "primary").headers["x-sipp-target"] == "spare2"
+                assert _edit(client_c, csrf_c, target="primary", reset=True).status_code == 200
+                poll(
+                    lambda: pool(client_a, "primary")["fallbacks"] == ["spare1"],
+                    "replica A follows C's reset",
+                )
+                assert chat(a, "primary").headers["x-sipp-target"] == "spare1"
+                assert not pool(client_a, "primary")["edited"]
+
+
+def test_an_edit_with_redis_away_is_refused_and_changes_nothing(
+    tmp_path: Path, upstream: LoopbackServer, ups: dict[str, Deployment]
+) -> None:
+    with running_redis(tmp_path) as redis:
+        env = {"TEST_REDIS_URL": redis.url}
+        state = 'backend = "redis"\nurl_env = "TEST_REDIS_URL"'
+        with admin_gateway(tmp_path, upstream, ups, state, env) as gw:
+            client, csrf = login(gw)
+            redis.stop()
+            r = _edit(client, csrf, target="primary", fallbacks=["spare2"])
+            assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+            assert pool(client, "primary")["fallbacks"] == ["spare1"]
+            redis.start()
+            poll(
+                lambda: (
+                    _edit(client, csrf, target="primary", fallbacks=["spare2"]).status_code == 200
+                ),
+                "the edit goes through once Redis is back",
+            )
+            assert pool(client, "primary")["fallbacks"] == ["spare2"]

@@ -40,6 +40,9 @@ class SharedControls:
         self.keys = {name: f"{prefix}:controls:{name}" for name in SETS}
         self.fallbacks_key = f"{prefix}:controls:fallbacks"
         self._bad_rules: object = None  # the last rules refused, so they are logged once
+        # Changes made here so far: a refresh whose read overlapped one drops what it read
+        # (it may predate the change, which would then flicker back for a moment).
+        self._changes = 0
 
     def _local(self, name: str) -> set[str]:
         local: set[str] = getattr(self.state, name)
@@ -53,6 +56,7 @@ class SharedControls:
             raise UnavailableError(
                 "the shared state (Redis) is unavailable: the change was not made"
             ) from None
+        self._changes += 1
         local = self._local(name)
         (local.add if present else local.discard)(member)
 
@@ -71,6 +75,7 @@ class SharedControls:
         pool = self.state.pools[target]
         if rule is None:
             rule = (pool.configured.fallbacks, pool.configured.context_fallbacks)
+        self._changes += 1
         pool.set_fallbacks(*rule)
 
     def _apply_fallbacks(self, stored: dict[str, str]) -> None:
@@ -96,13 +101,17 @@ class SharedControls:
 
     async def refresh(self) -> None:
         """Make this replica's sets Redis's (in place: the request path holds them)."""
+        changes = self._changes
         values = await self.store.members([self.keys[name] for name in SETS])
+        stored = await self.store.fields(self.fallbacks_key)
+        if changes != self._changes:
+            return
         for name, members in zip(SETS, values, strict=True):
             local = self._local(name)
             if local != members:
                 local.intersection_update(members)
                 local.update(members)
-        self._apply_fallbacks(await self.store.fields(self.fallbacks_key))
+        self._apply_fallbacks(stored)
 
     async def run(self) -> None:
         while True:
