@@ -14,7 +14,7 @@ from typing import Any
 
 from .._errors import InvalidRequestError
 from .state import GatewayState
-from .upstreams.fallback_rules import apply_rules, rule_problems
+from .upstreams.fallback_rules import rule_problems
 from .upstreams.pool import DeploymentState, Pool
 
 __all__ = ["edit_fallbacks", "pools_view"]
@@ -90,7 +90,7 @@ async def edit_fallbacks(state: GatewayState, body: dict[str, Any]) -> dict[str,
     if state.shared is not None:  # every replica's, through Redis
         await state.shared.set_fallbacks(name, None if reset else rule)
     else:
-        apply_rules(state.pools, {name: rule})
+        pool.set_fallbacks(*rule)
     detail: dict[str, Any] = {"target": name}
     if reset:
         detail["reset"] = True
