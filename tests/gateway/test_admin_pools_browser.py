@@ -1,7 +1,8 @@
 """The dashboard's pools, fallback rules and usage panels in Debian's headless Chromium
 (Playwright, launched as `test_admin_browser` does) against a provider-only
 `sipp-gateway serve`: a breaker the test opened shows, a fallback rule edited in the
-page serves the next request, and the usage numbers move with traffic."""
+page serves the next request, and the usage numbers move with traffic; with Redis, two
+replicas' pages show the same rules and usage."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from playwright.sync_api import Browser, expect, sync_playwright
 from ..remote.loopback import LoopbackServer
 from .admin_gateways import admin_gateway, chat, deployments, login, open_breaker
 from .pool_upstreams import Deployment
+from .redis_server import running_redis
 from .test_admin_browser import CHROMIUM, FLAGS, Watched, _log_in
 from .test_server import Gateway
 from .upstreams import text_reply
@@ -94,6 +96,7 @@ def test_pools_fallback_rules_and_usage_in_the_page(
     page.shot("11-breaker-open")
 
     # Edit a fallback rule in the page: the next request is served by the new fallback.
+    expect(p.locator("#controls-scope")).to_have_text("(this process only; reset on restart)")
     ups["primary"].mode = "500"
     assert chat(gateway, "primary").headers["x-sipp-target"] == "spare1"
     rule = p.locator('#fallbacks tr[data-fallbacks="primary"]')
@@ -128,3 +131,53 @@ def test_pools_fallback_rules_and_usage_in_the_page(
     assert chat(gateway, "primary").headers["x-sipp-target"] == "spare1"
     page.shot("13-fallback-reset")
     page.assert_no_secret_shown()
+
+
+def test_with_redis_an_edit_on_one_replicas_page_shows_on_the_others(
+    browser: Browser, tmp_path: Path, ups: dict[str, Deployment]
+) -> None:
+    upstream = LoopbackServer(text_reply)
+    pages: list[Watched] = []
+    try:
+        with running_redis(tmp_path) as redis:
+            env = {"TEST_REDIS_URL": redis.url}
+            state = 'backend = "redis"\nurl_env = "TEST_REDIS_URL"\nkey_prefix = "pages"'
+            with (
+                admin_gateway(tmp_path, upstream, ups, state, env, name="a") as a,
+                admin_gateway(tmp_path, upstream, ups, state, env, name="b") as b,
+            ):
+                for gw in (a, b):
+                    context = browser.new_context(viewport={"width": 1400, "height": 1600})
+                    pages.append(Watched(context.new_page()))
+                    _log_in(pages[-1], gw)
+                page_a, page_b = (w.page for w in pages)
+                for p in (page_a, page_b):
+                    expect(p.locator("#usage-backend")).to_have_text(
+                        "shared by every replica through Redis"
+                    )
+                    expect(p.locator("#fallback-scope")).to_contain_text("every replica")
+                    expect(p.locator("#controls-scope")).to_contain_text("through Redis")
+                field_b = page_b.locator(
+                    '#fallbacks tr[data-fallbacks="primary"] input[name="fallbacks"]'
+                )
+                expect(field_b).to_have_value("spare1")
+                rule_a = page_a.locator('#fallbacks tr[data-fallbacks="primary"]')
+                rule_a.locator('input[name="fallbacks"]').fill("spare2, spare1")
+                rule_a.get_by_role("button", name="Save").click()
+                expect(field_b).to_have_value("spare2, spare1", timeout=15_000)
+                # requests through A show in B's usage: one budget in Redis
+                day_b = page_b.locator(
+                    '#usage tr[data-usage="caller:team:tokens_per_day"] [data-field="used"]'
+                )
+                expect(day_b).to_have_text("0")
+                assert chat(a, "remote").status_code == 200
+                expect(day_b).to_have_text(str(USED), timeout=15_000)
+                pages[1].shot("14-redis-replica-b")
+                for watched in pages:
+                    watched.assert_no_secret_shown()
+    finally:
+        for watched in pages:
+            watched.closing = True
+            watched.page.context.close()
+            assert watched.script_errors == []
+        upstream.close()

@@ -330,6 +330,9 @@
     $("#fallback-scope").textContent = shared
       ? "Edits are kept in Redis: every replica follows them, across restarts."
       : "Edits live in this process and reset on restart.";
+    $("#controls-scope").textContent = shared
+      ? "(blocked IPs and disabled targets: every replica, through Redis; the rest: this process only, reset on restart)"
+      : "(this process only; reset on restart)";
     $("#usage-notice").textContent = usage.available ? "" : "The state store (Redis) cannot be reached right now.";
     fill(
       "usage",
