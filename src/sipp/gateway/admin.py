@@ -4,7 +4,9 @@ Everything lives in this process's memory and resets on restart, as the spec
 says: sessions (short-lived, HttpOnly + SameSite=Strict cookie scoped to the
 admin path), per-client login throttling, the rolling request history, and
 the controls (block an IP, disable a target, change `max_concurrent_requests`
-or the rate limit), each recorded in an audit list. Responses never include
+or the rate limit, edit a target's fallback rules), each recorded in an audit list.
+The pools and the limits' usage have their own modules (`admin_pools`,
+`admin_limits`). Responses never include
 the password, token values or provider keys.
 
 The page is static HTML, CSS and JavaScript shipped inside this package
@@ -15,6 +17,7 @@ directory with the same file names instead.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import ipaddress
 import json
 import logging
@@ -40,6 +43,8 @@ from .._errors import (
     RateLimitedError,
     SippError,
 )
+from .admin_limits import usage_view
+from .admin_pools import edit_fallbacks, pools_view
 from .app import ANTHROPIC_MESSAGES, OPENAI_ROUTES
 from .auth import same_secret, secret_digest
 from .call import read_body
@@ -231,14 +236,18 @@ def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Rout
             return error(exc)
 
     def needs_session(read: Callable[[], Any]) -> Callable[[Request], Awaitable[Response]]:
-        """A GET route answering `read()` as JSON to a live session, 401 otherwise."""
+        """A GET route answering `read()` (awaited when it is a coroutine) as JSON to a
+        live session, 401 otherwise."""
 
         async def route(request: Request) -> Response:
             try:
                 admin.session(request, time.monotonic())
             except SippError as exc:
                 return error(exc)
-            return JSONResponse(read())
+            data = read()
+            if inspect.isawaitable(data):
+                data = await data
+            return JSONResponse(data)
 
         return route
 
@@ -350,6 +359,8 @@ def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Rout
                 record(
                     sid, action, {"enabled": enabled, "requests_per_minute": rpm, "burst": burst}
                 )
+            elif action == "fallbacks":
+                record(sid, action, await edit_fallbacks(state, body))
             else:
                 raise InvalidRequestError(f"unknown control {action!r}")
             return JSONResponse({"ok": True})
@@ -372,6 +383,8 @@ def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Rout
             needs_session(lambda: {"entries": list(admin.audit)}),
             methods=["GET"],
         ),
+        Route(f"{base}/api/pools", needs_session(lambda: pools_view(state)), methods=["GET"]),
+        Route(f"{base}/api/usage", needs_session(lambda: usage_view(state)), methods=["GET"]),
         Route(f"{base}/api/controls/{{action}}", control, methods=["POST"]),
     ]
 

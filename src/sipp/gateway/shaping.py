@@ -135,6 +135,33 @@ class Shaper:
                 out.append(_Limit(bucket, tokens, scope, name, closed))
         return tuple(out)
 
+    async def usage(self) -> list[dict[str, Any]]:
+        """Every configured limit of every caller label and target with its level now,
+        read from the store without charging anything (`StoreUnavailable` when it cannot
+        be reached). `used` is what the bucket is short of full (above the capacity while
+        a settlement left it in debt)."""
+        owned = [
+            (owner, limit)
+            for group in (self._callers, self._targets)
+            for owner, limits in group.items()
+            for limit in limits
+        ]
+        if not owned:
+            return []
+        levels = await self.store.peek([limit.bucket for _, limit in owned])
+        return [
+            {
+                "scope": limit.scope,
+                "name": owner,
+                "limit": limit.name,
+                "capacity": limit.bucket.capacity,
+                "used": max(0, round(limit.bucket.capacity - level.remaining)),
+                "remaining": max(0, math.floor(level.remaining)),
+                "reset_seconds": round(level.reset_s, 1),
+            }
+            for (owner, limit), level in zip(owned, levels, strict=True)
+        ]
+
     async def available(self) -> bool:
         """Whether the state store answers now (the readiness route asks)."""
         up = await self.store.ping()

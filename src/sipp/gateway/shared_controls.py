@@ -1,5 +1,7 @@
-"""Runtime controls every replica shares through Redis: the IP blocklist and the
-disabled targets an operator set in any replica's admin API.
+"""Runtime controls every replica shares through Redis: the IP blocklist, the
+disabled targets and the edited fallback rules an operator set in any replica's admin
+API (a rule is a hash field per target holding its two lists as JSON; a target without
+one has the lists of its TOML).
 
 A request still checks its replica's own sets (no Redis call on the hot path); each
 replica refreshes them from Redis every `INTERVAL_S`, so a change made on one replica
@@ -11,11 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from .._errors import UnavailableError
 from .store import Store, StoreUnavailable
+from .upstreams.fallback_rules import apply_rules
 
 if TYPE_CHECKING:
     from .state import GatewayState
@@ -33,6 +38,11 @@ class SharedControls:
     def __init__(self, state: GatewayState, store: RedisStore, prefix: str) -> None:
         self.state, self.store = state, store
         self.keys = {name: f"{prefix}:controls:{name}" for name in SETS}
+        self.fallbacks_key = f"{prefix}:controls:fallbacks"
+        self._bad_rules: object = None  # the last rules refused, so they are logged once
+        # Changes made here so far: a refresh whose read overlapped one drops what it read
+        # (it may predate the change, which would then flicker back for a moment).
+        self._changes = 0
 
     def _local(self, name: str) -> set[str]:
         local: set[str] = getattr(self.state, name)
@@ -46,23 +56,83 @@ class SharedControls:
             raise UnavailableError(
                 "the shared state (Redis) is unavailable: the change was not made"
             ) from None
+        self._changes += 1
         local = self._local(name)
         (local.add if present else local.discard)(member)
 
+    async def set_fallbacks(
+        self, target: str, rule: tuple[Sequence[str], Sequence[str]] | None
+    ) -> None:
+        """Store `target`'s (fallbacks, context_fallbacks), or drop its edit (None: back
+        to its TOML), then apply it here. The caller has checked it."""
+        value = None if rule is None else json.dumps([list(rule[0]), list(rule[1])])
+        try:
+            await self.store.set_field(self.fallbacks_key, target, value)
+        except StoreUnavailable:
+            raise UnavailableError(
+                "the shared state (Redis) is unavailable: the change was not made"
+            ) from None
+        pool = self.state.pools[target]
+        if rule is None:
+            rule = (pool.configured.fallbacks, pool.configured.context_fallbacks)
+        self._changes += 1
+        pool.set_fallbacks(*rule)
+
+    def _apply_fallbacks(self, stored: dict[str, str]) -> None:
+        pools = self.state.pools
+        rules: dict[str, tuple[Sequence[str], Sequence[str]]] = {
+            name: (pool.configured.fallbacks, pool.configured.context_fallbacks)
+            for name, pool in pools.items()
+        }
+        for name, raw in stored.items():
+            rule = _rule(raw)
+            if name in pools and rule is not None:
+                rules[name] = rule
+        now = {
+            n: (p.resilience.fallbacks, p.resilience.context_fallbacks) for n, p in pools.items()
+        }
+        if all((tuple(f), tuple(c)) == now[n] for n, (f, c) in rules.items()):
+            return  # the usual case: nothing changed since the last refresh
+        problems = apply_rules(pools, rules)
+        if problems and stored != self._bad_rules:
+            # Another replica with another configuration wrote them: keep the last good table.
+            self._bad_rules = dict(stored)
+            logger.warning("shared fallback rules not applied: %s", "; ".join(problems))
+
     async def refresh(self) -> None:
         """Make this replica's sets Redis's (in place: the request path holds them)."""
+        changes = self._changes
         values = await self.store.members([self.keys[name] for name in SETS])
+        stored = await self.store.fields(self.fallbacks_key)
+        if changes != self._changes:
+            return
         for name, members in zip(SETS, values, strict=True):
             local = self._local(name)
             if local != members:
                 local.intersection_update(members)
                 local.update(members)
+        self._apply_fallbacks(stored)
 
     async def run(self) -> None:
         while True:
             with contextlib.suppress(StoreUnavailable):  # keep the last known controls
                 await self.refresh()
             await asyncio.sleep(INTERVAL_S)
+
+
+def _rule(raw: str) -> tuple[list[str], list[str]] | None:
+    """A stored rule, or None when it is not the two lists of names this module writes."""
+    try:
+        value: Any = json.loads(raw)
+    except ValueError:
+        return None
+    if (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in value)
+    ):
+        return value[0], value[1]
+    return None
 
 
 def shared_controls(state: GatewayState, store: Store | None) -> SharedControls | None:

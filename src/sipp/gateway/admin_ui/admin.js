@@ -243,6 +243,124 @@
     );
   }
 
+  const fmtRate = (value) => (value == null ? "–" : fmtPct(value));
+  const names = (text) => text.split(/[\s,]+/).filter((name) => name !== "");
+
+  function renderPools(pools) {
+    fill(
+      "pools",
+      pools.flatMap((p) =>
+        p.deployments.map((d) =>
+          el(
+            "tr",
+            { "data-pool": p.target, "data-deployment": d.name },
+            el("td", {}, p.target),
+            el("td", {}, d.target ? `${d.name} (target ${d.target})` : d.name),
+            el("td", {}, badge(d.healthy ? "healthy" : "unhealthy")),
+            el("td", { "data-field": "breaker" }, badge(d.breaker)),
+            num(d.in_flight),
+            el("td", { class: "num" }, fmtMs(d.latency_ms)),
+            el("td", { class: "num", "data-field": "error_rate" }, fmtRate(d.error_rate)),
+            num(d.breaker_opened),
+          ),
+        ),
+      ),
+      "No targets configured.",
+    );
+    renderFallbacks(pools);
+  }
+
+  // Rows are kept across polls so a rule being typed is never overwritten; a row the
+  // operator touched shows the server's lists again once saved or reset.
+  function renderFallbacks(pools) {
+    const body = $("#fallbacks tbody");
+    const rows = new Map([...body.querySelectorAll("tr[data-fallbacks]")].map((row) => [row.dataset.fallbacks, row]));
+    const ordered = pools.map((p) => {
+      let row = rows.get(p.target);
+      if (!row) row = fallbackRow(p.target);
+      const id = `rule:${p.target}`;
+      if (!edited.has(id)) {
+        row.querySelector('input[name="fallbacks"]').value = p.fallbacks.join(", ");
+        row.querySelector('input[name="context_fallbacks"]').value = p.context_fallbacks.join(", ");
+      }
+      const configured = p.configured;
+      const toml = `${configured.fallbacks.join(", ") || "–"} / ${configured.context_fallbacks.join(", ") || "–"}`;
+      row.querySelector('[data-field="configured"]').replaceChildren(toml, " ", ...(p.edited ? [badge("edited")] : []));
+      return row;
+    });
+    body.replaceChildren(...ordered);
+  }
+
+  function fallbackRow(target) {
+    const id = `rule:${target}`;
+    const input = (name, label) => {
+      const node = el("input", { name, "aria-label": `${label} of ${target}`, placeholder: "none" });
+      for (const kind of ["input", "change"]) node.addEventListener(kind, () => edited.add(id));
+      return node;
+    };
+    const fallbacks = input("fallbacks", "fallbacks");
+    const context = input("context_fallbacks", "context fallbacks");
+    const save = () =>
+      control("fallbacks", { target, fallbacks: names(fallbacks.value), context_fallbacks: names(context.value) }, id);
+    for (const node of [fallbacks, context]) {
+      node.addEventListener("keydown", (event) => {
+        if (event.key === "Enter") save();
+      });
+    }
+    return el(
+      "tr",
+      { "data-fallbacks": target },
+      el("td", {}, target),
+      el("td", {}, fallbacks),
+      el("td", {}, context),
+      el("td", { "data-field": "configured" }),
+      el(
+        "td",
+        {},
+        el("button", { type: "button", onclick: save }, "Save"),
+        " ",
+        el("button", { type: "button", class: "secondary", onclick: () => control("fallbacks", { target, reset: true }, id) }, "Reset"),
+      ),
+    );
+  }
+
+  function renderUsage(usage) {
+    const shared = usage.backend === "redis";
+    $("#usage-backend").textContent = shared ? "shared by every replica through Redis" : "this process's memory";
+    $("#fallback-scope").textContent = shared
+      ? "Edits are kept in Redis: every replica follows them, across restarts."
+      : "Edits live in this process and reset on restart.";
+    $("#controls-scope").textContent = shared
+      ? "(blocked IPs and disabled targets: every replica, through Redis; the rest: this process only, reset on restart)"
+      : "(this process only; reset on restart)";
+    $("#usage-notice").textContent = usage.available ? "" : "The state store (Redis) cannot be reached right now.";
+    fill(
+      "usage",
+      usage.limits.map((u) =>
+        el(
+          "tr",
+          { "data-usage": `${u.scope}:${u.name}:${u.limit}`, class: u.remaining === 0 ? "spent" : "" },
+          el("td", {}, u.scope),
+          el("td", {}, u.name),
+          el("td", {}, u.limit.replaceAll("_", " ")),
+          el("td", { class: "num", "data-field": "used" }, fmtInt(u.used)),
+          num(u.capacity),
+          el("td", { class: "num", "data-field": "remaining" }, fmtInt(u.remaining)),
+          el("td", {}, el("progress", { max: u.capacity, value: Math.min(u.used, u.capacity) })),
+          el("td", { class: "num" }, fmtSeconds(u.reset_seconds)),
+        ),
+      ),
+      usage.available ? "No limits configured." : "Usage unavailable.",
+    );
+  }
+
+  function fmtSeconds(seconds) {
+    if (seconds <= 0) return "now";
+    if (seconds < 120) return `${Math.ceil(seconds)} s`;
+    if (seconds < 7200) return `${Math.round(seconds / 60)} min`;
+    return `${(seconds / 3600).toFixed(1)} h`;
+  }
+
   // ---- charts (inline SVG) ----------------------------------------------
 
   const SVG = "http://www.w3.org/2000/svg";
@@ -298,9 +416,11 @@
 
   async function refresh(all) {
     try {
-      const metrics = await call("GET", "metrics");
+      const [metrics, pools, usage] = await Promise.all([call("GET", "metrics"), call("GET", "pools"), call("GET", "usage")]);
       lastMetrics = metrics;
       renderLive(metrics);
+      renderPools(pools.pools);
+      renderUsage(usage);
       if (all || !lastOverview) {
         const [overview, audit] = await Promise.all([call("GET", "overview"), call("GET", "audit")]);
         lastOverview = overview;

@@ -8,7 +8,7 @@ the epoch, so a day window is a UTC day). A bucket's level is what it has left.
 so concurrent requests cannot slip past a limit between a check and a charge);
 `adjust` settles afterwards: a positive delta charges more, a negative one refunds
 (never above capacity; a charge may leave a bucket in debt, which its refill pays
-off). `memory.MemoryStore` is one process's; `redis.RedisStore` is shared by every
+off), and `peek` reads levels without touching them. `memory.MemoryStore` is one process's; `redis.RedisStore` is shared by every
 replica and runs both steps as Lua scripts on Redis's own clock.
 """
 
@@ -59,6 +59,10 @@ class Store(Protocol):
     async def reserve(self, buckets: Sequence[Bucket], amounts: Sequence[int]) -> Grant: ...
 
     async def adjust(self, buckets: Sequence[Bucket], deltas: Sequence[int]) -> None: ...
+
+    async def peek(self, buckets: Sequence[Bucket]) -> tuple[Level, ...]:
+        """Each bucket's level now, changing nothing (the admin dashboard reads them)."""
+        ...
 
     async def ping(self) -> bool: ...
 

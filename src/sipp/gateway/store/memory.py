@@ -44,7 +44,9 @@ class MemoryStore:
             return ((mark + 1) * bucket.period_ms - now) / 1000.0
         return max(0.0, (bucket.capacity - level) * bucket.period_ms / bucket.capacity / 1000.0)
 
-    def _apply(self, buckets: Sequence[Bucket], amounts: Sequence[int], reserve: bool) -> Grant:
+    def _apply(
+        self, buckets: Sequence[Bucket], amounts: Sequence[int], reserve: bool, write: bool = True
+    ) -> Grant:
         now = self._now_ms()
         current = [self._level(b, now) for b in buckets]
         retry: float | None = 0.0
@@ -63,7 +65,7 @@ class MemoryStore:
                 retry = None if wait is None or retry is None else max(retry, wait)
         levels = []
         for bucket, (level, mark), amount in zip(buckets, current, amounts, strict=True):
-            if ok:
+            if ok and write:
                 level = min(float(bucket.capacity), level - amount)
                 self._state[bucket.key] = (level, mark)
             levels.append(Level(level, self._reset_s(bucket, level, mark, now)))
@@ -74,6 +76,9 @@ class MemoryStore:
 
     async def adjust(self, buckets: Sequence[Bucket], deltas: Sequence[int]) -> None:
         self._apply(buckets, deltas, reserve=False)
+
+    async def peek(self, buckets: Sequence[Bucket]) -> tuple[Level, ...]:
+        return self._apply(buckets, [0] * len(buckets), reserve=False, write=False).levels
 
     async def ping(self) -> bool:
         return True

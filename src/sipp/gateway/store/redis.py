@@ -31,7 +31,8 @@ logger = logging.getLogger("sipp.gateway")
 
 RETRY_AFTER_S = 0.5  # after a failure, skip Redis for this long (then try again)
 
-# KEYS: the buckets. ARGV[1]: "r" (reserve: all or none) or "a" (adjust: always).
+# KEYS: the buckets. ARGV[1]: "r" (reserve: all or none), "a" (adjust: always) or
+# "p" (peek: amounts 0, nothing written, so a key stays as it was or absent).
 # Then four values per bucket: capacity, period in ms, 1 for a fixed window, amount.
 # A bucket hash holds v (level) and m (a window's index, a bucket's last time in ms).
 # Returns {ok, retry_ms (-1: never), then per bucket floor(level), reset_ms}.
@@ -39,6 +40,7 @@ _SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local reserve = ARGV[1] == 'r'
+local write = ARGV[1] ~= 'p'
 local n = #KEYS
 local levels, marks = {}, {}
 local ok, retry = 1, 0
@@ -81,9 +83,11 @@ for i = 1, n do
     else
       reset = math.ceil((cap - level) * period / cap)
     end
-    redis.call('HSET', KEYS[i], 'v', tostring(level), 'm', tostring(marks[i]))
-    -- once full again the key means nothing: let Redis drop it
-    redis.call('PEXPIRE', KEYS[i], reset + 1000)
+    if write then
+      redis.call('HSET', KEYS[i], 'v', tostring(level), 'm', tostring(marks[i]))
+      -- once full again the key means nothing: let Redis drop it
+      redis.call('PEXPIRE', KEYS[i], reset + 1000)
+    end
   elseif win then
     reset = (marks[i] + 1) * period - now
   else
@@ -131,9 +135,7 @@ class RedisStore:
     async def reserve(self, buckets: Sequence[Bucket], amounts: Sequence[int]) -> Grant:
         reply = await self._run(buckets, amounts, "r")
         ok, retry = int(reply[0]) == 1, int(reply[1])
-        levels = tuple(
-            Level(float(reply[i]), int(reply[i + 1]) / 1000.0) for i in range(2, len(reply), 2)
-        )
+        levels = _levels(reply)
         if ok:
             return Grant(True, levels)
         return Grant(False, levels, None if retry < 0 else math.ceil(retry) / 1000.0)
@@ -141,13 +143,30 @@ class RedisStore:
     async def adjust(self, buckets: Sequence[Bucket], deltas: Sequence[int]) -> None:
         await self._run(buckets, deltas, "a")
 
+    async def peek(self, buckets: Sequence[Bucket]) -> tuple[Level, ...]:
+        return _levels(await self._run(buckets, [0] * len(buckets), "p"))
+
+    async def fields(self, key: str) -> dict[str, str]:
+        """The fields of hash `key`."""
+        async with self._guard():
+            reply = await self._redis.hgetall(key)
+        return {_text(k): _text(v) for k, v in reply.items()}
+
+    async def set_field(self, key: str, field: str, value: str | None) -> None:
+        """Set a field of hash `key`, or delete it when `value` is None."""
+        async with self._guard():
+            if value is None:
+                await self._redis.hdel(key, field)
+            else:
+                await self._redis.hset(key, field, value)
+
     async def members(self, keys: Sequence[str]) -> list[set[str]]:
         """The members of each set in `keys` (one round trip)."""
         async with self._guard(), self._redis.pipeline(transaction=False) as pipe:
             for key in keys:
                 pipe.smembers(key)
             replies = await pipe.execute()
-        return [{m.decode() if isinstance(m, bytes) else str(m) for m in r} for r in replies]
+        return [{_text(m) for m in r} for r in replies]
 
     async def set_member(self, key: str, member: str, present: bool) -> None:
         async with self._guard():
@@ -191,3 +210,14 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+def _levels(reply: Any) -> tuple[Level, ...]:
+    """The script's per-bucket (level, reset ms) pairs after its first two values."""
+    return tuple(
+        Level(float(reply[i]), int(reply[i + 1]) / 1000.0) for i in range(2, len(reply), 2)
+    )
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -37,6 +37,13 @@ class Breaker:
             return "closed"
         return "half_open" if self._probing else "open"
 
+    def error_rate(self) -> float | None:
+        """The failed share of the attempts recorded within the window (None: none yet);
+        a read, so a dashboard poll never moves the window."""
+        horizon = self._clock() - self.policy.window_seconds
+        recent = [failed for at, failed in self._outcomes if at >= horizon]
+        return sum(recent) / len(recent) if recent else None
+
     def available(self) -> bool:
         """May an attempt go here now (closed, or open with its cooldown over and no
         probe already out)?"""

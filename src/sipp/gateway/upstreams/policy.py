@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:  # the parser imports this module to read these keys
@@ -21,6 +21,7 @@ __all__ = [
     "RETRY_ON",
     "BreakerPolicy",
     "Deployment",
+    "Problems",
     "Resilience",
     "RetryPolicy",
     "check_references",
@@ -242,7 +243,13 @@ def _names(p: _Parser, table: Mapping[str, Any], key: str, path: str) -> tuple[s
     return tuple(value)
 
 
-def check_references(p: _Parser, targets: Sequence[tuple[str, str, Resilience]]) -> None:
+class Problems(Protocol):
+    """Where a check reports what is wrong: the config parser, or an admin edit."""
+
+    def fail(self, path: str, rule: str) -> None: ...
+
+
+def check_references(p: Problems, targets: Sequence[tuple[str, str, Resilience]]) -> None:
     """Across targets (`path`, `name`, settings): every fallback and deployment target
     exists, and no chain of fallbacks or deployments leads back to where it started."""
     by_name = {name: res for _, name, res in targets}

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, replace
 
 from ..._descriptors import EndpointRef
 from .breaker import Breaker
@@ -42,10 +42,20 @@ class Pool:
     def __init__(self, name: str, resilience: Resilience, rng: random.Random | None = None) -> None:
         self.name = name
         self.resilience = resilience
+        self.configured = resilience  # as the TOML says, before any edit of the fallbacks
         self._rng = rng or random.Random()
         specs = resilience.deployments or (Deployment(name),)
         self.deployments = [DeploymentState(d, Breaker(resilience.breaker)) for d in specs]
         self.implicit = not resilience.deployments
+
+    def set_fallbacks(self, fallbacks: Sequence[str], context_fallbacks: Sequence[str]) -> None:
+        """Replace the fallback lists; the next failure of any request reads the new ones
+        (the settings are one immutable value, swapped at once)."""
+        self.resilience = replace(
+            self.resilience,
+            fallbacks=tuple(fallbacks),
+            context_fallbacks=tuple(context_fallbacks),
+        )
 
     def pick(self, avoid: Collection[str] = ()) -> DeploymentState:
         """A deployment for the next attempt: among those whose breaker lets it through,
