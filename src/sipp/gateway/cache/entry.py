@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 from ..._types import (
@@ -72,7 +72,7 @@ def _pieces(response: SippTextResponse) -> list[TokenBatch]:
         pieces.append(TokenBatch("", tool_calls=(ToolCallDelta(i, call.id, call.name),)))
         if call.arguments:
             pieces.append(TokenBatch("", tool_calls=(ToolCallDelta(i, arguments=call.arguments),)))
-    return pieces
+    return [replace(piece, sequence=i) for i, piece in enumerate(pieces)]
 
 
 # ------------------------------------------------------------------ bytes
@@ -109,6 +109,8 @@ def _batch(b: TokenBatch) -> dict[str, Any]:
     out: dict[str, Any] = {"t": b.text}
     if b.token_ids:
         out["ids"] = list(b.token_ids)
+    if b.sequence:
+        out["s"] = b.sequence
     if b.logprobs:
         out["lp"] = [_logprob(lp) for lp in b.logprobs]
     if b.tool_calls:
@@ -146,7 +148,7 @@ def _read_choice(raw: dict[str, Any]) -> CachedChoice:
         TokenBatch(
             d["t"],
             tuple(d.get("ids", ())),
-            0,
+            d.get("s", 0),
             tuple(_read_logprob(lp) for lp in d.get("lp", ())),
             tuple(ToolCallDelta(*c) for c in d.get("calls", ())),
         )
