@@ -136,8 +136,8 @@ class CacheCall:
             try:
                 entry = await self.cache.get(self.key)
                 self.status = "hit" if entry is not None else "miss"
-            except CacheStoreError:
-                self.status = "bypass"
+            except CacheStoreError:  # served uncached: nor is its answer written to a failing store
+                self.status, self.store = "bypass", False
         self.cache.metrics.cache_requests.labels(self.cache.target, self.route, self.status).inc()
         if entry is not None and entry.usage is not None:
             self.cache.metrics.cache_tokens_saved.labels(self.cache.target).inc(

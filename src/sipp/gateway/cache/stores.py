@@ -28,20 +28,29 @@ async def open_caches(
         settings = target.cache
         if settings is None:
             continue
-        if settings.backend != "sqlite":
-            raise InvalidConfigError(f"targets {target.name!r} cache: the Redis backend is next")
-        from .sqlite_store import SqliteStore, store_file
+        store: CacheStore
+        if settings.backend == "redis":
+            from ..store.redis import RedisStore
+            from .redis_store import RedisCacheStore
 
-        assert settings.path is not None  # required by the parser for this backend
-        path = store_file(settings.path, target.name)
-        sqlite = SqliteStore(path, settings.max_entries, settings.max_bytes)
-        try:
-            sqlite.open()
-        except (OSError, sqlite3.Error) as exc:
-            raise InvalidConfigError(
-                f"targets {target.name!r} cache: cannot open {path}: {exc}"
-            ) from None
-        store: CacheStore = sqlite
+            # the parser requires [state] backend = "redis" for this backend
+            assert isinstance(state_store, RedisStore)
+            prefix = f"{config.state.key_prefix}:cache:{target.name}"
+            store = RedisCacheStore(
+                state_store.client, prefix, settings.max_entries, settings.max_bytes
+            )
+        else:
+            from .sqlite_store import SqliteStore, store_file
+
+            assert settings.path is not None  # required by the parser for this backend
+            path = store_file(settings.path, target.name)
+            store = SqliteStore(path, settings.max_entries, settings.max_bytes)
+            try:
+                store.open()
+            except (OSError, sqlite3.Error) as exc:
+                raise InvalidConfigError(
+                    f"targets {target.name!r} cache: cannot open {path}: {exc}"
+                ) from None
         cache = caches[target.name] = ExactCache(target.name, settings, store, metrics)
         with contextlib.suppress(CacheStoreError):  # Redis down: shown on the first store
             cache.show(await store.totals())
