@@ -120,8 +120,10 @@ def cached_gateway(
     caller_limits: str = "",
     env: dict[str, str] | None = None,
     name: str = "gateway",
+    top: str = "",
 ) -> Iterator[Gateway]:
-    """A provider-only gateway (target "remote") with `[targets.cache]` = `cache`."""
+    """A provider-only gateway (target "remote") with `[targets.cache]` = `cache`; `top`
+    adds top-level TOML keys."""
     with limited_gateway(
         directory,
         upstream,
@@ -130,6 +132,7 @@ def cached_gateway(
         state=state,
         env=env,
         name=name,
+        origins=f"[]\n{top}",
     ) as gw:
         yield gw
 
@@ -400,6 +403,7 @@ def test_failures_and_cut_streams_are_never_stored(gateway: Gateway, upstream: P
     assert long_stream.status_code == 200
     # a consumer that hangs up mid-stream: the answer is not complete for it
     HOLD.clear()
+    hangups = upstream.hangups
     with (
         httpx.Client(timeout=60) as client,
         client.stream(
@@ -416,8 +420,8 @@ def test_failures_and_cut_streams_are_never_stored(gateway: Gateway, upstream: P
         ) as response,
     ):
         assert response.headers["x-sipp-cache"] == "miss"
+    poll(lambda: upstream.hangups > hangups, "the gateway dropped the abandoned upstream call")
     HOLD.set()
-    poll(lambda: upstream.open_connections == 0, "the held answer finished")
     chat(gateway, "barrier two?")
     stored(gateway, "barrier two?")  # stores are written in order: none of the above is
     calls = upstream.calls()
@@ -495,3 +499,34 @@ def test_the_sqlite_store_survives_a_restart(upstream: Provider, tmp_path: Path)
             == 1
         )
         assert gw.metric("sipp_gateway_cache_tokens_saved_total", '{target="remote"}') == 15
+
+
+def test_a_hit_takes_no_admission_permit(upstream: Provider, tmp_path: Path) -> None:
+    top = "max_concurrent_requests = 1"
+    with cached_gateway(tmp_path, upstream, sqlite_cache(tmp_path), top=top) as gw:
+        chat(gw, "while busy?")
+        stored(gw, "while busy?")
+        HOLD.clear()
+        body = {
+            "model": "remote",
+            "messages": [{"role": "user", "content": "hold busy?"}],
+            "temperature": 0,
+            "stream": True,
+        }
+        try:
+            with (
+                httpx.Client(timeout=60) as client,
+                client.stream(
+                    "POST",
+                    f"{gw.public}/v1/chat",
+                    json=body,
+                    headers={"authorization": f"Bearer {TOKEN}"},
+                ) as busy,
+            ):
+                assert busy.status_code == 200  # holds the only permit until HOLD is set
+                assert chat(gw, "not cached?").status_code == 429  # admission is full
+                hit = chat(gw, "while busy?")
+                assert hit.status_code == 200 and hit.headers["x-sipp-cache"] == "hit"
+        finally:
+            HOLD.set()
+        assert gw.metric("sipp_gateway_cache_lookup_seconds_count", '{target="remote"}') >= 2
