@@ -21,7 +21,7 @@ import pytest
 from ..remote.loopback import Action, Chunk, Close, LoopbackServer, Request, Status, Wait
 from .limited_gateways import FREE, LIMITED_CALLER, limited_gateway
 from .test_server import Gateway
-from .upstreams import poll
+from .upstreams import embeddings_reply, poll
 
 TOKEN = LIMITED_CALLER  # caller "team"; FREE is caller "free"
 PIECES = ["The ", "sky ", "is ", "blue."]
@@ -38,6 +38,8 @@ def provider(req: Request) -> list[Action]:
     `cut` (the connection closes mid-answer), `length` (finish reason length), `tool`
     (a tool call), `hold` (a stream waits for `HOLD` after its first piece), `big`
     (1000 tokens of usage), else "The sky is blue." in four pieces."""
+    if req.path.endswith("/embeddings"):
+        return embeddings_reply(req)
     body = req.json()
     chat = req.path.endswith("/chat/completions")
     ask = body["messages"][-1]["content"] if chat else body["prompt"]
@@ -387,6 +389,13 @@ def test_cache_control_and_sampled_requests(gateway: Gateway, upstream: Provider
     assert chat(gateway, "no-store?").headers["x-sipp-cache"] == "store"
     assert chat(gateway, "sampled?", temperature=0.7).headers["x-sipp-cache"] == "bypass"
     assert upstream.calls() == calls + 2
+    embedded = httpx.post(
+        f"{gateway.public}/v1/embeddings",
+        json={"model": "remote", "input": "embed me"},
+        headers={"authorization": f"Bearer {TOKEN}"},
+        timeout=60,
+    )
+    assert embedded.status_code == 200 and embedded.headers["x-sipp-cache"] == "bypass"
 
 
 def test_failures_and_cut_streams_are_never_stored(gateway: Gateway, upstream: Provider) -> None:
@@ -478,6 +487,8 @@ def test_hits_count_as_requests_not_tokens(upstream: Provider, tmp_path: Path) -
         refused = chat(gw, "big budget?")  # request 4: a hit is still a request
         assert refused.status_code == 429 and "requests_per_minute" in refused.text
         assert upstream.calls() == calls
+        # two hits answered, 15 tokens each; the refused one saved nothing
+        assert gw.metric("sipp_gateway_cache_tokens_saved_total", '{target="remote"}') == 30
 
 
 def test_the_sqlite_store_survives_a_restart(upstream: Provider, tmp_path: Path) -> None:

@@ -76,12 +76,14 @@ async def serve(state: GatewayState, request: Request, fmt: WireFormat) -> Respo
         ref = call.authorize(caller, req.target)
         if req.user is not None or req.metadata is not None:
             _attribute(call, req)
+        cache = state.caches.get(req.target)
         if req.operation == "embed":
+            if cache is not None:
+                await call.look_up(cache, req)  # a bypass: embeddings are not cached
             await call.reserve(req)
             call.admit()
-            return fmt.encode(req, await call.embed(req, ref), call.request_id)
+            return call.headed(fmt.encode(req, await call.embed(req, ref), call.request_id))
         args = call.target_args(req)  # a field the target cannot honour: 400, not a 429
-        cache = state.caches.get(req.target)
         if cache is not None:
             entry = await call.look_up(cache, req)
             if entry is not None:
@@ -223,6 +225,7 @@ class PublicCall:
         permit, no upstream call."""
         await self.reserve(req, tokens=False)
         assert self.cache is not None
+        self.cache.served(entry)
         self.replayed = True
         if not req.stream:
             done = Completion(entry.responses)

@@ -139,11 +139,14 @@ class CacheCall:
             except CacheStoreError:  # served uncached: nor is its answer written to a failing store
                 self.status, self.store = "bypass", False
         self.cache.metrics.cache_requests.labels(self.cache.target, self.route, self.status).inc()
-        if entry is not None and entry.usage is not None:
+        return entry
+
+    def served(self, entry: CachedEntry) -> None:
+        """The hit passed the limits and is answered: count the tokens it saved."""
+        if entry.usage is not None:
             self.cache.metrics.cache_tokens_saved.labels(self.cache.target).inc(
                 entry.usage.total_tokens
             )
-        return entry
 
     def _keepable(self, responses: Iterable[SippTextResponse]) -> bool:
         allowed = self.cache.config.store_finish
