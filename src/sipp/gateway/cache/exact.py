@@ -13,6 +13,11 @@ Storing happens in the background once the answer is complete: a failed, cut,
 cancelled or abandoned answer, or one whose finish reason the target does not keep,
 is never stored. A store that fails is logged and counted; the request is served
 uncached.
+
+Where the semantic cache plugs in: `CacheCall.lookup`, on an exact miss, may search
+the partition `keys.partition_key(call.scope, call.request)` for the stored question
+nearest to `keys.last_user_text(call.request)` and return that `CachedEntry`; it is
+replayed like an exact hit. Storing adds the question to the partition the same way.
 """
 
 from __future__ import annotations
@@ -62,6 +67,8 @@ class ExactCache:
         key = exact_key(scope, req) if cacheable else None
         return CacheCall(
             self,
+            req,
+            scope,
             key,
             route,
             look=cacheable and "no-cache" not in control,
@@ -117,8 +124,18 @@ class ExactCache:
 class CacheCall:
     """One request's pass through the cache: its key, what it may do, what happened."""
 
-    def __init__(self, cache: ExactCache, key: str | None, route: str, look: bool, store: bool):
-        self.cache, self.key, self.route = cache, key, route
+    def __init__(
+        self,
+        cache: ExactCache,
+        request: GatewayRequest,
+        scope: str,
+        key: str | None,
+        route: str,
+        look: bool,
+        store: bool,
+    ) -> None:
+        self.cache, self.request, self.scope = cache, request, scope
+        self.key, self.route = key, route
         self.look, self.store = look, store
         self.status = "bypass"
         self._choices: dict[int, list[TokenBatch]] = {}
