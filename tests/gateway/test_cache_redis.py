@@ -26,16 +26,19 @@ def test_two_replicas_share_the_redis_store(upstream: Provider, tmp_path: Path) 
             calls = upstream.calls()
             assert chat(b, "replicated?").json()["text"] == "The sky is blue."
             assert upstream.calls() == calls
-            # the caps hold across replicas: a third entry evicts the least recently used
+            # the caps hold across replicas: a third entry evicts the least recently used,
+            # and a hit on either replica is a use
             chat(a, "second?")
             stored(a, "second?")
+            assert chat(a, "replicated?").headers["x-sipp-cache"] == "hit"  # now "second?" is
             chat(b, "third?")
             stored(b, "third?")
             poll(
                 lambda: b.metric("sipp_gateway_cache_entries", '{target="remote"}') == 2,
                 "two entries left",
             )
-            assert chat(a, "replicated?").headers["x-sipp-cache"] in ("miss", "store")
+            assert chat(b, "replicated?").headers["x-sipp-cache"] == "hit"
+            assert chat(a, "second?").headers["x-sipp-cache"] == "store"  # evicted: a miss
             # Redis gone: requests are served uncached, the failures counted
             redis.stop()
             down = chat(a, "replicated?")

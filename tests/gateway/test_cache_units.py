@@ -343,3 +343,38 @@ ttl_seconds = -1
     )
     assert done.returncode != 0
     assert "targets[0].cache.ttl_seconds: must be greater than zero" in done.stderr + done.stdout
+
+
+# ------------------------------------------------------------------ stage decisions
+def _call(config: CacheConfig, req: GatewayRequest, control: str = "", caller: str = "team") -> Any:
+    from sipp.gateway.cache.exact import ExactCache
+    from sipp.gateway.metrics import GatewayMetrics
+
+    cache = ExactCache("remote", config, None, GatewayMetrics(dict))  # type: ignore[arg-type]
+    return cache.begin(req, caller, {"cache-control": control} if control else {}, "/v1/chat")
+
+
+GREEDY = dataclasses.replace(BASE_REQ, options=SippTextOptions(temperature=0))
+
+
+def test_stage_decides_what_is_looked_up_and_stored() -> None:
+    config = CacheConfig(path=Path("/unused"))
+    plain = _call(config, GREEDY)
+    assert (plain.look, plain.store, plain.status) == (True, True, "bypass")  # until lookup
+    for sampled in (
+        BASE_REQ,
+        dataclasses.replace(BASE_REQ, options=SippTextOptions(temperature=0.2)),
+    ):
+        call = _call(config, sampled)
+        assert (call.look, call.store, call.key) == (False, False, None)
+        allowed = _call(dataclasses.replace(config, cache_sampled=True), sampled)
+        assert allowed.look and allowed.store
+    fresh = _call(config, GREEDY, "max-age=0, No-Cache")
+    assert (fresh.look, fresh.store) == (False, True)
+    kept_out = _call(config, GREEDY, "no-store")
+    assert (kept_out.look, kept_out.store) == (True, False)
+    embed = _call(config, GatewayRequest("embed", "remote", inputs=("x",)))
+    assert (embed.look, embed.store) == (False, False)
+    assert _call(config, GREEDY).key != _call(config, GREEDY, caller="free").key
+    shared = dataclasses.replace(config, scope="shared")
+    assert _call(shared, GREEDY).key == _call(shared, GREEDY, caller="free").key
