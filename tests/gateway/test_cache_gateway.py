@@ -123,6 +123,7 @@ def cached_gateway(
     env: dict[str, str] | None = None,
     name: str = "gateway",
     top: str = "",
+    origins: str = "[]",
 ) -> Iterator[Gateway]:
     """A provider-only gateway (target "remote") with `[targets.cache]` = `cache`; `top`
     adds top-level TOML keys."""
@@ -134,7 +135,7 @@ def cached_gateway(
         state=state,
         env=env,
         name=name,
-        origins=f"[]\n{top}",
+        origins=f"{origins}\n{top}",
     ) as gw:
         yield gw
 
@@ -541,3 +542,26 @@ def test_a_hit_takes_no_admission_permit(upstream: Provider, tmp_path: Path) -> 
         finally:
             HOLD.set()
         assert gw.metric("sipp_gateway_cache_lookup_seconds_count", '{target="remote"}') >= 2
+
+
+def test_browsers_may_send_cache_control_and_read_the_verdict(
+    upstream: Provider, tmp_path: Path
+) -> None:
+    origin = "http://app.example"
+    with cached_gateway(tmp_path, upstream, sqlite_cache(tmp_path), origins=f'["{origin}"]') as gw:
+        preflight = httpx.options(
+            f"{gw.public}/v1/chat",
+            headers={
+                "origin": origin,
+                "access-control-request-method": "POST",
+                "access-control-request-headers": "authorization,content-type,cache-control",
+            },
+            timeout=60,
+        )
+        assert preflight.status_code == 200
+        assert "cache-control" in preflight.headers["access-control-allow-headers"].lower()
+        answer = chat(
+            gw, "from a browser?", headers={"origin": origin, "cache-control": "no-store"}
+        )
+        assert answer.headers["x-sipp-cache"] == "miss"
+        assert "x-sipp-cache" in answer.headers["access-control-expose-headers"].lower()

@@ -93,9 +93,10 @@ async def serve(state: GatewayState, request: Request, fmt: WireFormat) -> Respo
         execution = call.execute(req, args)
         if not req.stream:
             responses = await call.wait(execution)
-            if call.cache is not None:
+            response = fmt.encode(req, Completion(responses), call.request_id)
+            if call.cache is not None:  # the answer reached its caller's format: keep it
                 call.cache.keep(responses)
-            return call.headed(fmt.encode(req, Completion(responses), call.request_id))
+            return call.headed(response)
         runs = await unless_disconnected(request, execution.streams())
         frames = call.stream(fmt, req, runs)
         headers = {**fmt.stream_headers, "x-request-id": call.request_id, **execution.headers()}
