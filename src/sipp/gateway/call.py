@@ -1,8 +1,9 @@
 """The request pipeline: every public route, whatever its wire format, runs here.
 
     client checks -> authenticate -> read + decode (format) -> charge -> resolve,
-    authorize, reserve (limits) -> admit -> execute -> encode (format, JSON or stream)
-    -> settle (usage -> limits, record)
+    authorize -> cache lookup (a hit: reserve one request, replay, encode) -> reserve
+    (limits) -> admit -> execute -> encode (format, JSON or stream) -> settle (usage ->
+    limits, cache store, record)
 
 `serve` runs the stages in order and owns cleanup: whatever fails, runs the
 request started are cancelled, its admission permit is released and its record
