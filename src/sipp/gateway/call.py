@@ -1,8 +1,9 @@
 """The request pipeline: every public route, whatever its wire format, runs here.
 
     client checks -> authenticate -> read + decode (format) -> charge -> resolve,
-    authorize, reserve (limits) -> admit -> execute -> encode (format, JSON or stream)
-    -> settle (usage -> limits, record)
+    authorize -> cache lookup (a hit: reserve one request, replay, encode) -> reserve
+    (limits) -> admit -> execute -> encode (format, JSON or stream) -> settle (usage ->
+    limits, cache store, record)
 
 `serve` runs the stages in order and owns cleanup: whatever fails, runs the
 request started are cancelled, its admission permit is released and its record
@@ -37,6 +38,8 @@ from .._runs import AsyncTextRun
 from .._types import SippTextResponse
 from .activity import RequestRecord
 from .auth import Caller
+from .cache.entry import CachedEntry
+from .cache.exact import CacheCall, ExactCache, replay_stream
 from .embed_batch import embed_all
 from .formats.base import WireFormat
 from .limits import client_ip
@@ -74,20 +77,32 @@ async def serve(state: GatewayState, request: Request, fmt: WireFormat) -> Respo
         ref = call.authorize(caller, req.target)
         if req.user is not None or req.metadata is not None:
             _attribute(call, req)
+        cache = state.caches.get(req.target)
         if req.operation == "embed":
+            if cache is not None:
+                await call.look_up(cache, req)  # a bypass: embeddings are not cached
             await call.reserve(req)
             call.admit()
-            return fmt.encode(req, await call.embed(req, ref), call.request_id)
+            return call.headed(fmt.encode(req, await call.embed(req, ref), call.request_id))
         args = call.target_args(req)  # a field the target cannot honour: 400, not a 429
+        if cache is not None:
+            entry = await call.look_up(cache, req)
+            if entry is not None:
+                return await call.replay(fmt, req, entry)
         await call.reserve(req)
         call.admit()
         execution = call.execute(req, args)
         if not req.stream:
             responses = await call.wait(execution)
-            return call.headed(fmt.encode(req, Completion(responses), call.request_id))
+            response = fmt.encode(req, Completion(responses), call.request_id)
+            if call.cache is not None:  # the answer reached its caller's format: keep it
+                call.cache.keep(responses)
+            return call.headed(response)
         runs = await unless_disconnected(request, execution.streams())
         frames = call.stream(fmt, req, runs)
         headers = {**fmt.stream_headers, "x-request-id": call.request_id, **execution.headers()}
+        if call.cache is not None:
+            headers.update(call.cache.headers)
         return StreamingResponse(frames, headers=headers)
     except SippError as exc:
         exc = for_caller(state, call.rec.target, exc)
@@ -139,6 +154,8 @@ class PublicCall:
         self._ip = ""
         self.reservation: Reservation | None = None
         self.execution: Execution | None = None
+        self.cache: CacheCall | None = None
+        self.replayed = False
 
     # ------------------------------------------------------------- policy stages
     def check_client(self) -> None:
@@ -178,13 +195,14 @@ class PublicCall:
         target = self.state.target_configs[req.target]
         return [target_args(req, target, choice) for choice in range(req.generation.n)]
 
-    async def reserve(self, req: GatewayRequest) -> None:
-        """Reserve the request and its estimated tokens on every limit that applies (429
-        when one cannot cover them); the response carries the limits' headers."""
+    async def reserve(self, req: GatewayRequest, tokens: bool = True) -> None:
+        """Reserve the request and its estimated tokens (none for a cache hit: `tokens`
+        False) on every limit that applies (429 when one cannot cover them); the response
+        carries the limits' headers."""
         shaper = self.state.shaper
         if shaper is None or not shaper.applies(self.rec.caller, req.target):
             return
-        self.reservation = await shaper.reserve(self.rec.caller, req.target, req)
+        self.reservation = await shaper.reserve(self.rec.caller, req.target, req, tokens=tokens)
         if self.reservation is not None:
             self.request.state.limit_headers = self.reservation.headers
             if self.reservation.refusal is not None:
@@ -195,6 +213,29 @@ class PublicCall:
         """Take an admission permit (429 at once when they are all taken)."""
         acquire(self.state)
         self._permit = True
+
+    # ------------------------------------------------------------- cache
+    async def look_up(self, cache: ExactCache, req: GatewayRequest) -> CachedEntry | None:
+        """The cache stage: this request's stored answer, or None (then it runs, and its
+        answer may be stored at settle)."""
+        caller = self.rec.caller or ""
+        self.cache = cache.begin(req, caller, self.request.headers, self.request.url.path)
+        return await self.cache.lookup()
+
+    async def replay(self, fmt: WireFormat, req: GatewayRequest, entry: CachedEntry) -> Response:
+        """Answer from the cache: one request against the limits, no tokens, no admission
+        permit, no upstream call."""
+        await self.reserve(req, tokens=False)
+        assert self.cache is not None
+        self.cache.served(entry)
+        self.replayed = True
+        if not req.stream:
+            done = Completion(entry.responses)
+            return self.headed(fmt.encode(req, done, self.request_id))
+        self.rec.stream = True  # the stream settles and finishes the record
+        frames = replay_stream(fmt, req, entry, self.rec, self.request_id, self.reservation)
+        headers = {**fmt.stream_headers, "x-request-id": self.request_id, **self.cache.headers}
+        return StreamingResponse(frames, headers=headers)
 
     # ------------------------------------------------------------- execute
     def track(self, run: _R) -> _R:
@@ -233,9 +274,12 @@ class PublicCall:
         return responses
 
     def headed(self, response: Response) -> Response:
-        """`response` with the execute stage's attempt headers, once it ran."""
+        """`response` with the execute stage's attempt headers, once it ran, and the
+        cache's verdict on a cached target."""
         if self.execution is not None:
             response.headers.update(self.execution.headers())
+        if self.cache is not None:
+            response.headers.update(self.cache.headers)
         return response
 
     async def embed(self, req: GatewayRequest, ref: EndpointRef) -> Completion:
@@ -262,7 +306,9 @@ class PublicCall:
         assert self.execution is not None
         self._permit = False
         self.rec.stream = True
-        return _stream(self.state, self.rec, fmt, req, runs, self.execution, self.reservation)
+        return _stream(
+            self.state, self.rec, fmt, req, runs, self.execution, self.reservation, self.cache
+        )
 
     def close(self) -> None:
         if not self.rec.stream:
@@ -275,6 +321,7 @@ class PublicCall:
             release(self.state)
         if not self.rec.stream:
             started = bool(self._runs) or bool(self.execution and self.execution.attempts)
+            started = started or self.replayed  # a hit was served: it counts as a request
             settle(self.reservation, self.rec, ran=started)
             self.rec.finish()
 
@@ -287,15 +334,18 @@ async def _stream(
     runs: list[HeldRun],
     execution: Execution,
     reservation: Reservation | None = None,
+    cache: CacheCall | None = None,
 ) -> AsyncIterator[bytes]:
     """`fmt`'s frames for the runs' events. However the stream ends (finished, failed, or
     the client went away), the permit is released, the record settled and finished, and
-    any run still going is cancelled."""
+    any run still going is cancelled; a stream that ran to its end may be cached."""
     failed: str | None = None  # the code of a failure the stream itself reported
     request_id = execution.request_id
     events = _events(state, rec, runs)
     if reservation is not None:
         events = metered(reservation, events)
+    if cache is not None:
+        events = cache.recording(events)
     try:
         async for frame in fmt.encode_stream(req, events, request_id):
             yield frame
@@ -310,6 +360,8 @@ async def _stream(
         release(state)
         await _settle(rec, runs, failed)
         settle(reservation, rec, ran=True)
+        if cache is not None:
+            cache.keep_stream(rec.code is None)
         for run in runs:
             if not run.done:  # the consumer went away: free the slot now, not when collected
                 run.cancel("stream consumer went away")

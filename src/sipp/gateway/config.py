@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from .._errors import InvalidConfigError
 from .._runtime_config import NativeRuntimeConfig, runtime_config_from_mapping
+from .cache.config import CacheConfig, parse_cache
 from .upstreams.policy import RESILIENCE_KEYS, Resilience, check_references, parse_resilience
 
 if sys.version_info >= (3, 11):
@@ -116,6 +117,7 @@ class LocalTarget:
     type: Literal["local"] = "local"
     limits: LimitConfig | None = None
     resilience: Resilience = field(default_factory=Resilience)
+    cache: CacheConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,7 @@ class ProviderTarget:
     version: str | None = None
     limits: LimitConfig | None = None
     resilience: Resilience = field(default_factory=Resilience)
+    cache: CacheConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "config") -> GatewayC
 class _Parser:
     def __init__(self) -> None:
         self.problems: list[str] = []
+        self.state_backend = "memory"  # what [state] says, once read (a cache may need Redis)
 
     def fail(self, path: str, rule: str) -> None:
         self.problems.append(f"{path}: {rule}")
@@ -291,6 +295,7 @@ class _Parser:
         security = self.security(data)
         max_inputs, reserve_output = self.limits(data.get("limits", {}))
         state = self.state(data.get("state", {}))
+        self.state_backend = state.backend
         routes = self.routes(data.get("routes", {}))
         targets = self.targets(data.get("targets"))
         tokens = self.tokens(data.get("tokens", []), {t.name for t in targets})
@@ -496,7 +501,17 @@ class _Parser:
         self.keys(
             table,
             path,
-            ("name", "type", "model", "backend", "stats", "runtime", "limits", *RESILIENCE_KEYS),
+            (
+                "name",
+                "type",
+                "model",
+                "backend",
+                "stats",
+                "runtime",
+                "limits",
+                "cache",
+                *RESILIENCE_KEYS,
+            ),
         )
         model = self.string(table, "model", path)
         backend = self.choice(table, "backend", path, BACKENDS, "auto")
@@ -509,10 +524,18 @@ class _Parser:
                 self.fail(f"{path}.runtime", exc.message)
         limits = self.limit_table(table, path)
         resilience = parse_resilience(self, table, path, "local")
+        cache = parse_cache(self, table, path, self.state_backend)
         if name is None or model is None:
             return None
         return LocalTarget(
-            name, Path(model), backend, stats, runtime, limits=limits, resilience=resilience
+            name,
+            Path(model),
+            backend,
+            stats,
+            runtime,
+            limits=limits,
+            resilience=resilience,
+            cache=cache,
         )
 
     def provider_target(
@@ -548,7 +571,7 @@ class _Parser:
                 "timeout_seconds",
                 "limits",
             ),
-        }[kind] + RESILIENCE_KEYS
+        }[kind] + ("cache", *RESILIENCE_KEYS)
         for key in table:
             if key not in fields:
                 self.fail(
@@ -588,6 +611,7 @@ class _Parser:
             self.fail(f"{path}.correlation_header", "must be a valid HTTP header name")
         version = self.string(table, "version", path, required=False)
         limits = self.limit_table(table, path)
+        cache = parse_cache(self, table, path, self.state_backend)
         if name is None or model is None:
             return None
         return ProviderTarget(
@@ -601,4 +625,5 @@ class _Parser:
             version,
             limits=limits,
             resilience=resilience,
+            cache=cache,
         )

@@ -167,6 +167,46 @@ class GatewayMetrics:
             registry=r,
         )
         self.state_available.set(1)
+        self.cache_requests = Counter(
+            "sipp_gateway_cache_requests",
+            "Requests to cached targets by target, route and result (hit, miss, bypass)",
+            ["target", "route", "result"],
+            registry=r,
+        )
+        self.cache_stores = Counter(
+            "sipp_gateway_cache_stores",
+            "Answers stored in a target's cache, by target and route",
+            ["target", "route"],
+            registry=r,
+        )
+        self.cache_lookup = Histogram(
+            "sipp_gateway_cache_lookup_seconds",
+            "Time to look an answer up in a target's cache",
+            ["target"],
+            buckets=_OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.cache_tokens_saved = Counter(
+            "sipp_gateway_cache_tokens_saved",
+            "Tokens (input + output) that cache hits answered without the target",
+            ["target"],
+            registry=r,
+        )
+        self.cache_entries = Gauge(
+            "sipp_gateway_cache_entries", "Entries in a target's cache", ["target"], registry=r
+        )
+        self.cache_bytes = Gauge(
+            "sipp_gateway_cache_bytes",
+            "Bytes of answers in a target's cache",
+            ["target"],
+            registry=r,
+        )
+        self.cache_errors = Counter(
+            "sipp_gateway_cache_errors",
+            "Cache lookups and stores that failed (the request was served uncached)",
+            ["target", "operation"],
+            registry=r,
+        )
         r.register(_LocalRuntimeCollector(local_stats))
         r.register(_PoolCollector(pools))
 

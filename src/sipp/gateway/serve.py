@@ -26,6 +26,7 @@ from .._runtime_config import NativeRuntimeConfig, ObservabilityRuntimeConfig
 from .admin import admin_state
 from .app import GatewayState, build_management_app, build_public_app
 from .auth import TokenTable, read_secret
+from .cache.stores import close_caches, open_caches
 from .config import GatewayConfig, LocalTarget, ProviderTarget
 from .shaping import build_shaper, open_store
 from .shared_controls import shared_controls
@@ -184,6 +185,7 @@ async def serve(
     store = open_store(config, env)
     state.shaper = build_shaper(config, store, state.metrics)
     state.shared = shared_controls(state, store)
+    state.caches = await open_caches(config, store, state.metrics)
     state.admin = admin_state(admin_password, env)
     servers = [
         _Server(
@@ -241,6 +243,7 @@ async def serve(
         await asyncio.gather(sync, return_exceptions=True)
     if state.shaper is not None:
         await state.shaper.settled()
+    await close_caches(state.caches)
     if store is not None:
         await store.close()
     logger.info("stopped after %.1fs; models freed", time.monotonic() - started)

@@ -173,27 +173,28 @@ class Shaper:
         return (caller is not None and caller in self._callers) or target in self._targets
 
     async def reserve(
-        self, caller: str | None, target: str, req: GatewayRequest
+        self, caller: str | None, target: str, req: GatewayRequest, *, tokens: bool = True
     ) -> Reservation | None:
-        """Reserve one request and its estimated tokens on every limit that applies; when
-        one cannot cover it, the reservation carries the 429 (with Retry-After) to raise.
+        """Reserve one request and its estimated tokens (none when `tokens` is False: a
+        cache hit) on every limit that applies; when one cannot cover it, the reservation
+        carries the 429 (with Retry-After) to raise.
         None when no limit applies, or the store is unreachable and every limit involved
         fails open (503 when one fails closed)."""
         limits = (*self._callers.get(caller or "", ()), *self._targets.get(target, ()))
         if not limits:
             return None
-        input_tokens = None
-        if target in self.local and any(limit.tokens for limit in limits):
+        input_tokens = None if tokens else 0
+        if input_tokens is None and target in self.local and any(x.tokens for x in limits):
             from .prompt_count import local_prompt_tokens
 
             input_tokens = await local_prompt_tokens(self.local[target], req)
         if input_tokens is None:
             input_tokens = estimate_input(req)
-        tokens = input_tokens
-        if req.operation != "embed":
+        reserved = input_tokens
+        if req.operation != "embed" and tokens:
             output = req.options.max_tokens or self.reserve_output
-            tokens += output * req.generation.n
-        amounts = [tokens if limit.tokens else 1 for limit in limits]
+            reserved += output * req.generation.n
+        amounts = [reserved if limit.tokens else 1 for limit in limits]
         try:
             grant = await self.store.reserve([limit.bucket for limit in limits], amounts)
         except StoreUnavailable:
@@ -204,7 +205,7 @@ class Shaper:
                 raise error from None
             return None
         self.metrics.state_available.set(1)
-        reservation = Reservation(self, limits, tokens, input_tokens, grant)
+        reservation = Reservation(self, limits, reserved, input_tokens, grant)
         if not grant.ok:
             reservation.refusal = self._refusal(limits, amounts, grant)
         return reservation

@@ -15,6 +15,7 @@ from .._descriptors import EndpointRef
 from .._errors import EndpointNotFoundError, ExecutionError, SippError, UnavailableError
 from .activity import Activity, RequestRecord
 from .auth import TokenTable
+from .cache.exact import ExactCache
 from .config import GatewayConfig
 from .limits import ConcurrencyLimit, RateLimiter
 from .metrics import GatewayMetrics
@@ -41,6 +42,7 @@ class GatewayState:
     secrets: list[str] = field(default_factory=list)  # provider keys, masked in logs
     shaper: Shaper | None = None  # caller and target limits, when any is configured
     shared: Any = None  # SharedControls: the runtime controls every replica shares (Redis)
+    caches: dict[str, ExactCache] = field(default_factory=dict)  # by target, when configured
 
     def __post_init__(self) -> None:
         self.limit = ConcurrencyLimit(self.config.max_concurrent_requests)

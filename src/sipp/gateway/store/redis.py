@@ -118,6 +118,11 @@ class RedisStore:
         self._down_until = 0.0
         self.available = True
 
+    @property
+    def client(self) -> aioredis.Redis:
+        """The pooled client, shared with the response cache's Redis store."""
+        return self._redis
+
     async def _run(self, buckets: Sequence[Bucket], amounts: Sequence[int], mode: str) -> Any:
         if time.monotonic() < self._down_until:
             raise StoreUnavailable("Redis was unreachable moments ago")

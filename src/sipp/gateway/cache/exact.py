@@ -1,0 +1,254 @@
+"""The exact cache as a pipeline stage: look up after authorize, replay a hit, store at settle.
+
+    authorize -> [cache: begin + lookup] -> hit: reserve (one request, no tokens) -> replay
+                                         -> miss/bypass: reserve -> admit -> execute
+                                            -> settle: keep (complete 2xx, finish allowed)
+
+`begin` decides without waiting: a target without `[targets.cache]` never gets here
+(one dict lookup in the pipeline), and a request the cache must not answer (sampled
+without `cache_sampled`, `Cache-Control: no-cache`) is a `bypass` without a store
+call. A hit replays the stored answer as the events a live run produces, so every
+wire format streams it (token frames, tool calls, finish reason, usage) unchanged.
+Storing happens in the background once the answer is complete: a failed, cut,
+cancelled or abandoned answer, or one whose finish reason the target does not keep,
+is never stored. A store that fails is logged and counted; the request is served
+uncached.
+
+Where the semantic cache plugs in: `CacheCall.lookup`, on an exact miss, may search
+the partition `keys.partition_key(call.scope, call.request)` for the stored question
+nearest to `keys.last_user_text(call.request)` and return that `CachedEntry`; it is
+replayed like an exact hit. Storing adds the question to the partition the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING
+
+from ..._errors import ExecutionError, SippError
+from ..._types import SippTextResponse, TokenBatch
+from ..request import ChoiceDone, Event, GatewayRequest, TextDelta
+from .config import CacheConfig
+from .entry import CachedChoice, CachedEntry, decode_entry, encode_entry, replay_events
+from .keys import SHARED_SCOPE, exact_key
+from .store import CacheStore, CacheStoreError, Totals
+
+if TYPE_CHECKING:
+    from ..activity import RequestRecord
+    from ..formats.base import WireFormat
+    from ..metrics import GatewayMetrics
+    from ..shaping import Reservation
+
+__all__ = ["CACHE_HEADER", "CacheCall", "ExactCache", "replay_stream"]
+
+logger = logging.getLogger("sipp.gateway")
+CACHE_HEADER = "x-sipp-cache"
+
+
+class ExactCache:
+    """One target's exact cache: its settings, its store and its background writes."""
+
+    def __init__(
+        self, target: str, config: CacheConfig, store: CacheStore, metrics: GatewayMetrics
+    ) -> None:
+        self.target, self.config, self.store, self.metrics = target, config, store, metrics
+        self._writing: set[asyncio.Future[None]] = set()
+
+    def begin(
+        self, req: GatewayRequest, caller: str, headers: Mapping[str, str], route: str
+    ) -> CacheCall:
+        """This request's cache decisions, taken without waiting on the store."""
+        control = _directives(headers.get("cache-control"))
+        cacheable = req.operation != "embed" and (self.config.cache_sampled or _greedy(req))
+        scope = SHARED_SCOPE if self.config.scope == "shared" else caller
+        key = exact_key(scope, req) if cacheable else None
+        return CacheCall(
+            self,
+            req,
+            scope,
+            key,
+            route,
+            look=cacheable and "no-cache" not in control,
+            store=cacheable and "no-store" not in control,
+        )
+
+    async def get(self, key: str) -> CachedEntry | None:
+        started = time.perf_counter()
+        try:
+            raw = await self.store.get(key)
+            return decode_entry(raw) if raw is not None else None
+        except (CacheStoreError, ValueError, KeyError, TypeError, IndexError) as exc:
+            self._failed("lookup", exc)
+            raise CacheStoreError(str(exc)) from None
+        finally:
+            self.metrics.cache_lookup.labels(self.target).observe(time.perf_counter() - started)
+
+    def put(self, key: str, entry: CachedEntry, route: str) -> None:
+        """Store `entry` in the background: the response never waits for the write."""
+        task = asyncio.ensure_future(self._put(key, encode_entry(entry), route))
+        self._writing.add(task)
+        task.add_done_callback(self._writing.discard)
+
+    async def _put(self, key: str, value: bytes, route: str) -> None:
+        try:
+            totals = await self.store.put(key, value, self.config.ttl_seconds)
+        except CacheStoreError as exc:
+            self._failed("store", exc)
+            return
+        self.metrics.cache_stores.labels(self.target, route).inc()
+        self.show(totals)
+
+    def show(self, totals: Totals) -> None:
+        self.metrics.cache_entries.labels(self.target).set(totals.entries)
+        self.metrics.cache_bytes.labels(self.target).set(totals.bytes)
+
+    def _failed(self, operation: str, exc: BaseException) -> None:
+        self.metrics.cache_errors.labels(self.target, operation).inc()
+        logger.warning(
+            "cache %s for target %s failed (%s); serving uncached",
+            operation,
+            self.target,
+            type(exc).__name__,
+        )
+
+    async def close(self) -> None:
+        """Finish the writes under way, then close the store."""
+        while self._writing:
+            await asyncio.gather(*self._writing, return_exceptions=True)
+        await self.store.close()
+
+
+class CacheCall:
+    """One request's pass through the cache: its key, what it may do, what happened."""
+
+    def __init__(
+        self,
+        cache: ExactCache,
+        request: GatewayRequest,
+        scope: str,
+        key: str | None,
+        route: str,
+        look: bool,
+        store: bool,
+    ) -> None:
+        self.cache, self.request, self.scope = cache, request, scope
+        self.key, self.route = key, route
+        self.look, self.store = look, store
+        self.status = "bypass"
+        self._choices: dict[int, list[TokenBatch]] = {}
+        self._done: dict[int, SippTextResponse] = {}
+        self._complete = False
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {CACHE_HEADER: self.status}
+
+    async def lookup(self) -> CachedEntry | None:
+        """The stored answer, or None (a miss, or a bypass when lookup is skipped)."""
+        entry = None
+        if self.look and self.key is not None:
+            try:
+                entry = await self.cache.get(self.key)
+                self.status = "hit" if entry is not None else "miss"
+            except CacheStoreError:  # served uncached: nor is its answer written to a failing store
+                self.status, self.store = "bypass", False
+        self.cache.metrics.cache_requests.labels(self.cache.target, self.route, self.status).inc()
+        return entry
+
+    def served(self, entry: CachedEntry) -> None:
+        """The hit passed the limits and is answered: count the tokens it saved."""
+        if entry.usage is not None:
+            self.cache.metrics.cache_tokens_saved.labels(self.cache.target).inc(
+                entry.usage.total_tokens
+            )
+
+    def _keepable(self, responses: Iterable[SippTextResponse]) -> bool:
+        allowed = self.cache.config.store_finish
+        return (
+            self.store
+            and self.key is not None
+            and all(r.finish_reason in allowed for r in responses)
+        )
+
+    def keep(self, responses: tuple[SippTextResponse, ...]) -> None:
+        """Store a complete non-streamed answer when the target keeps its finish reasons."""
+        if responses and self._keepable(responses):
+            assert self.key is not None
+            self.cache.put(self.key, CachedEntry(tuple(map(CachedChoice, responses))), self.route)
+            self.status = "store"
+
+    async def recording(self, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
+        """`events`, remembering the deltas and ends of each choice; complete only once the
+        last event (the total usage) went by."""
+        async for event in events:
+            if isinstance(event, TextDelta):
+                self._choices.setdefault(event.index, []).append(event.batch)
+            elif isinstance(event, ChoiceDone):
+                self._done[event.index] = event.response
+            else:
+                self._complete = True
+            yield event
+
+    def keep_stream(self, succeeded: bool) -> None:
+        """Store a streamed answer that ran to its end (`succeeded`: no failure, the
+        consumer read it all) with the pieces it was streamed in."""
+        if not succeeded or not self._complete or not self._done:
+            return
+        responses = [self._done[i] for i in sorted(self._done)]
+        if not self._keepable(responses):
+            return
+        assert self.key is not None
+        choices = tuple(
+            CachedChoice(self._done[i], tuple(self._choices.get(i, ()))) for i in sorted(self._done)
+        )
+        self.cache.put(self.key, CachedEntry(choices), self.route)
+
+
+async def replay_stream(
+    fmt: WireFormat,
+    req: GatewayRequest,
+    entry: CachedEntry,
+    rec: RequestRecord,
+    request_id: str,
+    reservation: Reservation | None,
+) -> AsyncIterator[bytes]:
+    """`fmt`'s frames for a stored answer; the record is settled and finished however the
+    stream ends."""
+    from ..shaping import settle
+
+    try:
+        async for frame in fmt.encode_stream(req, _events(rec, replay_events(entry)), request_id):
+            yield frame
+    except SippError as exc:  # a format refusing the stored answer: say so in the stream
+        rec.fail(exc.code)
+        yield fmt.stream_error(exc)
+    except Exception as exc:
+        logger.exception("unexpected error replaying a cached answer %s", request_id)
+        rec.fail("execution")
+        yield fmt.stream_error(ExecutionError(f"internal error: {type(exc).__name__}"))
+    finally:
+        settle(reservation, rec, ran=True)
+        rec.finish()
+
+
+async def _events(rec: RequestRecord, events: Iterator[Event]) -> AsyncIterator[Event]:
+    for event in events:
+        if isinstance(event, TextDelta):
+            rec.first_token()
+        yield event
+
+
+def _greedy(req: GatewayRequest) -> bool:
+    """Whether the answer is meant to be repeatable: temperature 0. An unset temperature
+    is the target's default, which samples (1 at OpenAI and Anthropic, 0.8 locally)."""
+    temperature = req.options.temperature
+    return temperature is not None and temperature == 0
+
+
+def _directives(value: str | None) -> frozenset[str]:
+    if not value:
+        return frozenset()
+    return frozenset(part.split("=")[0].strip().lower() for part in value.split(","))
