@@ -200,14 +200,11 @@ def format_report(
         f"{pair_count} pairs ({any_row.positives} should hit, {any_row.negatives} must not) "
         f"embedded with {model}",
         "",
-        "threshold | guard on: precision  recall  false-hit | guard off: precision  recall  false-hit",
+        "          |           guard on                   |           guard off",
+        "threshold | precision recall false-hit-rate (n) | precision recall false-hit-rate (n)",
     ]
     for t in sorted(on):
-        g, n = on[t], off[t]
-        lines.append(
-            f"{t:9.2f} | {g.precision:19.3f} {g.recall:7.3f} {g.false_hit_rate:10.3f} "
-            f"| {n.precision:20.3f} {n.recall:7.3f} {n.false_hit_rate:10.3f}"
-        )
+        lines.append(f"{t:9.2f} | {_cells(on[t])} | {_cells(off[t])}")
     lines.append("")
     if best is None:
         lines.append(
@@ -223,14 +220,18 @@ def format_report(
     )
     lines.append(
         f"recommended threshold: {best.threshold:.2f}{lowest} "
-        f"(guard on: false-hit rate {best.false_hit_rate:.3f} <= {target_false_hit_rate:.3f}, "
+        f"(guard on: false-hit rate {best.false_hit_rate:.4f} <= {target_false_hit_rate:.4f}, "
         f"recall {best.recall:.3f}, precision {best.precision:.3f}; "
-        f"without the guard: false-hit rate {off_best.false_hit_rate:.3f}, recall {off_best.recall:.3f})"
+        f"without the guard: false-hit rate {off_best.false_hit_rate:.4f}, recall {off_best.recall:.3f})"
     )
     for label, row in (("guard on", best), ("guard off", off_best)):
         kinds = ", ".join(f"{k} {n}" for k, n in row.false_hit_kinds) or "none"
         lines.append(f"false hits at {best.threshold:.2f}, {label}: {kinds}")
     return "\n".join(lines)
+
+
+def _cells(row: ThresholdRow) -> str:
+    return f"{row.precision:9.3f} {row.recall:6.3f} {row.false_hit_rate:14.4f} {row.false_hits:3d}"
 
 
 def embedding_target(config: GatewayConfig, name: str | None) -> LocalTarget:
