@@ -360,3 +360,22 @@ def test_calibrate_help_explains_itself() -> None:
     assert result.returncode == 0
     for words in ("--embedding-target", "--target-false-hit-rate", "false-hit rate", "guard"):
         assert words in result.stdout
+
+
+def test_bulk_add_builds_the_graph_once_and_replaces_by_payload(
+    corpus: tuple[list[str], npt.NDArray[np.float32]],
+) -> None:
+    texts, vectors = corpus
+    part = SemanticPartition(ann_min_size=200)
+    part.add_many(texts[:300], vectors[:300], [f"p{i}" for i in range(300)], MINILM)
+    assert len(part) == 300
+    hit = part.search(texts[42], vectors[42], MINILM, 0.99).match
+    assert hit is not None and hit.entry.payload_id == "p42" and hit.entry.text == texts[42]
+    part.add_many([texts[400]], vectors[400:401], ["p42"], MINILM)  # p42 now names another text
+    assert len(part) == 300
+    moved = part.search(texts[400], vectors[400], MINILM, 0.99).match
+    assert moved is not None and moved.entry.payload_id == "p42"
+    gone = part.search(texts[42], vectors[42], MINILM, 0.99).match
+    assert gone is None or gone.entry.payload_id != "p42"
+    with pytest.raises(InvalidRequestError):
+        part.add_many(["a", "b"], vectors[:2], ["dup", "dup"], MINILM)

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +100,36 @@ class SemanticPartition:
             self._next_key += 1
             group.entries[key] = entry
             self._by_payload[payload_id] = (model_id, key)
+
+    def add_many(
+        self,
+        texts: Sequence[str],
+        vectors: npt.ArrayLike,
+        payload_ids: Sequence[str],
+        model_id: str,
+    ) -> None:
+        """`add` for many entries of one model at once (one graph insert: a warm start
+        or a bulk load); entries with these payload ids are replaced."""
+        matrix = np.asarray(vectors, dtype=np.float32)
+        if not (len(texts) == len(payload_ids) == len(matrix)) or matrix.ndim != 2:
+            raise InvalidRequestError("one text, one vector and one payload id per entry")
+        if not model_id or not all(payload_ids) or len(set(payload_ids)) != len(payload_ids):
+            raise InvalidRequestError("payload ids must be distinct and non-empty")
+        with self._lock:
+            for payload_id in payload_ids:
+                self._remove_locked(payload_id)
+            group = self._models.get(model_id)
+            if group is None:
+                index = VectorIndex(
+                    matrix.shape[1], ann_min_size=self._ann_min_size, use_ann=self._use_ann
+                )
+                group = self._models[model_id] = _Model(index, {})
+            keys = np.arange(self._next_key, self._next_key + len(texts), dtype=np.int64)
+            group.index.add_many(keys, matrix)
+            self._next_key += len(texts)
+            for key, text, payload_id in zip(keys.tolist(), texts, payload_ids):
+                group.entries[key] = SemanticEntry(text, payload_id, model_id)
+                self._by_payload[payload_id] = (model_id, key)
 
     def remove(self, payload_id: str) -> bool:
         """Drop the entry of `payload_id` (expired or evicted); False when absent."""
