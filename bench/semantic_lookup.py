@@ -12,6 +12,7 @@ search one partition of 100,000 entries, run the guard. Goal: p50 <= 10 ms, p99 
 * recall@1 of the ANN against exact search on the same query vectors
 * crossover: exact search time by partition size, against the graph at full size,
   which is where `ANN_MIN_SIZE` comes from
+* --compare-libraries: usearch against hnswlib (build time, memory, search, recall@1)
 
     ./dev bench semantic_lookup [--entries 100000] [--queries 400] [--rounds 3]
 """
@@ -111,6 +112,58 @@ def crossover(vectors: np.ndarray, queries: np.ndarray) -> None:
     print(f"recall@1 of the ANN vs exact, {len(queries)} queries: {agree / len(queries):.4f}")
 
 
+def compare_libraries(vectors: np.ndarray, queries: np.ndarray) -> None:
+    """usearch (the library's choice) against hnswlib at the same graph settings (M=16,
+    ef_construction=128, ef=64), single-threaded search, on the same vectors."""
+    import hnswlib
+    from usearch.index import Index
+
+    exact = VectorIndex(vectors.shape[1], use_ann=False)
+    exact.add_many(np.arange(len(vectors)), vectors)
+    truth = [exact.search(q, 1)[0].key for q in queries]
+    print(f"\nANN libraries, {len(vectors):,} vectors, {len(queries)} queries:")
+    for name in ("usearch f16", "usearch f32", "hnswlib f32"):
+        gc.collect()
+        before = rss_mib()
+        t = time.perf_counter()
+        if name.startswith("usearch"):
+            index = Index(
+                ndim=vectors.shape[1],
+                metric="cos",
+                dtype=name.split()[1],
+                connectivity=16,
+                expansion_add=128,
+                expansion_search=64,
+            )
+            index.add(np.arange(len(vectors), dtype=np.uint64), vectors)
+
+            def search(q: np.ndarray, index: Index = index) -> int:
+                return int(index.search(q, 1, threads=1).keys[0])
+        else:
+            graph = hnswlib.Index(space="cosine", dim=vectors.shape[1])
+            graph.init_index(max_elements=len(vectors), ef_construction=128, M=16)
+            graph.add_items(vectors, np.arange(len(vectors)))
+            graph.set_ef(64)
+            graph.set_num_threads(1)
+
+            def search(q: np.ndarray, graph: hnswlib.Index = graph) -> int:
+                return int(graph.knn_query(q, k=1)[0][0][0])
+
+        build = time.perf_counter() - t
+        mib = rss_mib() - before
+        times, agree = [], 0
+        for q, want in zip(queries, truth):
+            t = time.perf_counter()
+            got = search(q)
+            times.append(time.perf_counter() - t)
+            agree += got == want
+        print(
+            f"  {name}: build {build:.1f} s, +{mib:.0f} MiB, search p50 "
+            f"{statistics.median(times) * 1e3:.3f} ms p99 {percentile(times, 0.99) * 1e3:.3f} ms, "
+            f"recall@1 {agree / len(queries):.4f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -121,6 +174,11 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.87, help="similarity threshold")
     parser.add_argument(
         "--threads", type=int, default=1, help="llama.cpp threads embedding the query"
+    )
+    parser.add_argument(
+        "--compare-libraries",
+        action="store_true",
+        help="also build usearch (f16, f32) and hnswlib graphs and compare them (needs hnswlib)",
     )
     args = parser.parse_args()
 
@@ -212,7 +270,10 @@ def main() -> None:
             f"p99 {spread([r['p99'] for r in rows], '.2f', 'ms', 1e3)}; "
             f"search+guard p50 {spread([r['search_p50'] for r in rows], '.3f', 'ms', 1e3)}"
         )
-    crossover(vectors, np.asarray(query_vectors[50:350], dtype=np.float32))
+    query_matrix = np.asarray(query_vectors[50:350], dtype=np.float32)
+    crossover(vectors, query_matrix)
+    if args.compare_libraries:
+        compare_libraries(vectors, query_matrix)
 
 
 if __name__ == "__main__":
