@@ -146,6 +146,9 @@ def test_index_grows_into_ann_past_its_threshold(
     index.add(200, vectors[200])  # later adds go into the graph too
     index.remove(5)
     assert index.search(vectors[200], k=1)[0].key == 200
+    index.add(6, vectors[300])  # replacing a key in the graph
+    assert index.search(vectors[300], k=1)[0].key == 6 and len(index) == 200
+    assert index.search(vectors[6], k=1)[0].key != 6
     assert all(n.key != 5 for n in index.search(vectors[5], k=5))
 
 
