@@ -382,3 +382,24 @@ def test_bulk_add_builds_the_graph_once_and_replaces_by_payload(
     assert gone is None or gone.entry.payload_id != "p42"
     with pytest.raises(InvalidRequestError):
         part.add_many(["a", "b"], vectors[:2], ["dup", "dup"], MINILM)
+
+
+def test_calibrate_says_so_when_no_threshold_meets_the_target(
+    minilm_path: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(CALIBRATE_TOML.format(path=minilm_path))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        '{"query": "how do I reset my password", "cached": "how can I reset my password", '
+        '"expect": "hit", "kind": "paraphrase"}\n'
+        # Labelled miss yet the same words: every threshold serves it.
+        '{"query": "reset my password", "cached": "reset my password", "expect": "miss", '
+        '"kind": "intent"}\n'
+    )
+    result = _calibrate(
+        "--config", str(config), "--embedding-target", "minilm", "--pairs", str(pairs)
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout.splitlines()[0].startswith("2 pairs (1 should hit, 1 must not)")
+    assert "no threshold up to 0.99 keeps the false-hit rate within 0.010" in result.stdout
