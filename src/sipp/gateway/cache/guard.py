@@ -14,9 +14,9 @@ texts on three cheap, explainable signals and returns the reason when they diffe
   guard errs towards a miss, which costs an upstream call, never a wrong answer.
 * **contrast**: small sets of mutually exclusive words (on/enable/start vs
   off/disable/stop, increase/raise/more vs decrease/lower/less, add vs remove, today
-  vs tomorrow vs yesterday, weekdays, months, ...). After cancelling the words the two
-  texts share, if one keeps a word of one side and the other a word of another side of
-  the same set, the candidate is rejected. "turn on dark mode" vs "enable dark mode"
+  vs tomorrow vs yesterday, weekdays, months, who vs when vs where vs why, ...). After
+  cancelling the words the two texts share, if one keeps a word of one side and the
+  other a word of another side of the same set, the candidate is rejected. "turn on dark mode" vs "enable dark mode"
   pass (same side); "turn on notifications on my phone" vs "turn off notifications on
   my phone" do not (the shared "on" cancels, "on" vs "off" remains).
 
@@ -241,6 +241,14 @@ _CONTRASTS: tuple[tuple[frozenset[str], ...], ...] = (
     ),
     (frozenset({"and"}), frozenset({"or"})),
     (frozenset({"am"}), frozenset({"pm"})),
+    # Questions about another thing ("who invented the telephone" / "when was the
+    # telephone invented"). Not what/which/how: "what is the height" = "how tall".
+    (
+        frozenset({"who", "whom", "whose"}),
+        frozenset({"when"}),
+        frozenset({"where"}),
+        frozenset({"why"}),
+    ),
     (frozenset({"plus", "sum"}), frozenset({"minus", "subtract", "difference"})),
 )
 
