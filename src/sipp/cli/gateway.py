@@ -1,10 +1,12 @@
 """`sipp-gateway`: the first-party gateway's command line.
 
 sipp-gateway check --config FILE     validate the TOML (no env reads, no loads, no binds)
+sipp-gateway cache calibrate ...     measure semantic-cache thresholds on a labelled set
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -72,6 +74,82 @@ def serve(config_path: str) -> None:
         click.echo(f"error: {exc.message}", err=True)
         sys.exit(1)
     sys.exit(code)
+
+
+@cli.group()
+def cache() -> None:
+    """Response cache tools."""
+
+
+@cache.command()
+@_config_option
+@click.option(
+    "--embedding-target",
+    "embedding_target",
+    metavar="NAME",
+    help="The local target (a sentence-embedding GGUF such as all-MiniLM-L6-v2) that embeds "
+    "for the semantic cache.",
+)
+@click.option(
+    "--target-false-hit-rate",
+    type=click.FloatRange(0, 1),
+    default=0.01,
+    show_default=True,
+    help="Largest acceptable share of must-not-hit pairs served from the cache.",
+)
+@click.option(
+    "--pairs",
+    "pairs_path",
+    type=click.Path(dir_okay=False),
+    help="Your own labelled pairs (JSON lines: query, cached, expect hit|miss, kind); "
+    "default: the set shipped with Sipp.",
+)
+@click.option("--min-threshold", type=click.FloatRange(-1, 1), default=0.70, show_default=True)
+@click.option("--max-threshold", type=click.FloatRange(-1, 1), default=0.99, show_default=True)
+@click.option("--step", type=click.FloatRange(0.001, 1), default=0.01, show_default=True)
+def calibrate(
+    config_path: str,
+    embedding_target: str | None,
+    target_false_hit_rate: float,
+    pairs_path: str | None,
+    min_threshold: float,
+    max_threshold: float,
+    step: float,
+) -> None:
+    """Measure semantic-cache thresholds on a labelled set and recommend one.
+
+    Loads the embedding target's model from the TOML (nothing binds, no provider is
+    called), embeds both sides of every pair, and prints per similarity threshold the
+    precision, recall and false-hit rate with the guard (negation / number / antonym
+    check) on and off. Recommends the lowest threshold whose false-hit rate, guard on,
+    is within --target-false-hit-rate, and exits 0; exits 1 when none is.
+
+    \b
+    Example:
+      sipp-gateway cache calibrate --config gateway.toml --embedding-target minilm
+    """
+    from ..gateway.cache import calibration as cal
+
+    config = _load_or_exit(config_path)
+    try:
+        grid = cal.thresholds(min_threshold, max_threshold, step)
+        target = cal.embedding_target(config, embedding_target)
+        pairs = cal.load_pairs(pairs_path)
+        texts = sorted({t for p in pairs for t in (p.query, p.cached)})
+        click.echo(f"embedding {len(texts)} texts with target {target.name} ...", err=True)
+        vectors = dict(zip(texts, cal.embed_with_target(target, texts)))
+    except SippError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        sys.exit(1)
+    _, rows = cal.calibrate(
+        pairs, [vectors[p.query] for p in pairs], [vectors[p.cached] for p in pairs], grid
+    )
+    best = cal.recommend(rows, target_false_hit_rate)
+    model = f"target {target.name} ({os.path.basename(target.model)})"
+    click.echo(
+        cal.format_report(rows, best, target_false_hit_rate, model=model, pair_count=len(pairs))
+    )
+    sys.exit(0 if best is not None else 1)
 
 
 def _load_or_exit(config_path: str) -> GatewayConfig:

@@ -1,0 +1,245 @@
+"""Semantic lookup inside one cache partition.
+
+A partition is everything of a request except its last user message (scope, target,
+system prompt, earlier turns, parameters), hashed by the cache's key module; inside it,
+`SemanticPartition` compares last user messages by cosine similarity of their
+embeddings. An entry is (vector, text, payload id, embedding model id): the payload
+id names the stored response in the cache's store; the text is what the guard
+compares; the model id keeps vectors of different embedding models apart.
+
+Vectors of different models are never compared: each model id has its own index,
+and a search with a model that has no entries finds nothing. Changing a target's
+embedding model therefore starts that partition's semantic cache from empty.
+
+Thread-safe: one lock per partition (searches take well under a millisecond).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from ..._errors import InvalidConfigError, InvalidRequestError
+from .guard import GuardVerdict, guard_rejects, signals
+from .vector_index import ANN_MIN_SIZE, VectorIndex
+
+__all__ = ["SearchOutcome", "SemanticEntry", "SemanticMatch", "SemanticPartition"]
+
+_CANDIDATES = 4  # neighbours tried in order when the guard rejects the nearest
+
+
+@dataclass(frozen=True)
+class SemanticEntry:
+    text: str
+    payload_id: str
+    model_id: str
+
+
+@dataclass(frozen=True)
+class SemanticMatch:
+    entry: SemanticEntry
+    similarity: float
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    """A search's result and, for metrics and logs, what the guard turned away."""
+
+    match: SemanticMatch | None
+    rejected: tuple[tuple[SemanticMatch, GuardVerdict], ...] = ()
+
+
+@dataclass
+class _Model:
+    index: VectorIndex
+    entries: dict[int, SemanticEntry]  # the guard reads texts only for the few candidates
+
+
+class SemanticPartition:
+    """The semantic entries of one partition, grouped by embedding model id."""
+
+    def __init__(self, *, ann_min_size: int = ANN_MIN_SIZE, use_ann: bool = True) -> None:
+        self._ann_min_size = ann_min_size
+        self._use_ann = use_ann
+        self._models: dict[str, _Model] = {}
+        self._by_payload: dict[str, tuple[str, int]] = {}  # payload id -> (model id, key)
+        self._next_key = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._by_payload)
+
+    def models(self) -> list[str]:
+        with self._lock:
+            return [m for m, group in self._models.items() if group.entries]
+
+    def add(self, text: str, vector: npt.ArrayLike, payload_id: str, model_id: str) -> None:
+        """Store an entry; an entry with the same payload id is replaced."""
+        if not model_id or not payload_id:
+            raise InvalidRequestError("payload id and embedding model id must be non-empty")
+        entry = SemanticEntry(text, payload_id, model_id)
+        with self._lock:
+            self._remove_locked(payload_id)
+            group = self._models.get(model_id)
+            dim = int(np.asarray(vector, dtype=np.float32).size)
+            if group is None:
+                index = VectorIndex(dim, ann_min_size=self._ann_min_size, use_ann=self._use_ann)
+                group = self._models[model_id] = _Model(index, {})
+            key = self._next_key
+            group.index.add(key, vector)  # raises on a dimension the model never had
+            self._next_key += 1
+            group.entries[key] = entry
+            self._by_payload[payload_id] = (model_id, key)
+
+    def add_many(
+        self,
+        texts: Sequence[str],
+        vectors: npt.ArrayLike,
+        payload_ids: Sequence[str],
+        model_id: str,
+    ) -> None:
+        """`add` for many entries of one model at once (one graph insert: a warm start
+        or a bulk load); entries with these payload ids are replaced."""
+        matrix = np.asarray(vectors, dtype=np.float32)
+        if not (len(texts) == len(payload_ids) == len(matrix)) or matrix.ndim != 2:
+            raise InvalidRequestError("one text, one vector and one payload id per entry")
+        if not model_id or not all(payload_ids) or len(set(payload_ids)) != len(payload_ids):
+            raise InvalidRequestError("payload ids must be distinct and non-empty")
+        with self._lock:
+            for payload_id in payload_ids:
+                self._remove_locked(payload_id)
+            group = self._models.get(model_id)
+            if group is None:
+                index = VectorIndex(
+                    matrix.shape[1], ann_min_size=self._ann_min_size, use_ann=self._use_ann
+                )
+                group = self._models[model_id] = _Model(index, {})
+            keys = np.arange(self._next_key, self._next_key + len(texts), dtype=np.int64)
+            group.index.add_many(keys, matrix)
+            self._next_key += len(texts)
+            for key, text, payload_id in zip(keys.tolist(), texts, payload_ids):
+                group.entries[key] = SemanticEntry(text, payload_id, model_id)
+                self._by_payload[payload_id] = (model_id, key)
+
+    def remove(self, payload_id: str) -> bool:
+        """Drop the entry of `payload_id` (expired or evicted); False when absent."""
+        with self._lock:
+            return self._remove_locked(payload_id)
+
+    def search(
+        self,
+        text: str,
+        vector: npt.ArrayLike,
+        model_id: str,
+        threshold: float,
+        *,
+        guard: bool = True,
+        exact: bool = False,
+    ) -> SearchOutcome:
+        """The most similar entry of `model_id` at or above `threshold` that the guard
+        lets through (nearest first, a few candidates deep), or no match."""
+        with self._lock:
+            group = self._models.get(model_id)
+            if group is None or not group.entries:
+                return SearchOutcome(None)
+            neighbors = group.index.search(vector, _CANDIDATES, exact=exact)
+            query = signals(text) if guard else None
+            rejected: list[tuple[SemanticMatch, GuardVerdict]] = []
+            for neighbor in neighbors:
+                if neighbor.similarity < threshold:
+                    break
+                match = SemanticMatch(group.entries[neighbor.key], neighbor.similarity)
+                verdict = guard_rejects(query, match.entry.text) if query is not None else None
+                if verdict is None:
+                    return SearchOutcome(match, tuple(rejected))
+                rejected.append((match, verdict))
+            return SearchOutcome(None, tuple(rejected))
+
+    # -- persistence --------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        """One subdirectory per model (named by a hash of its id): its vector index and
+        entries.jsonl. Subdirectories of models no longer present are removed."""
+        root = Path(directory)
+        root.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            keep = set()
+            for model_id, group in self._models.items():
+                if not group.entries:
+                    continue
+                sub = root / _model_dir(model_id)
+                keep.add(sub.name)
+                group.index.save(sub / "index")
+                lines = [
+                    json.dumps({"key": k, "text": e.text, "payload_id": e.payload_id})
+                    for k, e in group.entries.items()
+                ]
+                header = json.dumps({"model_id": model_id, "next_key": self._next_key})
+                tmp = sub / "entries.jsonl.tmp"
+                tmp.write_text("\n".join([header, *lines]) + "\n", encoding="utf-8")
+                tmp.replace(sub / "entries.jsonl")
+            for child in root.iterdir():
+                if child.is_dir() and child.name.startswith("model-") and child.name not in keep:
+                    shutil.rmtree(child)
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | os.PathLike[str],
+        *,
+        ann_min_size: int = ANN_MIN_SIZE,
+        use_ann: bool = True,
+    ) -> SemanticPartition:
+        """A partition saved by `save`; an absent directory is an empty partition."""
+        part = cls(ann_min_size=ann_min_size, use_ann=use_ann)
+        root = Path(directory)
+        if not root.is_dir():
+            return part
+        for sub in sorted(root.iterdir()):
+            if not (sub.is_dir() and sub.name.startswith("model-")):
+                continue
+            try:
+                header, *rows = (
+                    json.loads(line)
+                    for line in (sub / "entries.jsonl").read_text(encoding="utf-8").splitlines()
+                )
+                model_id = str(header["model_id"])
+                entries = {int(r["key"]): (str(r["text"]), str(r["payload_id"])) for r in rows}
+                next_key = int(header["next_key"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise InvalidConfigError(
+                    f"semantic entries at {sub} are unreadable: {exc}"
+                ) from None
+            index = VectorIndex.load(sub / "index", ann_min_size=ann_min_size, use_ann=use_ann)
+            if len(index) != len(entries) or any(k not in index for k in entries):
+                raise InvalidConfigError(f"semantic entries at {sub} do not match their vectors")
+            group = part._models[model_id] = _Model(index, {})
+            for key, (text, payload_id) in entries.items():
+                group.entries[key] = SemanticEntry(text, payload_id, model_id)
+                part._by_payload[payload_id] = (model_id, key)
+            part._next_key = max(part._next_key, next_key)
+        return part
+
+    # -- internals ----------------------------------------------------------------------
+    def _remove_locked(self, payload_id: str) -> bool:
+        found = self._by_payload.pop(payload_id, None)
+        if found is None:
+            return False
+        model_id, key = found
+        group = self._models[model_id]
+        group.index.remove(key)
+        del group.entries[key]
+        return True
+
+
+def _model_dir(model_id: str) -> str:
+    return "model-" + hashlib.sha256(model_id.encode()).hexdigest()[:16]
