@@ -81,6 +81,11 @@ def _log_to_python(level: int, text: bytes, _user: Any) -> None:
 _log_callback: Any = _lc.llama_log_callback(_log_to_python)
 
 
+def log_callback() -> Any:
+    """The ctypes log callback, for the multimodal library's logs (`_mtmd`)."""
+    return _log_callback
+
+
 def backend_init() -> None:
     global _initialised
     with _init_lock:
