@@ -99,7 +99,7 @@ def test_runtime_config_groups_default_and_merge() -> None:
         (lambda: ChatMessage.coerce({"role": "user"}), "needs the keys"),
         (lambda: LocalTextOptions(grammar="root ::= x", json_schema={}), "not both"),
         (lambda: LocalTextOptions(context_key=""), "non-empty string"),
-        (lambda: LocalTextOptions(media=[b"png"]), "vision projector"),
+        (lambda: LocalTextOptions(media=[42]), "an image is a file path, bytes or a data URL"),
     ],
 )
 def test_request_options_reject_bad_values(build, fragment) -> None:  # type: ignore[no-untyped-def]
