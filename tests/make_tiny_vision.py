@@ -40,8 +40,8 @@ IMAGE_SIZE = 224
 # Recorded on this project's machine (torch 2.13.0, transformers 5.24, sentencepiece
 # 0.2.3, llama-cpp-python 0.3.36) and the same from run to run; a mismatch is reported,
 # not fatal: the tests compare with the transformers folder of the same generation.
-MODEL_SHA256 = ""
-MMPROJ_SHA256 = ""
+MODEL_SHA256 = "55a7d275d4495e9ba8e88fadf06a5e1d72e6b1b9600366553b99b5946ff84d20"
+MMPROJ_SHA256 = "e756b14bc87c81f892253b1c4b27f733491c5c2f6fc78bcb55fd4dc6ea5e2ea4"
 
 # The pieces mtmd's Idefics3 layout and the chat template need as single tokens
 # (mtmd looks "\n\n", "<fake_token_around_image>" and "<global-img>" up by text).

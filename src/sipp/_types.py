@@ -8,6 +8,8 @@ examples index them that way.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import os
 import re
@@ -15,12 +17,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
 
-from ._errors import InvalidRequestError
+from ._errors import InvalidRequestError, PayloadTooLargeError
 
 if TYPE_CHECKING:  # for the annotation only: at run time _types imports no other layer
     from ._runtime_config import SamplingRuntimeConfig
 
 __all__ = [
+    "MAX_IMAGE_BYTES",
+    "MEDIA_MARKER",
     "ChatMessage",
     "ChatRole",
     "FinishReason",
@@ -42,6 +46,7 @@ __all__ = [
     "ToolChoiceMode",
     "TopLogprob",
     "Usage",
+    "decode_image_data_url",
 ]
 
 ChatRole = Literal["system", "user", "assistant", "tool"]
@@ -163,6 +168,30 @@ ToolChoice: TypeAlias = ToolChoiceMode | NamedToolChoice
 # An image for a vision model: a file path, the encoded file's bytes (JPEG, PNG, WebP),
 # or a `data:image/...;base64,...` URL. Local endpoints only (with a projector).
 ImageLike: TypeAlias = "str | bytes | os.PathLike[str]"
+
+
+# llama.cpp's multimodal marker: where an image goes in a message's text.
+MEDIA_MARKER = "<__media__>"
+MAX_IMAGE_BYTES = 20 << 20  # one encoded image
+_DATA_URL = re.compile(r"^data:(image/[A-Za-z0-9.+-]+)?(;[^,;]+=[^,;]*)*;base64,", re.IGNORECASE)
+
+
+def decode_image_data_url(
+    url: str, field: str = "images", max_bytes: int = MAX_IMAGE_BYTES
+) -> bytes:
+    """The bytes of a base64 `data:` URL, refused unread when its length says it is too big."""
+    match = _DATA_URL.match(url)
+    if match is None:
+        raise InvalidRequestError(
+            "an image data URL must look like data:image/png;base64,...", field=field
+        )
+    payload = url[match.end() :]
+    if len(payload) // 4 * 3 > max_bytes + 2:
+        raise PayloadTooLargeError(f"image is larger than {max_bytes} bytes")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequestError("an image data URL holds invalid base64", field=field) from None
 
 
 def coerce_images(value: Any, where: str) -> tuple[str | bytes | os.PathLike[str], ...]:

@@ -9,41 +9,19 @@ identifies an image in the KV prefix cache is the SHA-256 of its encoded bytes.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import io
 import os
-import re
 from pathlib import Path
 
 from .._errors import InvalidRequestError, PayloadTooLargeError
+from .._types import MAX_IMAGE_BYTES, decode_image_data_url
 from ._mtmd import RgbImage
 
 __all__ = ["FORMATS", "MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS", "load_image", "read_image_bytes"]
 
-MAX_IMAGE_BYTES = 20 << 20
 MAX_IMAGE_PIXELS = 40_000_000  # e.g. 8000 x 5000
 FORMATS = ("JPEG", "PNG", "WEBP")
-_DATA_URL = re.compile(r"^data:(image/[A-Za-z0-9.+-]+)?(;[^,;]+=[^,;]*)*;base64,", re.IGNORECASE)
-
-
-def decode_data_url(url: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
-    """The bytes of a base64 `data:` URL, refused unread when its length says it is too big."""
-    match = _DATA_URL.match(url)
-    if match is None:
-        raise InvalidRequestError(
-            "an image data URL must look like data:image/png;base64,...", field="images"
-        )
-    payload = url[match.end() :]
-    if len(payload) // 4 * 3 > max_bytes + 2:
-        raise PayloadTooLargeError(f"image is larger than {max_bytes} bytes")
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidRequestError(
-            "an image data URL holds invalid base64", field="images"
-        ) from None
 
 
 def read_image_bytes(
@@ -53,7 +31,7 @@ def read_image_bytes(
     if isinstance(item, bytes):
         data = item
     elif isinstance(item, str) and item[:5].lower() == "data:":
-        data = decode_data_url(item, max_bytes)
+        data = decode_image_data_url(item, max_bytes=max_bytes)
     else:
         path = Path(item)
         try:

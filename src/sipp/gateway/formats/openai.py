@@ -19,7 +19,15 @@ from starlette.responses import JSONResponse, Response
 
 from ... import protocol
 from ..._errors import InvalidRequestError, SippError
-from ..._types import ChatMessage, ChatRole, SippTextOptions, TokenLogprob, Usage
+from ..._types import (
+    MEDIA_MARKER,
+    ChatMessage,
+    ChatRole,
+    SippTextOptions,
+    TokenLogprob,
+    Usage,
+    decode_image_data_url,
+)
 from ...protocol import load_json_object
 from ..config import GatewayConfig
 from ..request import (
@@ -258,21 +266,45 @@ def _options(obj: dict[str, Any], *, chat: bool) -> SippTextOptions:
     )
 
 
-def _content(value: Any, where: str) -> str:
+def _content(value: Any, where: str, images: list[bytes] | None = None) -> str:
+    """The text of `content`. With `images` (user turns), `image_url` parts are taken
+    too: each becomes a media marker in the text and its bytes go to `images`."""
     if isinstance(value, str):
         return value
     if isinstance(value, list):
         parts = []
         for part in value:
+            if images is not None and isinstance(part, dict) and part.get("type") == "image_url":
+                images.append(_image_part(part, where))
+                parts.append(MEDIA_MARKER)
+                continue
             if (
                 not isinstance(part, dict)
                 or part.get("type") != "text"
                 or not isinstance(part.get("text"), str)
             ):
-                raise InvalidRequestError(f"{where}: only text content parts are supported")
+                kinds = "text and image_url" if images is not None else "text"
+                raise InvalidRequestError(f"{where}: only {kinds} content parts are supported")
             parts.append(part["text"])
         return "".join(parts)
     raise InvalidRequestError(f"{where}: content must be a string or an array of text parts")
+
+
+def _image_part(part: dict[str, Any], where: str) -> bytes:
+    """An `image_url` part's image: data URLs only (this gateway fetches no URLs, so a
+    caller cannot make it reach hosts on its network). The size is checked on the
+    encoded length, before anything is decoded."""
+    spec = part.get("image_url")
+    url = spec.get("url") if isinstance(spec, dict) else spec
+    if not isinstance(url, str):
+        raise field_error("messages", f"{where}: image_url.url must be a string")
+    if url[:5].lower() != "data:":
+        raise field_error(
+            "messages",
+            f"{where}: image_url must be a data: URL (data:image/png;base64,...); "
+            "this gateway does not fetch images from URLs",
+        )
+    return decode_image_data_url(url, field="messages")
 
 
 def _messages(raw: Any) -> tuple[ChatMessage, ...]:
@@ -306,7 +338,9 @@ def _messages(raw: Any) -> tuple[ChatMessage, ...]:
                 f"{where}.role must be system, developer, user, assistant or tool"
             )
         chat_role: ChatRole = "system" if role == "developer" else role
-        out.append(ChatMessage(chat_role, _content(m.get("content"), where)))
+        images: list[bytes] = []
+        text = _content(m.get("content"), where, images if role == "user" else None)
+        out.append(ChatMessage(chat_role, text, images=tuple(images)))
     return tuple(out)
 
 
