@@ -101,8 +101,6 @@ class Projector:
         params.use_gpu = use_gpu
         params.n_threads = n_threads
         params.print_timings = False
-        # The default warm-up encodes a dummy image at load: seconds on a big tower.
-        params.warmup = False
         if image_min_tokens is not None:
             params.image_min_tokens = image_min_tokens
         if image_max_tokens is not None:

@@ -212,6 +212,8 @@ class Engine:
                 "busy_slot_steps",
                 "decode_retries",
                 "embed_memo_hits",
+                "images",  # image chunks encoded and decoded into a slot
+                "image_prefill_ms",  # their time: vision encoder plus embedding decode
             ),
             0.0,
         )
@@ -623,9 +625,13 @@ class Engine:
         chunk = job.media.image_at(job.prefilled)
         assert projector is not None and chunk is not None
         slot = job.slot
+        start = time.perf_counter()
         status = projector.eval_image(
             self.ctx, chunk, len(slot.tokens), slot.seq_id, self._batch.capacity
         )
+        with self._cond:
+            self._counters["images"] += 1
+            self._counters["image_prefill_ms"] += (time.perf_counter() - start) * 1000
         if status != 0:
             self._fail(job, status, "the image")
             return
