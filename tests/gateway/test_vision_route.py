@@ -18,6 +18,7 @@ import pytest
 from sipp import ChatMessage, EndpointRef, SippClient
 
 from ..make_tiny_vision import MMPROJ_NAME, generate
+from ..remote.loopback import Action, Chunk, LoopbackServer, Request, Status
 from ..test_vision import GREEDY, IMAGES, QUESTIONS, load_vision
 from .test_server import TOKEN, Gateway, running_gateway
 
@@ -33,12 +34,38 @@ def vision_gguf() -> Path:
     return generate()
 
 
+def _images_host(req: Request) -> list[Action]:
+    """An image server: PNGs by name, a 404, a redirect and an endless body."""
+    name = req.path.strip("/").removesuffix(".png")
+    if name in IMAGES:
+        return [Status(200, {"content-type": "image/png"}), Chunk(IMAGES[name])]
+    if name == "moved":
+        return [Status(302, {"location": "http://127.0.0.1:1/elsewhere.png"})]
+    if name == "huge":
+        return [Status(200, {"content-type": "image/png"}), *[Chunk(bytes(1 << 20))] * 24]
+    return [Status(404)]
+
+
 @pytest.fixture(scope="module")
-def gateway(vision_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+def images_host() -> Iterator[LoopbackServer]:
+    server = LoopbackServer(_images_host)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    vision_gguf: Path, images_host: LoopbackServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
     projector = vision_gguf.parent / MMPROJ_NAME
 
     def edit(toml: str) -> str:
         toml = toml.replace("max_request_bytes = 4096", "max_request_bytes = 33554432")
+        toml = toml.replace(
+            'stats = "basic"\n',
+            f'stats = "basic"\nimage_url_hosts = ["127.0.0.1:{images_host.port}"]\n',
+            1,
+        )
         return toml.replace(
             "n_parallel = 2\n",
             f'n_parallel = 2\nn_threads = 1\n\n[targets.runtime.multimodal]\nprojector_path = "{projector}"\n',
@@ -124,7 +151,8 @@ def test_native_chat_takes_images_as_data_urls(
     ("url", "status", "fragment"),
     [
         # Never fetched: the gateway is not a way into hosts on its network.
-        ("http://127.0.0.1:1/secret.png", 400, "does not fetch images"),
+        ("http://127.0.0.1:1/secret.png", 400, "not allowed"),
+        ("http://localhost/secret.png", 400, "not allowed"),
         ("file:///etc/passwd", 400, "data: URL"),
         ("data:image/png;base64,%%%%", 400, "invalid base64"),
         (_data_url(b"not an image"), 400, "cannot be decoded"),
@@ -163,6 +191,43 @@ def test_bad_images_get_the_openai_error_envelope(
     assert ok.choices[0].finish_reason in ("stop", "length")
 
 
+def test_image_urls_are_fetched_only_from_the_hosts_the_target_lists(
+    gateway: Gateway, images_host: LoopbackServer, library: tuple[SippClient, EndpointRef]
+) -> None:
+    expected = _expected(library, ChatMessage("user", QUESTIONS[0], images=(IMAGES["checker"],)))
+
+    def ask(path: str) -> httpx.Response:
+        content = [
+            {"type": "image_url", "image_url": {"url": f"{images_host.url}/{path}"}},
+            {"type": "text", "text": QUESTIONS[0]},
+        ]
+        body = {
+            "model": "local",
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": MAX_NEW,
+            "temperature": 0,
+        }
+        return httpx.post(
+            f"{gateway.public}/v1/chat/completions",
+            json=body,
+            headers={"authorization": f"Bearer {TOKEN}"},
+            timeout=300,
+        )
+
+    reply = ask("checker.png")
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["message"]["content"] == expected
+    for path, status, fragment in (
+        ("missing.png", 400, "answered HTTP 404"),
+        ("moved.png", 400, "answered HTTP 302"),  # redirects are not followed
+        ("huge.png", 413, "larger than"),
+    ):
+        reply = ask(path)
+        assert reply.status_code == status, reply.text
+        assert fragment in reply.json()["error"]["message"]
+    assert not any(r.path == "/elsewhere.png" for r in images_host.requests)
+
+
 def test_images_to_a_provider_target_are_refused(oa: openai.OpenAI) -> None:
     content = [
         {"type": "text", "text": "What is it?"},
@@ -174,3 +239,19 @@ def test_images_to_a_provider_target_are_refused(oa: openai.OpenAI) -> None:
             messages=[{"role": "user", "content": content}],  # type: ignore[list-item]
             max_tokens=4,
         )
+
+
+def test_image_url_hosts_config() -> None:
+    from sipp.gateway.config import ConfigError, LocalTarget, parse_config
+
+    from .test_config import _with
+
+    config = parse_config(_with("targets[0].image_url_hosts", ["Images.Example.com", "h:8080"]))
+    target = config.targets[0]
+    assert isinstance(target, LocalTarget)
+    assert target.image_url_hosts == ("images.example.com", "h:8080")
+    assert isinstance(parse_config(_with("targets[0].backend", "cpu")).targets[0], LocalTarget)
+    for bad in (["https://images.example.com"], "images.example.com", [3]):
+        with pytest.raises(ConfigError) as info:
+            parse_config(_with("targets[0].image_url_hosts", bad))
+        assert any(p.startswith("targets[0].image_url_hosts") for p in info.value.problems)

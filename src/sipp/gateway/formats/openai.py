@@ -35,6 +35,7 @@ from ..request import (
     Completion,
     Event,
     GatewayRequest,
+    ImageURL,
     Operation,
     TextDelta,
     UsageTotal,
@@ -133,10 +134,12 @@ class OpenAIFormat(BearerFormat):
         chat = self._kind == "chat"
         user, metadata = attribution(obj)
         gen = generation(obj, chat=chat)
+        messages, image_urls = _messages(obj.get("messages")) if chat else (None, ())
         return GatewayRequest(
             "chat" if chat else "query",
             target,
-            messages=_messages(obj.get("messages")) if chat else None,
+            messages=messages,
+            image_urls=image_urls,
             prompt=None if chat else _prompt(obj),
             options=_options(obj, chat=chat),
             stream=stream,
@@ -266,9 +269,10 @@ def _options(obj: dict[str, Any], *, chat: bool) -> SippTextOptions:
     )
 
 
-def _content(value: Any, where: str, images: list[bytes] | None = None) -> str:
+def _content(value: Any, where: str, images: list[bytes | str] | None = None) -> str:
     """The text of `content`. With `images` (user turns), `image_url` parts are taken
-    too: each becomes a media marker in the text and its bytes go to `images`."""
+    too: each becomes a media marker in the text and its bytes (or http(s) URL, for the
+    gateway to fetch if the target allows) go to `images`."""
     if isinstance(value, str):
         return value
     if isinstance(value, list):
@@ -290,27 +294,31 @@ def _content(value: Any, where: str, images: list[bytes] | None = None) -> str:
     raise InvalidRequestError(f"{where}: content must be a string or an array of text parts")
 
 
-def _image_part(part: dict[str, Any], where: str) -> bytes:
-    """An `image_url` part's image: data URLs only (this gateway fetches no URLs, so a
-    caller cannot make it reach hosts on its network). The size is checked on the
-    encoded length, before anything is decoded."""
+def _image_part(part: dict[str, Any], where: str) -> bytes | str:
+    """An `image_url` part's image: the bytes of a data URL (its size checked on the
+    encoded length, before anything is decoded), or an http(s) URL left for the gateway
+    to fetch (only for targets that list its host; see `image_fetch`)."""
     spec = part.get("image_url")
     url = spec.get("url") if isinstance(spec, dict) else spec
     if not isinstance(url, str):
         raise field_error("messages", f"{where}: image_url.url must be a string")
-    if url[:5].lower() != "data:":
+    scheme = url.split(":", 1)[0].lower()
+    if scheme in ("http", "https"):
+        return url
+    if scheme != "data":
         raise field_error(
             "messages",
-            f"{where}: image_url must be a data: URL (data:image/png;base64,...); "
-            "this gateway does not fetch images from URLs",
+            f"{where}: image_url must be a data: URL (data:image/png;base64,...) or an "
+            "http(s) URL on a host the target allows",
         )
     return decode_image_data_url(url, field="messages")
 
 
-def _messages(raw: Any) -> tuple[ChatMessage, ...]:
+def _messages(raw: Any) -> tuple[tuple[ChatMessage, ...], tuple[ImageURL, ...]]:
     if not isinstance(raw, list) or not raw:
         raise InvalidRequestError("'messages' must be a non-empty array")
     out = []
+    urls: list[ImageURL] = []
     for i, m in enumerate(raw):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -338,10 +346,12 @@ def _messages(raw: Any) -> tuple[ChatMessage, ...]:
                 f"{where}.role must be system, developer, user, assistant or tool"
             )
         chat_role: ChatRole = "system" if role == "developer" else role
-        images: list[bytes] = []
+        images: list[bytes | str] = []
         text = _content(m.get("content"), where, images if role == "user" else None)
-        out.append(ChatMessage(chat_role, text, images=tuple(images)))
-    return tuple(out)
+        urls += [ImageURL(len(out), j, u) for j, u in enumerate(images) if isinstance(u, str)]
+        fetched_later = tuple(i for i in images if isinstance(i, bytes))
+        out.append(ChatMessage(chat_role, text, images=fetched_later))
+    return tuple(out), tuple(urls)
 
 
 def _stream_flags(obj: dict[str, Any]) -> tuple[bool, bool]:
