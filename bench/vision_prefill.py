@@ -5,7 +5,8 @@ One 224x224 PNG and one question, on the tiny vision model the tests generate
 llama.cpp the pinned llama-cpp-python vendors, with the same flags (bench/_llama_tools.py).
 Each side runs in its own process per round (one llama context per process: two in one
 process fight over 2 cores, docs/architecture.md), and rounds alternate which side goes
-first. Same model, projector, threads, context size, flash attention off, greedy, one
+first. Same model, projector, threads, context size, flash attention off (text context
+and vision encoder; sipp's default leaves the encoder's to llama.cpp), greedy, one
 generated token. Both warm up before the measured image: mtmd encodes a dummy image at
 load on both sides, and sipp also answers one chat with another image first.
 
@@ -13,12 +14,13 @@ What is compared, from each side's own timers:
 
 * image prefill: the vision encoder plus decoding its embeddings into the context, summed
   over the image's chunks (this model's preprocessing gives an overview and one tile).
-  sipp: `runtime_metrics()["image_prefill_ms"]`; mtmd-cli: its "slice encoded in" and
-  "decoded (batch) in" log lines (whole milliseconds).
-* time to first token: from the engine taking the request to the first token sampled.
-  sipp: `LocalStats.prefill_ms`; mtmd-cli: the encoder's milliseconds plus llama.cpp's
-  `prompt eval time` (every decode before the first sample: text and image embeddings).
-  Neither counts reading the PNG or mtmd's preprocessing, which both do before that.
+  sipp: `runtime_metrics()["image_prefill_ms"]`; mtmd-cli (run with -v, which stamps each
+  log line to the microsecond): from each "encoding mtmd batch" line to its "image
+  decoded" line.
+* time to first token: from the engine taking the tokenized prompt to the first token
+  sampled. sipp: `LocalStats.prefill_ms`; mtmd-cli: from its last tokenizer line
+  (`add_text`) to its first `llama_perf_context_print` line, printed once the one token
+  is out. Neither counts reading the PNG or mtmd's preprocessing, done before that.
 
 Prints each round, then medians with spread and the ratio sipp / mtmd-cli (goal: within
 10 %).
@@ -42,9 +44,8 @@ from _llama_tools import ensure_tools, tool_env
 from _stats import spread
 
 QUESTION = "What is in this picture?"
-_ENCODED = re.compile(r"slice encoded in (\d+) ms")
-_DECODED = re.compile(r"decoded \(batch \d+/\d+\) in (\d+) ms")
-_PROMPT_EVAL = re.compile(r"prompt eval time =\s+([\d.]+) ms")
+# common's log stamp: minutes.seconds.milliseconds.microseconds
+_STAMP = re.compile(r"^(\d+)\.(\d\d)\.(\d{3})\.(\d{3}) \w (.*)$")
 
 
 def _tiny_vision() -> tuple[Path, Path]:
@@ -79,7 +80,9 @@ def sipp_side(model: str, mmproj: str, image: str, threads: int, ctx: int) -> No
     )
 
     cfg = NativeRuntimeConfig(
-        context=ContextRuntimeConfig(n_threads=threads, n_ctx=ctx),
+        # Flash attention off everywhere, as mtmd-cli's -fa off: the projector would
+        # otherwise keep llama.cpp's automatic choice.
+        context=ContextRuntimeConfig(n_threads=threads, n_ctx=ctx, flash_attention=False),
         cache=CacheRuntimeConfig(mode="off"),  # the measured image is encoded, never reused
         multimodal=MultimodalRuntimeConfig(projector_path=mmproj),
     )
@@ -139,21 +142,29 @@ def _run_cli(args: argparse.Namespace, image: Path) -> dict[str, float]:
             str(args.ctx),
             "-fa",
             "off",
+            "-v",
         ],
         capture_output=True,
         text=True,
         env=tool_env(),
         check=True,
     )
-    log = out.stderr + out.stdout
-    encoded = [float(m) for m in _ENCODED.findall(log)]
-    decoded = [float(m) for m in _DECODED.findall(log)]
-    evals = _PROMPT_EVAL.findall(log)
-    if not encoded or not decoded or not evals:
-        raise SystemExit(f"llama-mtmd-cli printed no timings:\n{log[-3000:]}")
+    stamped = []
+    for line in (out.stderr + out.stdout).splitlines():
+        m = _STAMP.match(line)
+        if m:
+            minutes, seconds, ms, us = (int(g) for g in m.groups()[:4])
+            stamped.append((minutes * 60_000 + seconds * 1000 + ms + us / 1000, m.group(5)))
+    starts = [t for t, text in stamped if text.startswith("encoding mtmd batch")]
+    ends = [t for t, text in stamped if text.startswith("image decoded")]
+    first_encode = starts[0] if starts else 0.0
+    began = [t for t, text in stamped if text.startswith("add_text") and t <= first_encode]
+    perf = [t for t, text in stamped if text.startswith("llama_perf_context_print")]
+    if not starts or len(starts) != len(ends) or not began or not perf:
+        raise SystemExit(f"llama-mtmd-cli printed no timings:\n{out.stderr[-3000:]}")
     return {
-        "image_ms": sum(encoded) + sum(decoded),
-        "ttft_ms": sum(encoded) + float(evals[-1]),
+        "image_ms": sum(end - start for start, end in zip(starts, ends)),
+        "ttft_ms": perf[0] - began[-1],
     }
 
 

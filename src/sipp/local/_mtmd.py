@@ -92,6 +92,7 @@ class Projector:
         *,
         n_threads: int,
         use_gpu: bool,
+        flash_attention: bool | None = None,
         image_min_tokens: int | None,
         image_max_tokens: int | None,
     ) -> None:
@@ -101,6 +102,8 @@ class Projector:
         params.use_gpu = use_gpu
         params.n_threads = n_threads
         params.print_timings = False
+        # llama.cpp's own choice (-1, "auto") unless the caller decided.
+        params.flash_attn_type = -1 if flash_attention is None else int(flash_attention)
         if image_min_tokens is not None:
             params.image_min_tokens = image_min_tokens
         if image_max_tokens is not None:
