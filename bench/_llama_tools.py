@@ -1,7 +1,7 @@
 """llama.cpp's own C++ tools, built from the llama.cpp that the pinned llama-cpp-python vendors.
 
 The benchmarks compare sipp with llama.cpp's command-line tools (`llama-bench`,
-`llama-batched-bench`, `llama-server`). Comparing against a figure measured once
+`llama-batched-bench`, `llama-server`, `llama-mtmd-cli`). Comparing against a figure measured once
 elsewhere hides drift, so this builds the tools from the same sources as the
 `llama_cpp` wheel in use (its sdist vendors llama.cpp under vendor/llama.cpp)
 with the cmake flags `./dev` builds that wheel with, and caches them under
@@ -29,7 +29,7 @@ from pathlib import Path
 # build difference: the version is the installed wheel's, the flags are ./dev's
 # (it exports SIPP_LLAMA_CMAKE_ARGS; the default here is its default).
 DEFAULT_CMAKE_ARGS = "-DGGML_OPENMP=OFF"
-TOOLS = ("llama-bench", "llama-batched-bench", "llama-server")
+TOOLS = ("llama-bench", "llama-batched-bench", "llama-server", "llama-mtmd-cli")
 # What llama-cpp-python's own CMakeLists forces for the wheel (shared libs, no curl),
 # plus what keeps a build offline and short: no web UI download, no TLS, no tests/examples.
 _FIXED_ARGS = (
@@ -76,14 +76,16 @@ def _run(cmd: list[str], log: Path) -> None:
 def ensure_tools() -> Path:
     """Directory holding the built tools, building them first if the cache lacks any."""
     bin_dir = tools_dir()
-    if all((bin_dir / tool).is_file() for tool in TOOLS):
+    # A cache from before a tool joined TOOLS gets just the missing ones added.
+    missing = [tool for tool in TOOLS if not (bin_dir / tool).is_file()]
+    if not missing:
         return bin_dir
     root = bin_dir.parent
     root.mkdir(parents=True, exist_ok=True)
     log = root / "build.log"
     _log(
-        f"building {', '.join(TOOLS)} from llama-cpp-python {llama_version()}'s vendored llama.cpp "
-        f"({cmake_args()}); about 8 minutes on 2 cores, once; log: {log}"
+        f"building {', '.join(missing)} from llama-cpp-python {llama_version()}'s vendored "
+        f"llama.cpp ({cmake_args()}); about 8 minutes on 2 cores, once; log: {log}"
     )
     with tempfile.TemporaryDirectory(prefix="sipp-llama-tools-") as tmp:
         work = Path(tmp)
@@ -123,17 +125,22 @@ def ensure_tools() -> Path:
             log,
         )
         _log("compiling (the slow part)")
-        _run(["cmake", "--build", str(build), "-j2", "--target", *TOOLS], log)
+        _run(["cmake", "--build", str(build), "-j2", "--target", *missing], log)
         staging = root / "bin.partial"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         # The tools link the shared ggml/llama libraries; their rpath points into the build
         # tree, so copy the libraries next to them and let the loader find them there.
         for built in (build / "bin").iterdir():
-            if built.name in TOOLS or ".so" in built.name:
+            if built.name in missing or ".so" in built.name:
                 shutil.copy2(built, staging / built.name, follow_symlinks=True)
-        shutil.rmtree(bin_dir, ignore_errors=True)
-        staging.rename(bin_dir)
+        if not bin_dir.is_dir():
+            staging.rename(bin_dir)
+        else:  # tools already there keep running: only what they lack is added
+            for built in staging.iterdir():
+                if not (bin_dir / built.name).exists():
+                    built.rename(bin_dir / built.name)
+            shutil.rmtree(staging, ignore_errors=True)
     _log(f"tools ready in {bin_dir}")
     return bin_dir
 

@@ -195,7 +195,7 @@ def _vendored_llama_cpp(work: Path) -> Path:
     return next(work.glob("llama_cpp_python-*/vendor/llama.cpp"))
 
 
-def _convert(llama_cpp: Path, hf: Path, out: Path) -> None:
+def _convert(llama_cpp: Path, hf: Path, out: Path, *extra: str) -> None:
     env = dict(os.environ, PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION="python")
     env.pop("NO_LOCAL_GGUF", None)  # the converter's own gguf-py, the version it expects
     done = subprocess.run(
@@ -207,6 +207,7 @@ def _convert(llama_cpp: Path, hf: Path, out: Path) -> None:
             "f32",
             "--outfile",
             str(out),
+            *extra,
         ],
         env=env,
         capture_output=True,

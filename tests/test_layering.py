@@ -96,9 +96,10 @@ def test_only_the_cli_imports_the_gateway() -> None:
         assert not bad, f"{name} imports {sorted(bad)}"
 
 
-def test_only_the_llama_wrapper_imports_llama_cpp() -> None:
+def test_only_the_llama_wrappers_import_llama_cpp() -> None:
+    """`_llama` for llama.cpp itself, its sibling `_mtmd` for the multimodal library."""
     importers = {name for name, path in MODULES.items() if _within_any(_imports(path), "llama_cpp")}
-    assert importers == {"sipp.local._llama"}
+    assert importers == {"sipp.local._llama", "sipp.local._mtmd"}
 
 
 def test_nothing_outside_local_loads_it_at_import_time() -> None:

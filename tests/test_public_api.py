@@ -59,7 +59,13 @@ def test_every_public_error_has_a_stable_code() -> None:
         (lambda: CacheRuntimeConfig(mode="snapshot", max_snapshot_bytes=-1), "must be >= 0"),
         (lambda: SchedulerRuntimeConfig(policy="lifo"), "policy must be one of fifo"),
         (lambda: NativeRuntimeConfig(context={"n_ctx": 5}), "must be a ContextRuntimeConfig"),
-        (lambda: sipp.MultimodalRuntimeConfig(projector_path="x.gguf"), "vision projectors"),
+        (lambda: sipp.MultimodalRuntimeConfig(image_max_tokens=64), "needs projector_path"),
+        (
+            lambda: sipp.MultimodalRuntimeConfig(
+                projector_path="p.gguf", image_min_tokens=9, image_max_tokens=4
+            ),
+            "exceeds image_max_tokens",
+        ),
         (lambda: sipp.ResidencyRuntimeConfig(require_gpu_lease=True), "residency leasing"),
         (lambda: sipp.PlacementRuntimeConfig(tensor_split=[0.5, 0.5]), "not supported"),
     ],
@@ -93,7 +99,7 @@ def test_runtime_config_groups_default_and_merge() -> None:
         (lambda: ChatMessage.coerce({"role": "user"}), "needs the keys"),
         (lambda: LocalTextOptions(grammar="root ::= x", json_schema={}), "not both"),
         (lambda: LocalTextOptions(context_key=""), "non-empty string"),
-        (lambda: LocalTextOptions(media=[b"png"]), "vision projector"),
+        (lambda: LocalTextOptions(media=[42]), "an image is a file path, bytes or a data URL"),
     ],
 )
 def test_request_options_reject_bad_values(build, fragment) -> None:  # type: ignore[no-untyped-def]

@@ -281,21 +281,41 @@ class CacheRuntimeConfig(_Group):
             )
 
 
-_NO_VISION = "vision projectors are not supported by this runtime yet"
-
-
 @dataclass(frozen=True, kw_only=True)
 class MultimodalRuntimeConfig(_Group):
-    _unsupported: ClassVar[Mapping[str, str]] = {
-        "projector_path": _NO_VISION,
-        "use_gpu": _NO_VISION,
-        "image_min_tokens": _NO_VISION,
-        "image_max_tokens": _NO_VISION,
-    }
+    """The vision projector GGUF (mmproj) that lets a model read images in chat.
+
+    `image_min_tokens` / `image_max_tokens` bound the embeddings one image becomes on
+    projectors with dynamic resolution (llama.cpp ignores them on fixed-size ones).
+    `use_gpu` runs the projector on the GPU; this build has none, so only False (or
+    None) loads (checked at load, where the backend is known)."""
+
     projector_path: str | None = None
     use_gpu: bool | None = None
     image_min_tokens: int | None = None
     image_max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.projector_path is not None and (
+            not isinstance(self.projector_path, str) or not self.projector_path
+        ):
+            raise InvalidConfigError(
+                "MultimodalRuntimeConfig.projector_path must be a non-empty path string"
+            )
+        self._bool("use_gpu")
+        self._int("image_min_tokens", 1)
+        self._int("image_max_tokens", 1)
+        low, high = self.image_min_tokens, self.image_max_tokens
+        if low is not None and high is not None and low > high:
+            raise InvalidConfigError(
+                f"MultimodalRuntimeConfig.image_min_tokens ({low}) exceeds "
+                f"image_max_tokens ({high})"
+            )
+        for name in ("use_gpu", "image_min_tokens", "image_max_tokens"):
+            if getattr(self, name) is not None and self.projector_path is None:
+                raise InvalidConfigError(
+                    f"MultimodalRuntimeConfig.{name} needs projector_path (the vision projector)"
+                )
 
 
 _NO_LEASES = "GPU residency leasing is not implemented in the Python runtime"

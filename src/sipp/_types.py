@@ -8,22 +8,28 @@ examples index them that way.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
+import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
 
-from ._errors import InvalidRequestError
+from ._errors import InvalidRequestError, PayloadTooLargeError
 
 if TYPE_CHECKING:  # for the annotation only: at run time _types imports no other layer
     from ._runtime_config import SamplingRuntimeConfig
 
 __all__ = [
+    "MAX_IMAGE_BYTES",
+    "MEDIA_MARKER",
     "ChatMessage",
     "ChatRole",
     "FinishReason",
     "FunctionTool",
+    "ImageLike",
     "LocalEmbedOptions",
     "LocalStats",
     "LocalTextOptions",
@@ -40,6 +46,7 @@ __all__ = [
     "ToolChoiceMode",
     "TopLogprob",
     "Usage",
+    "decode_image_data_url",
 ]
 
 ChatRole = Literal["system", "user", "assistant", "tool"]
@@ -158,18 +165,73 @@ class NamedToolChoice(_ReadsLikeMapping):
 ToolChoice: TypeAlias = ToolChoiceMode | NamedToolChoice
 
 
+# An image for a vision model: a file path, the encoded file's bytes (JPEG, PNG, WebP),
+# or a `data:image/...;base64,...` URL. Local endpoints only (with a projector).
+ImageLike: TypeAlias = "str | bytes | os.PathLike[str]"
+
+
+# llama.cpp's multimodal marker: where an image goes in a message's text.
+MEDIA_MARKER = "<__media__>"
+MAX_IMAGE_BYTES = 20 << 20  # one encoded image
+_DATA_URL = re.compile(r"^data:(image/[A-Za-z0-9.+-]+)?(;[^,;]+=[^,;]*)*;base64,", re.IGNORECASE)
+
+
+def decode_image_data_url(
+    url: str, field: str = "images", max_bytes: int = MAX_IMAGE_BYTES
+) -> bytes:
+    """The bytes of a base64 `data:` URL, refused unread when its length says it is too big."""
+    match = _DATA_URL.match(url)
+    if match is None:
+        raise InvalidRequestError(
+            "an image data URL must look like data:image/png;base64,...", field=field
+        )
+    payload = url[match.end() :]
+    if len(payload) // 4 * 3 > max_bytes + 2:
+        raise PayloadTooLargeError(f"image is larger than {max_bytes} bytes")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequestError("an image data URL holds invalid base64", field=field) from None
+
+
+def coerce_images(value: Any, where: str) -> tuple[str | bytes | os.PathLike[str], ...]:
+    """`value` as a tuple of images, each checked for its type (read and decoded later)."""
+    if value is None:
+        return ()
+    if isinstance(value, (str, bytes, bytearray, os.PathLike)):
+        value = (value,)
+    if isinstance(value, Mapping) or not isinstance(value, Sequence):
+        raise InvalidRequestError(f"{where} must be a list of images", field=where)
+    out: list[str | bytes | os.PathLike[str]] = []
+    for item in value:
+        if isinstance(item, bytearray):
+            item = bytes(item)
+        if isinstance(item, (str, bytes)) and not item:
+            raise InvalidRequestError(f"{where}: an image must not be empty", field=where)
+        if not isinstance(item, (str, bytes, os.PathLike)):
+            raise InvalidRequestError(
+                f"{where}: an image is a file path, bytes or a data URL, got {type(item).__name__}",
+                field=where,
+            )
+        out.append(item)
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class ChatMessage(_ReadsLikeMapping):
     """One conversation turn: `ChatMessage("user", "Hello")`.
 
     An assistant turn that called tools carries them in `tool_calls` (its `content` may
     be empty); each result comes back as a `tool` turn naming the call it answers in
-    `tool_call_id`."""
+    `tool_call_id`. `images` (file paths, encoded bytes or data URLs) go to a local
+    vision model: each takes the place of a media marker (`<__media__>`) in `content`,
+    or, without markers, comes before the text."""
 
     role: ChatRole
     content: str
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str | None = None
+    images: tuple[ImageLike, ...] = ()
 
     def __post_init__(self) -> None:
         if self.role not in _ROLES:
@@ -191,19 +253,20 @@ class ChatMessage(_ReadsLikeMapping):
                 raise InvalidRequestError("a tool message needs the tool_call_id it answers")
         elif self.tool_call_id is not None:
             raise InvalidRequestError("only tool messages carry a tool_call_id")
+        object.__setattr__(self, "images", coerce_images(self.images, "images"))
 
     @classmethod
     def coerce(cls, message: MessageLike) -> ChatMessage:
         """Accept a `ChatMessage` or a mapping with `role` and `content` (and optionally
-        `tool_calls` or `tool_call_id`)."""
+        `tool_calls`, `tool_call_id` or `images`)."""
         if isinstance(message, ChatMessage):
             return message
         if isinstance(message, Mapping):
-            extra = set(message) - {"role", "content", "tool_calls", "tool_call_id"}
+            extra = set(message) - {"role", "content", "tool_calls", "tool_call_id", "images"}
             if extra or "role" not in message or "content" not in message:
                 raise InvalidRequestError(
                     "a chat message mapping needs the keys 'role' and 'content' "
-                    "(and optionally 'tool_calls' or 'tool_call_id')"
+                    "(and optionally 'tool_calls', 'tool_call_id' or 'images')"
                 )
             calls = message.get("tool_calls") or ()
             if isinstance(calls, (str, bytes, Mapping)) or not isinstance(calls, Sequence):
@@ -213,6 +276,7 @@ class ChatMessage(_ReadsLikeMapping):
                 message["content"],
                 tuple(ToolCall.coerce(c) for c in calls),
                 message.get("tool_call_id"),
+                coerce_images(message.get("images"), "images"),
             )
         raise InvalidRequestError(
             f"a chat message must be a ChatMessage or a mapping, got {type(message).__name__}"
@@ -317,13 +381,15 @@ class LocalTextOptions:
     `json_schema` is a JSON Schema mapping; the output is constrained to match.
     `logprobs=True` reports each generated token's log probability, and
     `top_logprobs=k` (0..20, needs `logprobs=True`) the k likeliest tokens at each step.
+    `media` are images (file paths, encoded bytes or data URLs) for the last user
+    message of a chat, after that message's own `images`; they need a vision projector.
     """
 
     context_key: str | None = None
     grammar: str | None = None
     json_schema: Mapping[str, Any] | None = None
     sampling: SamplingRuntimeConfig | None = None  # checked by the local endpoint
-    media: Sequence[Any] | None = None
+    media: Sequence[ImageLike] | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
 
@@ -338,10 +404,8 @@ class LocalTextOptions:
             raise InvalidRequestError("set either grammar or json_schema, not both")
         if self.json_schema is not None and not isinstance(self.json_schema, Mapping):
             raise InvalidRequestError("json_schema must be a mapping (a parsed JSON Schema)")
-        if self.media:
-            raise InvalidRequestError(
-                "media inputs need a vision projector, which this runtime does not support yet"
-            )
+        if self.media is not None:
+            object.__setattr__(self, "media", coerce_images(self.media, "media") or None)
         if self.logprobs is not None and not isinstance(self.logprobs, bool):
             raise InvalidRequestError(f"logprobs must be a bool, got {self.logprobs!r}")
         check_count("top_logprobs", self.top_logprobs, minimum=0)

@@ -73,5 +73,15 @@ def test_many_threads_logging_in_pieces_give_whole_lines(caplog: pytest.LogCaptu
 
 def test_error_lines_from_threads_are_kept_whole_for_load_errors() -> None:
     _llama.recent_log_errors()
-    _interleave(2, b"failed to ", b"bad magic\n", b"open file\n")
+    _interleave(4, b"failed to ", b"bad magic\n", b"open file\n")  # GGML_LOG_LEVEL_ERROR
     assert sorted(_llama.recent_log_errors()) == ["bad magic", "failed to open file"]
+
+
+def test_only_error_lines_explain_a_failure() -> None:
+    """ggml's levels: 2 is INFO (a load's chatter), 4 ERROR, 5 continues the line."""
+    _llama.recent_log_errors()
+    _llama._log_to_python(2, b"load_hparams: n_embd: 64\n", None)
+    _llama._log_to_python(4, b"mismatch between text model ", None)
+    _llama._log_to_python(5, b"and mmproj\n", None)
+    _llama._log_to_python(3, b"a warning\n", None)
+    assert _llama.recent_log_errors() == ["mismatch between text model and mmproj"]

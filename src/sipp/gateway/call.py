@@ -42,6 +42,7 @@ from .cache.entry import CachedEntry
 from .cache.exact import CacheCall, ExactCache, replay_stream
 from .embed_batch import embed_all
 from .formats.base import WireFormat
+from .image_fetch import fetch_images
 from .limits import client_ip
 from .request import (
     ChoiceDone,
@@ -75,6 +76,8 @@ async def serve(state: GatewayState, request: Request, fmt: WireFormat) -> Respo
         req = fmt.decode(body, request.headers, state.config)
         call.charge(req.cost)
         ref = call.authorize(caller, req.target)
+        if req.image_urls:  # only a target that lists the hosts has them fetched
+            req = await fetch_images(req, state.target_configs[req.target])
         if req.user is not None or req.metadata is not None:
             _attribute(call, req)
         cache = state.caches.get(req.target)

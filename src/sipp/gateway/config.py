@@ -46,6 +46,7 @@ ON_UNAVAILABLE = ("fail_open", "fail_closed")
 RESERVE_OUTPUT_TOKENS = 1024  # reserved per choice for a request that does not set max_tokens
 LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "on_unavailable")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_HOSTNAME = re.compile(r"^[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?$")
 _HEADER = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 
@@ -118,6 +119,7 @@ class LocalTarget:
     limits: LimitConfig | None = None
     resilience: Resilience = field(default_factory=Resilience)
     cache: CacheConfig | None = None
+    image_url_hosts: tuple[str, ...] = ()  # hosts the gateway may fetch image URLs from
 
 
 @dataclass(frozen=True)
@@ -510,9 +512,16 @@ class _Parser:
                 "runtime",
                 "limits",
                 "cache",
+                "image_url_hosts",
                 *RESILIENCE_KEYS,
             ),
         )
+        hosts = table.get("image_url_hosts", [])
+        if not isinstance(hosts, list) or not all(
+            isinstance(h, str) and _HOSTNAME.match(h) for h in hosts
+        ):
+            self.fail(f"{path}.image_url_hosts", "must be an array of host names (no scheme)")
+            hosts = []
         model = self.string(table, "model", path)
         backend = self.choice(table, "backend", path, BACKENDS, "auto")
         stats = self.choice(table, "stats", path, STATS, "basic")
@@ -536,6 +545,7 @@ class _Parser:
             limits=limits,
             resilience=resilience,
             cache=cache,
+            image_url_hosts=tuple(h.lower() for h in hosts),
         )
 
     def provider_target(

@@ -28,6 +28,7 @@ __all__ = [
     "Event",
     "GatewayRequest",
     "Generation",
+    "ImageURL",
     "Operation",
     "ResponseFormat",
     "TextDelta",
@@ -70,6 +71,16 @@ PLAIN_GENERATION = Generation()  # a body without any of the fields: shared, com
 
 
 @dataclass(frozen=True, slots=True)
+class ImageURL:
+    """An http(s) image a chat message names: `index` is its place among the message's
+    images. Only a target that lists the URL's host has it fetched (`image_fetch`)."""
+
+    message: int
+    index: int
+    url: str
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayRequest:
     """A decoded, validated public request.
 
@@ -90,6 +101,7 @@ class GatewayRequest:
     include_usage: bool = False
     cost: int = 1
     generation: Generation = PLAIN_GENERATION
+    image_urls: tuple[ImageURL, ...] = ()  # images still to fetch into `messages`
     # Caller attribution: recorded in the gateway's log, never forwarded to a target.
     user: str | None = None
     metadata: Mapping[str, str] | None = None

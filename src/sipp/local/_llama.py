@@ -57,11 +57,17 @@ _log_lock = threading.Lock()
 _log_partial = threading.local()
 
 
+GGML_LOG_LEVEL_ERROR = 4
+GGML_LOG_LEVEL_CONT = 5  # continues the line the previous piece began
+
+
 def _log_to_python(level: int, text: bytes, _user: Any) -> None:
     piece = text.decode("utf-8", errors="replace") if text else ""
     pieces: list[str] | None = getattr(_log_partial, "pieces", None)
     if pieces is None:
         pieces = _log_partial.pieces = []
+    if not pieces and level != GGML_LOG_LEVEL_CONT:
+        _log_partial.level = level  # a line's level is that of its first piece
     pieces.append(piece)
     if not piece.endswith("\n"):
         return
@@ -69,7 +75,7 @@ def _log_to_python(level: int, text: bytes, _user: Any) -> None:
     pieces.clear()
     if not line:
         return
-    if level == 2:  # GGML_LOG_LEVEL_ERROR
+    if getattr(_log_partial, "level", 0) == GGML_LOG_LEVEL_ERROR:
         with _log_lock:
             _log_tail.append(line)
         logger.debug("llama.cpp error: %s", line)
@@ -79,6 +85,11 @@ def _log_to_python(level: int, text: bytes, _user: Any) -> None:
 
 # Kept referenced for the life of the process: llama.cpp holds the C pointer.
 _log_callback: Any = _lc.llama_log_callback(_log_to_python)
+
+
+def log_callback() -> Any:
+    """The ctypes log callback, for the multimodal library's logs (`_mtmd`)."""
+    return _log_callback
 
 
 def backend_init() -> None:

@@ -28,13 +28,15 @@ from .._errors import (
     UnsupportedOperationError,
 )
 from .._runtime_config import SamplingRuntimeConfig
-from .._types import SippEmbeddingResponse, SippTextResponse
+from .._types import ChatMessage, SippEmbeddingResponse, SippTextResponse
 from . import _llama
 from .chat_template import HERMES_OPEN
+from .images import load_image
 from .model import load_model
 from .scheduler import EmbedJob, Engine, TextJob
 from .text_stream import TextStream
 from .tool_plan import ToolPlan, plan_tools
+from .vision import MediaPrompt, gather_images, media_prompt
 
 __all__ = ["LocalEndpoint"]
 
@@ -92,8 +94,11 @@ class LocalEndpoint(Endpoint):
         return tokens[0] if len(tokens) == 1 else None
 
     # -- text -------------------------------------------------------------------------
-    def render_chat(self, request: TextRequest) -> tuple[str, ToolPlan | None]:
-        """The prompt, and how tool calls run when the request has tools or tool turns."""
+    def render_chat(
+        self, request: TextRequest, messages: list[ChatMessage] | None = None
+    ) -> tuple[str, ToolPlan | None]:
+        """The prompt, and how tool calls run when the request has tools or tool turns.
+        `messages` replaces the request's (vision chat: with media markers written in)."""
         template = self.loaded.chat_template
         if template is None:
             why = self.loaded.template_problem or "its GGUF declares no tokenizer.chat_template"
@@ -101,8 +106,9 @@ class LocalEndpoint(Endpoint):
                 f"chat is unavailable for {self.loaded.path.name}: {why}; "
                 "use query with a prompt you render yourself"
             )
-        messages = request.messages
-        assert messages is not None
+        if messages is None:
+            assert request.messages is not None
+            messages = list(request.messages)
         if not request.options.tools and not any(m.tool_calls or m.tool_call_id for m in messages):
             return template.render(messages, add_generation_prompt=True), None
         plan = plan_tools(template.tool_support, messages, request.options, self._tool_marker_token)
@@ -122,6 +128,19 @@ class LocalEndpoint(Endpoint):
         self._engine.check_available()
         self._require(request.operation)
         _reject_remote_options(request.endpoint_options, request.provider_options)
+        has_images = bool(request.local is not None and request.local.media) or any(
+            m.images for m in request.messages or ()
+        )
+        if has_images and request.operation == "query":
+            raise UnsupportedOperationError(
+                "images need chat: the chat template places them (query takes text only)"
+            )
+        if has_images and self.loaded.projector is None:
+            raise UnsupportedOperationError(
+                f"{self.loaded.path.name} was loaded without a vision projector; load it with "
+                "NativeRuntimeConfig(multimodal=MultimodalRuntimeConfig(projector_path=...)) "
+                "to send images"
+            )
         if request.operation == "query" and request.options.tools:
             raise UnsupportedOperationError(
                 "tools need chat on a local endpoint: the model's chat template renders them"
@@ -151,8 +170,18 @@ class LocalEndpoint(Endpoint):
     def _submit_text(self, request: TextRequest, channel: RunChannel[SippTextResponse]) -> None:
         model = self.loaded.model
         plan: ToolPlan | None = None
+        local = request.local
+        media: MediaPrompt | None = None
+        images: list[Any] = []
         if request.operation == "chat":
-            text, plan = self.render_chat(request)
+            messages = None
+            projector = self.loaded.projector
+            if projector is not None:
+                assert request.messages is not None
+                messages, images = gather_images(
+                    request.messages, local.media if local is not None else None, projector.marker
+                )
+            text, plan = self.render_chat(request, messages)
             assert self.loaded.chat_template is not None  # render_chat raised otherwise
             bos = self.loaded.chat_template.bos_token
             # The template already wrote BOS when the model wants one: don't add it twice.
@@ -160,7 +189,42 @@ class LocalEndpoint(Endpoint):
         else:
             assert request.prompt is not None
             text, add_special = request.prompt, True
-        tokens = model.tokenize(text, add_special=add_special, parse_special=True)
+        if images:
+            tokens, media = self._tokenize_with_images(text, images, add_special)
+        else:
+            tokens = model.tokenize(text, add_special=add_special, parse_special=True)
+        try:
+            self._submit_tokens(request, channel, tokens, plan, media)
+        except BaseException:
+            if media is not None:
+                media.close()
+            raise
+
+    def _tokenize_with_images(
+        self, text: str, images: list[Any], add_special: bool
+    ) -> tuple[list[int], MediaPrompt]:
+        projector = self.loaded.projector
+        assert projector is not None
+        decoded = [load_image(item) for item in images]
+        try:
+            chunks = projector.tokenize(text, decoded, add_special=add_special)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), field="images") from None
+        try:
+            return media_prompt(chunks)
+        except BaseException:
+            chunks.close()
+            raise
+
+    def _submit_tokens(
+        self,
+        request: TextRequest,
+        channel: RunChannel[SippTextResponse],
+        tokens: list[int],
+        plan: ToolPlan | None,
+        media: MediaPrompt | None,
+    ) -> None:
+        model = self.loaded.model
         options, local = request.options, request.local
         self._engine.check_prompt(tokens)
         encoder_prompt: list[int] | None = None
@@ -230,6 +294,7 @@ class LocalEndpoint(Endpoint):
             else None,
             tools=plan.parser() if plan is not None else None,
             encoder_prompt=encoder_prompt,
+            media=media,
         )
         try:
             self._engine.submit(job)

@@ -50,6 +50,7 @@ from .logprobs import token_logprob
 from .model import LoadedModel
 from .text_stream import TextStream
 from .tool_parser import ToolCallParser
+from .vision import MediaPrompt
 
 __all__ = ["EmbedJob", "Engine", "TextJob"]
 
@@ -97,6 +98,8 @@ class TextJob:
     # Encoder-decoder models: the tokenized prompt, which the encoder reads; `prompt` is
     # then the decoder's own start ([decoder-start token]).
     encoder_prompt: list[int] | None = None
+    # Vision chat: where `prompt` holds image placeholders, and the image chunks.
+    media: MediaPrompt | None = None
     t_submit: float = field(default_factory=time.perf_counter)
     slot: _Slot | None = None
     prefilled: int = 0  # prompt tokens already in the KV
@@ -115,6 +118,16 @@ class TextJob:
     @property
     def prefilling(self) -> bool:
         return self.prefilled < len(self.prompt)
+
+    def close(self) -> None:
+        """Free what the job holds outside Python: its sampler and its image chunks."""
+        self.sampler.close()
+        if self.media is not None:
+            self.media.close()
+
+    def whole_images(self, n: int) -> int:
+        """A prefix length of `n` or less that cuts no image in two."""
+        return self.media.floor(n) if self.media is not None else n
 
     @property
     def prompt_tokens(self) -> int:
@@ -199,6 +212,8 @@ class Engine:
                 "busy_slot_steps",
                 "decode_retries",
                 "embed_memo_hits",
+                "images",  # image chunks encoded and decoded into a slot
+                "image_prefill_ms",  # their time: vision encoder plus embedding decode
             ),
             0.0,
         )
@@ -348,14 +363,14 @@ class Engine:
             self._cond.notify_all()
         for job in queued:
             if isinstance(job, TextJob):
-                job.sampler.close()
+                job.close()
             job.channel.finish(
                 UnavailableError(
                     f"the local engine stopped before this request ran ({self._failure})"
                 )
             )
         for job in active:
-            job.sampler.close()
+            job.close()
             job.channel.finish(ExecutionError(f"local engine failed: {self._failure}"))
         for embed in embedding:  # first outcome wins: finished ones keep their vectors
             embed.channel.finish(ExecutionError(f"local engine failed: {self._failure}"))
@@ -366,7 +381,7 @@ class Engine:
             queued, self._queue = list(self._queue), deque()
         for job in queued:
             if isinstance(job, TextJob):
-                job.sampler.close()
+                job.close()
             job.channel.finish(error)
         for job in list(self._active):
             self._release(job)
@@ -459,7 +474,7 @@ class Engine:
     def _finish_unstarted(self, job: TextJob | EmbedJob) -> None:
         self._counters["cancelled"] += 1
         if isinstance(job, TextJob):
-            job.sampler.close()
+            job.close()
             job.channel.finish(self._response(job, "cancelled"))
         else:
             job.channel.finish(ExecutionError("embedding cancelled before it ran"))
@@ -484,6 +499,7 @@ class Engine:
         if self.snapshots is not None:
             keep = self._swap_snapshots(job, slot, keep)
         keep = min(keep, len(job.prompt) - 1)  # decode >= 1 token to get fresh logits
+        keep = job.whole_images(keep)
         if not self.ctx.seq_rm(slot.seq_id, keep, -1):
             self.ctx.seq_rm(slot.seq_id, -1, -1)  # partial removal unsupported (e.g. SWA)
             keep = 0
@@ -504,7 +520,7 @@ class Engine:
         for other in self._active:
             if other is job or other.share is not None:
                 continue
-            n = min(common_prefix(other.prompt, job.prompt), len(job.prompt) - 1)
+            n = job.whole_images(min(common_prefix(other.prompt, job.prompt), len(job.prompt) - 1))
             if n > most:
                 best, most = other, n
         if best is None:
@@ -573,12 +589,18 @@ class Engine:
         # the next n prompt tokens. Generating jobs first, then prompt chunks in the room left.
         plan: list[tuple[TextJob, int]] = [(j, 0) for j in self._take_turns()]
         room = self._batch.capacity - len(plan)
+        images: list[TextJob] = []  # jobs whose prefill has reached an image
         for job in self._active:
             if room <= 0:
                 break
             if not job.prefilling or job.share is not None:
                 continue
             take = len(job.prompt) - job.prefilled
+            if job.media is not None:
+                if job.media.image_at(job.prefilled) is not None:
+                    images.append(job)
+                    continue
+                take = job.media.text_run(job.prefilled, len(job.prompt))
             if self.chunk_cap:
                 take = min(take, self.chunk_cap)
             take = min(take, room)
@@ -587,7 +609,35 @@ class Engine:
         with self._cond:
             self._counters["steps"] += 1
             self._counters["busy_slot_steps"] += len(self._active)
-        self._decode_plan(plan)
+        for job in images:
+            self._prefill_image(job)
+        if images and self._waiters:
+            self._copy_ready_shares()
+        if plan:
+            self._decode_plan(plan)
+
+    def _prefill_image(self, job: TextJob) -> None:
+        """Run the image chunk at `job`'s prefill point: the projector encodes it, its
+        embeddings go into the slot's KV at the next positions (their own decode calls:
+        a llama batch holds either tokens or embeddings)."""
+        assert job.slot is not None and job.media is not None
+        projector = self.loaded.projector
+        chunk = job.media.image_at(job.prefilled)
+        assert projector is not None and chunk is not None
+        slot = job.slot
+        start = time.perf_counter()
+        status = projector.eval_image(
+            self.ctx, chunk, len(slot.tokens), slot.seq_id, self._batch.capacity
+        )
+        with self._cond:
+            self._counters["images"] += 1
+            self._counters["image_prefill_ms"] += (time.perf_counter() - start) * 1000
+        if status != 0:
+            self._fail(job, status, "the image")
+            return
+        end = job.prefilled + chunk.n_tokens
+        slot.tokens.extend(job.prompt[job.prefilled : end])
+        job.prefilled = end
 
     def _take_turns(self) -> list[TextJob]:
         """The generating jobs that decode this step: all of them when they fit in
@@ -655,14 +705,17 @@ class Engine:
         elif retry:
             self._fail(retry[0][0], status)
 
-    def _fail(self, job: TextJob, status: int) -> None:
+    def _fail(self, job: TextJob, status: int, what: str = "llama_decode") -> None:
         assert job.slot is not None
-        logger.warning("llama_decode failed with status %d; failing one request", status)
+        logger.warning("%s failed with status %d; failing one request", what, status)
         self.ctx.seq_rm(job.slot.seq_id, -1, -1)
         job.slot.tokens.clear()
         self._release(job)
         self._count_outcome(job, "failed")
-        job.channel.finish(ExecutionError(f"llama_decode failed with status {status}"))
+        if what == "llama_decode":
+            job.channel.finish(ExecutionError(f"llama_decode failed with status {status}"))
+        else:
+            job.channel.finish(ExecutionError(f"{what} failed to encode or decode ({status})"))
 
     def _on_token(self, job: TextJob, token: int) -> None:
         assert job.slot is not None
@@ -744,7 +797,7 @@ class Engine:
         return SippTextResponse(job.tools.text, reason, usage, stats, logprobs, calls, matched)
 
     def _release(self, job: TextJob) -> None:
-        job.sampler.close()
+        job.close()
         if job in self._active:
             self._active.remove(job)
         if self._waiters:

@@ -23,6 +23,7 @@ from .._types import (
     SippTextResponse,
     TokenBatch,
     Usage,
+    decode_image_data_url,
 )
 from .errors import error_body
 from .sse import encode_sse
@@ -100,18 +101,36 @@ def decode_chat_body(
         raise _field_error("messages", "is required and must be a non-empty array")
     messages = []
     for i, item in enumerate(raw):
-        if not isinstance(item, dict) or set(item) != {"role", "content"}:
+        if not isinstance(item, dict) or not {"role", "content"} <= set(item) <= _MESSAGE_KEYS:
             raise _field_error(
-                f"messages[{i}]", "must be an object with exactly 'role' and 'content'"
+                f"messages[{i}]",
+                "must be an object with exactly 'role' and 'content' (and optionally 'images')",
             )
         if item["role"] not in ("system", "user", "assistant"):
             raise _field_error(f"messages[{i}].role", "must be one of system, user, assistant")
         if not isinstance(item["content"], str):
             raise _field_error(f"messages[{i}].content", "must be a string")
-        messages.append(ChatMessage(item["role"], item["content"]))
+        images = _images(item.get("images"), f"messages[{i}].images")
+        messages.append(ChatMessage(item["role"], item["content"], images=images))
     return DecodedTextRequest(
         _target(obj), "chat", None, tuple(messages), _text_options(obj), _stream(obj), extras
     )
+
+
+_MESSAGE_KEYS = frozenset({"role", "content", "images"})
+
+
+def _images(raw: Any, where: str) -> tuple[bytes, ...]:
+    """A message's `images`: data URLs only (a gateway reads no paths and fetches no
+    URLs), each checked for size on its encoded length before it is decoded."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(u, str) for u in raw):
+        raise _field_error(where, "must be an array of data: URLs")
+    for url in raw:
+        if url[:5].lower() != "data:":
+            raise _field_error(where, "must hold data: URLs (data:image/png;base64,...)")
+    return tuple(decode_image_data_url(url, field=where) for url in raw)
 
 
 def decode_embed_body(

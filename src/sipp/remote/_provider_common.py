@@ -86,6 +86,7 @@ class ProviderBase:
             raise InvalidRequestError(
                 "endpoint_options are for gateway endpoints; use provider_options"
             )
+        reject_images(request, f"provider endpoints ({self.name})")
         merge_provider_options({}, request.provider_options, self.typed_fields)
 
     def post(
@@ -123,3 +124,12 @@ def _retry_after(value: str | None) -> float | None:
     except ValueError:
         return None
     return seconds if seconds is not None and 0 <= seconds < 86_400 else None
+
+
+def reject_images(request: TextRequest | EmbedRequest, where: str) -> None:
+    """Images ride on chat messages; only a local endpoint with a projector reads them."""
+    messages = request.messages if isinstance(request, TextRequest) else None
+    if messages and any(m.images for m in messages):
+        raise InvalidRequestError(
+            f"chat message images are local-only and not accepted by {where}", field="images"
+        )

@@ -23,6 +23,7 @@ from ..protocol import codec
 from ..protocol.errors import error_from_body
 from ..protocol.sse import SSEEvent
 from ._exchange import json_post
+from ._provider_common import reject_images
 from .endpoint import RemoteEndpoint
 
 __all__ = ["GatewayAdapter", "gateway_endpoint"]
@@ -40,6 +41,7 @@ def reject_local_options(request: TextRequest | EmbedRequest, where: str) -> Non
         )
     if request.provider_options:
         raise InvalidRequestError(f"provider_options are not accepted by {where}")
+    reject_images(request, where)
 
 
 class GatewayAdapter:

@@ -19,7 +19,15 @@ from starlette.responses import JSONResponse, Response
 
 from ... import protocol
 from ..._errors import InvalidRequestError, SippError
-from ..._types import ChatMessage, ChatRole, SippTextOptions, TokenLogprob, Usage
+from ..._types import (
+    MEDIA_MARKER,
+    ChatMessage,
+    ChatRole,
+    SippTextOptions,
+    TokenLogprob,
+    Usage,
+    decode_image_data_url,
+)
 from ...protocol import load_json_object
 from ..config import GatewayConfig
 from ..request import (
@@ -27,6 +35,7 @@ from ..request import (
     Completion,
     Event,
     GatewayRequest,
+    ImageURL,
     Operation,
     TextDelta,
     UsageTotal,
@@ -125,10 +134,12 @@ class OpenAIFormat(BearerFormat):
         chat = self._kind == "chat"
         user, metadata = attribution(obj)
         gen = generation(obj, chat=chat)
+        messages, image_urls = _messages(obj.get("messages")) if chat else (None, ())
         return GatewayRequest(
             "chat" if chat else "query",
             target,
-            messages=_messages(obj.get("messages")) if chat else None,
+            messages=messages,
+            image_urls=image_urls,
             prompt=None if chat else _prompt(obj),
             options=_options(obj, chat=chat),
             stream=stream,
@@ -258,27 +269,56 @@ def _options(obj: dict[str, Any], *, chat: bool) -> SippTextOptions:
     )
 
 
-def _content(value: Any, where: str) -> str:
+def _content(value: Any, where: str, images: list[bytes | str] | None = None) -> str:
+    """The text of `content`. With `images` (user turns), `image_url` parts are taken
+    too: each becomes a media marker in the text and its bytes (or http(s) URL, for the
+    gateway to fetch if the target allows) go to `images`."""
     if isinstance(value, str):
         return value
     if isinstance(value, list):
         parts = []
         for part in value:
+            if images is not None and isinstance(part, dict) and part.get("type") == "image_url":
+                images.append(_image_part(part, where))
+                parts.append(MEDIA_MARKER)
+                continue
             if (
                 not isinstance(part, dict)
                 or part.get("type") != "text"
                 or not isinstance(part.get("text"), str)
             ):
-                raise InvalidRequestError(f"{where}: only text content parts are supported")
+                kinds = "text and image_url" if images is not None else "text"
+                raise InvalidRequestError(f"{where}: only {kinds} content parts are supported")
             parts.append(part["text"])
         return "".join(parts)
     raise InvalidRequestError(f"{where}: content must be a string or an array of text parts")
 
 
-def _messages(raw: Any) -> tuple[ChatMessage, ...]:
+def _image_part(part: dict[str, Any], where: str) -> bytes | str:
+    """An `image_url` part's image: the bytes of a data URL (its size checked on the
+    encoded length, before anything is decoded), or an http(s) URL left for the gateway
+    to fetch (only for targets that list its host; see `image_fetch`)."""
+    spec = part.get("image_url")
+    url = spec.get("url") if isinstance(spec, dict) else spec
+    if not isinstance(url, str):
+        raise field_error("messages", f"{where}: image_url.url must be a string")
+    scheme = url.split(":", 1)[0].lower()
+    if scheme in ("http", "https"):
+        return url
+    if scheme != "data":
+        raise field_error(
+            "messages",
+            f"{where}: image_url must be a data: URL (data:image/png;base64,...) or an "
+            "http(s) URL on a host the target allows",
+        )
+    return decode_image_data_url(url, field="messages")
+
+
+def _messages(raw: Any) -> tuple[tuple[ChatMessage, ...], tuple[ImageURL, ...]]:
     if not isinstance(raw, list) or not raw:
         raise InvalidRequestError("'messages' must be a non-empty array")
     out = []
+    urls: list[ImageURL] = []
     for i, m in enumerate(raw):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -306,8 +346,12 @@ def _messages(raw: Any) -> tuple[ChatMessage, ...]:
                 f"{where}.role must be system, developer, user, assistant or tool"
             )
         chat_role: ChatRole = "system" if role == "developer" else role
-        out.append(ChatMessage(chat_role, _content(m.get("content"), where)))
-    return tuple(out)
+        images: list[bytes | str] = []
+        text = _content(m.get("content"), where, images if role == "user" else None)
+        urls += [ImageURL(len(out), j, u) for j, u in enumerate(images) if isinstance(u, str)]
+        fetched_later = tuple(i for i in images if isinstance(i, bytes))
+        out.append(ChatMessage(chat_role, text, images=fetched_later))
+    return tuple(out), tuple(urls)
 
 
 def _stream_flags(obj: dict[str, Any]) -> tuple[bool, bool]:
