@@ -44,6 +44,7 @@ backend = "cpu"
 [targets.runtime.context]
 n_ctx = 128
 n_parallel = 2
+n_threads = 1
 embeddings = true
 pooling = "mean"
 """
