@@ -191,6 +191,18 @@ def test_a_failing_embedding_target_serves_uncached(gateway: Gateway, upstream: 
     assert hit.headers["x-sipp-cache-match"] == "semantic"
 
 
+def test_a_question_too_long_to_embed_is_cached_exactly(
+    gateway: Gateway, upstream: Provider
+) -> None:
+    """Past the embedding target's context (128 tokens here) the question has no vector:
+    not a failure of the target, so the exact cache keeps working for it."""
+    failures = gateway.metric("sipp_gateway_cache_embedding_failures_total", TARGET)
+    long = "Please summarise the following notes: " + "the quarterly figures look fine " * 60
+    assert ask(gateway, long).headers["x-sipp-cache"] == "store"
+    poll(lambda: ask(gateway, long).headers["x-sipp-cache"] == "hit", "stored exactly")
+    assert gateway.metric("sipp_gateway_cache_embedding_failures_total", TARGET) == failures
+
+
 def test_the_vectors_survive_a_restart(upstream: Provider, tmp_path: Path) -> None:
     cache = sqlite_cache(tmp_path, semantic())
     with cached_gateway(tmp_path, upstream, cache, name="first") as gw:

@@ -24,6 +24,7 @@ written, reusing the lookup's embedding. A failed embedding serves the request u
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
@@ -35,6 +36,7 @@ from ..request import ChoiceDone, Event, GatewayRequest, TextDelta
 from .config import CacheConfig
 from .entry import CachedChoice, CachedEntry, decode_entry, encode_entry, replay_events
 from .keys import SHARED_SCOPE, exact_key, last_user_text, partition_key
+from .semantic_stage import EmbeddingFailed
 from .store import CacheStore, CacheStoreError, Totals
 
 if TYPE_CHECKING:
@@ -112,8 +114,9 @@ class ExactCache:
         self.show(totals)
         if question is not None and self.semantic is not None:
             partition, text, vector = question
-            if vector is None:  # the lookup did not embed it (no-cache, or an exact hit)
-                vector = await self.semantic.embed(text)
+            if vector is None:  # the lookup did not embed it (Cache-Control: no-cache)
+                with contextlib.suppress(EmbeddingFailed):  # counted: cached exactly only
+                    vector = await self.semantic.embed(text)
             if vector is not None:
                 self.semantic.add(partition, text, vector, key)
 
@@ -161,6 +164,7 @@ class CacheCall:
         self.status = "bypass"
         self.match = "exact"  # how a hit was found
         self._question: Question | None = None
+        self._semantic = True  # False once the question proved too long to embed
         self._choices: dict[int, list[TokenBatch]] = {}
         self._done: dict[int, SippTextResponse] = {}
         self._complete = False
@@ -190,9 +194,13 @@ class CacheCall:
         if question is None:
             return None
         partition, text, _ = question
-        vector = await semantic.embed(text)
-        if vector is None:  # no embedding, no semantic entry: served and not stored
+        try:
+            vector = await semantic.embed(text)
+        except EmbeddingFailed:  # no embedding, no semantic entry: served and not stored
             self.status, self.store = "bypass", False
+            return None
+        if vector is None:  # too long for the embedding target: cached exactly only
+            self._semantic = False
             return None
         self._question = (partition, text, vector)
         key = semantic.search(partition, text, vector)
@@ -208,7 +216,7 @@ class CacheCall:
 
     def _questioned(self) -> Question | None:
         """This request's question for the semantic index, when it has a last user message."""
-        if self._question is None and self.cache.semantic is not None:
+        if self._question is None and self._semantic and self.cache.semantic is not None:
             text = last_user_text(self.request)
             if isinstance(text, str) and text.strip():
                 self._question = (partition_key(self.scope, self.request), text, None)

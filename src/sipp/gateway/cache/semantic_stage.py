@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from ..._errors import SippError
+from ..._errors import ContextOverflowError, SippError
 from .config import SemanticConfig
 from .semantic import SemanticPartition
 
@@ -42,12 +42,16 @@ if TYPE_CHECKING:
     from ..metrics import GatewayMetrics
     from ..state import GatewayState
 
-__all__ = ["Embedder", "SemanticStage", "model_id", "target_embedder"]
+__all__ = ["Embedder", "EmbeddingFailed", "SemanticStage", "model_id", "target_embedder"]
 
 logger = logging.getLogger("sipp.gateway")
 Vector = npt.NDArray[np.float32]
 Embedder = Callable[[str], Awaitable[Vector]]
 _INDEX = "vectors.json"  # exact key -> [partition, added at], in insertion order
+
+
+class EmbeddingFailed(Exception):
+    """The embedding target could not embed a question (counted and logged)."""
 
 
 def model_id(target: LocalTarget) -> str:
@@ -103,10 +107,13 @@ class SemanticStage:
         return len(self._added)
 
     async def embed(self, text: str) -> Vector | None:
-        """`text`'s vector, or None when the embedding target failed (counted, logged)."""
+        """`text`'s vector, or None when it is longer than the embedding target takes (that
+        question is cached exactly only); `EmbeddingFailed` when the target failed."""
         started = time.perf_counter()
         try:
             return await self._embed(text)
+        except ContextOverflowError:  # the question's fault, not the target's
+            return None
         except SippError as exc:
             self.metrics.cache_embedding_failures.labels(self.target).inc()
             logger.warning(
@@ -115,7 +122,7 @@ class SemanticStage:
                 self.settings.embedding_target,
                 exc.code,
             )
-            return None
+            raise EmbeddingFailed(exc.code) from None
         finally:
             self.metrics.cache_embedding.labels(self.target).observe(time.perf_counter() - started)
 
