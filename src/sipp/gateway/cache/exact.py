@@ -164,7 +164,7 @@ class CacheCall:
         self.status = "bypass"
         self.match = "exact"  # how a hit was found
         self._question: Question | None = None
-        self._semantic = True  # False once the question proved too long to embed
+        self._embeddable = True  # False once the question proved too long to embed
         self._choices: dict[int, list[TokenBatch]] = {}
         self._done: dict[int, SippTextResponse] = {}
         self._complete = False
@@ -200,7 +200,7 @@ class CacheCall:
             self.status, self.store = "bypass", False
             return None
         if vector is None:  # too long for the embedding target: cached exactly only
-            self._semantic = False
+            self._embeddable = False
             return None
         self._question = (partition, text, vector)
         key = semantic.search(partition, text, vector)
@@ -216,7 +216,7 @@ class CacheCall:
 
     def _questioned(self) -> Question | None:
         """This request's question for the semantic index, when it has a last user message."""
-        if self._question is None and self._semantic and self.cache.semantic is not None:
+        if self._question is None and self._embeddable and self.cache.semantic is not None:
             text = last_user_text(self.request)
             if isinstance(text, str) and text.strip():
                 self._question = (partition_key(self.scope, self.request), text, None)
