@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from .._errors import SippError
-from .cache.exact import CACHE_HEADER
+from .cache.exact import CACHE_HEADER, MATCH_HEADER
 from .call import check_client, serve
 from .formats.anthropic import AnthropicFormat
 from .formats.base import WireFormat
@@ -89,7 +89,13 @@ def build_public_app(state: GatewayState) -> Starlette:
                     "anthropic-version",
                     "cache-control",
                 ],
-                expose_headers=["x-request-id", "retry-after", CACHE_HEADER, *RATE_LIMIT_HEADERS],
+                expose_headers=[
+                    "x-request-id",
+                    "retry-after",
+                    CACHE_HEADER,
+                    MATCH_HEADER,
+                    *RATE_LIMIT_HEADERS,
+                ],
                 max_age=600,
             )
         )

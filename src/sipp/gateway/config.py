@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from .._errors import InvalidConfigError
 from .._runtime_config import NativeRuntimeConfig, runtime_config_from_mapping
-from .cache.config import CacheConfig, parse_cache
+from .cache.config import CacheConfig, check_embedding_targets, parse_cache
 from .upstreams.policy import RESILIENCE_KEYS, Resilience, check_references, parse_resilience
 
 if sys.version_info >= (3, 11):
@@ -300,6 +300,7 @@ class _Parser:
         self.state_backend = state.backend
         routes = self.routes(data.get("routes", {}))
         targets = self.targets(data.get("targets"))
+        check_embedding_targets(self, targets)
         tokens = self.tokens(data.get("tokens", []), {t.name for t in targets})
         if self.problems or public is None or management is None or admin_env is None:
             return None

@@ -207,6 +207,37 @@ class GatewayMetrics:
             ["target", "operation"],
             registry=r,
         )
+        self.cache_semantic_hits = Counter(
+            "sipp_gateway_cache_semantic_hits",
+            "Cache hits found by meaning (a paraphrase of a stored question)",
+            ["target"],
+            registry=r,
+        )
+        self.cache_semantic_entries = Gauge(
+            "sipp_gateway_cache_semantic_entries",
+            "Questions in a target's semantic index (one per stored answer it covers)",
+            ["target"],
+            registry=r,
+        )
+        self.cache_guard_rejections = Counter(
+            "sipp_gateway_cache_guard_rejections",
+            "Semantic candidates above the threshold that the guard turned away",
+            ["target"],
+            registry=r,
+        )
+        self.cache_embedding = Histogram(
+            "sipp_gateway_cache_embedding_seconds",
+            "Time to embed a question for a target's semantic cache",
+            ["target"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+            registry=r,
+        )
+        self.cache_embedding_failures = Counter(
+            "sipp_gateway_cache_embedding_failures",
+            "Embedding calls of the semantic cache that failed (served uncached)",
+            ["target"],
+            registry=r,
+        )
         r.register(_LocalRuntimeCollector(local_stats))
         r.register(_PoolCollector(pools))
 

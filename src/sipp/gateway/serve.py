@@ -26,6 +26,7 @@ from .._runtime_config import NativeRuntimeConfig, ObservabilityRuntimeConfig
 from .admin import admin_state
 from .app import GatewayState, build_management_app, build_public_app
 from .auth import TokenTable, read_secret
+from .cache.semantic_stage import target_embedder
 from .cache.stores import close_caches, open_caches
 from .config import GatewayConfig, LocalTarget, ProviderTarget
 from .shaping import build_shaper, open_store
@@ -185,7 +186,9 @@ async def serve(
     store = open_store(config, env)
     state.shaper = build_shaper(config, store, state.metrics)
     state.shared = shared_controls(state, store)
-    state.caches = await open_caches(config, store, state.metrics)
+    state.caches = await open_caches(
+        config, store, state.metrics, lambda name: target_embedder(state, name)
+    )
     state.admin = admin_state(admin_password, env)
     servers = [
         _Server(

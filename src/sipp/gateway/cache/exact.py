@@ -14,15 +14,17 @@ cancelled or abandoned answer, or one whose finish reason the target does not ke
 is never stored. A store that fails is logged and counted; the request is served
 uncached.
 
-Where the semantic cache plugs in: `CacheCall.lookup`, on an exact miss, may search
-the partition `keys.partition_key(call.scope, call.request)` for the stored question
-nearest to `keys.last_user_text(call.request)` and return that `CachedEntry`; it is
-replayed like an exact hit. Storing adds the question to the partition the same way.
+With `semantic = true` (semantic_stage.py), an exact miss embeds the last user message
+and searches its partition (`keys.partition_key`) for a stored question close enough in
+meaning; the entry found is read by its exact key and replayed like an exact hit
+(`x-sipp-cache-match: semantic`). Storing adds the question's vector once the entry is
+written, reusing the lookup's embedding. A failed embedding serves the request uncached.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
@@ -33,7 +35,8 @@ from ..._types import SippTextResponse, TokenBatch
 from ..request import ChoiceDone, Event, GatewayRequest, TextDelta
 from .config import CacheConfig
 from .entry import CachedChoice, CachedEntry, decode_entry, encode_entry, replay_events
-from .keys import SHARED_SCOPE, exact_key
+from .keys import SHARED_SCOPE, exact_key, last_user_text, partition_key
+from .semantic_stage import EmbeddingFailed
 from .store import CacheStore, CacheStoreError, Totals
 
 if TYPE_CHECKING:
@@ -41,11 +44,16 @@ if TYPE_CHECKING:
     from ..formats.base import WireFormat
     from ..metrics import GatewayMetrics
     from ..shaping import Reservation
+    from .semantic_stage import SemanticStage, Vector
 
-__all__ = ["CACHE_HEADER", "CacheCall", "ExactCache", "replay_stream"]
+__all__ = ["CACHE_HEADER", "MATCH_HEADER", "CacheCall", "ExactCache", "replay_stream"]
 
 logger = logging.getLogger("sipp.gateway")
 CACHE_HEADER = "x-sipp-cache"
+MATCH_HEADER = "x-sipp-cache-match"  # on a hit: "exact" or "semantic"
+# A question for the semantic index: partition, last user message, its vector (None: not
+# embedded yet).
+Question = tuple[str, str, "Vector | None"]
 
 
 class ExactCache:
@@ -55,6 +63,7 @@ class ExactCache:
         self, target: str, config: CacheConfig, store: CacheStore, metrics: GatewayMetrics
     ) -> None:
         self.target, self.config, self.store, self.metrics = target, config, store, metrics
+        self.semantic: SemanticStage | None = None  # set when `semantic = true`
         self._writing: set[asyncio.Future[None]] = set()
 
     def begin(
@@ -86,13 +95,16 @@ class ExactCache:
         finally:
             self.metrics.cache_lookup.labels(self.target).observe(time.perf_counter() - started)
 
-    def put(self, key: str, entry: CachedEntry, route: str) -> None:
-        """Store `entry` in the background: the response never waits for the write."""
-        task = asyncio.ensure_future(self._put(key, encode_entry(entry), route))
+    def put(
+        self, key: str, entry: CachedEntry, route: str, question: Question | None = None
+    ) -> None:
+        """Store `entry` in the background: the response never waits for the write. A
+        `question` (semantic cache) is indexed once the entry is written."""
+        task = asyncio.ensure_future(self._put(key, encode_entry(entry), route, question))
         self._writing.add(task)
         task.add_done_callback(self._writing.discard)
 
-    async def _put(self, key: str, value: bytes, route: str) -> None:
+    async def _put(self, key: str, value: bytes, route: str, question: Question | None) -> None:
         try:
             totals = await self.store.put(key, value, self.config.ttl_seconds)
         except CacheStoreError as exc:
@@ -100,6 +112,13 @@ class ExactCache:
             return
         self.metrics.cache_stores.labels(self.target, route).inc()
         self.show(totals)
+        if question is not None and self.semantic is not None:
+            partition, text, vector = question
+            if vector is None:  # the lookup did not embed it (Cache-Control: no-cache)
+                with contextlib.suppress(EmbeddingFailed):  # counted: cached exactly only
+                    vector = await self.semantic.embed(text)
+            if vector is not None:
+                self.semantic.add(partition, text, vector, key)
 
     def show(self, totals: Totals) -> None:
         self.metrics.cache_entries.labels(self.target).set(totals.entries)
@@ -118,6 +137,11 @@ class ExactCache:
         """Finish the writes under way, then close the store."""
         while self._writing:
             await asyncio.gather(*self._writing, return_exceptions=True)
+        if self.semantic is not None:
+            try:
+                self.semantic.save()
+            except (OSError, SippError) as exc:  # the exact entries are kept regardless
+                self._failed("semantic save", exc)
         await self.store.close()
 
 
@@ -138,12 +162,17 @@ class CacheCall:
         self.key, self.route = key, route
         self.look, self.store = look, store
         self.status = "bypass"
+        self.match = "exact"  # how a hit was found
+        self._question: Question | None = None
+        self._embeddable = True  # False once the question proved too long to embed
         self._choices: dict[int, list[TokenBatch]] = {}
         self._done: dict[int, SippTextResponse] = {}
         self._complete = False
 
     @property
     def headers(self) -> dict[str, str]:
+        if self.status == "hit":
+            return {CACHE_HEADER: self.status, MATCH_HEADER: self.match}
         return {CACHE_HEADER: self.status}
 
     async def lookup(self) -> CachedEntry | None:
@@ -153,10 +182,45 @@ class CacheCall:
             try:
                 entry = await self.cache.get(self.key)
                 self.status = "hit" if entry is not None else "miss"
+                if entry is None and self.cache.semantic is not None:
+                    entry = await self._by_meaning(self.cache.semantic)
             except CacheStoreError:  # served uncached: nor is its answer written to a failing store
                 self.status, self.store = "bypass", False
         self.cache.metrics.cache_requests.labels(self.cache.target, self.route, self.status).inc()
         return entry
+
+    async def _by_meaning(self, semantic: SemanticStage) -> CachedEntry | None:
+        question = self._questioned()
+        if question is None:
+            return None
+        partition, text, _ = question
+        try:
+            vector = await semantic.embed(text)
+        except EmbeddingFailed:  # no embedding, no semantic entry: served and not stored
+            self.status, self.store = "bypass", False
+            return None
+        if vector is None:  # too long for the embedding target: cached exactly only
+            self._embeddable = False
+            return None
+        self._question = (partition, text, vector)
+        key = semantic.search(partition, text, vector)
+        if key is None:
+            return None
+        entry = await self.cache.get(key)
+        if entry is None:  # evicted or expired in the store since: forget its vector
+            semantic.remove(key)
+            return None
+        self.status, self.match = "hit", "semantic"
+        self.cache.metrics.cache_semantic_hits.labels(self.cache.target).inc()
+        return entry
+
+    def _questioned(self) -> Question | None:
+        """This request's question for the semantic index, when it has a last user message."""
+        if self._question is None and self._embeddable and self.cache.semantic is not None:
+            text = last_user_text(self.request)
+            if isinstance(text, str) and text.strip():
+                self._question = (partition_key(self.scope, self.request), text, None)
+        return self._question
 
     def served(self, entry: CachedEntry) -> None:
         """The hit passed the limits and is answered: count the tokens it saved."""
@@ -177,7 +241,8 @@ class CacheCall:
         """Store a complete non-streamed answer when the target keeps its finish reasons."""
         if responses and self._keepable(responses):
             assert self.key is not None
-            self.cache.put(self.key, CachedEntry(tuple(map(CachedChoice, responses))), self.route)
+            entry = CachedEntry(tuple(map(CachedChoice, responses)))
+            self.cache.put(self.key, entry, self.route, self._questioned())
             self.status = "store"
 
     async def recording(self, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
@@ -204,7 +269,7 @@ class CacheCall:
         choices = tuple(
             CachedChoice(self._done[i], tuple(self._choices.get(i, ()))) for i in sorted(self._done)
         )
-        self.cache.put(self.key, CachedEntry(choices), self.route)
+        self.cache.put(self.key, CachedEntry(choices), self.route, self._questioned())
 
 
 async def replay_stream(

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import urllib.parse
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..._errors import InvalidConfigError
-from ..config import GatewayConfig
+from ..config import GatewayConfig, LocalTarget
 from .exact import ExactCache
+from .semantic_stage import Embedder, SemanticStage, model_id
 from .store import CacheStore, CacheStoreError
 
 if TYPE_CHECKING:
@@ -19,11 +22,17 @@ __all__ = ["close_caches", "open_caches"]
 
 
 async def open_caches(
-    config: GatewayConfig, state_store: Store | None, metrics: GatewayMetrics
+    config: GatewayConfig,
+    state_store: Store | None,
+    metrics: GatewayMetrics,
+    embedder: Callable[[str], Embedder] | None = None,
 ) -> dict[str, ExactCache]:
     """Every cached target's `ExactCache`, its store opened (a SQLite file that cannot be
-    created fails startup, naming the target), its totals on /metrics."""
+    created fails startup, naming the target), its totals on /metrics; with `semantic =
+    true`, its semantic stage embedding through `embedder(embedding target name)` (its
+    saved vectors loaded when the store is SQLite)."""
     caches: dict[str, ExactCache] = {}
+    local = {t.name: t for t in config.targets if isinstance(t, LocalTarget)}
     for target in config.targets:
         settings = target.cache
         if settings is None:
@@ -52,6 +61,25 @@ async def open_caches(
                     f"targets {target.name!r} cache: cannot open {path}: {exc}"
                 ) from None
         cache = caches[target.name] = ExactCache(target.name, settings, store, metrics)
+        semantic = settings.semantic
+        if semantic is not None and embedder is not None:
+            # the parser checked it names a local target loaded for embeddings
+            directory = (
+                settings.path / f"{urllib.parse.quote(target.name, safe='')}.semantic"
+                if settings.path is not None
+                else None
+            )
+            cache.semantic = SemanticStage(
+                target.name,
+                semantic,
+                model_id(local[semantic.embedding_target]),
+                embedder(semantic.embedding_target),
+                metrics,
+                settings.ttl_seconds,
+                settings.max_entries,
+                directory,
+            )
+            cache.semantic.load()
         with contextlib.suppress(CacheStoreError):  # Redis down: shown on the first store
             cache.show(await store.totals())
     return caches
