@@ -364,3 +364,18 @@ def test_greedy_ties_and_biases_resolve_as_llama_cpp_greedy(
         want.append(_llama_greedy(logits[r], row_bias))
     order = list(reversed(range(len(rows))))  # rows need not come in buffer order
     assert sample_rows(logits, order, [samplers[r] for r in order]) == [want[r] for r in order]
+
+
+@pytest.mark.parametrize("n", [100, 1000, 49152, 49153, 151936])
+def test_top_k_keeps_the_k_best_logits_lowest_id_first_on_ties(n: int) -> None:
+    from sipp.local.batch_sampling import _top_k
+
+    rng = np.random.default_rng(n)
+    for scale in (0.1, 2.0, 10.0):
+        row = (rng.standard_normal(n) * scale).astype(np.float32)
+        row[:5] += 30.0
+        row[50:60] = row[3]  # ties inside the top k and at its edge
+        row[-3:] = row[4]  # and in the tail past the last full column
+        want = np.lexsort((np.arange(n), -row.astype(np.float64)))
+        for k in (1, 4, 40, 200, 5000, n):
+            assert _top_k(row, k).tolist() == want[:k].tolist(), (scale, k)

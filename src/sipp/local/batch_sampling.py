@@ -42,6 +42,7 @@ __all__ = ["RowSampler", "row_sampler", "sample_rows"]
 _TWO_32 = 4294967296.0
 _TWO_64 = 18446744073709551616.0
 _MT_N = 624
+_ROWS = 64  # top-k: the vocabulary seen as a grid of 64 rows (see _top_k)
 
 
 def mt19937(seed: int) -> np.random.MT19937:
@@ -61,7 +62,7 @@ def mt19937(seed: int) -> np.random.MT19937:
 def canonical(gen: np.random.MT19937) -> float:
     """std::uniform_real_distribution<double>(0, 1) as libstdc++ draws it from a 32-bit
     engine: generate_canonical<double, 53> takes two words, low word first."""
-    lo, hi = (int(v) for v in gen.random_raw(2))
+    lo, hi = gen.random_raw(2).tolist()
     value = (float(lo) + float(hi) * _TWO_32) / _TWO_64
     return value if value < 1.0 else math.nextafter(1.0, 0.0)
 
@@ -178,22 +179,25 @@ def _greedy_with_bias(row: npt.NDArray[np.float32], best: int, s: RowSampler) ->
 def _top_k(row: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.intp]:
     """Token ids of the k largest logits, largest first (ties: lower id first)."""
     n = row.shape[0]
-    if k >= n:
+    cols = n // _ROWS
+    if cols < 4 * k:
         ids = np.arange(n)
     else:
-        # A threshold pass keeps a handful of candidates (every token that can be in
-        # the top k is >= the k-th largest), so the partition runs on those only.
-        peak = float(row.max())
-        ids = np.arange(n)
-        for gap in (4.0, 8.0, 16.0, 32.0):
-            near = np.flatnonzero(row >= peak - gap)
-            if len(near) >= k:
-                ids = near
-                break
-        if len(ids) > k:
-            ids = ids[np.argpartition(row[ids], len(ids) - k)[len(ids) - k :]]
-    order = np.lexsort((ids, -row[ids].astype(np.float64)))
-    return ids[order]
+        # The row as a grid of _ROWS rows: k columns have their maximum at or above the
+        # k-th largest column maximum, so at least k logits are, and every token of the
+        # top k is at or above it. Only the columns that reach it are searched, and the
+        # few hundred logits found are sorted, never the vocabulary. (Maxima down
+        # columns: numpy reduces along axis 0 with SIMD, along axis 1 row by row.)
+        size = _ROWS * cols
+        grid = row[:size].reshape(_ROWS, cols)
+        col_max = grid.max(axis=0)
+        floor = np.partition(col_max, cols - k)[cols - k]
+        hit = np.flatnonzero(col_max >= floor)
+        r, c = np.nonzero(grid[:, hit] >= floor)
+        ids = np.concatenate((r * cols + hit[c], np.flatnonzero(row[size:] >= floor) + size))
+        ids.sort()
+    # Stable on ascending ids: equal logits keep the lower id first.
+    return ids[np.argsort(-row[ids], kind="stable")[:k]]
 
 
 def _sample_top_k(row: npt.NDArray[np.float32], s: RowSampler) -> int:
