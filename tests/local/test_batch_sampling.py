@@ -157,7 +157,7 @@ def test_a_batch_mixing_greedy_sampled_and_constrained_rows_matches_the_chains(
     assert batched[1][0][0] != favourite
     assert batched[3][1].text in ("yes", "no")
     assert batched[2][1].logprobs == chain[2][1].logprobs
-    assert batched[2][1].logprobs and len(batched[2][1].logprobs[0].top_logprobs) == 3
+    assert batched[2][1].logprobs and len(batched[2][1].logprobs[0].top) == 3
 
 
 # ------------------------------------------------------------------ function level
