@@ -9,8 +9,8 @@ its first sampler even runs. For the common requests this module skips that:
   applied on top, exactly as llama.cpp adds it (float32 `logit += bias`), and ties
   go to the lowest token id, as llama.cpp's greedy sampler picks them.
 * **sampled** rows whose first active stage is `top_k` (k > 0), without grammar or
-  penalties, select the k best logits first (a threshold pass, then a partition
-  of the few survivors), then run top_p / min_p / temperature on those k in the
+  penalties, select the k best logits first (a threshold from column maxima, then
+  a sort of the few dozen logits above it), then run top_p / min_p / temperature on those k in the
   configured order and draw the token with llama.cpp's own arithmetic: float32
   softmax pieces, a float64 running sum, and a uniform double from a Mersenne
   Twister (std::mt19937) seeded like llama.cpp's `dist` sampler. For a fixed seed
