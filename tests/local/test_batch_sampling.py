@@ -10,6 +10,7 @@ distribution; greedy ties and logit biases resolve as llama.cpp's greedy does.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,6 @@ from hypothesis import strategies as st
 from sipp import (
     CacheRuntimeConfig,
     ContextRuntimeConfig,
-    EndpointRef,
     LocalModelDescriptor,
     LocalTextOptions,
     NativeRuntimeConfig,
@@ -64,64 +64,69 @@ def _settings(**changes: Any) -> _llama.SamplerSettings:
 
 
 # ------------------------------------------------------------------ engine level
-@pytest.fixture(scope="module", params=["smollm", "qwen"])
-def endpoint(
-    request: pytest.FixtureRequest, smollm_path: Path, qwen_path: Path
-) -> Iterator[tuple[SippClient, EndpointRef, Any]]:
-    path = smollm_path if request.param == "smollm" else qwen_path
-    client = SippClient()
-    config = NativeRuntimeConfig(
-        context=ContextRuntimeConfig(n_ctx=256, n_parallel=8),
-        # No prefix reuse: both passes prefill whole prompts, in the same batch shapes.
-        cache=CacheRuntimeConfig(mode="off"),
-    )
-    ref = client.add("m", LocalModelDescriptor(path, config))
-    engine = client._registry._endpoints[ref.id]._engine  # type: ignore[attr-defined]
-    yield client, ref, engine
-    client.close()
+@pytest.fixture(params=["smollm", "qwen"])
+def model(request: pytest.FixtureRequest, smollm_path: Path, qwen_path: Path) -> Path:
+    return smollm_path if request.param == "smollm" else qwen_path
 
 
 def _together(
-    client: SippClient,
-    ref: EndpointRef,
-    engine: Any,
+    path: Path,
     batch_sampling: bool,
     requests: list[tuple[str, SippTextOptions, LocalTextOptions | None]],
 ) -> list[tuple[list[int], Any]]:
-    """Run `requests` admitted in one step (the worker waits for the engine lock while
-    they are queued), so both passes decode exactly the same batches."""
-    engine.batch_sampling = batch_sampling
-    with engine._cond:
-        runs = [
-            client.query(prompt, endpoint=ref, options=options, local=local, emit_tokens=True)
-            for prompt, options, local in requests
-        ]
-    out = []
-    for run in runs:
-        ids = [t for batch in run for t in batch.token_ids]
-        out.append((ids, run.result()))
-    return out
+    """Run `requests` on a fresh endpoint, admitted in one step and queued in the given
+    order, so every pass decodes exactly the same batches into the same KV cells. A row's
+    place in a batch and its sequence's cells change the float sums it gets (Qwen's greedy
+    near-ties then flip, chain against chain too): the worker's first admission waits
+    until every request is queued, each queued before the next starts (they reach the
+    queue from the client's preparation threads, grammar compiles and all)."""
+    config = NativeRuntimeConfig(
+        context=ContextRuntimeConfig(n_ctx=256, n_parallel=8),
+        cache=CacheRuntimeConfig(mode="off"),  # both passes prefill whole prompts
+    )
+    with SippClient() as client:
+        ref = client.add("m", LocalModelDescriptor(path, config))
+        engine = client._registry._endpoints[ref.id]._engine  # type: ignore[attr-defined]
+        engine.batch_sampling = batch_sampling
+        admit = engine._admit
+
+        def admit_all_together() -> Any:
+            deadline = time.monotonic() + 120  # a lost request fails the test, not the run
+            while len(engine._queue) < len(requests) and time.monotonic() < deadline:
+                engine._cond.wait(timeout=1)  # the worker holds the lock; `submit` notifies
+            engine._admit = admit
+            return admit()
+
+        engine._admit = admit_all_together
+        runs = []
+        for prompt, options, local in requests:
+            runs.append(
+                client.query(prompt, endpoint=ref, options=options, local=local, emit_tokens=True)
+            )
+            deadline = time.monotonic() + 120
+            while len(engine._queue) < len(runs) and time.monotonic() < deadline:
+                time.sleep(0.005)
+        assert engine.batch_sampling is batch_sampling
+        out = []
+        for run in runs:
+            ids = [t for batch in run for t in batch.token_ids]
+            out.append((ids, run.result()))
+        return out
 
 
-def test_eight_greedy_prompts_give_the_chains_tokens(
-    endpoint: tuple[SippClient, EndpointRef, Any],
-) -> None:
-    client, ref, engine = endpoint
+def test_eight_greedy_prompts_give_the_chains_tokens(model: Path) -> None:
     requests = [(p, GREEDY, None) for p in PROMPTS]
-    chain = _together(client, ref, engine, False, requests)
-    batched = _together(client, ref, engine, True, requests)
+    chain = _together(model, False, requests)
+    batched = _together(model, True, requests)
     assert [ids for ids, _ in batched] == [ids for ids, _ in chain]
     assert [r.text for _, r in batched] == [r.text for _, r in chain]
     assert sum(len(ids) for ids, _ in chain) > 8 * 16  # most run well past a few tokens
-    assert engine.batch_sampling
 
 
 def test_a_batch_mixing_greedy_sampled_and_constrained_rows_matches_the_chains(
-    endpoint: tuple[SippClient, EndpointRef, Any],
+    model: Path,
 ) -> None:
-    client, ref, engine = endpoint
-    first = client.query(PROMPTS[0], endpoint=ref, options=GREEDY, emit_tokens=True)
-    favourite = next(t for batch in first for t in batch.token_ids)
+    favourite = _together(model, False, [(PROMPTS[0], GREEDY, None)])[0][0][0]
     sampled = SippTextOptions(max_tokens=64, temperature=0.9)
     requests: list[tuple[str, SippTextOptions, LocalTextOptions | None]] = [
         (PROMPTS[0], GREEDY, None),
@@ -151,8 +156,8 @@ def test_a_batch_mixing_greedy_sampled_and_constrained_rows_matches_the_chains(
         # top_k off: the chain samples this row in both passes.
         (PROMPTS[5], sampled, LocalTextOptions(sampling=SamplingRuntimeConfig(seed=13, top_k=0))),
     ]
-    chain = _together(client, ref, engine, False, requests)
-    batched = _together(client, ref, engine, True, requests)
+    chain = _together(model, False, requests)
+    batched = _together(model, True, requests)
     assert [ids for ids, _ in batched] == [ids for ids, _ in chain]
     assert batched[1][0][0] != favourite
     assert batched[3][1].text in ("yes", "no")
