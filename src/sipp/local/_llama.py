@@ -397,6 +397,26 @@ class Context:
             raise RuntimeError(f"llama.cpp returned no logits for batch entry {i}")
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
 
+    def logits_rows(self, indices: Sequence[int]) -> tuple[npt.NDArray[np.float32], list[int]]:
+        """A (rows, n_vocab) view (no copy) over the logits of the last decode, and the
+        row in it of each batch entry in `indices`: valid only until the next decode.
+        llama.cpp keeps one row per output, in an order of its own (llama_get_logits_ith
+        maps a batch entry to its row), so the rows are found through that mapping."""
+        n_vocab = self.model.n_vocab
+        base = _lc.llama_get_logits(self._ptr)
+        base_addr = ctypes.cast(base, ctypes.c_void_p).value
+        if not base_addr:
+            raise RuntimeError("llama.cpp returned no logits")
+        stride = n_vocab * ctypes.sizeof(ctypes.c_float)
+        rows: list[int] = []
+        for i in indices:
+            addr = ctypes.cast(_lc.llama_get_logits_ith(self._ptr, i), ctypes.c_void_p).value
+            if not addr:
+                raise RuntimeError(f"llama.cpp returned no logits for batch entry {i}")
+            rows.append((addr - base_addr) // stride)
+        n_rows = max(rows) + 1 if rows else 0
+        return np.ctypeslib.as_array(base, shape=(n_rows, n_vocab)), rows
+
     def embedding_seq(self, seq_id: int, n_embd: int) -> list[float]:
         ptr = _lc.llama_get_embeddings_seq(self._ptr, seq_id)
         if not ptr:
@@ -487,6 +507,7 @@ class Sampler:
     """A llama.cpp sampler chain for one request."""
 
     def __init__(self, model: LlamaModel, s: SamplerSettings) -> None:
+        self.settings = s  # batch_sampling decides from these whether the chain is needed
         chain = _lc.llama_sampler_chain_init(_lc.llama_sampler_chain_default_params())
         self._ptr = chain
         add = _lc.llama_sampler_chain_add

@@ -45,6 +45,7 @@ from .._types import (
     Usage,
 )
 from . import _llama
+from .batch_sampling import RowSampler, row_sampler, sample_rows
 from .kv_cache import EmbedMemo, Snapshot, SnapshotStore, common_prefix
 from .logprobs import token_logprob
 from .model import LoadedModel
@@ -100,6 +101,9 @@ class TextJob:
     encoder_prompt: list[int] | None = None
     # Vision chat: where `prompt` holds image placeholders, and the image chunks.
     media: MediaPrompt | None = None
+    # Set when the job starts: its rows are sampled with the step's others, without
+    # the llama.cpp chain (None: the chain samples them, see batch_sampling).
+    fast: RowSampler | None = None
     t_submit: float = field(default_factory=time.perf_counter)
     slot: _Slot | None = None
     prefilled: int = 0  # prompt tokens already in the KV
@@ -196,6 +200,9 @@ class Engine:
         self._turn = 0  # rotation offset when more sequences generate than n_batch holds
         self._waiters: list[TextJob] = []  # jobs with a pending `share`
         self._can_share = self.reuse_prefix  # off for good if a memory cannot trim a copy
+        # False: every row goes through its llama.cpp sampler chain (the reference path
+        # the batch sampler is tested against).
+        self.batch_sampling = True
         self._counters: dict[str, float] = dict.fromkeys(
             (
                 "requests",
@@ -507,6 +514,7 @@ class Engine:
         slot.context_key = job.context_key
         job.prefilled = job.cached = keep
         job.t_admit = time.perf_counter()
+        job.fast = row_sampler(job.sampler.settings) if self.batch_sampling else None
         if self._can_share:
             self._share_sibling_prompt(job)
 
@@ -680,11 +688,27 @@ class Engine:
                 job.prefilled += take
         if self._waiters:  # before sampling: a sibling that finishes now still holds its KV
             self._copy_ready_shares()
-        for job, take in plan:
-            if take == 0 or not job.prefilling:
-                if job.t_first == 0.0:
-                    job.t_first = now
-                self._on_token(job, job.sampler.sample(self.ctx, job.out_index))
+        ready = [job for job, take in plan if take == 0 or not job.prefilling]
+        for job in ready:
+            if job.t_first == 0.0:
+                job.t_first = now
+        for job, token in zip(ready, self._sample(ready)):
+            self._on_token(job, token)
+
+    def _sample(self, jobs: list[TextJob]) -> list[int]:
+        """One token per job from the last decode: rows the batch sampler can take
+        together in one pass over llama.cpp's logits, the rest through their chains."""
+        tokens = [0] * len(jobs)
+        fast = [(i, job.fast) for i, job in enumerate(jobs) if job.fast is not None]
+        if fast:
+            logits, rows = self.ctx.logits_rows([jobs[i].out_index for i, _ in fast])
+            picked = sample_rows(logits, rows, [sampler for _, sampler in fast])
+            for (i, _), token in zip(fast, picked):
+                tokens[i] = token
+        for i, job in enumerate(jobs):
+            if job.fast is None:
+                tokens[i] = job.sampler.sample(self.ctx, job.out_index)
+        return tokens
 
     def _decode_failed(self, plan: list[tuple[TextJob, int]], status: int) -> None:
         # Some ubatches may have reached the KV memory (status 2 and < -1): drop every

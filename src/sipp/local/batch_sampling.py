@@ -1,0 +1,228 @@
+"""Sampling the rows of one decode step together, straight from llama.cpp's logits.
+
+llama.cpp's `llama_sampler_sample` copies the whole vocabulary (~49k entries for
+SmolLM2, ~152k for Qwen) into a candidate array for every row, every step, before
+its first sampler even runs. For the common requests this module skips that:
+
+* **greedy** rows (temperature <= 0) without grammar or penalties are argmax'ed
+  in one numpy call over a view of the logits buffer (no copy). A logit bias is
+  applied on top, exactly as llama.cpp adds it (float32 `logit += bias`), and ties
+  go to the lowest token id, as llama.cpp's greedy sampler picks them.
+* **sampled** rows whose first active stage is `top_k` (k > 0), without grammar or
+  penalties, select the k best logits first (a threshold from column maxima, then
+  a sort of the few dozen logits above it), then run top_p / min_p / temperature on those k in the
+  configured order and draw the token with llama.cpp's own arithmetic: float32
+  softmax pieces, a float64 running sum, and a uniform double from a Mersenne
+  Twister (std::mt19937) seeded like llama.cpp's `dist` sampler. For a fixed seed
+  this gives the same token as the llama.cpp chain, draw after draw; only exact
+  logit ties inside the top k may order differently (llama.cpp's partial sort
+  leaves their order unspecified) and `expf`/`logf` may differ from numpy's
+  correctly rounded results in the last bit, so the guarantee is the same
+  distribution and, in practice, the same tokens.
+
+Rows with a grammar or penalties, or sampled rows with top_k disabled (or not
+first), keep the llama.cpp chain: their samplers carry state or need the whole
+vocabulary anyway.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from ._llama import DEFAULT_SEED, SamplerSettings
+
+__all__ = ["RowSampler", "row_sampler", "sample_rows"]
+
+_TWO_32 = 4294967296.0
+_TWO_64 = 18446744073709551616.0
+_MT_N = 624
+_ROWS = 64  # top-k: the vocabulary seen as a grid of 64 rows (see _top_k)
+
+
+def mt19937(seed: int) -> np.random.MT19937:
+    """A Mersenne Twister in the state `std::mt19937(seed)` starts from (numpy's own
+    seeding of MT19937 hashes the seed, so the state is set word by word)."""
+    key = np.empty(_MT_N, dtype=np.uint32)
+    x = seed & 0xFFFFFFFF
+    key[0] = x
+    for i in range(1, _MT_N):
+        x = (1812433253 * (x ^ (x >> 30)) + i) & 0xFFFFFFFF
+        key[i] = x
+    gen = np.random.MT19937()
+    gen.state = {"bit_generator": "MT19937", "state": {"key": key, "pos": _MT_N}}
+    return gen
+
+
+def canonical(gen: np.random.MT19937) -> float:
+    """std::uniform_real_distribution<double>(0, 1) as libstdc++ draws it from a 32-bit
+    engine: generate_canonical<double, 53> takes two words, low word first."""
+    lo, hi = gen.random_raw(2).tolist()
+    value = (float(lo) + float(hi) * _TWO_32) / _TWO_64
+    return value if value < 1.0 else math.nextafter(1.0, 0.0)
+
+
+def _expf(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    # In float64 then rounded: the correctly rounded float32, as glibc's expf gives.
+    out: npt.NDArray[np.float32] = np.exp(x.astype(np.float64)).astype(np.float32)
+    return out
+
+
+@dataclass(eq=False)
+class RowSampler:
+    """How one request's rows are sampled without the llama.cpp chain."""
+
+    greedy: bool
+    bias_tokens: npt.NDArray[np.intp]
+    bias_values: npt.NDArray[np.float32]
+    top_k: int = 0
+    stages: tuple[str, ...] = ()  # what runs on the top-k survivors, in order
+    # float32, as llama.cpp's samplers hold them
+    top_p: np.float32 = field(default_factory=lambda: np.float32(1.0))
+    min_p: np.float32 = field(default_factory=lambda: np.float32(0.0))
+    temperature: np.float32 = field(default_factory=lambda: np.float32(1.0))
+    rng: np.random.MT19937 | None = None
+
+    def biased(self, row: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """The row as llama.cpp's logit_bias sampler leaves it (a copy if it changes)."""
+        if not len(self.bias_tokens):
+            return row
+        out: npt.NDArray[np.float32] = row.copy()
+        np.add.at(out, self.bias_tokens, self.bias_values)
+        return out
+
+
+def row_sampler(s: SamplerSettings) -> RowSampler | None:
+    """The chain-free sampler for these settings, or None when only the chain has
+    their exact semantics (grammar, penalties, top_k off or not the first stage)."""
+    if s.grammar is not None or s.repeat_penalty != 1.0:
+        return None
+    if s.frequency_penalty or s.presence_penalty:
+        return None
+    items = sorted(s.logit_bias.items())
+    tokens = np.array([t for t, _ in items], dtype=np.intp)
+    values = np.array([b for _, b in items], dtype=np.float32)
+    if s.temperature <= 0.0:
+        return RowSampler(True, tokens, values)
+    active = [
+        stage
+        for stage in s.order
+        if (stage == "top_k" and s.top_k > 0)
+        or (stage == "top_p" and s.top_p < 1.0)
+        or (stage == "min_p" and s.min_p > 0.0)
+        or stage == "temperature"
+    ]
+    if not active or active[0] != "top_k":
+        return None
+    seed = int.from_bytes(os.urandom(4), "little") if s.seed == DEFAULT_SEED else s.seed
+    return RowSampler(
+        False,
+        tokens,
+        values,
+        top_k=s.top_k,
+        stages=tuple(active[1:]),
+        top_p=np.float32(s.top_p),
+        min_p=np.float32(s.min_p),
+        temperature=np.float32(s.temperature),
+        rng=mt19937(seed),
+    )
+
+
+def sample_rows(
+    logits: npt.NDArray[np.float32], rows: Sequence[int], samplers: Sequence[RowSampler]
+) -> list[int]:
+    """One token per (row of `logits`, sampler): the step's greedy rows in one argmax."""
+    tokens = [0] * len(rows)
+    greedy = [i for i, s in enumerate(samplers) if s.greedy]
+    if greedy:
+        picked = [rows[i] for i in greedy]
+        first, last = min(picked), max(picked)
+        if picked == list(range(first, last + 1)):
+            best = np.argmax(logits[first : last + 1], axis=1)  # a view: no copy
+            found = [int(best[r - first]) for r in picked]
+        else:
+            found = [int(t) for t in np.argmax(logits[picked], axis=1)]
+        for i, token in zip(greedy, found):
+            s = samplers[i]
+            tokens[i] = (
+                _greedy_with_bias(logits[rows[i]], token, s) if len(s.bias_tokens) else token
+            )
+    for i, s in enumerate(samplers):
+        if not s.greedy:
+            tokens[i] = _sample_top_k(s.biased(logits[rows[i]]), s)
+    return tokens
+
+
+def _greedy_with_bias(row: npt.NDArray[np.float32], best: int, s: RowSampler) -> int:
+    """The argmax after the bias, from the argmax before it: the unbiased winner still
+    beats every unbiased token, so only the biased ones can change the answer. When
+    the winner is itself biased, the row is searched again."""
+    pos = int(np.searchsorted(s.bias_tokens, best))
+    if pos < len(s.bias_tokens) and int(s.bias_tokens[pos]) == best:
+        return int(np.argmax(s.biased(row)))
+    moved = row[s.bias_tokens] + s.bias_values  # float32, as llama.cpp adds them
+    top = float(moved.max())
+    win = float(row[best])
+    if top < win:
+        return best
+    first_moved = int(s.bias_tokens[int(np.argmax(moved))])  # lowest id among the ties
+    if top > win:
+        return first_moved
+    return min(best, first_moved)
+
+
+def _top_k(row: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.intp]:
+    """Token ids of the k largest logits, largest first (ties: lower id first)."""
+    n = row.shape[0]
+    cols = n // _ROWS
+    if cols < 4 * k:
+        ids = np.arange(n)
+    else:
+        # The row as a grid of _ROWS rows: k columns have their maximum at or above the
+        # k-th largest column maximum, so at least k logits are, and every token of the
+        # top k is at or above it. Only the columns that reach it are searched, and the
+        # few hundred logits found are sorted, never the vocabulary. (Maxima down
+        # columns: numpy reduces along axis 0 with SIMD, along axis 1 row by row.)
+        size = _ROWS * cols
+        grid = row[:size].reshape(_ROWS, cols)
+        col_max = grid.max(axis=0)
+        floor = np.partition(col_max, cols - k)[cols - k]
+        hit = np.flatnonzero(col_max >= floor)
+        r, c = np.nonzero(grid[:, hit] >= floor)
+        ids = np.concatenate((r * cols + hit[c], np.flatnonzero(row[size:] >= floor) + size))
+        ids.sort()
+    # Stable on ascending ids: equal logits keep the lower id first.
+    return ids[np.argsort(-row[ids], kind="stable")[:k]]
+
+
+def _sample_top_k(row: npt.NDArray[np.float32], s: RowSampler) -> int:
+    assert s.rng is not None
+    ids = _top_k(row, s.top_k)
+    vals = row[ids]
+    for stage in s.stages:
+        if stage == "top_p":
+            # llama_sampler_softmax_impl, then the first prefix whose float sum >= p.
+            p = _expf(vals - vals[0])
+            p = p / np.add.accumulate(p, dtype=np.float32)[-1]
+            reached = np.flatnonzero(np.add.accumulate(p, dtype=np.float32) >= s.top_p)
+            keep = int(reached[0]) + 1 if len(reached) else len(vals)
+            ids, vals = ids[:keep], vals[:keep]
+        elif stage == "min_p":
+            floor = np.float32(vals[0] + np.float32(math.log(float(s.min_p))))
+            keep = max(1, int(np.count_nonzero(vals >= floor)))
+            ids, vals = ids[:keep], vals[:keep]
+        elif stage == "temperature":
+            vals = (vals / s.temperature).astype(np.float32, copy=False)
+    # llama_sampler_dist_apply: float32 weights, a float64 running sum, one uniform draw.
+    rnd = canonical(s.rng)
+    if len(ids) == 1:
+        return int(ids[0])
+    weights = _expf(vals - vals[0]).astype(np.float64)  # float32 terms, float64 sum
+    running = np.add.accumulate(weights)
+    pick = int(np.searchsorted(running, running[-1] * rnd, side="left"))
+    return int(ids[min(pick, len(ids) - 1)])

@@ -1,0 +1,386 @@
+"""The batch sampler against the llama.cpp sampler chain it replaces.
+
+Engine level: the same requests, admitted in one step, produce the same tokens with
+every row on its llama.cpp chain (`Engine.batch_sampling = False`, the reference)
+and with the batch sampler. Function level: on real logits, seeded draws equal
+the chain's draw for draw; the draws follow the analytically computed
+distribution; greedy ties and logit biases resolve as llama.cpp's greedy does.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sipp import (
+    CacheRuntimeConfig,
+    ContextRuntimeConfig,
+    LocalModelDescriptor,
+    LocalTextOptions,
+    NativeRuntimeConfig,
+    SamplingRuntimeConfig,
+    SippClient,
+    SippTextOptions,
+)
+from sipp._runtime_config import SAMPLER_NAMES
+from sipp.local import _llama
+from sipp.local.batch_sampling import RowSampler, canonical, mt19937, row_sampler, sample_rows
+
+PROMPTS = [
+    "The three primary colors are",
+    "Water boils at",
+    "The largest planet in the solar system is",
+    "Python is a programming language that",
+    "The capital of Japan is",
+    "Photosynthesis is the process by which",
+    "A haiku about autumn:",
+    "The speed of light is",
+]
+GREEDY = SippTextOptions(max_tokens=64, temperature=0)
+
+
+def _settings(**changes: Any) -> _llama.SamplerSettings:
+    base: dict[str, Any] = dict(
+        temperature=0.8,
+        top_k=40,
+        top_p=0.95,
+        min_p=0.05,
+        repeat_penalty=1.0,
+        seed=1234,
+        order=SAMPLER_NAMES,
+        logit_bias={},
+        grammar=None,
+    )
+    base.update(changes)
+    return _llama.SamplerSettings(**base)
+
+
+# ------------------------------------------------------------------ engine level
+@pytest.fixture(params=["smollm", "qwen"])
+def model(request: pytest.FixtureRequest, smollm_path: Path, qwen_path: Path) -> Path:
+    return smollm_path if request.param == "smollm" else qwen_path
+
+
+def _together(
+    path: Path,
+    batch_sampling: bool,
+    requests: list[tuple[str, SippTextOptions, LocalTextOptions | None]],
+) -> list[tuple[list[int], Any]]:
+    """Run `requests` on a fresh endpoint, admitted in one step and queued in the given
+    order, so every pass decodes exactly the same batches into the same KV cells. A row's
+    place in a batch and its sequence's cells change the float sums it gets (Qwen's greedy
+    near-ties then flip, chain against chain too): the worker's first admission waits
+    until every request is queued, each queued before the next starts (they reach the
+    queue from the client's preparation threads, grammar compiles and all)."""
+    config = NativeRuntimeConfig(
+        context=ContextRuntimeConfig(n_ctx=256, n_parallel=8),
+        cache=CacheRuntimeConfig(mode="off"),  # both passes prefill whole prompts
+    )
+    with SippClient() as client:
+        ref = client.add("m", LocalModelDescriptor(path, config))
+        engine = client._registry._endpoints[ref.id]._engine  # type: ignore[attr-defined]
+        engine.batch_sampling = batch_sampling
+        admit = engine._admit
+
+        def admit_all_together() -> Any:
+            deadline = time.monotonic() + 120  # a lost request fails the test, not the run
+            while len(engine._queue) < len(requests) and time.monotonic() < deadline:
+                engine._cond.wait(timeout=1)  # the worker holds the lock; `submit` notifies
+            engine._admit = admit
+            return admit()
+
+        engine._admit = admit_all_together
+        runs = []
+        for prompt, options, local in requests:
+            runs.append(
+                client.query(prompt, endpoint=ref, options=options, local=local, emit_tokens=True)
+            )
+            deadline = time.monotonic() + 120
+            while len(engine._queue) < len(runs) and time.monotonic() < deadline:
+                time.sleep(0.005)
+        assert engine.batch_sampling is batch_sampling
+        out = []
+        for run in runs:
+            ids = [t for batch in run for t in batch.token_ids]
+            out.append((ids, run.result()))
+        return out
+
+
+def test_eight_greedy_prompts_give_the_chains_tokens(model: Path) -> None:
+    requests = [(p, GREEDY, None) for p in PROMPTS]
+    chain = _together(model, False, requests)
+    batched = _together(model, True, requests)
+    assert [ids for ids, _ in batched] == [ids for ids, _ in chain]
+    assert [r.text for _, r in batched] == [r.text for _, r in chain]
+    assert sum(len(ids) for ids, _ in chain) > 8 * 16  # most run well past a few tokens
+
+
+def test_a_batch_mixing_greedy_sampled_and_constrained_rows_matches_the_chains(
+    model: Path,
+) -> None:
+    favourite = _together(model, False, [(PROMPTS[0], GREEDY, None)])[0][0][0]
+    sampled = SippTextOptions(max_tokens=64, temperature=0.9)
+    requests: list[tuple[str, SippTextOptions, LocalTextOptions | None]] = [
+        (PROMPTS[0], GREEDY, None),
+        # The greedy favourite banned and another token pushed: the biased argmax.
+        (
+            PROMPTS[0],
+            GREEDY,
+            LocalTextOptions(sampling=SamplingRuntimeConfig(logit_bias={favourite: -100.0})),
+        ),
+        (PROMPTS[1], GREEDY, LocalTextOptions(logprobs=True, top_logprobs=3)),
+        (
+            "Is the sky blue? Answer:",
+            SippTextOptions(max_tokens=8, temperature=0),
+            LocalTextOptions(grammar='root ::= "yes" | "no"'),
+        ),
+        (
+            PROMPTS[2],
+            GREEDY,
+            LocalTextOptions(sampling=SamplingRuntimeConfig(frequency_penalty=0.8)),
+        ),
+        (PROMPTS[3], sampled, LocalTextOptions(sampling=SamplingRuntimeConfig(seed=11))),
+        (
+            PROMPTS[4],
+            sampled,
+            LocalTextOptions(sampling=SamplingRuntimeConfig(seed=12, top_k=5, logit_bias={})),
+        ),
+        # top_k off: the chain samples this row in both passes.
+        (PROMPTS[5], sampled, LocalTextOptions(sampling=SamplingRuntimeConfig(seed=13, top_k=0))),
+    ]
+    chain = _together(model, False, requests)
+    batched = _together(model, True, requests)
+    assert [ids for ids, _ in batched] == [ids for ids, _ in chain]
+    assert batched[1][0][0] != favourite
+    assert batched[3][1].text in ("yes", "no")
+    assert batched[2][1].logprobs == chain[2][1].logprobs
+    assert batched[2][1].logprobs and len(batched[2][1].logprobs[0].top) == 3
+
+
+# ------------------------------------------------------------------ function level
+class _Logits:
+    """A private context holding the logits of a few prompts, and a chain sampler
+    reading them (only this test's thread touches it)."""
+
+    def __init__(self, path: Path, prompts: list[str]) -> None:
+        amx = _llama.cpu_has_amx()
+        self.model = _llama.LlamaModel(path, _llama.ModelParams(0, 0, True, False, not amx))
+        self.ctx = _llama.Context(
+            self.model,
+            _llama.ContextParams(
+                n_ctx=512,
+                n_batch=256,
+                n_ubatch=256,
+                n_seq_max=len(prompts),
+                n_threads=2,
+                n_threads_batch=2,
+                embeddings=False,
+                pooling=None,
+                flash_attention=False,
+                offload_kqv=False,
+                op_offload=False,
+                profiling=False,
+            ),
+        )
+        batch = _llama.Batch(256)
+        self.index: list[int] = []
+        for seq, prompt in enumerate(prompts):
+            tokens = self.model.tokenize(prompt, add_special=True)
+            for pos, token in enumerate(tokens):
+                i = batch.add(token, pos, seq, pos == len(tokens) - 1)
+            self.index.append(i)
+        assert self.ctx.decode(batch) == 0
+        batch.close()
+
+    def chain_draws(self, s: _llama.SamplerSettings, entry: int, n: int) -> list[int]:
+        sampler = _llama.Sampler(self.model, s)
+        try:
+            return [sampler.sample(self.ctx, self.index[entry]) for _ in range(n)]
+        finally:
+            sampler.close()
+
+    def fast_draws(self, s: _llama.SamplerSettings, entry: int, n: int) -> list[int]:
+        fast = row_sampler(s)
+        assert fast is not None
+        logits, rows = self.ctx.logits_rows([self.index[entry]])
+        return [sample_rows(logits, rows, [fast])[0] for _ in range(n)]
+
+    def close(self) -> None:
+        self.ctx.close()
+        self.model.close()
+
+
+@pytest.fixture(scope="module")
+def smollm_logits(smollm_path: Path) -> Iterator[_Logits]:
+    logits = _Logits(smollm_path, PROMPTS[:4])
+    yield logits
+    logits.close()
+
+
+def test_mt19937_is_the_standard_engine() -> None:
+    # The C++ standard fixes this value: the 10000th output of a default-seeded mt19937.
+    assert int(mt19937(5489).random_raw(10000)[-1]) == 4123659995
+    draws = [canonical(mt19937(1)) for _ in range(3)]
+    assert draws[0] == draws[1] == draws[2] and 0.0 <= draws[0] < 1.0
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"top_k": 5, "temperature": 1.5},
+        {"top_k": 200, "top_p": 0.5, "min_p": 0.0},
+        {"top_k": 100, "order": ("top_k", "temperature", "top_p", "min_p"), "temperature": 2.0},
+        {"top_k": 1},
+        {"top_k": 40, "min_p": 0.2, "top_p": 1.0, "temperature": 0.3},
+        {"logit_bias": {13: 12.0, 28: -3.0, 100: 8.5}, "temperature": 1.2},
+    ],
+)
+def test_seeded_draws_equal_the_chains_draw_for_draw(
+    smollm_logits: _Logits, changes: dict[str, Any]
+) -> None:
+    seen: set[int] = set()
+    for entry in range(len(smollm_logits.index)):
+        for seed in (0, 1, 42, 2**31 + 5):
+            s = _settings(seed=seed, **changes)
+            chain = smollm_logits.chain_draws(s, entry, 60)
+            assert smollm_logits.fast_draws(s, entry, 60) == chain
+            seen.update(chain)
+    if changes.get("top_k") != 1:
+        assert len(seen) > 4  # the draws did spread over several tokens
+
+
+def _expected(row: np.ndarray, k: int, top_p: float, temperature: float) -> dict[int, float]:
+    """top_k -> top_p -> temperature -> softmax, computed in float64 from the definitions."""
+    ids = np.argsort(-row.astype(np.float64), kind="stable")[:k]
+    vals = row[ids].astype(np.float64)
+    p = np.exp(vals - vals[0])
+    p /= p.sum()
+    keep = int(np.searchsorted(np.cumsum(p), top_p)) + 1
+    ids, vals = ids[:keep], vals[:keep] / temperature
+    q = np.exp(vals - vals[0])
+    q /= q.sum()
+    return {int(t): float(v) for t, v in zip(ids, q)}
+
+
+def _chi2_critical(df: int, z: float = 3.09) -> float:
+    """Wilson-Hilferty: the chi-square quantile for a normal quantile z (3.09: 0.999)."""
+    a = 2.0 / (9.0 * df)
+    return df * (1.0 - a + z * math.sqrt(a)) ** 3
+
+
+def test_draws_follow_the_analytic_distribution(smollm_logits: _Logits) -> None:
+    n = 20_000
+    for entry in range(2):
+        s = _settings(top_k=40, top_p=0.9, min_p=0.0, temperature=1.3, seed=7 + entry)
+        logits, rows = smollm_logits.ctx.logits_rows([smollm_logits.index[entry]])
+        expected = _expected(logits[rows[0]], 40, 0.9, 1.3)
+        fast = row_sampler(s)
+        assert fast is not None
+        counts: dict[int, int] = {}
+        for _ in range(n):
+            token = sample_rows(logits, rows, [fast])[0]
+            counts[token] = counts.get(token, 0) + 1
+        assert set(counts) <= set(expected)
+        big = [t for t, p in expected.items() if p * n >= 5]
+        rest = 1.0 - sum(expected[t] for t in big)
+        cells = [(counts.get(t, 0), expected[t] * n) for t in big]
+        if rest * n >= 5:
+            cells.append((n - sum(counts.get(t, 0) for t in big), rest * n))
+        chi2 = sum((seen - want) ** 2 / want for seen, want in cells)
+        assert len(cells) > 3
+        assert chi2 < _chi2_critical(len(cells) - 1), (chi2, len(cells))
+
+
+def test_a_fixed_seed_reproduces_and_the_default_seed_does_not() -> None:
+    row = np.linspace(0.0, 1.0, 1000, dtype=np.float32)[None, :]
+    flat = _settings(top_k=1000, top_p=1.0, min_p=0.0, temperature=1.0)
+
+    def draws(s: _llama.SamplerSettings) -> list[int]:
+        fast = row_sampler(s)
+        assert fast is not None
+        return [sample_rows(row, [0], [fast])[0] for _ in range(200)]
+
+    assert draws(flat) == draws(flat)
+    assert draws(flat) != draws(_settings(top_k=1000, top_p=1.0, min_p=0.0, seed=99))
+    random_seed = _settings(top_k=1000, top_p=1.0, min_p=0.0, seed=_llama.DEFAULT_SEED)
+    assert draws(random_seed) != draws(random_seed)
+
+
+def test_only_the_settings_the_batch_sampler_reproduces_leave_the_chain() -> None:
+    greedy = row_sampler(_settings(temperature=0.0, logit_bias={3: 1.0}))
+    assert isinstance(greedy, RowSampler) and greedy.greedy
+    assert row_sampler(_settings(grammar='root ::= "a"')) is None
+    assert row_sampler(_settings(temperature=0.0, repeat_penalty=1.1)) is None
+    assert row_sampler(_settings(frequency_penalty=0.5)) is None
+    assert row_sampler(_settings(presence_penalty=0.5)) is None
+    assert row_sampler(_settings(top_k=0)) is None
+    # top_p over the whole vocabulary first: not what top_k survivors would give.
+    assert row_sampler(_settings(order=("top_p", "top_k", "min_p", "temperature"))) is None
+    sampled = row_sampler(_settings(order=("temperature", "top_k")))
+    assert sampled is None  # temperature first: the chain keeps its exact order
+    kept = row_sampler(_settings(order=("top_k", "min_p", "temperature")))
+    assert kept is not None and kept.stages == ("min_p", "temperature")
+
+
+def _llama_greedy(row: np.ndarray, bias: dict[int, float]) -> int:
+    """llama.cpp's logit_bias then greedy samplers, written out: float32 `logit += bias`,
+    then the first index whose logit is strictly above every earlier one."""
+    cur = [np.float32(v) for v in row]
+    for token, b in bias.items():
+        cur[token] = np.float32(cur[token] + np.float32(b))
+    selected = 0
+    for i in range(1, len(cur)):
+        if cur[i] > cur[selected]:
+            selected = i
+    return selected
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rows=st.lists(
+        st.lists(st.sampled_from([-2.0, 0.0, 0.5, 1.0, 3.0]), min_size=12, max_size=12),
+        min_size=1,
+        max_size=5,
+    ),
+    bias=st.dictionaries(
+        st.integers(0, 11), st.sampled_from([-1e9, -2.5, -1.0, 0.5, 1.0, 2.0, 2.5]), max_size=4
+    ),
+    biased_rows=st.lists(st.booleans(), min_size=5, max_size=5),
+)
+def test_greedy_ties_and_biases_resolve_as_llama_cpp_greedy(
+    rows: list[list[float]], bias: dict[int, float], biased_rows: list[bool]
+) -> None:
+    logits = np.array(rows, dtype=np.float32)
+    samplers, want = [], []
+    for r, use_bias in zip(range(len(rows)), biased_rows):
+        row_bias = bias if use_bias else {}
+        fast = row_sampler(_settings(temperature=0.0, logit_bias=row_bias))
+        assert fast is not None
+        samplers.append(fast)
+        want.append(_llama_greedy(logits[r], row_bias))
+    order = list(reversed(range(len(rows))))  # rows need not come in buffer order
+    assert sample_rows(logits, order, [samplers[r] for r in order]) == [want[r] for r in order]
+
+
+@pytest.mark.parametrize("n", [100, 1000, 49152, 49153, 151936])
+def test_top_k_keeps_the_k_best_logits_lowest_id_first_on_ties(n: int) -> None:
+    from sipp.local.batch_sampling import _top_k
+
+    rng = np.random.default_rng(n)
+    for scale in (0.1, 2.0, 10.0):
+        row = (rng.standard_normal(n) * scale).astype(np.float32)
+        row[:5] += 30.0
+        row[50:60] = row[3]  # ties inside the top k and at its edge
+        row[-3:] = row[4]  # and in the tail past the last full column
+        want = np.lexsort((np.arange(n), -row.astype(np.float64)))
+        for k in (1, 4, 40, 200, 5000, n):
+            assert _top_k(row, k).tolist() == want[:k].tolist(), (scale, k)
