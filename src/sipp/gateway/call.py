@@ -1,7 +1,7 @@
 """The request pipeline: every public route, whatever its wire format, runs here.
 
-    client checks -> authenticate -> read + decode (format) -> charge -> resolve,
-    authorize -> cache lookup (a hit: reserve one request, replay, encode) -> reserve
+    client checks -> authenticate -> read + decode (format) -> charge -> route (a name
+    `[[route_rules]]` match) -> resolve, authorize -> cache lookup (a hit: reserve one request, replay, encode) -> reserve
     (limits) -> admit -> execute -> encode (format, JSON or stream) -> settle (usage ->
     limits, cache store, record)
 
@@ -52,6 +52,7 @@ from .request import (
     UsageTotal,
     total_usage,
 )
+from .routing import ROUTE_HEADER, route
 from .shaping import Reservation, metered, settle
 from .state import GatewayState, for_caller, resolve_target
 from .target_options import TargetArgs, target_args
@@ -74,6 +75,8 @@ async def serve(state: GatewayState, request: Request, fmt: WireFormat) -> Respo
         body = await read_body(request, state.config.max_request_bytes)
         req = fmt.decode(body, request.headers, state.config)
         call.charge(req.cost)
+        if req.target in state.config.route_rules:
+            req = await route(call, caller, req)
         ref = call.authorize(caller, req.target)
         if req.user is not None or req.metadata is not None:
             _attribute(call, req)
@@ -103,6 +106,8 @@ async def serve(state: GatewayState, request: Request, fmt: WireFormat) -> Respo
         headers = {**fmt.stream_headers, "x-request-id": call.request_id, **execution.headers()}
         if call.cache is not None:
             headers.update(call.cache.headers)
+        if call.route is not None:
+            headers[ROUTE_HEADER] = call.route
         return StreamingResponse(frames, headers=headers)
     except SippError as exc:
         exc = for_caller(state, call.rec.target, exc)
@@ -155,7 +160,9 @@ class PublicCall:
         self.reservation: Reservation | None = None
         self.execution: Execution | None = None
         self.cache: CacheCall | None = None
+        self.looked: CachedEntry | None = None  # what the route stage found in `cache`
         self.replayed = False
+        self.route: str | None = None  # the rule that chose the target of a routed name
 
     # ------------------------------------------------------------- policy stages
     def check_client(self) -> None:
@@ -218,6 +225,8 @@ class PublicCall:
     async def look_up(self, cache: ExactCache, req: GatewayRequest) -> CachedEntry | None:
         """The cache stage: this request's stored answer, or None (then it runs, and its
         answer may be stored at settle)."""
+        if self.cache is not None and self.cache.cache is cache:
+            return self.looked  # a route's cache condition looked already
         caller = self.rec.caller or ""
         self.cache = cache.begin(req, caller, self.request.headers, self.request.url.path)
         return await self.cache.lookup()
@@ -235,6 +244,8 @@ class PublicCall:
         self.rec.stream = True  # the stream settles and finishes the record
         frames = replay_stream(fmt, req, entry, self.rec, self.request_id, self.reservation)
         headers = {**fmt.stream_headers, "x-request-id": self.request_id, **self.cache.headers}
+        if self.route is not None:
+            headers[ROUTE_HEADER] = self.route
         return StreamingResponse(frames, headers=headers)
 
     # ------------------------------------------------------------- execute
@@ -280,6 +291,8 @@ class PublicCall:
             response.headers.update(self.execution.headers())
         if self.cache is not None:
             response.headers.update(self.cache.headers)
+        if self.route is not None:
+            response.headers[ROUTE_HEADER] = self.route
         return response
 
     async def embed(self, req: GatewayRequest, ref: EndpointRef) -> Completion:
