@@ -172,7 +172,12 @@ def gateway(
 
 
 def ask(
-    gw: Gateway, content: str, model: str = "assistant", token: str = TOKEN, **kw: Any
+    gw: Gateway,
+    content: str,
+    model: str = "assistant",
+    token: str = TOKEN,
+    extra_headers: dict[str, str] | None = None,
+    **kw: Any,
 ) -> httpx.Response:
     """An OpenAI-compatible chat request for `model`."""
     body: dict[str, Any] = {
@@ -181,7 +186,7 @@ def ask(
         "max_tokens": 20,
         **kw,
     }
-    headers = {"authorization": f"Bearer {token}"}
+    headers = {"authorization": f"Bearer {token}", **(extra_headers or {})}
     return httpx.post(f"{gw.public}/v1/chat/completions", json=body, headers=headers, timeout=60)
 
 
@@ -338,6 +343,20 @@ def test_cache_hit_rule_answers_from_the_deep_cache(
         '{result="hit",route="/v1/chat/completions",target="deep"}',
     )
     assert after == looked + 1  # one lookup per request: the cache stage reused the route's
+    streamed = ask(gateway, question, temperature=0, stream=True)
+    assert streamed.headers["x-sipp-route"] == "cached"
+    assert streamed.headers["x-sipp-cache"] == "hit"
+    deltas = [
+        json.loads(line[6:])["choices"]
+        for line in streamed.text.splitlines()
+        if line.startswith("data: {")
+    ]
+    assert "".join(c[0]["delta"].get("content") or "" for c in deltas if c) == "deep answer"
+    # the caller skips the lookup: not a hit, so the rule does not hold; deep runs it
+    skipped = ask(gateway, question, temperature=0, extra_headers={"cache-control": "no-cache"})
+    assert skipped.headers["x-sipp-route"] == "rest-deep"
+    assert skipped.headers["x-sipp-cache"] == "store"  # looked up no, stored yes
+    assert (calls(deep), calls(fast)) == (before[0] + 1, before[1])
 
 
 def test_cache_miss_rule_looks_in_another_targets_cache(

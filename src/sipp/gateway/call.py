@@ -1,9 +1,9 @@
 """The request pipeline: every public route, whatever its wire format, runs here.
 
-    client checks -> authenticate -> read + decode (format) -> charge -> route (a name
-    `[[route_rules]]` match) -> resolve, authorize -> cache lookup (a hit: reserve one request, replay, encode) -> reserve
-    (limits) -> admit -> execute -> encode (format, JSON or stream) -> settle (usage ->
-    limits, cache store, record)
+    client checks -> authenticate -> read + decode (format) -> charge -> route (only a
+    name `[[route_rules]]` match: rules -> target) -> resolve, authorize -> cache lookup
+    (a hit: reserve one request, replay, encode) -> reserve (limits) -> admit -> execute
+    -> encode (format, JSON or stream) -> settle (usage -> limits, cache store, record)
 
 `serve` runs the stages in order and owns cleanup: whatever fails, runs the
 request started are cancelled, its admission permit is released and its record
@@ -285,8 +285,8 @@ class PublicCall:
         return responses
 
     def headed(self, response: Response) -> Response:
-        """`response` with the execute stage's attempt headers, once it ran, and the
-        cache's verdict on a cached target."""
+        """`response` with the execute stage's attempt headers, once it ran, the cache's
+        verdict on a cached target and the rule that routed a routed name."""
         if self.execution is not None:
             response.headers.update(self.execution.headers())
         if self.cache is not None:
