@@ -1,9 +1,9 @@
 """The request pipeline: every public route, whatever its wire format, runs here.
 
-    client checks -> authenticate -> read + decode (format) -> charge -> resolve,
-    authorize -> cache lookup (a hit: reserve one request, replay, encode) -> reserve
-    (limits) -> admit -> execute -> encode (format, JSON or stream) -> settle (usage ->
-    limits, cache store, record)
+    client checks -> authenticate -> read + decode (format) -> charge -> route (only a
+    name `[[route_rules]]` match: rules -> target) -> resolve, authorize -> cache lookup
+    (a hit: reserve one request, replay, encode) -> reserve (limits) -> admit -> execute
+    -> encode (format, JSON or stream) -> settle (usage -> limits, cache store, record)
 
 `serve` runs the stages in order and owns cleanup: whatever fails, runs the
 request started are cancelled, its admission permit is released and its record
@@ -53,6 +53,7 @@ from .request import (
     UsageTotal,
     total_usage,
 )
+from .routing import ROUTE_HEADER, route
 from .shaping import Reservation, metered, settle
 from .state import GatewayState, for_caller, resolve_target
 from .target_options import TargetArgs, target_args
@@ -75,6 +76,8 @@ async def serve(state: GatewayState, request: Request, fmt: WireFormat) -> Respo
         body = await read_body(request, state.config.max_request_bytes)
         req = fmt.decode(body, request.headers, state.config)
         call.charge(req.cost)
+        if req.target in state.config.route_rules:
+            req = await route(call, caller, req)
         ref = call.authorize(caller, req.target)
         if req.image_urls:  # only a target that lists the hosts has them fetched
             req = await fetch_images(req, state.target_configs[req.target])
@@ -106,6 +109,8 @@ async def serve(state: GatewayState, request: Request, fmt: WireFormat) -> Respo
         headers = {**fmt.stream_headers, "x-request-id": call.request_id, **execution.headers()}
         if call.cache is not None:
             headers.update(call.cache.headers)
+        if call.route is not None:
+            headers[ROUTE_HEADER] = call.route
         return StreamingResponse(frames, headers=headers)
     except SippError as exc:
         exc = for_caller(state, call.rec.target, exc)
@@ -158,7 +163,9 @@ class PublicCall:
         self.reservation: Reservation | None = None
         self.execution: Execution | None = None
         self.cache: CacheCall | None = None
+        self.looked: CachedEntry | None = None  # what the route stage found in `cache`
         self.replayed = False
+        self.route: str | None = None  # the rule that chose the target of a routed name
 
     # ------------------------------------------------------------- policy stages
     def check_client(self) -> None:
@@ -221,6 +228,8 @@ class PublicCall:
     async def look_up(self, cache: ExactCache, req: GatewayRequest) -> CachedEntry | None:
         """The cache stage: this request's stored answer, or None (then it runs, and its
         answer may be stored at settle)."""
+        if self.cache is not None and self.cache.cache is cache:
+            return self.looked  # a route's cache condition looked already
         caller = self.rec.caller or ""
         self.cache = cache.begin(req, caller, self.request.headers, self.request.url.path)
         return await self.cache.lookup()
@@ -238,6 +247,8 @@ class PublicCall:
         self.rec.stream = True  # the stream settles and finishes the record
         frames = replay_stream(fmt, req, entry, self.rec, self.request_id, self.reservation)
         headers = {**fmt.stream_headers, "x-request-id": self.request_id, **self.cache.headers}
+        if self.route is not None:
+            headers[ROUTE_HEADER] = self.route
         return StreamingResponse(frames, headers=headers)
 
     # ------------------------------------------------------------- execute
@@ -277,12 +288,14 @@ class PublicCall:
         return responses
 
     def headed(self, response: Response) -> Response:
-        """`response` with the execute stage's attempt headers, once it ran, and the
-        cache's verdict on a cached target."""
+        """`response` with the execute stage's attempt headers, once it ran, the cache's
+        verdict on a cached target and the rule that routed a routed name."""
         if self.execution is not None:
             response.headers.update(self.execution.headers())
         if self.cache is not None:
             response.headers.update(self.cache.headers)
+        if self.route is not None:
+            response.headers[ROUTE_HEADER] = self.route
         return response
 
     async def embed(self, req: GatewayRequest, ref: EndpointRef) -> Completion:

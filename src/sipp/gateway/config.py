@@ -18,6 +18,7 @@ from typing import Any, Literal
 from .._errors import InvalidConfigError
 from .._runtime_config import NativeRuntimeConfig, runtime_config_from_mapping
 from .cache.config import CacheConfig, check_embedding_targets, parse_cache
+from .routing_config import RouteRule, parse_route_rules, routed_names
 from .upstreams.policy import RESILIENCE_KEYS, Resilience, check_references, parse_resilience
 
 if sys.version_info >= (3, 11):
@@ -152,6 +153,8 @@ class GatewayConfig:
     max_embedding_inputs: int = MAX_EMBEDDING_INPUTS
     state: StateConfig = StateConfig()
     reserve_output_tokens: int = RESERVE_OUTPUT_TOKENS
+    # `[[route_rules]]` by the public name they match, in file order
+    route_rules: Mapping[str, tuple[RouteRule, ...]] = field(default_factory=dict)
 
 
 def load_config(path: str | Path) -> GatewayConfig:
@@ -282,6 +285,7 @@ class _Parser:
             "limits",
             "state",
             "routes",
+            "route_rules",
             "tokens",
             "targets",
         )
@@ -301,7 +305,12 @@ class _Parser:
         routes = self.routes(data.get("routes", {}))
         targets = self.targets(data.get("targets"))
         check_embedding_targets(self, targets)
-        tokens = self.tokens(data.get("tokens", []), {t.name for t in targets})
+        raw_rules = data.get("route_rules", [])
+        # a token's allowlist may name a routed name as well as a target
+        tokens = self.tokens(
+            data.get("tokens", []), {t.name for t in targets} | routed_names(raw_rules)
+        )
+        route_rules = parse_route_rules(self, raw_rules, targets, tokens)
         if self.problems or public is None or management is None or admin_env is None:
             return None
         return GatewayConfig(
@@ -318,6 +327,7 @@ class _Parser:
             max_inputs,
             state,
             reserve_output,
+            route_rules,
         )
 
     def limits(self, table: Any) -> tuple[int, int]:
@@ -410,6 +420,9 @@ class _Parser:
         return SecurityConfig(source, tuple(cidrs), enabled, rpm, burst)  # type: ignore[arg-type]
 
     def routes(self, table: Any) -> Routes:
+        if isinstance(table, list):
+            self.fail("routes", "is the table of paths; routing rules are [[route_rules]]")
+            return Routes()
         if not isinstance(table, Mapping):
             self.fail("routes", "must be a table")
             return Routes()

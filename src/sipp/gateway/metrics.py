@@ -238,6 +238,13 @@ class GatewayMetrics:
             ["target"],
             registry=r,
         )
+        self.route_decisions = Counter(
+            "sipp_gateway_route_decisions",
+            "Routing decisions on routed names by rule (or default), target chosen and mode "
+            "(enforce: acted on; shadow: counted only)",
+            ["route", "target", "mode"],
+            registry=r,
+        )
         r.register(_LocalRuntimeCollector(local_stats))
         r.register(_PoolCollector(pools))
 
