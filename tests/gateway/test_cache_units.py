@@ -31,6 +31,7 @@ from sipp.gateway.request import (
     ChoiceDone,
     GatewayRequest,
     Generation,
+    ImageURL,
     ResponseFormat,
     TextDelta,
     UsageTotal,
@@ -107,11 +108,26 @@ def test_every_request_field_is_hashed_or_named_as_ignored() -> None:
         "prompt": dataclasses.replace(BASE_REQ, prompt="p"),
         "inputs": dataclasses.replace(BASE_REQ, inputs=("a",)),
         "single_input": dataclasses.replace(BASE_REQ, single_input=True),
+        # http(s) images a target fetches: their URLs (fetched ones are in `messages`)
+        "image_urls": dataclasses.replace(
+            BASE_REQ, image_urls=(ImageURL(1, 0, "https://images.example/cat.png"),)
+        ),
     }
     covered = {"operation", "target", "messages", "options", "generation", *changed}
     assert names - IGNORED == covered, "a new GatewayRequest field: is it part of the answer?"
     for req in changed.values():
         assert exact_key("team", req) != exact_key("team", BASE_REQ)
+
+
+def test_an_image_is_keyed_by_its_bytes() -> None:
+    def asking(image: bytes) -> GatewayRequest:
+        user = ChatMessage("user", "What is this?", images=(image,))
+        return dataclasses.replace(BASE_REQ, messages=(MESSAGES[0], user))
+
+    png = b"\x89PNG\r\n\x1a\n" + bytes(64)
+    assert exact_key("team", asking(png)) == exact_key("team", asking(bytes(png)))
+    assert exact_key("team", asking(png)) != exact_key("team", asking(png + b"\x00"))
+    assert exact_key("team", asking(png)) != exact_key("team", BASE_REQ)
 
 
 def test_what_only_frames_the_answer_keeps_the_key() -> None:

@@ -50,6 +50,8 @@ def canonical(value: Any) -> Any:
         return value
     if isinstance(value, float):
         return {"~f": repr(value)} if not math.isfinite(value) else repr(value)
+    if isinstance(value, (bytes, bytearray)):  # an image: its digest, not a repr 4x its size
+        return {"~b": hashlib.sha256(value).hexdigest()}
     # Anything else reaching a request (e.g. an enum) is hashed by its repr, never skipped.
     return {"~r": repr(value)}
 
