@@ -165,11 +165,25 @@ class Projector:
     ) -> int:
         """Encode `chunk` and decode its embeddings at positions n_past.. of `seq_id`.
         0 on success, else the failing call's status (encode failures are negative)."""
-        status = int(_mt.mtmd_encode_chunk(self._ptr, chunk.handle))
+        with _llama.CPU.use(ctx.threads):  # the vision tower: a compute call like a decode
+            status = int(_mt.mtmd_encode_chunk(self._ptr, chunk.handle))
         if status != 0:
             return -1000 - abs(status)
         embd = _mt.mtmd_get_output_embd(self._ptr)
         new_past = _lc.llama_pos(0)
+        with _llama.CPU.use(ctx.threads):
+            return self._decode_image(ctx, chunk, embd, n_past, seq_id, n_batch, new_past)
+
+    def _decode_image(
+        self,
+        ctx: _llama.Context,
+        chunk: ImageChunk,
+        embd: Any,
+        n_past: int,
+        seq_id: int,
+        n_batch: int,
+        new_past: Any,
+    ) -> int:
         return int(
             _mt.mtmd_helper_decode_image_chunk(
                 self._ptr,
