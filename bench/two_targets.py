@@ -13,8 +13,10 @@ fresh process, rotating which goes first:
 
 Every context gets its own ggml thread pool, created for each decode and gone
 between them (llama.cpp's CPU backend without OpenMP), so an idle model costs no
-CPU; a busy one shares the cores. `--embed-threads` caps the embedding context's
-threads (its `n_threads`), the knob for leaving the chat model a core.
+CPU. Two busy ones take turns on the cores through sipp's process-wide CPU budget
+(`sipp.local._llama.CpuBudget`; without it they spun against each other at ggml's
+barriers and the chat model fell to a few tokens/s). `--embed-threads` caps the
+embedding context's threads (its `n_threads`): 1-thread contexts run side by side.
 
     ./dev bench two_targets [--rounds 5] [--tokens 128] [--threads 2] [--embed-threads 2]
 """
