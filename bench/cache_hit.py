@@ -35,7 +35,15 @@ from pathlib import Path
 import httpx
 
 from _stats import percentile, spread
-from gateway_overhead import BODY, GATEWAY_TOML, MOCK, free_port, start_mock, wait_http
+from gateway_overhead import (
+    BODY,
+    GATEWAY_TOML,
+    MOCK,
+    free_port,
+    start_mock,
+    stop_all,
+    wait_http,
+)
 
 CACHED_TARGET = """
 [[targets]]
@@ -174,13 +182,7 @@ def main() -> None:
             ):
                 print(line)
     finally:
-        for proc in reversed(procs):
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all(procs)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

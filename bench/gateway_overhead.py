@@ -99,6 +99,18 @@ def start_mock(script: str, procs: list[subprocess.Popen[bytes]]) -> str:
     return proc.stdout.readline().decode().strip()
 
 
+def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Terminate the processes a bench started (last started first), killing any that
+    do not exit within 30 s."""
+    for proc in reversed(procs):
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -285,13 +297,7 @@ def main() -> None:
                 "the latency figures above leave those requests out and do not hold"
             )
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all(procs)
 
 
 if __name__ == "__main__":

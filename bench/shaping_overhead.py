@@ -33,6 +33,7 @@ from gateway_overhead import (
     free_port,
     open_loop,
     start_mock,
+    stop_all,
     wait_http,
 )
 
@@ -129,13 +130,7 @@ def main() -> None:
             f"p99 {p99['redis'] - p99['memory']:+.2f} ms (goal: p50 <= +0.50 ms)"
         )
     finally:
-        for proc in reversed(procs):
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all(procs)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
