@@ -167,15 +167,18 @@ def test_a_paraphrase_of_an_example_routes_and_anything_else_takes_the_default(
     assert paraphrase.headers["x-sipp-route"] == "account-fast"
     assert paraphrase.headers["x-sipp-target"] == "fast"
     assert answer(paraphrase) == "fast answer"
+    # numbers are not compared: an example stands for an intent
+    counted = routed(gateway, "How do I reset my password for 2 accounts?")
+    assert counted.headers["x-sipp-route"] == "account-fast"
     unrelated = routed(gateway, "What is the capital of France?")
     assert unrelated.headers["x-sipp-route"] == "default"
     assert answer(unrelated) == "general answer"
     assert counts(providers) == {
         **before,
-        "fast": before["fast"] + 1,
+        "fast": before["fast"] + 2,
         "general": before["general"] + 1,
     }
-    assert decisions(gateway, "account-fast", "fast", "enforce") >= 1
+    assert decisions(gateway, "account-fast", "fast", "enforce") >= 2
 
 
 def test_a_negated_example_does_not_match(
