@@ -325,6 +325,8 @@ def test_browsers_read_the_route_and_the_decision_is_recorded_and_logged(
     providers: dict[str, LoopbackServer], tmp_path: Path
 ) -> None:
     with semantic_gateway(tmp_path, providers) as gw:
+        embeds = 'sipp_local_requests{target="minilm"}'
+        assert gw.metric(embeds) == 0
         response = routed(
             gw,
             "How can I reset my password please?",
@@ -342,9 +344,17 @@ def test_browsers_read_the_route_and_the_decision_is_recorded_and_logged(
             "route": "account-fast",
             "code": None,
         }.items() <= recent[0].items()
+        # the examples of weather-shadow and account-fast (2 each), then the question once
+        assert gw.metric(embeds) == 5
         routed(gw, "What is the capital of France?")
         recent = admin.get("/admin/api/metrics").json()["recent"]
         assert (recent[0]["route"], recent[0]["target"]) == ("default", "general")
+        assert gw.metric(embeds) == 5 + 2 + 1  # billing-deep's examples are new, the rest kept
+        # every rule's examples kept; the question once, for the rules and deep's cache
+        billing = routed(gw, "Where do I download my invoices?")
+        assert billing.headers["x-sipp-route"] == "billing-deep"
+        assert billing.headers["x-sipp-cache"] == "store"
+        assert gw.metric(embeds) == 5 + 2 + 1 + 1
     lines = [json.loads(line) for line in gw.stderr.splitlines() if line.startswith("{")]
     decided = [
         json.loads(line["message"][len("route ") :])
