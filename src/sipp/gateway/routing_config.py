@@ -257,7 +257,7 @@ def _examples(
     name = p.string(table, "embedding_target", path, required=False)
     if "embedding_target" not in table:
         name = _cache_embedder(targets, (target, looks_in))
-        if name is None:
+        if name is None and target is not None:  # an unknown target is reported already
             p.fail(
                 where,
                 f"is required with examples: target {target!r} has no semantic cache "
