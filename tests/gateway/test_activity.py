@@ -11,6 +11,7 @@ import pytest
 from sipp.gateway.activity import (
     BUCKET_SECONDS,
     HISTORY_BUCKETS,
+    RECENT,
     Activity,
     LogHistogram,
     RequestRecord,
@@ -81,6 +82,21 @@ def test_records_land_in_totals_buckets_and_keys() -> None:
     assert last["requests"] == 3 and last["rate_limited"] == 1 and last["in_flight"] == 3
     assert last["latency_p50_ms"] is not None  # from the one success only
     assert snap["in_flight"] == 3
+
+
+def test_recent_requests_are_bounded_newest_first_with_their_route() -> None:
+    clock = Clock()
+    activity = Activity(clock)
+    for i in range(RECENT + 5):
+        clock.now += 1
+        _record(activity, target="fast", caller="app", route=f"rule-{i}")
+    _record(activity, caller="app", code="not_found")  # no target, no route
+    recent = activity.snapshot(in_flight=0)["recent"]
+    assert len(recent) == RECENT
+    assert recent[0]["route"] is None and recent[0]["code"] == "not_found"
+    assert recent[1]["route"] == f"rule-{RECENT + 4}" and recent[1]["target"] == "fast"
+    assert recent[-1]["route"] == "rule-6"  # the oldest ones fell off
+    assert recent[1]["at"] == clock.now and recent[1]["duration_ms"] is not None
 
 
 def test_client_side_errors_do_not_mark_the_target_unhealthy() -> None:

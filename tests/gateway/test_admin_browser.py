@@ -159,6 +159,7 @@ def test_login_live_counters_block_ip_and_logout(page: Watched, gateway: Gateway
     sender.join()
     expect(requests_tile).to_have_text(str(before + 7), timeout=15_000)
     expect(p.locator('#errors tr[data-code="not_found"]')).to_be_visible()
+    expect(p.locator("#recent tbody tr").first).to_contain_text("not_found")  # newest first
     expect(p.locator('[data-live="ttft_p50_ms"]')).to_have_text(re.compile(r"\d"))
     expect(local.locator("td").nth(5)).not_to_have_text("0")
     assert p.locator('#chart-requests polyline[data-series="requests"]').count() >= 1

@@ -24,6 +24,7 @@ __all__ = ["Activity", "LogHistogram", "RequestRecord"]
 BUCKET_SECONDS = 5
 HISTORY_BUCKETS = 180  # 15 minutes
 LIVE_BUCKETS = 12  # "live" figures cover the last minute
+RECENT = 50  # requests listed one by one, newest first
 # Failures that say something about the target itself (for its health), as opposed
 # to the caller's request or the caller hanging up.
 TARGET_FAULTS = frozenset(
@@ -93,6 +94,7 @@ class RequestRecord:
     duration: float = 0.0
     attempts: int = 0  # upstream attempts it took (retries and fallbacks included)
     answered_by: str | None = None  # the target (or target/deployment) that answered
+    route: str | None = None  # the `[[route_rules]]` rule (or "default") of a routed name
     _done: bool = False
 
     def first_token(self) -> None:
@@ -168,6 +170,7 @@ class Activity:
         self.by_target: dict[str, _Tally] = {}
         self.by_caller: dict[str, _Tally] = {}
         self.last_error: dict[str, dict[str, Any]] = {}  # target -> {code, at}, faults only
+        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT)
 
     def _current(self) -> _Bucket:
         index = int(self._clock() // BUCKET_SECONDS)
@@ -194,6 +197,18 @@ class Activity:
                 self.last_error[record.target] = {"code": record.code, "at": self._clock()}
         if record.caller is not None:
             self.by_caller.setdefault(record.caller, _Tally()).add(record)
+        self.recent.append(
+            {
+                "at": self._clock(),
+                "operation": record.operation,
+                "target": record.target,
+                "caller": record.caller,
+                "route": record.route,
+                "code": record.code,
+                "stream": record.stream,
+                "duration_ms": _ms(record.duration),
+            }
+        )
 
     def refused(self, reason: str) -> None:
         """Count a request refused before it ran: `rate_limited` or `admission_rejected`."""
@@ -271,4 +286,5 @@ class Activity:
             "targets": {name: asdict(t) for name, t in sorted(self.by_target.items())},
             "callers": {name: asdict(t) for name, t in sorted(self.by_caller.items())},
             "history": history,
+            "recent": list(reversed(self.recent)),
         }

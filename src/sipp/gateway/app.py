@@ -27,6 +27,7 @@ from .formats.base import WireFormat
 from .formats.native import NativeFormat
 from .formats.openai import OpenAIFormat, openai_error
 from .formats.openai_responses import OpenAIResponsesFormat
+from .routing import ROUTE_HEADER
 from .shaping import RATE_LIMIT_HEADERS
 from .state import GatewayState, resolve_target
 
@@ -94,6 +95,7 @@ def build_public_app(state: GatewayState) -> Starlette:
                     "retry-after",
                     CACHE_HEADER,
                     MATCH_HEADER,
+                    ROUTE_HEADER,
                     *RATE_LIMIT_HEADERS,
                 ],
                 max_age=600,

@@ -40,6 +40,7 @@ from .activity import RequestRecord
 from .auth import Caller
 from .cache.entry import CachedEntry
 from .cache.exact import CacheCall, ExactCache, replay_stream
+from .cache.semantic_stage import Embedded
 from .embed_batch import embed_all
 from .formats.base import WireFormat
 from .image_fetch import fetch_images
@@ -166,6 +167,7 @@ class PublicCall:
         self.looked: CachedEntry | None = None  # what the route stage found in `cache`
         self.replayed = False
         self.route: str | None = None  # the rule that chose the target of a routed name
+        self.embedded: Embedded = {}  # question vectors: the route and cache stages share them
 
     # ------------------------------------------------------------- policy stages
     def check_client(self) -> None:
@@ -231,7 +233,9 @@ class PublicCall:
         if self.cache is not None and self.cache.cache is cache:
             return self.looked  # a route's cache condition looked already
         caller = self.rec.caller or ""
-        self.cache = cache.begin(req, caller, self.request.headers, self.request.url.path)
+        self.cache = cache.begin(
+            req, caller, self.request.headers, self.request.url.path, self.embedded
+        )
         return await self.cache.lookup()
 
     async def replay(self, fmt: WireFormat, req: GatewayRequest, entry: CachedEntry) -> Response:

@@ -245,6 +245,12 @@ class GatewayMetrics:
             ["route", "target", "mode"],
             registry=r,
         )
+        self.route_embedding_failures = Counter(
+            "sipp_gateway_route_embedding_failures",
+            "Route rules with examples that could not embed (the rule did not hold)",
+            ["route"],
+            registry=r,
+        )
         r.register(_LocalRuntimeCollector(local_stats))
         r.register(_PoolCollector(pools))
 

@@ -4,9 +4,11 @@ The TOML name is `route_rules` because `[routes]` is already the table of public
 management paths (TOML cannot make one key both a table and an array of tables).
 Rules are grouped by the public name they `match`, in file order. `check` refuses a
 rule that can never match (min > max tokens, a caller label no token has, a rule
-after an unconditional one, a cache condition on a target without a cache) and a
-routed name that is not itself a target unless its last enforced rule matches every
-request: otherwise some requests for it would get a 404 nobody intended.
+after an unconditional one, a cache condition on a target without a cache, a near miss
+in a cache that is not semantic or at or above its hit threshold, examples without a
+local embedding target) and a routed name that is not itself a target unless its last
+enforced rule matches every request: otherwise some requests for it would get a 404
+nobody intended.
 """
 
 from __future__ import annotations
@@ -15,10 +17,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from .cache.config import embedding_target_problem
+from .route_examples import DEFAULT_EXAMPLES_THRESHOLD, Examples
+
 if TYPE_CHECKING:
     from .config import LocalTarget, ProviderTarget, TokenConfig, _Parser
 
-__all__ = ["CACHE_STATES", "ROUTE_FIELDS", "RouteRule", "parse_route_rules", "routed_names"]
+__all__ = [
+    "CACHE_STATES",
+    "ROUTE_FIELDS",
+    "CacheState",
+    "RouteRule",
+    "parse_route_rules",
+    "routed_names",
+]
 
 ROUTE_FIELDS = (
     "name",
@@ -32,10 +44,17 @@ ROUTE_FIELDS = (
     "callers",
     "cache",
     "cache_target",
+    "near_miss_threshold",
+    "examples",
+    "examples_threshold",
+    "examples_guard",
+    "embedding_target",
 )
-# The exact cache's answers for a request; a semantic `near_miss` (with its threshold)
-# would be one more state here and one more branch in routing.RouteContext.cache_state.
-CACHE_STATES = ("hit", "miss")
+# What a target's cache holds for a request: its answer (`hit`), a stored question of the
+# semantic cache at least `near_miss_threshold` similar but no hit (`near_miss`), or
+# neither (`miss`: no hit, so it includes near misses; order a near_miss rule first).
+CACHE_STATES = ("hit", "near_miss", "miss")
+CacheState = Literal["hit", "near_miss", "miss"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +70,10 @@ class RouteRule:
     has_tools: bool | None = None
     has_json_schema: bool | None = None
     callers: frozenset[str] | None = None
-    cache: Literal["hit", "miss"] | None = None
+    cache: CacheState | None = None
     cache_target: str | None = None  # whose cache `cache` looks in (None: `target`'s)
+    near_miss_threshold: float | None = None  # with cache = "near_miss"
+    examples: Examples | None = None  # the semantic-match condition
 
     @property
     def unconditional(self) -> bool:
@@ -63,6 +84,7 @@ class RouteRule:
             and self.has_json_schema is None
             and self.callers is None
             and self.cache is None
+            and self.examples is None
         )
 
     @property
@@ -137,10 +159,10 @@ def _rule(
     callers = _callers(p, table, path, labels)
     cache = p.choice(table, "cache", path, CACHE_STATES, "hit") if "cache" in table else None
     looks_in = p.string(table, "cache_target", path, required=False)
-    if looks_in is not None and cache != "miss":
-        # a hit answers from the cache it found: that must be the chosen target's
-        p.fail(f"{path}.cache_target", 'is only read with cache = "miss"')
-    cache_of = looks_in if cache == "miss" and looks_in is not None else target
+    elsewhere = cache in ("miss", "near_miss")  # a hit answers from the chosen target's cache
+    if looks_in is not None and not elsewhere:
+        p.fail(f"{path}.cache_target", 'is only read with cache = "miss" or "near_miss"')
+    cache_of = looks_in if elsewhere and looks_in is not None else target
     chosen = targets.get(cache_of) if cache_of is not None else None
     if looks_in is not None and chosen is None:
         p.fail(f"{path}.cache_target", f"references unknown target {looks_in!r}")
@@ -149,6 +171,8 @@ def _rule(
         p.fail(
             where, f"looks in the cache of target {cache_of!r}, which has none: add [targets.cache]"
         )
+    near = _near_miss(p, table, path, cache, chosen)
+    examples = _examples(p, table, path, targets, target, looks_in)
     if name is None or match is None or target is None:
         return None
     return RouteRule(
@@ -162,8 +186,111 @@ def _rule(
         schema,
         callers,
         cache,  # type: ignore[arg-type]
-        looks_in if cache == "miss" else None,
+        looks_in if elsewhere else None,
+        near,
+        examples,
     )
+
+
+def _near_miss(
+    p: _Parser,
+    table: Mapping[str, Any],
+    path: str,
+    cache: str | None,
+    looked: LocalTarget | ProviderTarget | None,
+) -> float | None:
+    """`near_miss_threshold`: required with cache = "near_miss", below the hit threshold of
+    the semantic cache looked in (at or above it, a near miss could never happen)."""
+    where = f"{path}.near_miss_threshold"
+    if cache != "near_miss":
+        if "near_miss_threshold" in table:
+            p.fail(where, 'is only read with cache = "near_miss"')
+        return None
+    semantic = looked.cache.semantic if looked is not None and looked.cache is not None else None
+    owner = looked.name if looked is not None else ""
+    if looked is not None and looked.cache is not None and semantic is None:
+        p.fail(
+            f"{path}.cache",
+            f'"near_miss" needs a semantic cache: target {owner!r} has an exact one '
+            "only (set semantic = true in its [targets.cache])",
+        )
+    if "near_miss_threshold" not in table:
+        p.fail(where, 'is required with cache = "near_miss"')
+        return None
+    value = _fraction(p, table, "near_miss_threshold", path, 0.5)
+    if semantic is not None and value >= semantic.threshold:
+        p.fail(
+            where,
+            f"must be below the similarity_threshold of target {owner!r}'s cache "
+            f"({semantic.threshold}): at or above it a near miss is a hit",
+        )
+    return value
+
+
+def _examples(
+    p: _Parser,
+    table: Mapping[str, Any],
+    path: str,
+    targets: Mapping[str, LocalTarget | ProviderTarget],
+    target: str | None,
+    looks_in: str | None,
+) -> Examples | None:
+    """The semantic-match condition: `examples` and the settings read with them."""
+    if "examples" not in table:
+        for key in ("examples_threshold", "examples_guard", "embedding_target"):
+            if key in table:
+                p.fail(f"{path}.{key}", "is only read with examples")
+        return None
+    raw = table["examples"]
+    texts: tuple[str, ...] = ()
+    if (
+        not isinstance(raw, list)
+        or not raw
+        or not all(isinstance(t, str) and t.strip() for t in raw)
+    ):
+        p.fail(f"{path}.examples", "must be a non-empty array of non-blank strings")
+    else:
+        texts = tuple(raw)
+    threshold = _fraction(p, table, "examples_threshold", path, DEFAULT_EXAMPLES_THRESHOLD)
+    guard = _flag(p, table, "examples_guard", path)
+    where = f"{path}.embedding_target"
+    name = p.string(table, "embedding_target", path, required=False)
+    if "embedding_target" not in table:
+        name = _cache_embedder(targets, (target, looks_in))
+        if name is None and target is not None:  # an unknown target is reported already
+            p.fail(
+                where,
+                f"is required with examples: target {target!r} has no semantic cache "
+                "whose embedding_target the rule could use",
+            )
+    elif name is not None:
+        problem = embedding_target_problem(targets, name)
+        if problem is not None:
+            p.fail(where, problem)
+            name = None
+    if not texts or name is None:
+        return None
+    return Examples(texts, name, threshold, True if guard is None else guard)
+
+
+def _cache_embedder(
+    targets: Mapping[str, LocalTarget | ProviderTarget], names: tuple[str | None, ...]
+) -> str | None:
+    """The embedding target of the first of `names` with a semantic cache."""
+    for name in names:
+        found = targets.get(name) if name is not None else None
+        if found is not None and found.cache is not None and found.cache.semantic is not None:
+            return found.cache.semantic.embedding_target
+    return None
+
+
+def _fraction(p: _Parser, table: Mapping[str, Any], key: str, path: str, default: float) -> float:
+    """A similarity in (0, 1]."""
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        p.fail(f"{path}.{key}", "must be a number in (0, 1]")
+        return default
+    return float(value)
 
 
 def _flag(p: _Parser, table: Mapping[str, Any], key: str, path: str) -> bool | None:

@@ -137,6 +137,23 @@
       ),
       "No errors.",
     );
+    fill(
+      "recent",
+      (metrics.recent || []).map((r) =>
+        el(
+          "tr",
+          {},
+          el("td", {}, fmtTime(r.at)),
+          el("td", {}, r.operation),
+          el("td", {}, r.caller || "–"),
+          el("td", {}, r.target || "–"),
+          el("td", {}, r.route || "–"),
+          el("td", {}, r.code || "ok"),
+          el("td", { class: "num" }, fmtMs(r.duration_ms)),
+        ),
+      ),
+      "No requests yet.",
+    );
     const h = metrics.history;
     drawChart($("#chart-requests"), h, [["requests", "requests"], ["errors", "errors"]]);
     drawChart($("#chart-latency"), h, [["latency_p50_ms", "p50"], ["latency_p95_ms", "p95"], ["ttft_p50_ms", "TTFT p50"]]);

@@ -18,6 +18,7 @@ __all__ = [
     "CacheConfig",
     "SemanticConfig",
     "check_embedding_targets",
+    "embedding_target_problem",
     "parse_cache",
 ]
 
@@ -141,18 +142,26 @@ def check_embedding_targets(p: _Parser, targets: tuple[LocalTarget | ProviderTar
         semantic = target.cache.semantic if target.cache is not None else None
         if semantic is None:
             continue
-        where = f"targets[{i}].cache.embedding_target"
-        embedder = by_name.get(semantic.embedding_target)
-        if embedder is None:
-            p.fail(where, f"no target named {semantic.embedding_target!r}")
-        elif embedder.type != "local":
-            p.fail(where, f"{embedder.name!r} is a {embedder.type} target; it must be local")
-        elif not embedder.runtime.context.embeddings:
-            p.fail(
-                where,
-                f"{embedder.name!r} is not loaded for embeddings "
-                "(set [targets.runtime.context] embeddings = true)",
-            )
+        problem = embedding_target_problem(by_name, semantic.embedding_target)
+        if problem is not None:
+            p.fail(f"targets[{i}].cache.embedding_target", problem)
+
+
+def embedding_target_problem(
+    targets: Mapping[str, LocalTarget | ProviderTarget], name: str
+) -> str | None:
+    """Why target `name` cannot embed for the gateway, or None when it can."""
+    embedder = targets.get(name)
+    if embedder is None:
+        return f"no target named {name!r}"
+    if embedder.type != "local":
+        return f"{embedder.name!r} is a {embedder.type} target; it must be local"
+    if not embedder.runtime.context.embeddings:
+        return (
+            f"{embedder.name!r} is not loaded for embeddings "
+            "(set [targets.runtime.context] embeddings = true)"
+        )
+    return None
 
 
 def _flag(p: _Parser, table: Mapping[str, Any], key: str, path: str, default: bool) -> bool:

@@ -36,7 +36,7 @@ from ..request import ChoiceDone, Event, GatewayRequest, TextDelta
 from .config import CacheConfig
 from .entry import CachedChoice, CachedEntry, decode_entry, encode_entry, replay_events
 from .keys import SHARED_SCOPE, exact_key, last_user_text, partition_key
-from .semantic_stage import EmbeddingFailed
+from .semantic_stage import Embedded, EmbeddingFailed
 from .store import CacheStore, CacheStoreError, Totals
 
 if TYPE_CHECKING:
@@ -67,9 +67,15 @@ class ExactCache:
         self._writing: set[asyncio.Future[None]] = set()
 
     def begin(
-        self, req: GatewayRequest, caller: str, headers: Mapping[str, str], route: str
+        self,
+        req: GatewayRequest,
+        caller: str,
+        headers: Mapping[str, str],
+        route: str,
+        embedded: Embedded | None = None,
     ) -> CacheCall:
-        """This request's cache decisions, taken without waiting on the store."""
+        """This request's cache decisions, taken without waiting on the store; `embedded`
+        holds the question vectors the request's other stages computed (and gets ours)."""
         control = _directives(headers.get("cache-control"))
         cacheable = req.operation != "embed" and (self.config.cache_sampled or _greedy(req))
         scope = SHARED_SCOPE if self.config.scope == "shared" else caller
@@ -82,6 +88,7 @@ class ExactCache:
             route,
             look=cacheable and "no-cache" not in control,
             store=cacheable and "no-store" not in control,
+            embedded=embedded,
         )
 
     async def get(self, key: str) -> CachedEntry | None:
@@ -157,12 +164,15 @@ class CacheCall:
         route: str,
         look: bool,
         store: bool,
+        embedded: Embedded | None = None,
     ) -> None:
         self.cache, self.request, self.scope = cache, request, scope
         self.key, self.route = key, route
         self.look, self.store = look, store
+        self.embedded: Embedded = {} if embedded is None else embedded
         self.status = "bypass"
         self.match = "exact"  # how a hit was found
+        self.nearest: float | None = None  # the semantic search's nearest similarity
         self._question: Question | None = None
         self._embeddable = True  # False once the question proved too long to embed
         self._choices: dict[int, list[TokenBatch]] = {}
@@ -194,16 +204,20 @@ class CacheCall:
         if question is None:
             return None
         partition, text, _ = question
-        try:
-            vector = await semantic.embed(text)
-        except EmbeddingFailed:  # no embedding, no semantic entry: served and not stored
-            self.status, self.store = "bypass", False
-            return None
+        known = (semantic.settings.embedding_target, text)
+        if known in self.embedded:  # the route stage embedded it already
+            vector = self.embedded[known]
+        else:
+            try:
+                vector = self.embedded[known] = await semantic.embed(text)
+            except EmbeddingFailed:  # no embedding, no semantic entry: served and not stored
+                self.status, self.store = "bypass", False
+                return None
         if vector is None:  # too long for the embedding target: cached exactly only
             self._embeddable = False
             return None
         self._question = (partition, text, vector)
-        key = semantic.search(partition, text, vector)
+        key, self.nearest = semantic.search(partition, text, vector)
         if key is None:
             return None
         entry = await self.cache.get(key)

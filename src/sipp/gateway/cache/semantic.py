@@ -56,6 +56,7 @@ class SearchOutcome:
 
     match: SemanticMatch | None
     rejected: tuple[tuple[SemanticMatch, GuardVerdict], ...] = ()
+    nearest: float | None = None  # the nearest entry's similarity, whatever the threshold
 
 
 @dataclass
@@ -153,6 +154,7 @@ class SemanticPartition:
             if group is None or not group.entries:
                 return SearchOutcome(None)
             neighbors = group.index.search(vector, _CANDIDATES, exact=exact)
+            nearest = neighbors[0].similarity if neighbors else None
             query = signals(text) if guard else None
             rejected: list[tuple[SemanticMatch, GuardVerdict]] = []
             for neighbor in neighbors:
@@ -161,9 +163,9 @@ class SemanticPartition:
                 match = SemanticMatch(group.entries[neighbor.key], neighbor.similarity)
                 verdict = guard_rejects(query, match.entry.text) if query is not None else None
                 if verdict is None:
-                    return SearchOutcome(match, tuple(rejected))
+                    return SearchOutcome(match, tuple(rejected), nearest)
                 rejected.append((match, verdict))
-            return SearchOutcome(None, tuple(rejected))
+            return SearchOutcome(None, tuple(rejected), nearest)
 
     # -- persistence --------------------------------------------------------------------
     def save(self, directory: str | os.PathLike[str]) -> None:

@@ -42,11 +42,21 @@ if TYPE_CHECKING:
     from ..metrics import GatewayMetrics
     from ..state import GatewayState
 
-__all__ = ["Embedder", "EmbeddingFailed", "SemanticStage", "model_id", "target_embedder"]
+__all__ = [
+    "Embedded",
+    "Embedder",
+    "EmbeddingFailed",
+    "SemanticStage",
+    "model_id",
+    "target_embedder",
+]
 
 logger = logging.getLogger("sipp.gateway")
 Vector = npt.NDArray[np.float32]
 Embedder = Callable[[str], Awaitable[Vector]]
+# One request's question vectors by (embedding target, text), None when too long to
+# embed: the route stage and the cache stage embed a question once between them.
+Embedded = dict[tuple[str, str], "Vector | None"]
 _INDEX = "vectors.json"  # exact key -> [partition, added at], in insertion order
 
 
@@ -126,23 +136,25 @@ class SemanticStage:
         finally:
             self.metrics.cache_embedding.labels(self.target).observe(time.perf_counter() - started)
 
-    def search(self, partition: str, text: str, vector: Vector) -> str | None:
+    def search(self, partition: str, text: str, vector: Vector) -> tuple[str | None, float | None]:
         """The exact key of the stored question nearest to `text` that clears the
-        threshold and the guard, or None."""
+        threshold and the guard, or None; and the nearest stored question's similarity,
+        hit or not (a route's `near_miss`), or None when the partition is empty."""
         self._expire()
         part = self._partitions.get(partition)
         if part is None:
-            return None
+            return None, None
         try:
             found = part.search(
                 text, vector, self.model, self.settings.threshold, guard=self.settings.guard
             )
         except SippError as exc:  # a vector the index refuses (e.g. no direction): a miss
             self._failed("semantic search", exc)
-            return None
+            return None, None
         if found.rejected:
             self.metrics.cache_guard_rejections.labels(self.target).inc(len(found.rejected))
-        return found.match.entry.payload_id if found.match is not None else None
+        key = found.match.entry.payload_id if found.match is not None else None
+        return key, found.nearest
 
     def add(self, partition: str, text: str, vector: Vector, key: str) -> None:
         self._expire()
