@@ -79,6 +79,12 @@ class Attempt:
             self._measured = True
             self.dep.observe_latency(time.perf_counter() - self.started)
 
+    def count(self, batch: TokenBatch) -> TokenBatch:
+        """`batch`, its output tokens counted when limits charge this attempt."""
+        if self.ledger is not None:
+            self.streamed += batch_tokens(batch)
+        return batch
+
     def answered(self, response: SippTextResponse) -> None:
         if response.usage is not None:
             self.used = response.usage.input_tokens + response.usage.output_tokens
@@ -132,17 +138,14 @@ class HeldRun:
             if self._first is None or self._rest is None:
                 async for batch in self.run:
                     attempt.first_output()
-                    attempt.streamed += batch_tokens(batch)
-                    yield batch
+                    yield attempt.count(batch)
             else:
                 first = await self._first
                 if first is not None:
                     attempt.first_output()
-                    attempt.streamed += batch_tokens(first)
-                    yield first
+                    yield attempt.count(first)
                     async for batch in self._rest:
-                        attempt.streamed += batch_tokens(batch)
-                        yield batch
+                        yield attempt.count(batch)
             attempt.answered(await self.run.result())  # ready: the batches ended with it
         except SippError as exc:
             self.attempt.end(failure_kind(exc))
