@@ -239,26 +239,30 @@ def test_every_fallback_exhausted_is_a_429_with_retry_after(setup: Setup) -> Non
 
 
 # ----------------------------------------------------------------- settlement
-@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("stream", "n"), [(False, 1), (True, 1), (False, 2), (True, 2)])
 def test_after_a_fallback_served_each_bucket_holds_what_was_used_there(
-    setup: Setup, stream: bool
+    setup: Setup, stream: bool, n: int
 ) -> None:
-    """The primary's two failed attempts streamed nothing: its token reservation comes
-    back whole. The fallback is charged its real usage, and so is the caller."""
+    """The primary's failed attempts (two per choice) streamed nothing: its token
+    reservation comes back whole. The exhausted fallback is skipped by each choice, the
+    next one is charged its real usage per choice, and the caller what it received."""
     setup.exhaust()
     before = setup.usage()
-    setup.ups["prim"].script = ["500", "500"]
-    r = setup.chat("prim", stream=stream)
+    skipped = setup.attempts("full", "rate_limited")
+    setup.ups["prim"].script = ["500"] * (2 * n)
+    r = setup.chat("prim", stream=stream, n=n)
     assert r.status_code == 200 and r.headers["x-sipp-target"] == "fb/fb", r.text
+    assert r.headers["x-sipp-attempts"] == str(3 * n)
     _settled(
         setup,
         {
             "target:prim:tokens_per_day": 0,
-            "target:fb:tokens_per_day": USED,
-            "caller:team:tokens_per_day": USED,
+            "target:fb:tokens_per_day": USED * n,
+            "caller:team:tokens_per_day": USED if n == 1 else 3 + 3 * n,  # the prompt once
         },
         before,
     )
+    assert setup.attempts("full", "rate_limited") == skipped + n
 
 
 def test_a_local_fallback_reserves_its_exact_prompt_count(setup: Setup) -> None:
