@@ -280,7 +280,9 @@ class PublicCall:
             assert req.messages is not None
             return client.chat(req.messages, **common)  # type: ignore[arg-type]
 
-        self.execution = Execution(self.state, self.rec, req, self.request_id, start, args)
+        # The primary target's limits go to the attempts; the caller's stay here.
+        covered = self.reservation.detach_targets() if self.reservation is not None else None
+        self.execution = Execution(self.state, self.rec, req, self.request_id, start, args, covered)
         return self.execution
 
     async def wait(self, execution: Execution) -> tuple[SippTextResponse, ...]:

@@ -146,7 +146,8 @@ class GatewayMetrics:
         self.upstream_attempts = Counter(
             "sipp_gateway_upstream_attempts",
             "Attempts on upstream deployments by target, deployment and outcome "
-            "(ok, connect, timeout, 429, 5xx, 4xx, context, error, unavailable, cancelled)",
+            "(ok, connect, timeout, 429, 5xx, 4xx, context, error, unavailable, cancelled; "
+            "rate_limited: skipped, the target's own limits refused it)",
             ["target", "deployment", "outcome"],
             registry=r,
         )

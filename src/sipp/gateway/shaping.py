@@ -14,11 +14,22 @@ When the request ends, the token buckets are settled with the real usage (a refu
 or a further charge); a stream cut short is charged what was streamed, and the
 prompt's estimate once anything was. A request refused before it ran gives
 everything back, its request count too.
+
+Retries and fallbacks: the request's reservation covers each choice's first attempt
+on its target. Every further attempt (a retry on the same target, or a fallback to
+another) reserves again on its own target's limits: one request and the estimate of
+one choice, counted exactly by a local target's tokenizer. A target is settled per
+attempt with what that attempt used (its reported usage; what it streamed when it
+failed, so a connect error costs nothing but its request), and the primary gives back
+its token estimate when another target served. The caller's own limits are reserved
+once per request, not per attempt, and charged what the caller received: the
+usage of the attempts that served it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 import math
@@ -27,6 +38,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .._errors import InvalidConfigError, RateLimitedError, UnavailableError
+from .._types import TokenBatch
 from .activity import RequestRecord
 from .auth import read_secret
 from .config import GatewayConfig, LimitConfig
@@ -39,8 +51,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RATE_LIMIT_HEADERS",
+    "Ledger",
     "Reservation",
     "Shaper",
+    "batch_tokens",
     "build_shaper",
     "estimate_input",
     "estimate_text",
@@ -113,7 +127,7 @@ class Shaper:
             if t.limits is not None
         }
         self.fail_closed = any(limit.fail_closed for group in self._groups() for limit in group)
-        self._settling: set[asyncio.Future[None]] = set()
+        self._settling: set[asyncio.Future[Any]] = set()
         # local targets' endpoints by target name (serve adds them as they load), whose
         # tokenizer counts a prompt exactly
         self.local: dict[str, LocalEndpoint] = {}
@@ -172,6 +186,10 @@ class Shaper:
         """Whether any limit covers this request: two dict lookups, no store call."""
         return (caller is not None and caller in self._callers) or target in self._targets
 
+    def limits_target(self, target: str) -> bool:
+        """Whether `target` has limits of its own (an attempt there reserves again)."""
+        return target in self._targets
+
     async def reserve(
         self, caller: str | None, target: str, req: GatewayRequest, *, tokens: bool = True
     ) -> Reservation | None:
@@ -181,6 +199,33 @@ class Shaper:
         None when no limit applies, or the store is unreachable and every limit involved
         fails open (503 when one fails closed)."""
         limits = (*self._callers.get(caller or "", ()), *self._targets.get(target, ()))
+        return await self._reserve(limits, target, req, tokens, req.generation.n)
+
+    async def reserve_attempt(self, target: str, req: GatewayRequest) -> Reservation | None:
+        """Reserve a retry's or a fallback's attempt on `target`'s own limits: one request
+        and one choice's estimated tokens (the caller's limits were reserved once, for the
+        whole request). As `reserve`: a refusal rides on the reservation, None when
+        `target` has no limits or the store is away and they fail open."""
+        work = self._reserve(self._targets.get(target, ()), target, req, True, 1)
+        task = asyncio.ensure_future(work)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # The request went away (another choice failed, the client left) while the
+            # store was taking it: give it back once the store has answered.
+            self._settling.add(task)
+            task.add_done_callback(_give_back)
+            task.add_done_callback(self._settling.discard)
+            raise
+
+    async def _reserve(
+        self,
+        limits: tuple[_Limit, ...],
+        target: str,
+        req: GatewayRequest,
+        tokens: bool,
+        choices: int,
+    ) -> Reservation | None:
         if not limits:
             return None
         input_tokens = None if tokens else 0
@@ -190,10 +235,11 @@ class Shaper:
             input_tokens = await local_prompt_tokens(self.local[target], req)
         if input_tokens is None:
             input_tokens = estimate_input(req)
-        reserved = input_tokens
+        reserved = per_choice = input_tokens
         if req.operation != "embed" and tokens:
             output = req.options.max_tokens or self.reserve_output
-            reserved += output * req.generation.n
+            reserved += output * choices
+            per_choice += output
         amounts = [reserved if limit.tokens else 1 for limit in limits]
         try:
             grant = await self.store.reserve([limit.bucket for limit in limits], amounts)
@@ -205,7 +251,7 @@ class Shaper:
                 raise error from None
             return None
         self.metrics.state_available.set(1)
-        reservation = Reservation(self, limits, reserved, input_tokens, grant)
+        reservation = Reservation(self, limits, reserved, input_tokens, grant, per_choice)
         if not grant.ok:
             reservation.refusal = self._refusal(limits, amounts, grant)
         return reservation
@@ -262,6 +308,14 @@ class Shaper:
         """Wait for the settlements under way (shutdown, tests)."""
         while self._settling:
             await asyncio.gather(*self._settling, return_exceptions=True)
+
+
+def _give_back(task: asyncio.Future[Reservation | None]) -> None:
+    if task.cancelled() or task.exception() is not None:
+        return
+    reservation = task.result()
+    if reservation is not None:
+        reservation.cancel()
 
 
 def open_store(config: GatewayConfig, env: Mapping[str, str]) -> Store | None:
@@ -322,14 +376,41 @@ def settle(reservation: Reservation | None, rec: RequestRecord, ran: bool) -> No
         reservation.settle_cut()
 
 
+def batch_tokens(batch: TokenBatch) -> int:
+    """The output tokens a streamed batch holds (a remote delta's token ids are unknown:
+    its text's estimate then)."""
+    return len(batch.token_ids) or estimate_text(batch.text)
+
+
 async def metered(reservation: Reservation, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
-    """`events`, counting the output tokens they deliver (a remote delta's token ids are
-    unknown: its text's estimate then)."""
+    """`events`, counting the output tokens they deliver."""
     async for event in events:
         if isinstance(event, TextDelta):
-            batch = event.batch
-            reservation.streamed += len(batch.token_ids) or estimate_text(batch.text)
+            reservation.streamed += batch_tokens(event.batch)
         yield event
+
+
+class Ledger:
+    """Where attempts' token charges go: a retry's or a fallback's own reservation, settled
+    as soon as its attempt ends, or (`shared`) the request's reservation on its primary
+    target, which each choice's first attempt there bills and the request's end settles
+    (everything back, its request count too, when no attempt ran there)."""
+
+    def __init__(self, reservation: Reservation, shared: bool = False) -> None:
+        self.reservation, self.shared = reservation, shared
+        self._charges: list[int] = []
+
+    def bill(self, ok: bool, used: int, streamed: int) -> None:
+        """An attempt ended: `ok` or not, with `used` tokens reported, `streamed` seen."""
+        self._charges.append(self.reservation.charge(ok, used, streamed))
+        if not self.shared:
+            self.close()
+
+    def close(self) -> None:
+        if self._charges:
+            self.reservation.settle(sum(self._charges))
+        else:
+            self.reservation.cancel()
 
 
 class Reservation:
@@ -342,9 +423,11 @@ class Reservation:
         tokens: int,
         input_tokens: int,
         grant: Grant,
+        choice_tokens: int | None = None,
     ) -> None:
         self.shaper, self.limits, self.tokens = shaper, limits, tokens
         self.input_tokens = input_tokens
+        self.choice_tokens = tokens if choice_tokens is None else choice_tokens
         self.granted = grant.ok
         self.headers = rate_limit_headers(limits, grant)
         self.refusal: RateLimitedError | None = None
@@ -373,6 +456,31 @@ class Reservation:
         """A run that ended without usage: charge what was streamed (and the prompt's
         estimate once anything was)."""
         self.settle(self.streamed + self.input_tokens if self.streamed else 0)
+
+    def detach_targets(self) -> Reservation | None:
+        """Split the target's limits off into a reservation of their own, which the
+        execute stage settles with what the attempts there used; this one keeps the
+        caller's limits (and the headers of them all, as they were granted)."""
+        if self._done:
+            return None
+        mine = tuple(limit for limit in self.limits if limit.scope == "caller")
+        theirs = tuple(limit for limit in self.limits if limit.scope != "caller")
+        if not theirs:
+            return None
+        self.limits = mine
+        part = copy.copy(self)
+        part.limits = theirs
+        return part
+
+    def charge(self, ok: bool, used: int, streamed: int) -> int:
+        """What one attempt under this reservation costs in tokens: its reported usage
+        (`used`); without one, a choice's estimate when it succeeded, else what it
+        streamed and the prompt's estimate once anything was (a connect error: 0)."""
+        if used:
+            return used
+        if ok:
+            return self.choice_tokens
+        return streamed + self.input_tokens if streamed else 0
 
 
 def rate_limit_headers(limits: tuple[_Limit, ...], grant: Grant) -> dict[str, str]:

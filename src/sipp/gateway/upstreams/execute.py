@@ -16,6 +16,11 @@ error frame: the caller never gets text spliced from two upstreams.
 `Execution.close` is the one cleanup: every attempt still open is ended
 (`cancelled`), its run cancelled (closing its upstream connection) and its
 deployment's in-flight count given back.
+
+Limits: each choice's first attempt on the primary target runs on the request's
+reservation; every other attempt first reserves on its own target's limits (see
+`shaping`). A refusal skips that target like an upstream 429 (outcome
+`rate_limited`, on to the next fallback); an attempt bills its tokens when it ends.
 """
 
 from __future__ import annotations
@@ -28,11 +33,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from ..._descriptors import EndpointRef
-from ..._errors import OverloadedError, SippError, UnavailableError
+from ..._errors import OverloadedError, RateLimitedError, SippError, UnavailableError
 from ..._runs import AsyncTextRun
 from ..._types import SippTextResponse, TokenBatch
 from ..activity import RequestRecord
 from ..request import GatewayRequest
+from ..shaping import Ledger, Reservation, batch_tokens
 from ..state import GatewayState, resolve_target
 from ..target_options import TargetArgs, target_args
 from ..upstream import HEALTH_FAILURES, failure_kind, from_upstream, log_upstream
@@ -49,13 +55,18 @@ _LOCAL_RETRY_AFTER = 1.0  # seconds a caller is told to wait when a local queue 
 class Attempt:
     """One try of one choice on one deployment; `end` settles it exactly once."""
 
-    def __init__(self, state: GatewayState, pool: Pool, dep: DeploymentState) -> None:
+    def __init__(
+        self, state: GatewayState, pool: Pool, dep: DeploymentState, ledger: Ledger | None = None
+    ) -> None:
         self.state, self.pool, self.dep = state, pool, dep
         self.run: AsyncTextRun | None = None
         self.outcome: str | None = None
         self.probe = dep.breaker.start()
         self.started = time.perf_counter()
         self._measured = False
+        self.ledger = ledger  # where its tokens are charged when it ends (limits apply)
+        self.used = 0  # input + output tokens its response reported
+        self.streamed = 0  # output tokens it streamed
         dep.in_flight += 1
 
     @property
@@ -67,6 +78,16 @@ class Attempt:
         if not self._measured:
             self._measured = True
             self.dep.observe_latency(time.perf_counter() - self.started)
+
+    def count(self, batch: TokenBatch) -> TokenBatch:
+        """`batch`, its output tokens counted when limits charge this attempt."""
+        if self.ledger is not None:
+            self.streamed += batch_tokens(batch)
+        return batch
+
+    def answered(self, response: SippTextResponse) -> None:
+        if response.usage is not None:
+            self.used = response.usage.input_tokens + response.usage.output_tokens
 
     def end(self, outcome: str) -> None:
         if self.outcome is not None:
@@ -83,6 +104,8 @@ class Attempt:
         self.state.metrics.upstream_attempts.labels(self.pool.name, self.dep.name, outcome).inc()
         if self.run is not None and not self.run.done:
             self.run.cancel("attempt abandoned")
+        if self.ledger is not None:
+            self.ledger.bill(outcome == "ok", self.used, self.streamed)
 
 
 class HeldRun:
@@ -110,18 +133,20 @@ class HeldRun:
         return await self.run.result()
 
     async def __aiter__(self) -> AsyncIterator[TokenBatch]:
+        attempt = self.attempt
         try:
             if self._first is None or self._rest is None:
                 async for batch in self.run:
-                    self.attempt.first_output()
-                    yield batch
+                    attempt.first_output()
+                    yield attempt.count(batch)
             else:
                 first = await self._first
                 if first is not None:
-                    self.attempt.first_output()
-                    yield first
+                    attempt.first_output()
+                    yield attempt.count(first)
                     async for batch in self._rest:
-                        yield batch
+                        yield attempt.count(batch)
+            attempt.answered(await self.run.result())  # ready: the batches ended with it
         except SippError as exc:
             self.attempt.end(failure_kind(exc))
             raise
@@ -154,7 +179,10 @@ class Execution:
         request_id: str,
         start: Start,
         args: Sequence[TargetArgs],
+        covered: Reservation | None = None,
     ) -> None:
+        """`covered`: the request's reservation on the primary target's limits, which
+        each choice's first attempt there runs on."""
         self.state, self.rec, self.req, self.request_id = state, rec, req, request_id
         self._start, self._args = start, args
         self.primary = req.target
@@ -163,6 +191,8 @@ class Execution:
         self._unnoted: tuple[str, SippError] | None = None
         self._closed = False
         self._used = [0] * len(args)  # attempts per choice: each choice has the whole cap
+        self._covered = Ledger(covered, shared=True) if covered is not None else None
+        self._began = [False] * len(args)  # whether each choice has reserved an attempt
 
     # ------------------------------------------------------------------ choices
     async def responses(self) -> tuple[SippTextResponse, ...]:
@@ -248,7 +278,13 @@ class Execution:
                 last = (exc, "unavailable")
                 continue
             self._note()
-            attempt = Attempt(self.state, pool, dep)
+            try:
+                ledger = await self._ledger(pool.name, choice)
+            except SippError as exc:  # this target's limits take no further attempt now
+                outcome = "rate_limited" if isinstance(exc, RateLimitedError) else "unavailable"
+                self.state.metrics.upstream_attempts.labels(pool.name, dep.name, outcome).inc()
+                return exc, "rate_limited"
+            attempt = Attempt(self.state, pool, dep, ledger)
             self.attempts.append(attempt)
             self._used[choice] += 1
             tried.add(dep.name)
@@ -283,10 +319,29 @@ class Execution:
                     await asyncio.sleep(delay)
                 continue
             attempt.first_output()
+            attempt.answered(response)
             attempt.end("ok")
             self.answered.append(attempt.label)
             return response
         return last
+
+    async def _ledger(self, target: str, choice: int) -> Ledger | None:
+        """Where the next attempt of `choice` on `target` is charged: the request's own
+        reservation for the choice's first attempt on the primary target; otherwise a
+        new reservation on `target`'s limits (its 429 raised when they cannot take it;
+        none when `target` has no limits, with no store call)."""
+        first, self._began[choice] = not self._began[choice], True
+        if first and target == self.primary:
+            return self._covered
+        shaper = self.state.shaper
+        if shaper is None or not shaper.limits_target(target):
+            return None
+        reservation = await shaper.reserve_attempt(target, self.req)
+        if reservation is None:
+            return None
+        if reservation.refusal is not None:
+            raise reservation.refusal
+        return Ledger(reservation)
 
     @property
     def _max_attempts(self) -> int:
@@ -356,6 +411,8 @@ class Execution:
         self._closed = True
         for attempt in self.attempts:
             attempt.end("cancelled")
+        if self._covered is not None:
+            self._covered.close()
         self.rec.attempts = len(self.attempts)
         self.rec.answered_by = ", ".join(dict.fromkeys(self.answered)) or None
         if len(self.attempts) > 1 or any(a.outcome != "ok" for a in self.attempts):
