@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -117,17 +118,66 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+def wait_http(
+    url: str, proc: subprocess.Popen[bytes], timeout: float = 120, ok: bool = False
+) -> None:
+    """Wait until `url` answers at all, or with `ok` answers 200."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"{url}: process exited with {proc.returncode}")
         try:
-            httpx.get(url, timeout=1)
-            return
+            if httpx.get(url, timeout=1).status_code == 200 or not ok:
+                return
         except httpx.HTTPError:
-            time.sleep(0.2)
+            pass
+        time.sleep(0.2)
     raise SystemExit(f"{url} did not come up")
+
+
+READINESS = '\n[routes]\nreadiness = "/readyz"\n'  # appended to GATEWAY_TOML: see start_gateway
+
+
+def start_gateway(
+    config: Path,
+    management: int,
+    env: dict[str, str],
+    procs: list[subprocess.Popen[bytes]],
+    ready: bool = False,
+) -> None:
+    """Run `sipp-gateway serve --config config` with `env`, added to `procs`; returns once
+    its management port (`management`) answers, and with `ready` (the config ends with
+    READINESS) once its targets are ready: before, a request may get 500 "still loading"."""
+    gw = subprocess.Popen(
+        [sys.executable, "-m", "sipp.cli.gateway", "serve", "--config", str(config)],
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
+    procs.append(gw)
+    wait_http(f"http://127.0.0.1:{management}/{'readyz' if ready else 'healthz'}", gw, ok=ready)
+
+
+def start_litellm(
+    config: Path, port: int, procs: list[subprocess.Popen[bytes]], env: dict[str, str] | None = None
+) -> None:
+    """Run LiteLLM's proxy (one worker, master key LITELLM_KEY, no database) with `config`
+    on `port`, added to `procs`; returns once it answers. `env` adds variables."""
+    lite = subprocess.Popen(
+        [
+            *(str(LITELLM), "--config", str(config), "--host", "127.0.0.1"),
+            *("--port", str(port), "--num_workers", "1"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={
+            **os.environ,
+            "LITELLM_LOG": "ERROR",
+            "LITELLM_MASTER_KEY": LITELLM_KEY,
+            **(env or {}),
+        },
+    )
+    procs.append(lite)
+    wait_http(f"http://127.0.0.1:{port}/health/liveliness", lite)
 
 
 async def open_loop(
@@ -163,14 +213,38 @@ async def open_loop(
     return latencies, errors
 
 
-def wrk(url: str, headers: dict[str, str], body: bytes, seconds: int) -> float:
+def wrk(
+    url: str,
+    headers: dict[str, str],
+    body: bytes,
+    seconds: int,
+    connections: int = 16,
+    threads: int = 1,
+    ports: tuple[int, ...] = (),
+) -> float:
+    """Requests/s of `wrk` POSTing `body` to `url`; with `ports`, thread k sends to
+    ports[k % len(ports)] on url's host instead (one client process, several servers)."""
     lines = ['wrk.method = "POST"', f"wrk.body = {json.dumps(body.decode())}"]
     lines += [f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()]
+    if ports:
+        host = json.dumps(urlsplit(url).hostname)
+        lookups = ", ".join(f'wrk.lookup({host}, "{port}")[1]' for port in ports)
+        lines += [
+            f"local addrs = {{{lookups}}}",
+            "local started = 0",
+            "function setup(thread)",
+            "  thread.addr = addrs[started % #addrs + 1]",
+            "  started = started + 1",
+            "end",
+        ]
     with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
         script.write("\n".join(lines) + "\n")
         script.flush()
         out = subprocess.run(
-            ["wrk", "-t1", "-c16", f"-d{seconds}s", "-s", script.name, url],
+            [
+                *("wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s"),
+                *("-s", script.name, url),
+            ],
             capture_output=True,
             text=True,
             check=True,
@@ -207,34 +281,11 @@ def main() -> None:
             "BENCH_UPSTREAM": "up",
             "SIPP_GATEWAY_LOG": "warning",
         }
-        gw = subprocess.Popen(
-            [sys.executable, "-m", "sipp.cli.gateway", "serve", "--config", str(tmp / "gw.toml")],
-            env=env,
-            stderr=subprocess.DEVNULL,
-        )
-        procs.append(gw)
-        wait_http(f"http://127.0.0.1:{management}/healthz", gw)
+        start_gateway(tmp / "gw.toml", management, env, procs)
 
         lport = free_port()
         (tmp / "litellm.yaml").write_text(LITELLM_YAML.format(mock=mock))
-        lite = subprocess.Popen(
-            [
-                str(LITELLM),
-                "--config",
-                str(tmp / "litellm.yaml"),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(lport),
-                "--num_workers",
-                "1",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env={**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_MASTER_KEY": LITELLM_KEY},
-        )
-        procs.append(lite)
-        wait_http(f"http://127.0.0.1:{lport}/health/liveliness", lite)
+        start_litellm(tmp / "litellm.yaml", lport, procs)
 
         targets = {
             "direct": (

@@ -18,50 +18,27 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 
+from _redis_server import start_redis
 from _stats import percentile
 from gateway_overhead import (
     BODY,
     GATEWAY_TOML,
     MOCK,
+    READINESS,
     free_port,
     open_loop,
+    start_gateway,
     start_mock,
     stop_all,
-    wait_http,
 )
 
 LIMITS = "limits = { requests_per_minute = 100000000, tokens_per_minute = 1000000000 }"
 REDIS_STATE = '\n[state]\nbackend = "redis"\nurl_env = "BENCH_REDIS_URL"\n'
-
-
-def _redis(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("needs Debian's redis-server (apt-get install redis-server)")
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            *(binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory)),
-            *("--save", "", "--appendonly", "no", "--loglevel", "warning"),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        out = subprocess.run(
-            ["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True, check=False
-        )
-        if out.stdout.strip() == "PONG":
-            return proc, f"redis://127.0.0.1:{port}/0"
-        time.sleep(0.05)
-    raise SystemExit("redis-server did not start")
 
 
 def main() -> None:
@@ -76,8 +53,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="sipp-bench-shaping-"))
     try:
         mock = start_mock(MOCK, procs)
-        redis, redis_url = _redis(tmp)
-        procs.append(redis)
+        redis_url = start_redis(tmp, procs)
         env = {
             **os.environ,
             "BENCH_TOKEN": "bench-token",
@@ -92,14 +68,8 @@ def main() -> None:
             toml = GATEWAY_TOML.format(public=public, management=management, mock=mock)
             if extra is not None:
                 toml = toml.replace("targets = []", f"targets = []\n{LIMITS}", 1) + extra
-            (tmp / name).write_text(toml)
-            gw = subprocess.Popen(
-                [sys.executable, "-m", "sipp.cli.gateway", "serve", "--config", str(tmp / name)],
-                env=env,
-                stderr=subprocess.DEVNULL,
-            )
-            procs.append(gw)
-            wait_http(f"http://127.0.0.1:{management}/healthz", gw)
+            (tmp / name).write_text(toml + READINESS)
+            start_gateway(tmp / name, management, env, procs, ready=True)
             urls[name] = f"http://127.0.0.1:{public}/v1/chat/completions"
         headers = {"content-type": "application/json", "authorization": "Bearer bench-token"}
         body = json.dumps({**BODY, "model": "mock"}).encode()
