@@ -698,17 +698,18 @@ class Engine:
     def _sample(self, jobs: list[TextJob]) -> list[int]:
         """One token per job from the last decode: rows the batch sampler can take
         together in one pass over llama.cpp's logits, the rest through their chains."""
-        tokens = [0] * len(jobs)
         fast = [(i, job.fast) for i, job in enumerate(jobs) if job.fast is not None]
         if len(fast) == 1 and fast[0][1].greedy:
             # One greedy row: its chain gives the same token (tested) and, on a small
             # model, costs less than the batch path's setup (T5: ~10 % of its speed).
             fast = []
-        if fast:
-            logits, rows = self.ctx.logits_rows([jobs[i].out_index for i, _ in fast])
-            picked = sample_rows(logits, rows, [sampler for _, sampler in fast])
-            for (i, _), token in zip(fast, picked):
-                tokens[i] = token
+        if not fast:
+            return [job.sampler.sample(self.ctx, job.out_index) for job in jobs]
+        tokens = [0] * len(jobs)
+        logits, rows = self.ctx.logits_rows([jobs[i].out_index for i, _ in fast])
+        picked = sample_rows(logits, rows, [sampler for _, sampler in fast])
+        for (i, _), token in zip(fast, picked):
+            tokens[i] = token
         taken = {i for i, _ in fast}
         for i, job in enumerate(jobs):
             if i not in taken:

@@ -19,9 +19,16 @@ class TextStream:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stops = tuple(stop)
         self._held = ""
-        self.text = ""  # everything released so far
+        self._released: list[str] = []  # joined on demand: `text +=` copies it every token
         self.stopped = False
         self.matched: str | None = None  # the stop string that ended the text
+
+    @property
+    def text(self) -> str:
+        """Everything released so far."""
+        if len(self._released) > 1:
+            self._released[:] = ["".join(self._released)]
+        return self._released[0] if self._released else ""
 
     def feed(self, data: bytes) -> str:
         """Add token bytes; return the newly releasable text."""
@@ -40,6 +47,11 @@ class TextStream:
         return self._release(self._held, final=True)
 
     def _release(self, pending: str, *, final: bool) -> str:
+        if not self._stops:
+            self._held = ""
+            if pending:
+                self._released.append(pending)
+            return pending
         hit = self._first_stop(pending)
         if hit is not None:
             cut, self.matched = hit
@@ -49,7 +61,8 @@ class TextStream:
         else:
             keep = self._partial_stop_tail(pending)
             out, self._held = pending[: len(pending) - keep], pending[len(pending) - keep :]
-        self.text += out
+        if out:
+            self._released.append(out)
         return out
 
     def _first_stop(self, text: str) -> tuple[int, str] | None:
