@@ -233,7 +233,7 @@
       "audit",
       entries
         .slice()
-        .reverse()
+        .sort((a, b) => b.at - a.at) // newest first, in whichever order the API listed them
         .map((entry) => {
           const { at, session, action, ...detail } = entry;
           const text = Object.entries(detail).map(([k, v]) => `${k}=${v === null ? "null" : v}`).join(" ");
