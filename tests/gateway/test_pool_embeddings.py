@@ -5,13 +5,17 @@ fallbacks are never used (another model's vectors are not comparable)."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
+
+from sipp import models
 
 from ..remote.loopback import Action, LoopbackServer, Request
 from .limited_gateways import toml
@@ -218,3 +222,73 @@ def _deployments_in_flight(gw: Gateway) -> float:
     return sum(
         float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)
     )
+
+
+MIXED = """
+[[targets]]
+name = "minilm"
+type = "local"
+model = "{path}"
+backend = "cpu"
+stats = "basic"
+[targets.runtime.context]
+n_ctx = 256
+n_parallel = 2
+embeddings = true
+pooling = "mean"
+
+[[targets]]
+name = "mixed"
+type = "openai_compatible"
+model = "m"
+[targets.retry]
+attempts = 2
+backoff_base_seconds = 0.01
+backoff_cap_seconds = 0.02
+[[targets.deployments]]
+name = "gone"
+base_url = "http://127.0.0.1:{dead}/v1"
+[[targets.deployments]]
+target = "minilm"
+"""
+
+
+def test_a_local_deployment_embeds_a_batch_after_a_dead_one(tmp_path: Path) -> None:
+    """A pool whose first deployment's port is closed and whose second is a local
+    embedding model: every request is answered by the local one, its inputs embedded in
+    order through the local engine's windowed runs."""
+    minilm = models.pull("all-minilm-l6-v2", verify=False)
+    remote = LoopbackServer(embeddings_reply)
+    public, management = _free_port(), _free_port()
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        toml(remote.url, public, management) + MIXED.format(path=minilm, dead=_free_port())
+    )
+    gw = Gateway(path, ENV, public, management)
+    try:
+        gw.wait_ready(timeout=120)
+        inputs = [f"sentence number {i}" for i in range(8)]
+        with openai.OpenAI(base_url=f"{gw.public}/v1", api_key=TOKEN, max_retries=0) as client:
+            direct = client.embeddings.create(model="minilm", input=inputs)
+            labels = '{deployment="gone",outcome="connect",target="mixed"}'
+            for _ in range(20):  # the pick is random: go on until "gone" was tried once
+                raw = client.embeddings.with_raw_response.create(model="mixed", input=inputs)
+                assert raw.headers["x-sipp-target"] == "mixed/minilm"
+                pooled = raw.parse()
+                assert len(pooled.data) == len(inputs)
+                for a, b in zip(direct.data, pooled.data, strict=True):
+                    assert _cosine(a.embedding, b.embedding) > 0.999
+                if gw.metric("sipp_gateway_upstream_attempts_total", labels) > 0:
+                    assert raw.headers["x-sipp-attempts"] == "2"
+                    break
+            else:
+                raise AssertionError("deployment gone was never picked")
+    finally:
+        code, err = gw.stop()
+        remote.close()
+    assert code == 0, err
+
+
+def _cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
+    return dot / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
