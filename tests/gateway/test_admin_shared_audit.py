@@ -12,6 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
+from sipp._errors import InvalidConfigError
+from sipp.gateway.admin import admin_state
+
 from ..remote.loopback import LoopbackServer
 from .admin_gateways import PASSWORD, admin_gateway, deployments, login
 from .pool_upstreams import Deployment
@@ -112,3 +115,10 @@ def test_with_redis_gone_the_audit_answers_partial_then_catches_up(
                 return seen["partial"] is False and actions == ["max_concurrent_requests"]
 
             poll(caught_up, "the entry kept during the outage reaches Redis")
+
+
+@pytest.mark.parametrize("value", ["two words", "x" * 65, "a/b"])
+def test_a_replica_id_that_could_not_name_an_entry_is_refused(value: str) -> None:
+    with pytest.raises(InvalidConfigError, match="SIPP_GATEWAY_REPLICA_ID"):
+        admin_state("pw", {"SIPP_GATEWAY_REPLICA_ID": value})
+    assert admin_state("pw", {"SIPP_GATEWAY_REPLICA_ID": "eu-1.gw:8080"}).replica == "eu-1.gw:8080"

@@ -14,6 +14,8 @@ whole request, never part of it.
 
 from __future__ import annotations
 
+import logging
+
 from ..._descriptors import EndpointRef
 from ..._errors import SippError
 from ..._runs import AsyncTextRun
@@ -27,6 +29,8 @@ from ..upstream import failure_kind
 from .execute import Attempt, Execution, deployment_endpoint, final_error, wait_to_retry
 
 __all__ = ["EmbedExecution"]
+
+logger = logging.getLogger("sipp.gateway.upstream")
 
 _FINAL = ("context", "4xx", "error")  # the request's own fault: no other deployment helps
 
@@ -61,6 +65,7 @@ class EmbedExecution(Execution):
             try:
                 ref = deployment_endpoint(self.state, pool, dep)
             except SippError as exc:
+                logger.info("target %s: deployment %s skipped: %s", pool.name, dep.name, exc)
                 blocked.add(dep.name)
                 last = exc
                 continue
