@@ -42,6 +42,7 @@ class AuditLog:
         self.entries: deque[dict[str, Any]] = deque(maxlen=CAP)  # this replica's, oldest first
         self._unshared: deque[dict[str, Any]] = deque(maxlen=CAP)  # not in Redis yet
         self._pushing = asyncio.Lock()  # one flush at a time, so no entry is pushed twice
+        self._held = False  # entries are waiting for Redis (logged when it began)
 
     async def add(self, shared: SharedControls | None, entry: Mapping[str, Any]) -> None:
         self.entries.append(dict(entry))
@@ -73,12 +74,14 @@ class AuditLog:
                 try:
                     await shared.push_audit(self._unshared[0], CAP)
                 except StoreUnavailable:
-                    logger.warning(
-                        "%d admin audit entries kept on this replica only: Redis unavailable",
-                        len(self._unshared),
-                    )
+                    if not self._held:  # once per outage: the dashboard polls the list
+                        logger.warning(
+                            "admin audit entries kept on this replica until Redis is back"
+                        )
+                    self._held = True
                     return
                 self._unshared.popleft()
+            self._held = False
 
 
 def _at(entry: Mapping[str, Any]) -> float:
