@@ -93,6 +93,18 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     assert code == 0, err
 
 
+@pytest.fixture(autouse=True)
+def idle(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test on the shared gateway: no permit, attempt or upstream request left."""
+    yield
+    if "setup" not in request.fixturenames:
+        return
+    setup: Setup = request.getfixturevalue("setup")
+    poll(lambda: all(up.open_requests == 0 for up in setup.ups.values()), "upstreams idle")
+    poll(lambda: setup.gw.metric("sipp_gateway_in_flight_requests") == 0, "gateway idle")
+    poll(lambda: _deployments_in_flight(setup.gw) == 0, "no attempt left in flight")
+
+
 def _openai(setup: Setup, target: str, inputs: str | list[str] = "hi") -> httpx.Response:
     body = {"model": target, "input": inputs}
     return httpx.post(f"{setup.gw.public}/v1/embeddings", json=body, headers=AUTH, timeout=60)
@@ -209,11 +221,6 @@ def test_the_openai_sdk_embeds_through_the_pool(setup: Setup) -> None:
         assert single.data[0].embedding == [0.0, 0.5]
     finally:
         client.close()
-    poll(
-        lambda: setup.gw.metric("sipp_gateway_in_flight_requests") == 0,
-        "every permit given back",
-    )
-    assert _deployments_in_flight(setup.gw) == 0
 
 
 def _deployments_in_flight(gw: Gateway) -> float:
@@ -292,3 +299,29 @@ def test_a_local_deployment_embeds_a_batch_after_a_dead_one(tmp_path: Path) -> N
 def _cosine(a: list[float], b: list[float]) -> float:
     dot = sum(x * y for x, y in zip(a, b, strict=True))
     return dot / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+
+def test_a_caller_gone_mid_attempt_ends_it_and_closes_the_upstream_request(setup: Setup) -> None:
+    slow = [setup.ups[d] for d in POOLS["psdk"]]
+    for up in slow:
+        up.mode = "slow"  # headers, then nothing for a minute
+    hangups = sum(up.hangups for up in slow)
+    cancelled = sum(setup.attempts("psdk", d, "cancelled") for d in POOLS["psdk"])
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                f"{setup.gw.public}/v1/embeddings",
+                json={"model": "psdk", "input": ["a", "b"]},
+                headers=AUTH,
+                timeout=httpx.Timeout(60, read=1),
+            )
+        poll(lambda: sum(up.hangups for up in slow) > hangups, "the upstream request closed")
+        poll(
+            lambda: (
+                sum(setup.attempts("psdk", d, "cancelled") for d in POOLS["psdk"]) == cancelled + 1
+            ),
+            "the attempt ended as cancelled",
+        )
+    finally:
+        for up in slow:
+            up.mode = "ok"
