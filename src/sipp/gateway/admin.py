@@ -4,7 +4,8 @@ Everything lives in this process's memory and resets on restart, as the spec
 says: sessions (short-lived, HttpOnly + SameSite=Strict cookie scoped to the
 admin path), per-client login throttling, the rolling request history, and
 the controls (block an IP, disable a target, change `max_concurrent_requests`
-or the rate limit, edit a target's fallback rules), each recorded in an audit list.
+or the rate limit, edit a target's fallback rules), each recorded in an audit list
+(every replica's, with Redis shared controls: see `admin_audit`).
 The pools and the limits' usage have their own modules (`admin_pools`,
 `admin_limits`). Responses never include
 the password, token values or provider keys.
@@ -21,7 +22,9 @@ import inspect
 import ipaddress
 import json
 import logging
+import re
 import secrets
+import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -43,6 +46,7 @@ from .._errors import (
     RateLimitedError,
     SippError,
 )
+from .admin_audit import AuditLog, session_label
 from .admin_limits import usage_view
 from .admin_pools import edit_fallbacks, pools_view
 from .app import ANTHROPIC_MESSAGES, OPENAI_ROUTES
@@ -74,6 +78,7 @@ CSRF_HEADER = "x-sipp-admin-csrf"
 MAX_FAILURES, FAILURE_WINDOW = 5, 300.0  # then logins from that client wait out the window
 MAX_TRACKED_CLIENTS = 10_000
 MAX_ADMIN_BODY = 16_384  # bytes; the largest admin request is a small JSON object
+_REPLICA_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,64}$")
 
 
 @dataclass
@@ -89,13 +94,15 @@ class AdminState:
         *,
         session_seconds: int = SESSION_SECONDS,
         assets_dir: Path | None = None,
+        replica: str | None = None,
     ) -> None:
         self._password = secret_digest(password)
         self.session_seconds = session_seconds
         self.assets_dir = assets_dir or UI_DIR
         self.sessions: dict[str, _Session] = {}
         self.failures: dict[str, deque[float]] = {}
-        self.audit: deque[dict[str, Any]] = deque(maxlen=500)
+        self.audit = AuditLog()
+        self.replica = replica  # names this replica's audit entries (default: host:port)
 
     def check_password(self, given: str) -> bool:
         return same_secret(given, self._password)
@@ -129,7 +136,8 @@ class AdminState:
 
 def admin_state(password: str, env: Mapping[str, str]) -> AdminState:
     """AdminState with the process's optional overrides: `SIPP_GATEWAY_ADMIN_SESSION_SECONDS`
-    (session lifetime, 1 to 86400, default 900) and `SIPP_GATEWAY_ADMIN_ASSETS_DIR`."""
+    (session lifetime, 1 to 86400, default 900), `SIPP_GATEWAY_ADMIN_ASSETS_DIR` and
+    `SIPP_GATEWAY_REPLICA_ID` (how this replica's audit entries are named)."""
     raw = env.get("SIPP_GATEWAY_ADMIN_SESSION_SECONDS", "").strip()
     seconds = SESSION_SECONDS
     if raw:
@@ -141,13 +149,22 @@ def admin_state(password: str, env: Mapping[str, str]) -> AdminState:
     assets = env.get("SIPP_GATEWAY_ADMIN_ASSETS_DIR", "").strip()
     if assets and not (Path(assets) / "index.html").is_file():
         raise InvalidConfigError(f"SIPP_GATEWAY_ADMIN_ASSETS_DIR: no index.html in {assets}")
+    replica = env.get("SIPP_GATEWAY_REPLICA_ID", "").strip() or None
+    if replica is not None and not _REPLICA_ID.match(replica):
+        raise InvalidConfigError(
+            "SIPP_GATEWAY_REPLICA_ID must be 1 to 64 letters, digits or ._:- characters"
+        )
     return AdminState(
-        password, session_seconds=seconds, assets_dir=Path(assets) if assets else None
+        password,
+        session_seconds=seconds,
+        assets_dir=Path(assets) if assets else None,
+        replica=replica,
     )
 
 
 def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Route]:
     config = state.config
+    replica = admin.replica or f"{socket.gethostname()}:{config.public_bind[1]}"
 
     def error(exc: SippError) -> JSONResponse:
         return JSONResponse(
@@ -178,11 +195,12 @@ def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Rout
             raise AuthorizationError(f"missing or wrong {CSRF_HEADER} header")
         return sid
 
-    def record(sid: str, action: str, detail: dict[str, Any]) -> None:
-        entry = {"at": time.time(), "session": sid[:8], "action": action, **detail}
-        admin.audit.append(entry)
+    async def record(sid: str, action: str, detail: dict[str, Any]) -> None:
+        session = session_label(sid)
+        entry = {"at": time.time(), "replica": replica, "session": session, "action": action}
+        await admin.audit.add(state.shared, {**entry, **detail})
         details = " ".join(f"{k}={v}" for k, v in detail.items())
-        logger.info("admin %s by session %s %s", action, sid[:8], details)
+        logger.info("admin %s by session %s %s", action, session, details)
 
     async def session_route(request: Request) -> Response:
         now = time.monotonic()
@@ -215,12 +233,12 @@ def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Rout
                         config.security,
                     ),
                 )
-                record(sid, "login", {"client": client})
+                await record(sid, "login", {"client": client})
                 return response
             if request.method == "DELETE":
                 sid = mutating(request, now)
                 admin.sessions.pop(sid, None)
-                record(sid, "logout", {})
+                await record(sid, "logout", {})
                 response = JSONResponse({"logged_out": True})
                 response.delete_cookie(COOKIE, path=base or "/")
                 return response
@@ -319,7 +337,7 @@ def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Rout
                     await state.shared.change("blocked_ips", ip, action == "block")
                 else:
                     (state.blocked_ips.add if action == "block" else state.blocked_ips.discard)(ip)
-                record(sid, action, {"ip": ip})
+                await record(sid, action, {"ip": ip})
             elif action in ("disable_target", "enable_target"):
                 name = body.get("target")
                 if name not in {t.name for t in config.targets}:
@@ -332,7 +350,7 @@ def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Rout
                         if action == "disable_target"
                         else state.disabled_targets.discard
                     )(name)
-                record(sid, action, {"target": name})
+                await record(sid, action, {"target": name})
             elif action == "max_concurrent_requests":
                 value = body.get("value")
                 if value is not None and (
@@ -342,7 +360,7 @@ def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Rout
                         "'value' must be a positive integer or null (unbounded)"
                     )
                 state.limit.limit = value
-                record(sid, action, {"value": value})
+                await record(sid, action, {"value": value})
             elif action == "rate_limit":
                 enabled, rpm, burst = (
                     body.get("enabled"),
@@ -356,11 +374,11 @@ def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Rout
                         "need enabled (bool), requests_per_minute and burst (positive integers)"
                     )
                 state.rate_limiter = RateLimiter(rpm, burst) if enabled else None
-                record(
+                await record(
                     sid, action, {"enabled": enabled, "requests_per_minute": rpm, "burst": burst}
                 )
             elif action == "fallbacks":
-                record(sid, action, await edit_fallbacks(state, body))
+                await record(sid, action, await edit_fallbacks(state, body))
             else:
                 raise InvalidRequestError(f"unknown control {action!r}")
             return JSONResponse({"ok": True})
@@ -380,7 +398,7 @@ def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Rout
         ),
         Route(
             f"{base}/api/audit",
-            needs_session(lambda: {"entries": list(admin.audit)}),
+            needs_session(lambda: admin.audit.view(state.shared)),
             methods=["GET"],
         ),
         Route(f"{base}/api/pools", needs_session(lambda: pools_view(state)), methods=["GET"]),

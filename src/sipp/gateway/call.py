@@ -41,7 +41,6 @@ from .auth import Caller
 from .cache.entry import CachedEntry
 from .cache.exact import CacheCall, ExactCache, replay_stream
 from .cache.semantic_stage import Embedded
-from .embed_batch import embed_all
 from .formats.base import WireFormat
 from .image_fetch import fetch_images
 from .limits import client_ip
@@ -59,6 +58,7 @@ from .shaping import Reservation, metered, settle
 from .state import GatewayState, for_caller, resolve_target
 from .target_options import TargetArgs, target_args
 from .upstream import caller_error
+from .upstreams.embed_attempts import EmbedExecution
 from .upstreams.execute import Execution, HeldRun
 
 __all__ = ["PublicCall", "check_client", "read_body", "serve", "unless_disconnected"]
@@ -79,7 +79,7 @@ async def serve(state: GatewayState, request: Request, fmt: WireFormat) -> Respo
         call.charge(req.cost)
         if req.target in state.config.route_rules:
             req = await route(call, caller, req)
-        ref = call.authorize(caller, req.target)
+        call.authorize(caller, req.target)
         if req.image_urls:  # only a target that lists the hosts has them fetched
             req = await fetch_images(req, state.target_configs[req.target])
         if req.user is not None or req.metadata is not None:
@@ -90,7 +90,7 @@ async def serve(state: GatewayState, request: Request, fmt: WireFormat) -> Respo
                 await call.look_up(cache, req)  # a bypass: embeddings are not cached
             await call.reserve(req)
             call.admit()
-            return call.headed(fmt.encode(req, await call.embed(req, ref), call.request_id))
+            return call.headed(fmt.encode(req, await call.embed(req), call.request_id))
         args = call.target_args(req)  # a field the target cannot honour: 400, not a 429
         if cache is not None:
             entry = await call.look_up(cache, req)
@@ -304,16 +304,13 @@ class PublicCall:
             response.headers[ROUTE_HEADER] = self.route
         return response
 
-    async def embed(self, req: GatewayRequest, ref: EndpointRef) -> Completion:
+    async def embed(self, req: GatewayRequest) -> Completion:
+        """The execute stage of an embeddings request: its target's pool (retries, never
+        fallbacks); `close` ends whatever it left open."""
         t0 = time.perf_counter()
-        client = self.state.client
-        if req.single_input:
-            run = self.track(client.embed(req.inputs[0], endpoint=ref))
-            embeddings = [await unless_disconnected(self.request, run.result())]
-        else:
-            embeddings = await unless_disconnected(
-                self.request, embed_all(client, ref, req.inputs, self.track)
-            )
+        execution = EmbedExecution(self.state, self.rec, req, self.request_id, self.track)
+        self.execution = execution
+        embeddings = await unless_disconnected(self.request, execution.embeddings())
         self.rec.waited = time.perf_counter() - t0
         for embedding in embeddings:
             self.rec.usage(embedding.usage)

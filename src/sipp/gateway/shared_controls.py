@@ -1,7 +1,8 @@
 """Runtime controls every replica shares through Redis: the IP blocklist, the
 disabled targets and the edited fallback rules an operator set in any replica's admin
 API (a rule is a hash field per target holding its two lists as JSON; a target without
-one has the lists of its TOML).
+one has the lists of its TOML), and the admin audit list (a capped Redis list of JSON
+entries, newest first).
 
 A request still checks its replica's own sets (no Redis call on the hot path); each
 replica refreshes them from Redis every `INTERVAL_S`, so a change made on one replica
@@ -15,7 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .._errors import UnavailableError
@@ -39,6 +40,7 @@ class SharedControls:
         self.state, self.store = state, store
         self.keys = {name: f"{prefix}:controls:{name}" for name in SETS}
         self.fallbacks_key = f"{prefix}:controls:fallbacks"
+        self.audit_key = f"{prefix}:admin:audit"
         self._bad_rules: object = None  # the last rules refused, so they are logged once
         # Changes made here so far: a refresh whose read overlapped one drops what it read
         # (it may predate the change, which would then flicker back for a moment).
@@ -77,6 +79,21 @@ class SharedControls:
             rule = (pool.configured.fallbacks, pool.configured.context_fallbacks)
         self._changes += 1
         pool.set_fallbacks(*rule)
+
+    async def push_audit(self, entry: Mapping[str, Any], cap: int) -> None:
+        """Add an admin audit entry to the list every replica reads (its `cap` newest
+        kept); `StoreUnavailable` when Redis cannot be reached."""
+        await self.store.push_capped(self.audit_key, json.dumps(entry), cap)
+
+    async def audit(self, cap: int) -> list[dict[str, Any]]:
+        """Every replica's audit entries, newest first; `StoreUnavailable` as above."""
+        out = []
+        for raw in await self.store.head(self.audit_key, cap):
+            with contextlib.suppress(ValueError):
+                entry = json.loads(raw)
+                if isinstance(entry, dict):  # another writer's junk is skipped, not shown
+                    out.append(entry)
+        return out
 
     def _apply_fallbacks(self, stored: dict[str, str]) -> None:
         pools = self.state.pools

@@ -245,12 +245,19 @@
     }
   }
 
-  function renderAudit(entries) {
+  function renderAudit(audit) {
+    // `partial` is only there when the list is shared through Redis.
+    $("#audit-scope").textContent = audit.partial
+      ? "this replica's entries only: Redis is unreachable"
+      : "partial" in audit
+        ? "every replica's, through Redis"
+        : "this process's memory";
+    $("#audit-scope").classList.toggle("error", audit.partial === true);
     fill(
       "audit",
-      entries
+      audit.entries
         .slice()
-        .reverse()
+        .sort((a, b) => b.at - a.at) // newest first, in whichever order the API listed them
         .map((entry) => {
           const { at, session, action, ...detail } = entry;
           const text = Object.entries(detail).map(([k, v]) => `${k}=${v === null ? "null" : v}`).join(" ");
@@ -441,7 +448,7 @@
       if (all || !lastOverview) {
         const [overview, audit] = await Promise.all([call("GET", "overview"), call("GET", "audit")]);
         lastOverview = overview;
-        renderAudit(audit.entries);
+        renderAudit(audit);
       }
       renderOverview(lastOverview, lastMetrics);
     } catch (error) {

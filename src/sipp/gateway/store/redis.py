@@ -180,6 +180,19 @@ class RedisStore:
             else:
                 await self._redis.srem(key, member)
 
+    async def push_capped(self, key: str, value: str, cap: int) -> None:
+        """Put `value` at the head of list `key`, keeping its `cap` newest (one MULTI)."""
+        async with self._guard(), self._redis.pipeline(transaction=True) as pipe:
+            pipe.lpush(key, value)
+            pipe.ltrim(key, 0, cap - 1)
+            await pipe.execute()
+
+    async def head(self, key: str, count: int) -> list[str]:
+        """The first `count` items of list `key`."""
+        async with self._guard():
+            reply = await self._redis.lrange(key, 0, count - 1)
+        return [_text(item) for item in reply]
+
     @contextlib.asynccontextmanager
     async def _guard(self) -> AsyncIterator[None]:
         """Redis failures as `StoreUnavailable`, with the back-off `_run` keeps."""

@@ -42,9 +42,10 @@ from ..shaping import Ledger, Reservation, batch_tokens
 from ..state import GatewayState, resolve_target
 from ..target_options import TargetArgs, target_args
 from ..upstream import HEALTH_FAILURES, failure_kind, from_upstream, log_upstream
+from .policy import RetryPolicy
 from .pool import DeploymentState, Pool
 
-__all__ = ["Execution", "HeldRun"]
+__all__ = ["Attempt", "Execution", "HeldRun", "deployment_endpoint", "final_error", "wait_to_retry"]
 
 logger = logging.getLogger("sipp.gateway.upstream")
 Start = Callable[[EndpointRef, TargetArgs], AsyncTextRun]
@@ -248,11 +249,7 @@ class Execution:
                 break
             else:
                 queue = [*res.fallbacks, *queue]
-        if last is None:
-            last = UnavailableError(f"target {self.primary!r} has no deployment to try")
-        if isinstance(last, OverloadedError) and last.retry_after is None:
-            last.retry_after = _LOCAL_RETRY_AFTER
-        raise last
+        raise final_error(self.primary, last)
 
     async def _on_target(
         self, pool: Pool, choice: int, stream: bool
@@ -308,15 +305,8 @@ class Execution:
                     continue
                 if kind not in retry.on:
                     break
-                delay = _backoff(retry.backoff_base_seconds, retry.backoff_cap_seconds, failures)
-                if kind == "429" and exc.retry_after is not None:
-                    if exc.retry_after > retry.retry_after_cap_seconds:
-                        blocked.add(dep.name)
-                        delay = 0.0
-                    else:
-                        delay = max(delay, exc.retry_after)
-                if failures < retry.attempts and delay > 0:
-                    await asyncio.sleep(delay)
+                if not await wait_to_retry(retry, kind, exc, failures):
+                    blocked.add(dep.name)
                 continue
             attempt.first_output()
             attempt.answered(response)
@@ -353,9 +343,7 @@ class Execution:
         """The endpoint and arguments of `choice` on `dep` (a 404/503 if it is switched
         off, a 400 if that target cannot honour the request's fields)."""
         name = dep.spec.target or pool.name
-        ref = resolve_target(self.state, name)
-        if dep.ref is not None:
-            ref = dep.ref
+        ref = deployment_endpoint(self.state, pool, dep)
         if name == self.primary:
             return ref, self._args[choice]
         return ref, target_args(self.req, self.state.target_configs[name], choice)
@@ -423,6 +411,35 @@ class Execution:
                 len(self.attempts),
                 ", ".join(f"{a.label}={a.outcome}" for a in self.attempts),
             )
+
+
+def deployment_endpoint(state: GatewayState, pool: Pool, dep: DeploymentState) -> EndpointRef:
+    """The endpoint an attempt on `dep` goes to (a 404/503 if its target is switched off)."""
+    ref = resolve_target(state, dep.spec.target or pool.name)
+    return dep.ref if dep.ref is not None else ref
+
+
+async def wait_to_retry(retry: RetryPolicy, kind: str, exc: SippError, failures: int) -> bool:
+    """Wait out the backoff after a target's `failures`-th failed attempt (of `kind`);
+    False, at once, when the deployment asked for a longer wait than the cap (then it is
+    out of this request)."""
+    delay = _backoff(retry.backoff_base_seconds, retry.backoff_cap_seconds, failures)
+    if kind == "429" and exc.retry_after is not None:
+        if exc.retry_after > retry.retry_after_cap_seconds:
+            return False
+        delay = max(delay, exc.retry_after)
+    if failures < retry.attempts and delay > 0:
+        await asyncio.sleep(delay)
+    return True
+
+
+def final_error(target: str, last: SippError | None) -> SippError:
+    """The failure a request on `target` ends with once nothing is left to try."""
+    if last is None:
+        last = UnavailableError(f"target {target!r} has no deployment to try")
+    if isinstance(last, OverloadedError) and last.retry_after is None:
+        last.retry_after = _LOCAL_RETRY_AFTER
+    return last
 
 
 def _backoff(base: float, cap: float, failures: int) -> float:
