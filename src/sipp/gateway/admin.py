@@ -5,8 +5,8 @@ says: sessions (short-lived, HttpOnly + SameSite=Strict cookie scoped to the
 admin path), per-client login throttling, the rolling request history, and
 the controls (block an IP, disable a target, change `max_concurrent_requests`
 or the rate limit, edit a target's fallback rules), each recorded in an audit list.
-The pools and the limits' usage have their own modules (`admin_pools`,
-`admin_limits`). Responses never include
+The pools, the limits' usage and the caches have their own modules (`admin_pools`,
+`admin_limits`, `admin_cache`). Responses never include
 the password, token values or provider keys.
 
 The page is static HTML, CSS and JavaScript shipped inside this package
@@ -43,6 +43,7 @@ from .._errors import (
     RateLimitedError,
     SippError,
 )
+from .admin_cache import cache_view, purge_cache
 from .admin_limits import usage_view
 from .admin_pools import edit_fallbacks, pools_view
 from .app import ANTHROPIC_MESSAGES, OPENAI_ROUTES
@@ -367,6 +368,15 @@ def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Rout
         except SippError as exc:
             return error(exc)
 
+    async def purge(request: Request) -> Response:
+        try:
+            sid = mutating(request, time.monotonic())
+            detail = await purge_cache(state, await body_json(request))
+            record(sid, "cache_purge", detail)
+            return JSONResponse({"ok": True, **detail})
+        except SippError as exc:
+            return error(exc)
+
     return [
         *([Route(base, slash, methods=["GET"])] if base else []),
         Route(f"{base}/", page, methods=["GET"]),
@@ -386,6 +396,8 @@ def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Rout
         Route(f"{base}/api/pools", needs_session(lambda: pools_view(state)), methods=["GET"]),
         Route(f"{base}/api/usage", needs_session(lambda: usage_view(state)), methods=["GET"]),
         Route(f"{base}/api/controls/{{action}}", control, methods=["POST"]),
+        Route(f"{base}/api/cache", needs_session(lambda: cache_view(state)), methods=["GET"]),
+        Route(f"{base}/api/cache/purge", purge, methods=["POST"]),
     ]
 
 

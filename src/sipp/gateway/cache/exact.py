@@ -122,6 +122,17 @@ class ExactCache:
             if vector is not None:
                 self.semantic.add(partition, text, vector, key)
 
+    async def purge(self) -> int:
+        """Empty the store, once the writes under way landed, and the semantic index; how
+        many entries there were (`CacheStoreError` when the store cannot be reached)."""
+        while self._writing:
+            await asyncio.gather(*self._writing, return_exceptions=True)
+        removed = await self.store.clear()
+        if self.semantic is not None:
+            self.semantic.clear()
+        self.show(Totals(0, 0))
+        return removed
+
     def show(self, totals: Totals) -> None:
         self.metrics.cache_entries.labels(self.target).set(totals.entries)
         self.metrics.cache_bytes.labels(self.target).set(totals.bytes)
