@@ -30,6 +30,7 @@ ANSWERS = {
     "spaced": "The sky  is\nblue.",  # the same once whitespace is normalized
     "reworded": "the sky is blue",  # other characters, the same meaning
     "changed": "Bananas are a yellow fruit.",
+    "negated": "The sky is not blue.",  # close embeddings, but the guard sees the "not"
 }
 STORES = '{route="/v1/chat",target="remote"}'
 
@@ -219,7 +220,14 @@ def test_a_semantic_hit_is_compared_by_meaning(upstream: Answers, tmp_path: Path
         again = chat(gw, "How can I reset my password?")
         assert again.headers["x-sipp-cache"] == "store"
         assert again.json()["text"] == ANSWERS["changed"]
-        assert verified(gw, "agree") == verified(gw, "disagree") == 0
+
+        # an exact hit is compared the same way: the guard catches what the embeddings miss
+        upstream.reply = "same"
+        store(gw, "Why is the sky blue?")
+        upstream.reply = "negated"
+        hit(gw, "Why is the sky blue?")
+        wait_for(gw, "disagree", 1)
+        assert verified(gw, "agree") == 0
 
 
 # ------------------------------------------------------------------ settings

@@ -3,8 +3,9 @@ hit was answered, and the fresh answer is compared with the cached one.
 
     hit served -> sampled? (every 1/verify_fraction-th hit, by a counter) -> busy? skipped
                -> upstream in the background (no caller waits, none is charged)
-               -> same normalized text: agree; else, with an embedding target, cosine of
-                  the two answers' embeddings >= verify_threshold: agree; else disagree
+               -> same normalized text: agree; else, with an embedding target, the guard
+                  (negations, numbers, antonyms) passing and the cosine of the two
+                  answers' embeddings >= verify_threshold: agree; else disagree
                -> failures: error
 
 The counts are exported as `sipp_gateway_cache_verifications_total{target,match,outcome}`
@@ -43,6 +44,7 @@ from ..._errors import ExecutionError, SippError
 from ..._types import SippTextResponse, ToolCall
 from ..request import GatewayRequest, total_usage
 from .entry import CachedEntry
+from .guard import guard_rejects
 
 if TYPE_CHECKING:
     from ..._descriptors import EndpointRef
@@ -117,6 +119,10 @@ class Verifier:
             if a == b:
                 continue
             if self._embed is None or not a or not b:
+                return "disagree"
+            # the embeddings miss what the guard catches ("at 3 pm" / "at 4 pm": 0.96)
+            guarded = self._semantic is not None and self._semantic.settings.guard
+            if guarded and guard_rejects(a, b) is not None:
                 return "disagree"
             if _cosine(await self._embed(a), await self._embed(b)) < self.threshold:
                 return "disagree"
