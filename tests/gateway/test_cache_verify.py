@@ -21,7 +21,7 @@ from .admin_gateways import login
 from .limited_gateways import limited_gateway
 from .test_cache_gateway import cached_gateway, chat, sqlite_cache
 from .test_semantic_gateway import indexed, semantic
-from .test_server import Gateway
+from .test_server import TOKEN, Gateway, running_gateway
 from .upstreams import embeddings_reply, poll, text_reply
 
 SAME = "The sky is blue."
@@ -32,6 +32,7 @@ ANSWERS = {
     "changed": "Bananas are a yellow fruit.",
     "negated": "The sky is not blue.",  # close embeddings, but the guard sees the "not"
 }
+AUTH = {"authorization": f"Bearer {TOKEN}"}
 STORES = '{route="/v1/chat",target="remote"}'
 
 
@@ -253,3 +254,57 @@ def test_verification_settings_parse_with_path_named_errors() -> None:
         with pytest.raises(ConfigError) as info:
             parse_config(_config({"path": "/x", **bad}))
         assert f"targets[0].cache.{problem}" in " ".join(info.value.problems), info.value.problems
+
+
+# ------------------------------------------------------------------ a local target
+def test_a_local_target_is_verified_only_with_an_idle_slot(
+    smollm_path: Path, tmp_path: Path
+) -> None:
+    """SmolLM2 with one slot: a hit's verification runs the same greedy request again
+    (and agrees), but is skipped while a caller's generation holds the slot."""
+    cache = f'[targets.cache]\npath = "{tmp_path / "cache"}"\nverify_fraction = 1\n'
+    cache += 'store_finish = ["stop", "length"]\n'  # 12 tokens cut the answer
+
+    def edit(toml: str) -> str:
+        toml = toml.replace("n_parallel = 2", "n_parallel = 1", 1)
+        return toml.replace('stats = "basic"\n', f'stats = "basic"\n{cache}', 1)
+
+    def ask() -> httpx.Response:
+        body = {
+            "model": "local",
+            "messages": [{"role": "user", "content": "Name three colours."}],
+            "max_tokens": 12,
+            "temperature": 0,
+        }
+        return httpx.post(f"{gw.public}/v1/chat/completions", json=body, headers=AUTH, timeout=300)
+
+    def local(outcome: str) -> float:
+        labels = f'{{match="exact",outcome="{outcome}",target="local"}}'
+        return gw.metric("sipp_gateway_cache_verifications_total", labels)
+
+    with running_gateway(smollm_path, tmp_path, edit) as gw:
+        first = ask()
+        assert first.headers["x-sipp-cache"] == "store"
+        poll(lambda: gw.metric("sipp_gateway_cache_entries", '{target="local"}') == 1, "stored")
+        generated = gw.metric("sipp_gateway_output_tokens_total", '{target="local"}')
+        assert ask().headers["x-sipp-cache"] == "hit"
+        poll(lambda: local("agree") == 1, "the local verification agreed", timeout=120)
+        assert local("disagree") == local("error") == 0
+        # it ran the model again, outside the caller's request metrics
+        assert gw.metric("sipp_gateway_output_tokens_total", '{target="local"}') == generated
+
+        # A long generation (end-of-text banned) holds the only slot: the hit is answered,
+        # its verification skipped rather than queued ahead of the next caller.
+        long = {"messages": [{"role": "user", "content": "Tell a story."}], "max_tokens": 400}
+        long["logit_bias"] = {"0": -100, "2": -100}
+        body = {"model": "local", "temperature": 0, "stream": True, **long}
+        with httpx.stream(
+            "POST", f"{gw.public}/v1/chat/completions", json=body, headers=AUTH, timeout=300
+        ) as story:
+            lines = story.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            assert ask().headers["x-sipp-cache"] == "hit"
+            poll(lambda: local("skipped") == 1, "the verification skipped", timeout=120)
+            for _ in lines:  # the story runs to its end
+                pass
+        assert local("agree") == 1
