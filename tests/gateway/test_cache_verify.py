@@ -267,6 +267,8 @@ def test_a_local_target_is_verified_only_with_an_idle_slot(
 
     def edit(toml: str) -> str:
         toml = toml.replace("n_parallel = 2", "n_parallel = 1", 1)
+        # permits to spare: only the busy slot can make the verification wait
+        toml = toml.replace("max_concurrent_requests = 2", "max_concurrent_requests = 8", 1)
         return toml.replace('stats = "basic"\n', f'stats = "basic"\n{cache}', 1)
 
     def ask() -> httpx.Response:
