@@ -6,8 +6,8 @@ admin path), per-client login throttling, the rolling request history, and
 the controls (block an IP, disable a target, change `max_concurrent_requests`
 or the rate limit, edit a target's fallback rules), each recorded in an audit list
 (every replica's, with Redis shared controls: see `admin_audit`).
-The pools and the limits' usage have their own modules (`admin_pools`,
-`admin_limits`). Responses never include
+The pools, the limits' usage and the caches have their own modules (`admin_pools`,
+`admin_limits`, `admin_cache`). Responses never include
 the password, token values or provider keys.
 
 The page is static HTML, CSS and JavaScript shipped inside this package
@@ -47,6 +47,7 @@ from .._errors import (
     SippError,
 )
 from .admin_audit import AuditLog, session_label
+from .admin_cache import cache_view, purge_cache
 from .admin_limits import usage_view
 from .admin_pools import edit_fallbacks, pools_view
 from .app import ANTHROPIC_MESSAGES, OPENAI_ROUTES
@@ -385,6 +386,15 @@ def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Rout
         except SippError as exc:
             return error(exc)
 
+    async def purge(request: Request) -> Response:
+        try:
+            sid = mutating(request, time.monotonic())
+            detail = await purge_cache(state, await body_json(request))
+            await record(sid, "cache_purge", detail)
+            return JSONResponse({"ok": True, **detail})
+        except SippError as exc:
+            return error(exc)
+
     return [
         *([Route(base, slash, methods=["GET"])] if base else []),
         Route(f"{base}/", page, methods=["GET"]),
@@ -404,6 +414,8 @@ def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Rout
         Route(f"{base}/api/pools", needs_session(lambda: pools_view(state)), methods=["GET"]),
         Route(f"{base}/api/usage", needs_session(lambda: usage_view(state)), methods=["GET"]),
         Route(f"{base}/api/controls/{{action}}", control, methods=["POST"]),
+        Route(f"{base}/api/cache", needs_session(lambda: cache_view(state)), methods=["GET"]),
+        Route(f"{base}/api/cache/purge", purge, methods=["POST"]),
     ]
 
 

@@ -25,6 +25,7 @@ from typing import Protocol, TypeVar
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from .._client import AsyncSippClient
 from .._descriptors import EndpointRef
 from .._errors import (
     AuthorizationError,
@@ -59,9 +60,16 @@ from .state import GatewayState, for_caller, resolve_target
 from .target_options import TargetArgs, target_args
 from .upstream import caller_error
 from .upstreams.embed_attempts import EmbedExecution
-from .upstreams.execute import Execution, HeldRun
+from .upstreams.execute import Execution, HeldRun, Start
 
-__all__ = ["PublicCall", "check_client", "read_body", "serve", "unless_disconnected"]
+__all__ = [
+    "PublicCall",
+    "check_client",
+    "read_body",
+    "serve",
+    "starter",
+    "unless_disconnected",
+]
 
 logger = logging.getLogger("sipp.gateway")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -264,22 +272,7 @@ class PublicCall:
 
     def execute(self, req: GatewayRequest, args: list[TargetArgs]) -> Execution:
         """The execute stage for `req`'s choices: `close` ends whatever it left open."""
-        client = self.state.client
-
-        def start(ref: EndpointRef, extra: TargetArgs) -> AsyncTextRun:
-            common = {
-                "endpoint": ref,
-                "options": req.options,
-                "local": extra.local,
-                "provider_options": extra.provider_options,
-                "emit_tokens": req.stream,
-            }
-            if req.operation == "query":
-                assert req.prompt is not None
-                return client.query(req.prompt, **common)  # type: ignore[arg-type]
-            assert req.messages is not None
-            return client.chat(req.messages, **common)  # type: ignore[arg-type]
-
+        start = starter(self.state.client, req)
         # The primary target's limits go to the attempts; the caller's stay here.
         covered = self.reservation.detach_targets() if self.reservation is not None else None
         self.execution = Execution(self.state, self.rec, req, self.request_id, start, args, covered)
@@ -465,6 +458,26 @@ async def _settle(rec: RequestRecord, runs: list[HeldRun], failed: str | None) -
 
 
 # ----------------------------------------------------------------- shared helpers
+def starter(client: AsyncSippClient, req: GatewayRequest) -> Start:
+    """How an attempt of `req` starts its run on an endpoint (`Execution`'s `start`)."""
+
+    def start(ref: EndpointRef, extra: TargetArgs) -> AsyncTextRun:
+        common = {
+            "endpoint": ref,
+            "options": req.options,
+            "local": extra.local,
+            "provider_options": extra.provider_options,
+            "emit_tokens": req.stream,
+        }
+        if req.operation == "query":
+            assert req.prompt is not None
+            return client.query(req.prompt, **common)  # type: ignore[arg-type]
+        assert req.messages is not None
+        return client.chat(req.messages, **common)  # type: ignore[arg-type]
+
+    return start
+
+
 def check_client(state: GatewayState, request: Request) -> str:
     """Refuse blocked client addresses (403) and clients over their rate limit (429);
     the client's address otherwise."""

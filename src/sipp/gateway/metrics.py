@@ -239,6 +239,20 @@ class GatewayMetrics:
             ["target"],
             registry=r,
         )
+        self.cache_verifications = Counter(
+            "sipp_gateway_cache_verifications",
+            "Cache hits also sent upstream to check the answer (verify_fraction), by target, "
+            "how the hit was found (exact, semantic) and outcome (agree, disagree, error, "
+            "skipped: the target was busy)",
+            ["target", "match", "outcome"],
+            registry=r,
+        )
+        self.cache_false_hit_rate = Gauge(
+            "sipp_gateway_cache_false_hit_rate",
+            "Verified hits whose fresh answer disagreed: disagree / (agree + disagree)",
+            ["target", "match"],
+            registry=r,
+        )
         self.route_decisions = Counter(
             "sipp_gateway_route_decisions",
             "Routing decisions on routed names by rule (or default), target chosen and mode "

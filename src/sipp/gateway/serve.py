@@ -27,7 +27,8 @@ from .admin import admin_state
 from .app import GatewayState, build_management_app, build_public_app
 from .auth import TokenTable, read_secret
 from .cache.semantic_stage import target_embedder
-from .cache.stores import close_caches, open_caches
+from .cache.stores import close_caches, open_caches, stop_verifying
+from .cache.verify import target_upstream
 from .config import GatewayConfig, LocalTarget, ProviderTarget
 from .shaping import build_shaper, open_store
 from .shared_controls import shared_controls
@@ -187,7 +188,11 @@ async def serve(
     state.shaper = build_shaper(config, store, state.metrics)
     state.shared = shared_controls(state, store)
     state.caches = await open_caches(
-        config, store, state.metrics, lambda name: target_embedder(state, name)
+        config,
+        store,
+        state.metrics,
+        lambda name: target_embedder(state, name),
+        lambda name: target_upstream(state, name),
     )
     state.admin = admin_state(admin_password, env)
     servers = [
@@ -240,6 +245,7 @@ async def serve(
     await asyncio.gather(*tasks, return_exceptions=True)
     loader.cancel()
     await asyncio.gather(loader, return_exceptions=True)
+    await stop_verifying(state.caches)
     await state.client.close()
     if sync is not None:
         sync.cancel()

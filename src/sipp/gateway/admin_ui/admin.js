@@ -378,6 +378,69 @@
     );
   }
 
+  const fmtBytes = (value) => {
+    if (value == null) return "–";
+    if (value < 1024) return `${value} B`;
+    if (value < 1024 ** 2) return `${(value / 1024).toFixed(1)} KiB`;
+    return `${(value / 1024 ** 2).toFixed(1)} MiB`;
+  };
+  const MATCHES = ["exact", "semantic"];
+
+  function renderCache(caches) {
+    $("#cache-shared").textContent = caches.some((c) => c.backend === "redis") ? ", shared by every replica with Redis" : "";
+    fill(
+      "cache",
+      caches.map((c) => {
+        const field = (name, text, title) => {
+          const cell = el("td", { class: "num", "data-field": name }, text);
+          if (title) cell.title = title;
+          return cell;
+        };
+        const s = c.semantic;
+        const semantic = s
+          ? `${fmtInt(s.entries)} questions · ${fmtInt(s.hits)} hits · ${fmtInt(s.guard_rejections)} guard rejections · ${fmtInt(s.embedding_failures)} embedding failures`
+          : "off";
+        const v = c.verification;
+        // one line per match kind
+        const lines = (text) => (v ? MATCHES.map((m) => el("div", {}, `${m} ${text(v[m])}`)) : ["off"]);
+        const verified = lines((n) => `${n.agree} / ${n.disagree} / ${n.error} / ${n.skipped}`);
+        const falseHits = lines((n) => fmtRate(n.false_hit_rate));
+        const purge = el(
+          "button",
+          {
+            type: "button",
+            class: "danger",
+            onclick: () => {
+              if (window.confirm(`Empty the cache of ${c.target}? Every stored answer${s ? " and its semantic index" : ""} goes.`)) {
+                control("purge", { target: c.target }, undefined, "cache/purge");
+              }
+            },
+          },
+          "Purge",
+        );
+        return el(
+          "tr",
+          { "data-cache": c.target, class: c.available ? "" : "unavailable" },
+          el("td", {}, c.target),
+          el("td", {}, c.available ? c.backend : `${c.backend} (unreachable)`),
+          field("entries", `${fmtInt(c.entries)} / ${fmtInt(c.max_entries)}`),
+          field("bytes", `${fmtBytes(c.bytes)} / ${fmtBytes(c.max_bytes)}`),
+          field("ttl", fmtSeconds(c.ttl_seconds)),
+          field("hits", fmtInt(c.hits), `${fmtInt(c.tokens_saved)} tokens saved`),
+          field("misses", fmtInt(c.misses)),
+          field("bypasses", fmtInt(c.bypasses)),
+          field("stores", fmtInt(c.stores), c.errors ? `${fmtInt(c.errors)} store errors` : ""),
+          field("hit_ratio", fmtRate(c.hit_ratio)),
+          el("td", { "data-field": "semantic" }, semantic),
+          el("td", { "data-field": "verified" }, ...verified),
+          el("td", { "data-field": "false_hit_rate" }, ...falseHits),
+          el("td", {}, purge),
+        );
+      }),
+      "No target has a [targets.cache].",
+    );
+  }
+
   function fmtSeconds(seconds) {
     if (seconds <= 0) return "now";
     if (seconds < 120) return `${Math.ceil(seconds)} s`;
@@ -440,11 +503,12 @@
 
   async function refresh(all) {
     try {
-      const [metrics, pools, usage] = await Promise.all([call("GET", "metrics"), call("GET", "pools"), call("GET", "usage")]);
+      const [metrics, pools, usage, cache] = await Promise.all([call("GET", "metrics"), call("GET", "pools"), call("GET", "usage"), call("GET", "cache")]);
       lastMetrics = metrics;
       renderLive(metrics);
       renderPools(pools.pools);
       renderUsage(usage);
+      renderCache(cache.caches);
       if (all || !lastOverview) {
         const [overview, audit] = await Promise.all([call("GET", "overview"), call("GET", "audit")]);
         lastOverview = overview;
@@ -482,9 +546,9 @@
     timer = null;
   }
 
-  async function control(action, body, formId) {
+  async function control(action, body, formId, path) {
     try {
-      await call("POST", `controls/${action}`, body);
+      await call("POST", path || `controls/${action}`, body);
       notice("");
       edited.delete(formId);
       await refresh(true);

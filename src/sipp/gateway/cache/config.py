@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CACHE_FIELDS",
     "DEFAULT_THRESHOLD",
+    "DEFAULT_VERIFY_THRESHOLD",
     "FINISH_REASONS",
     "CacheConfig",
     "SemanticConfig",
@@ -36,11 +37,16 @@ CACHE_FIELDS = (
     "embedding_target",
     "similarity_threshold",
     "guard",
+    "verify_fraction",
+    "verify_threshold",
 )
 FINISH_REASONS = ("stop", "length", "tool_calls")
 # all-MiniLM-L6-v2 on the shipped calibration set: 0.5 % false hits (guard on), 53 % recall.
 # Another embedding model needs its own: `sipp-gateway cache calibrate`.
 DEFAULT_THRESHOLD = 0.86
+# Two answers whose all-MiniLM-L6-v2 embeddings are this close say the same thing in other
+# words ("The sky is blue." / "the sky is blue"); different facts score well below it.
+DEFAULT_VERIFY_THRESHOLD = 0.9
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,8 @@ class CacheConfig:
     store_finish: frozenset[str] = frozenset({"stop"})
     cache_sampled: bool = False  # also cache requests with temperature > 0 (or unset)
     semantic: SemanticConfig | None = None  # look up paraphrases on an exact miss
+    verify_fraction: float = 0.0  # of hits also sent upstream to compare (verify.py)
+    verify_threshold: float = DEFAULT_VERIFY_THRESHOLD  # answers' cosine that still agrees
 
 
 def parse_cache(
@@ -98,6 +106,13 @@ def parse_cache(
         finish = ["stop"]
     sampled = _flag(p, raw, "cache_sampled", where, False)
     semantic = _semantic(p, raw, where)
+    fraction = _unit(p, raw, "verify_fraction", where, 0.0, zero=True)
+    verify_threshold = _unit(p, raw, "verify_threshold", where, DEFAULT_VERIFY_THRESHOLD)
+    if "verify_threshold" in raw and semantic is None:
+        p.fail(
+            f"{where}.verify_threshold",
+            "is only read with semantic = true (answers are compared by its embedding target)",
+        )
     if not enabled:
         return None
     return CacheConfig(
@@ -110,27 +125,22 @@ def parse_cache(
         frozenset(finish),
         sampled,
         semantic,
+        fraction,
+        verify_threshold,
     )
 
 
 def _semantic(p: _Parser, raw: Mapping[str, Any], where: str) -> SemanticConfig | None:
     on = _flag(p, raw, "semantic", where, False)
     name = p.string(raw, "embedding_target", where, required=on)
-    threshold = raw.get("similarity_threshold", DEFAULT_THRESHOLD)
-    if (
-        isinstance(threshold, bool)
-        or not isinstance(threshold, (int, float))
-        or not (0 < threshold <= 1)
-    ):
-        p.fail(f"{where}.similarity_threshold", "must be a number in (0, 1]")
-        threshold = DEFAULT_THRESHOLD
+    threshold = _unit(p, raw, "similarity_threshold", where, DEFAULT_THRESHOLD)
     guard = _flag(p, raw, "guard", where, True)
     if not on:
         for key in ("embedding_target", "similarity_threshold", "guard"):
             if key in raw:
                 p.fail(f"{where}.{key}", "is only read with semantic = true")
         return None
-    return SemanticConfig(name or "", float(threshold), guard)
+    return SemanticConfig(name or "", threshold, guard)
 
 
 def check_embedding_targets(p: _Parser, targets: tuple[LocalTarget | ProviderTarget, ...]) -> None:
@@ -162,6 +172,18 @@ def embedding_target_problem(
             "(set [targets.runtime.context] embeddings = true)"
         )
     return None
+
+
+def _unit(
+    p: _Parser, table: Mapping[str, Any], key: str, where: str, default: float, zero: bool = False
+) -> float:
+    """A number in (0, 1], or [0, 1] with `zero`."""
+    value = table.get(key, default)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not ((value >= 0 if zero else value > 0) and value <= 1):
+        p.fail(f"{where}.{key}", f"must be a number in {'[0' if zero else '(0'}, 1]")
+        return default
+    return float(value)
 
 
 def _flag(p: _Parser, table: Mapping[str, Any], key: str, path: str, default: bool) -> bool:

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from ..metrics import GatewayMetrics
     from ..shaping import Reservation
     from .semantic_stage import SemanticStage, Vector
+    from .verify import Verifier
 
 __all__ = ["CACHE_HEADER", "MATCH_HEADER", "CacheCall", "ExactCache", "replay_stream"]
 
@@ -64,6 +65,7 @@ class ExactCache:
     ) -> None:
         self.target, self.config, self.store, self.metrics = target, config, store, metrics
         self.semantic: SemanticStage | None = None  # set when `semantic = true`
+        self.verifier: Verifier | None = None  # set when `verify_fraction` > 0
         self._writing: set[asyncio.Future[None]] = set()
 
     def begin(
@@ -127,6 +129,17 @@ class ExactCache:
             if vector is not None:
                 self.semantic.add(partition, text, vector, key)
 
+    async def purge(self) -> int:
+        """Empty the store, once the writes under way landed, and the semantic index; how
+        many entries there were (`CacheStoreError` when the store cannot be reached)."""
+        while self._writing:
+            await asyncio.gather(*self._writing, return_exceptions=True)
+        removed = await self.store.clear()
+        if self.semantic is not None:
+            self.semantic.clear()
+        self.show(Totals(0, 0))
+        return removed
+
     def show(self, totals: Totals) -> None:
         self.metrics.cache_entries.labels(self.target).set(totals.entries)
         self.metrics.cache_bytes.labels(self.target).set(totals.bytes)
@@ -141,7 +154,9 @@ class ExactCache:
         )
 
     async def close(self) -> None:
-        """Finish the writes under way, then close the store."""
+        """Cancel the verifications, finish the writes under way, then close the store."""
+        if self.verifier is not None:
+            await self.verifier.close()
         while self._writing:
             await asyncio.gather(*self._writing, return_exceptions=True)
         if self.semantic is not None:
@@ -173,6 +188,7 @@ class CacheCall:
         self.status = "bypass"
         self.match = "exact"  # how a hit was found
         self.nearest: float | None = None  # the semantic search's nearest similarity
+        self.found = key  # the key of the entry a hit replays
         self._question: Question | None = None
         self._embeddable = True  # False once the question proved too long to embed
         self._choices: dict[int, list[TokenBatch]] = {}
@@ -224,7 +240,7 @@ class CacheCall:
         if entry is None:  # evicted or expired in the store since: forget its vector
             semantic.remove(key)
             return None
-        self.status, self.match = "hit", "semantic"
+        self.status, self.match, self.found = "hit", "semantic", key
         self.cache.metrics.cache_semantic_hits.labels(self.cache.target).inc()
         return entry
 
@@ -237,11 +253,14 @@ class CacheCall:
         return self._question
 
     def served(self, entry: CachedEntry) -> None:
-        """The hit passed the limits and is answered: count the tokens it saved."""
+        """The hit passed the limits and is answered: count the tokens it saved, and
+        maybe verify it upstream in the background."""
         if entry.usage is not None:
             self.cache.metrics.cache_tokens_saved.labels(self.cache.target).inc(
                 entry.usage.total_tokens
             )
+        if self.cache.verifier is not None and self.found is not None:
+            self.cache.verifier.offer(self.request, entry, self.match, self.found)
 
     def _keepable(self, responses: Iterable[SippTextResponse]) -> bool:
         allowed = self.cache.config.store_finish

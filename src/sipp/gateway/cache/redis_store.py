@@ -79,6 +79,17 @@ end
 return {n, b}
 """
 
+# KEYS: lru, expiry, sizes, totals. ARGV: the prefix of value keys. Returns the entries
+# removed (every entry has its member in the LRU set until it is dropped).
+_CLEAR = """
+local members = redis.call('ZRANGE', KEYS[1], 0, -1)
+for _, m in ipairs(members) do
+  redis.call('DEL', ARGV[1] .. m)
+end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+return #members
+"""
+
 
 class RedisCacheStore:
     """One target's cache over a shared Redis client (the `[state]` store's pool)."""
@@ -91,6 +102,7 @@ class RedisCacheStore:
         self._values = f"{prefix}:e:"
         self._get = client.register_script(_GET)
         self._put = client.register_script(_PUT)
+        self._clear = client.register_script(_CLEAR)
         self._down_until = 0.0
 
     async def _call(self, work: Any) -> Any:
@@ -117,6 +129,9 @@ class RedisCacheStore:
     async def totals(self) -> Totals:
         entries, size = await self._call(self._redis.hmget(self._keys[3], "entries", "bytes"))
         return Totals(int(entries or 0), int(size or 0))
+
+    async def clear(self) -> int:
+        return int(await self._call(self._clear(keys=self._keys, args=[self._values])))
 
     async def close(self) -> None:
         """Nothing to close: the client belongs to the `[state]` store."""

@@ -185,6 +185,19 @@ class SemanticStage:
             del self._partitions[found[0]]
         self._show()
 
+    def clear(self) -> None:
+        """Forget every vector (the store was purged), on disk too."""
+        self._partitions.clear()
+        self._added.clear()
+        self._show()
+        if self.directory is not None and self.directory.is_dir():
+            try:
+                self.save()
+            except OSError as exc:  # the next save at shutdown tries again
+                logger.warning(
+                    "cache of target %s: semantic index not saved (%s)", self.target, exc
+                )
+
     def _show(self) -> None:
         self.metrics.cache_semantic_entries.labels(self.target).set(len(self._added))
 

@@ -168,6 +168,22 @@ class SqliteStore:
     async def totals(self) -> Totals:
         return await self._run(self._totals)
 
+    async def clear(self) -> int:
+        return await self._run(self._clear)
+
+    def _clear(self, db: sqlite3.Connection) -> int:
+        with self._used_lock:
+            self._used = {}
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            removed = self._totals(db).entries
+            db.execute("DELETE FROM entries")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return removed
+
     async def close(self) -> None:
         def shut() -> None:
             if self._db is not None:

@@ -13,12 +13,13 @@ from ..config import GatewayConfig, LocalTarget
 from .exact import ExactCache
 from .semantic_stage import Embedder, SemanticStage, model_id
 from .store import CacheStore, CacheStoreError
+from .verify import Upstream, Verifier
 
 if TYPE_CHECKING:
     from ..metrics import GatewayMetrics
     from ..store import Store
 
-__all__ = ["close_caches", "open_caches"]
+__all__ = ["close_caches", "open_caches", "stop_verifying"]
 
 
 async def open_caches(
@@ -26,11 +27,13 @@ async def open_caches(
     state_store: Store | None,
     metrics: GatewayMetrics,
     embedder: Callable[[str], Embedder] | None = None,
+    upstream: Callable[[str], Upstream] | None = None,
 ) -> dict[str, ExactCache]:
     """Every cached target's `ExactCache`, its store opened (a SQLite file that cannot be
     created fails startup, naming the target), its totals on /metrics; with `semantic =
     true`, its semantic stage embedding through `embedder(embedding target name)` (its
-    saved vectors loaded when the store is SQLite)."""
+    saved vectors loaded when the store is SQLite); with `verify_fraction` > 0, its
+    verifier asking `upstream(target name)`."""
     caches: dict[str, ExactCache] = {}
     local = {t.name: t for t in config.targets if isinstance(t, LocalTarget)}
     for target in config.targets:
@@ -80,9 +83,26 @@ async def open_caches(
                 directory,
             )
             cache.semantic.load()
+        if settings.verify_fraction > 0 and upstream is not None:
+            cache.verifier = Verifier(
+                target.name,
+                settings.verify_fraction,
+                settings.verify_threshold,
+                metrics,
+                upstream(target.name),
+                embedder(semantic.embedding_target) if semantic and embedder else None,
+                cache.semantic,
+            )
         with contextlib.suppress(CacheStoreError):  # Redis down: shown on the first store
             cache.show(await store.totals())
     return caches
+
+
+async def stop_verifying(caches: dict[str, ExactCache]) -> None:
+    """Cancel the verifications in flight: before the client closes under them."""
+    for cache in caches.values():
+        if cache.verifier is not None:
+            await cache.verifier.close()
 
 
 async def close_caches(caches: dict[str, ExactCache]) -> None:
