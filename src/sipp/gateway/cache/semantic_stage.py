@@ -8,9 +8,14 @@ names that key, and the answer is read from the exact store like an exact hit. T
 vectors live in memory, grouped by the embedding model's id (another model's vectors are
 never compared), bounded like the store: an entry's vector expires with the entry's TTL
 and the oldest vectors go past `max_entries`. A vector whose entry the store evicted
-sooner (LRU) is dropped when a search finds it. With the SQLite backend they are saved at
-shutdown beside the store file and loaded at startup, so a restart keeps semantic hits;
-with Redis they are per replica (see README).
+sooner (LRU) is dropped when a search finds it.
+
+Each vector is stored durably with its entry, as a `SemanticRecord` in the entry's own
+store write (SQLite: same transaction; Redis: same script), and dropped with it. At
+startup a background task rebuilds the index from the store's records of this
+embedding model (requests meanwhile miss semantically: served and stored as usual);
+with a store other replicas write to (Redis), it then polls the store every
+`FOLLOW_INTERVAL_S` for the records they added, off the request path.
 
 Embedding goes through the gateway's own client and the endpoint serving the embedding
 target, as a public embeddings request would: a disabled, failed or still loading
@@ -20,10 +25,9 @@ target, or a failed run, leaves the request uncached, and is counted.
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import logging
 import os
-import shutil
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -35,7 +39,9 @@ import numpy.typing as npt
 
 from ..._errors import ContextOverflowError, SippError
 from .config import SemanticConfig
+from .entry import SemanticRecord
 from .semantic import SemanticPartition
+from .store import CacheStore, CacheStoreError, StoredRecord
 
 if TYPE_CHECKING:
     from ..config import LocalTarget
@@ -47,7 +53,7 @@ __all__ = ["Embedder", "EmbeddingFailed", "SemanticStage", "model_id", "target_e
 logger = logging.getLogger("sipp.gateway")
 Vector = npt.NDArray[np.float32]
 Embedder = Callable[[str], Awaitable[Vector]]
-_INDEX = "vectors.json"  # exact key -> [partition, added at], in insertion order
+FOLLOW_INTERVAL_S = 1.0  # how often a replica reads the records other replicas added
 
 
 class EmbeddingFailed(Exception):
@@ -93,15 +99,16 @@ class SemanticStage:
         metrics: GatewayMetrics,
         ttl_seconds: float,
         max_entries: int,
-        directory: Path | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.target, self.settings, self.model = target, settings, model
         self._embed, self.metrics = embed, metrics
         self._ttl, self._max = ttl_seconds, max_entries
-        self.directory, self._clock = directory, clock
+        self._clock = clock
         self._partitions: dict[str, SemanticPartition] = {}
         self._added: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._reading: asyncio.Task[None] | None = None
+        self.restored = asyncio.Event()  # set once the store's records are indexed
 
     def __len__(self) -> int:
         return len(self._added)
@@ -176,9 +183,10 @@ class SemanticStage:
     def _show(self) -> None:
         self.metrics.cache_semantic_entries.labels(self.target).set(len(self._added))
 
-    def _failed(self, operation: str, exc: SippError) -> None:
+    def _failed(self, operation: str, exc: Exception) -> None:
         self.metrics.cache_errors.labels(self.target, operation).inc()
-        logger.warning("cache %s for target %s failed (%s)", operation, self.target, exc.code)
+        reason = exc.code if isinstance(exc, SippError) else f"{type(exc).__name__}: {exc}"
+        logger.warning("cache %s for target %s failed (%s)", operation, self.target, reason)
 
     def _expire(self) -> None:
         # insertion order is expiry order: the TTL is absolute and the same for all
@@ -189,39 +197,95 @@ class SemanticStage:
                 break
             self.remove(key)
 
-    # -- persistence (SQLite backend) ---------------------------------------------------
-    def save(self) -> None:
-        """Write every partition under `directory`; partitions no longer held are removed."""
-        if self.directory is None:
-            return
-        self._expire()
-        root = self.directory
-        root.mkdir(parents=True, exist_ok=True)
-        for name, part in self._partitions.items():
-            part.save(root / name)
-        for child in root.iterdir():
-            if child.is_dir() and child.name not in self._partitions:
-                shutil.rmtree(child)
-        tmp = root / (_INDEX + ".tmp")
-        tmp.write_text(json.dumps([[k, p, t] for k, (p, t) in self._added.items()]))
-        tmp.replace(root / _INDEX)
+    # -- durability: the records the store keeps with the entries -----------------------
+    async def record(
+        self, partition: str, text: str, vector: Vector | None
+    ) -> SemanticRecord | None:
+        """The record to store with a question's entry, embedding the question when the
+        lookup did not (`Cache-Control: no-cache`); None when it has no vector (too long,
+        or the embedding failed: counted, and the entry is cached exactly only)."""
+        if vector is None:
+            with contextlib.suppress(EmbeddingFailed):
+                vector = await self.embed(text)
+        return SemanticRecord(partition, text, self.model, vector) if vector is not None else None
 
-    def load(self) -> None:
-        """Read what `save` wrote; unreadable files leave the semantic index empty (the
-        exact entries still answer) rather than failing startup."""
-        if self.directory is None or not (self.directory / _INDEX).is_file():
-            return
-        try:
-            rows = json.loads((self.directory / _INDEX).read_text())
-            added = OrderedDict((str(k), (str(p), float(t))) for k, p, t in rows)
-            parts = {p: SemanticPartition.load(self.directory / p) for p, _ in added.values()}
-        except (OSError, ValueError, TypeError, SippError) as exc:
-            logger.warning(
-                "cache of target %s: saved semantic index unreadable (%s); starting empty",
-                self.target,
-                exc,
-            )
-            return
-        self._partitions, self._added = parts, added
+    def start(self, store: CacheStore) -> None:
+        """Rebuild the index from `store` in the background, then (a store shared with
+        other replicas) keep reading what they add."""
+        self._reading = asyncio.create_task(self._read(store), name=f"semantic-{self.target}")
+
+    async def close(self) -> None:
+        if self._reading is not None:
+            self._reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reading
+            self._reading = None
+
+    async def _read(self, store: CacheStore) -> None:
+        cursor, warned = 0, False
+        started = time.perf_counter()
+        while True:
+            try:
+                cursor = await self._read_since(store, cursor)
+            except CacheStoreError as exc:  # retried: until then, fewer semantic hits
+                if not warned:
+                    self._failed("semantic read", exc)
+                    warned = True
+            else:
+                warned = False
+                if not self.restored.is_set():
+                    self._restored(time.perf_counter() - started)
+                    if not store.shared:
+                        return
+            await asyncio.sleep(FOLLOW_INTERVAL_S)
+
+    async def _read_since(self, store: CacheStore, cursor: int) -> int:
+        while True:
+            page = await store.records(self.model, cursor)
+            self._take(page.records)
+            if page.cursor == cursor:
+                return cursor
+            cursor = page.cursor
+
+    def _take(self, found: list[StoredRecord]) -> None:
+        """Index records read from the store (those already indexed are skipped)."""
+        now = self._clock()
+        groups: dict[str, list[StoredRecord]] = {}
+        for item in found:
+            if item.key not in self._added and item.record.model == self.model:
+                groups.setdefault(item.record.partition, []).append(item)
+        for partition, items in groups.items():
+            part = self._partitions.get(partition)
+            if part is None:
+                part = self._partitions[partition] = SemanticPartition()
+            try:
+                vectors = np.stack([i.record.vector for i in items])
+                texts = [i.record.text for i in items]
+                part.add_many(texts, vectors, [i.key for i in items], self.model)
+            except (SippError, ValueError) as exc:  # vectors the index refuses: skipped
+                self._failed("semantic restore", exc)
+                if not len(part):
+                    del self._partitions[partition]
+                continue
+            for i in items:
+                self._added[i.key] = (partition, now + i.ttl_left - self._ttl)
+        self._bound()
+
+    def _restored(self, seconds: float) -> None:
+        # Entries stored by requests during the rebuild were added before older records:
+        # order by age again (insertion order is what expiry and the bound go by).
+        self._added = OrderedDict(sorted(self._added.items(), key=lambda item: item[1][1]))
+        self._bound()
+        self.restored.set()
+        logger.info(
+            "cache of target %s: %d semantic entries restored in %.1f s",
+            self.target,
+            len(self._added),
+            seconds,
+        )
+
+    def _bound(self) -> None:
         self._expire()
+        while len(self._added) > self._max:
+            self.remove(next(iter(self._added)))
         self._show()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-import urllib.parse
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -29,8 +28,8 @@ async def open_caches(
 ) -> dict[str, ExactCache]:
     """Every cached target's `ExactCache`, its store opened (a SQLite file that cannot be
     created fails startup, naming the target), its totals on /metrics; with `semantic =
-    true`, its semantic stage embedding through `embedder(embedding target name)` (its
-    saved vectors loaded when the store is SQLite)."""
+    true`, its semantic stage embedding through `embedder(embedding target name)`, its
+    index rebuilt in the background from the vectors the store keeps with the entries."""
     caches: dict[str, ExactCache] = {}
     local = {t.name: t for t in config.targets if isinstance(t, LocalTarget)}
     for target in config.targets:
@@ -64,11 +63,6 @@ async def open_caches(
         semantic = settings.semantic
         if semantic is not None and embedder is not None:
             # the parser checked it names a local target loaded for embeddings
-            directory = (
-                settings.path / f"{urllib.parse.quote(target.name, safe='')}.semantic"
-                if settings.path is not None
-                else None
-            )
             cache.semantic = SemanticStage(
                 target.name,
                 semantic,
@@ -77,9 +71,8 @@ async def open_caches(
                 metrics,
                 settings.ttl_seconds,
                 settings.max_entries,
-                directory,
             )
-            cache.semantic.load()
+            cache.semantic.start(store)  # rebuilds its index from the store's records
         with contextlib.suppress(CacheStoreError):  # Redis down: shown on the first store
             cache.show(await store.totals())
     return caches

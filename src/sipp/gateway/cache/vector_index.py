@@ -1,31 +1,39 @@
 """Nearest neighbours by cosine similarity over one partition's vectors.
 
 `VectorIndex` keeps every vector in a float32 numpy matrix (the source of truth:
-exact search, exact scores, persistence). Past `ann_min_size` entries, and when the
+exact search, exact scores; the vectors are kept durably by the cache's store). Past `ann_min_size` entries, and when the
 optional `usearch` package is installed (the `cache` extra), it also keeps an HNSW
 graph and answers searches from it: a candidate list from the graph, each candidate
 rescored exactly from the matrix. Below that size a matrix-vector product is both
 exact and fast enough; bench/semantic_lookup.py measured where it stops being so.
 
+The graph is built off the request path: when the index reaches `ann_min_size`, a
+background thread (one per process at a time, so two large partitions do not share
+the cores three ways with inference) builds it from a snapshot of the vectors while
+searches keep being answered exactly from the matrix. Additions and removals made
+during the build are noted and replayed onto the graph before it is swapped in, so
+none is lost (about 100 s of one core per 100,000 vectors; bench/semantic_lookup.py).
+
 Vectors are L2-normalised on the way in, so a dot product is the cosine similarity.
-Not safe for concurrent use from several threads: the caller (one partition) locks.
+Thread-safe: one lock per index, never held while the graph builds.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from ..._errors import InvalidConfigError, InvalidRequestError
+from ..._errors import InvalidRequestError
 
-__all__ = ["ANN_MIN_SIZE", "Neighbor", "VectorIndex", "ann_available"]
+__all__ = ["ANN_MIN_SIZE", "Neighbor", "VectorIndex", "ann_available", "in_background"]
+
+logger = logging.getLogger("sipp.gateway")
 
 # Up to this many 384-dim vectors an exact search stays within about 1 ms (a tenth of
 # the lookup budget) on this 2-core CPU: 0.12 ms at 1,000, 1.0 ms at 10,000, 2.3 ms at
@@ -33,8 +41,23 @@ __all__ = ["ANN_MIN_SIZE", "Neighbor", "VectorIndex", "ann_available"]
 # busy machine). Exact search needs no build time and no second copy of the vectors, so
 # it is kept while it is that cheap.
 ANN_MIN_SIZE = 10_000
-_FORMAT = 1
+# Changes made during a build are replayed outside the lock until this few are left,
+# which are replayed under it (a graph insert takes about a millisecond).
+_CATCH_UP = 64
 _Vector = npt.NDArray[np.float32]
+_BUILDS = threading.Lock()  # one graph build at a time in the process
+Job = Callable[[], None]
+
+
+def in_background(job: Job) -> None:
+    """Run a graph build on its own daemon thread (a build cannot be interrupted, and
+    must not hold the process at exit), one build at a time."""
+
+    def run() -> None:
+        with _BUILDS:
+            job()
+
+    threading.Thread(target=run, name="sipp-ann-build", daemon=True).start()
 
 
 def ann_available() -> bool:
@@ -75,6 +98,17 @@ class _Ann:
     def remove(self, key: int) -> None:
         self.index.remove(key)
 
+    def replay(
+        self, changed: npt.NDArray[np.int64], present: npt.NDArray[np.int64], rows: _Vector
+    ) -> None:
+        """Bring the graph up to date for `changed` keys: drop what it held for them, then
+        insert those still `present` (their vectors are `rows`, in the same order)."""
+        for key in changed.tolist():
+            if self.index.contains(key):
+                self.index.remove(key)
+        if len(present):
+            self.add(present, rows, threads=1)
+
     def search(self, query: _Vector, k: int) -> npt.NDArray[np.uint64]:
         matches: Any = self.index.search(query, k, threads=1)
         return np.asarray(matches.keys, dtype=np.uint64)
@@ -86,16 +120,31 @@ class _Ann:
 class VectorIndex:
     """Keys (int) -> unit vectors of one dimension; top-k by cosine similarity."""
 
-    def __init__(self, dim: int, *, ann_min_size: int = ANN_MIN_SIZE, use_ann: bool = True) -> None:
+    def __init__(
+        self,
+        dim: int,
+        *,
+        ann_min_size: int = ANN_MIN_SIZE,
+        use_ann: bool = True,
+        start_build: Callable[[Job], None] = in_background,
+        build_threads: int = 1,
+    ) -> None:
+        """`start_build` runs a graph build (a job to call once); `build_threads` is how
+        many threads the build uses (one leaves the other cores to inference)."""
         if dim < 1:
             raise InvalidRequestError("vector dimension must be at least 1")
         self.dim = dim
         self.ann_min_size = ann_min_size
         self.use_ann = use_ann and ann_available()
+        self._start_build, self._build_threads = start_build, build_threads
         self._vectors: _Vector = np.empty((16, dim), dtype=np.float32)
         self._keys: npt.NDArray[np.int64] = np.empty(16, dtype=np.int64)
         self._rows: dict[int, int] = {}  # key -> row
         self._ann: _Ann | None = None
+        self._touched: set[int] | None = None  # while a graph builds: keys changed since
+        self._built = threading.Event()  # set once no build is under way
+        self._built.set()
+        self._lock = threading.RLock()
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -107,6 +156,15 @@ class VectorIndex:
     def uses_ann(self) -> bool:
         """Whether searches go through the graph now."""
         return self._ann is not None
+
+    @property
+    def building(self) -> bool:
+        """Whether a graph is being built (searches are exact meanwhile)."""
+        return not self._built.is_set()
+
+    def wait_built(self, timeout: float | None = None) -> bool:
+        """Wait until no graph build is under way; False on timeout."""
+        return self._built.wait(timeout)
 
     def nbytes(self) -> int:
         """Bytes the float32 matrix holds (the graph's own memory is not counted)."""
@@ -125,6 +183,10 @@ class VectorIndex:
             raise InvalidRequestError(f"{len(keys_arr)} keys for {len(matrix)} vectors")
         if len(set(keys_arr.tolist())) != len(keys_arr) or np.any(keys_arr < 0):
             raise InvalidRequestError("keys must be distinct and non-negative")
+        with self._lock:
+            self._add_locked(keys_arr, matrix)
+
+    def _add_locked(self, keys_arr: npt.NDArray[np.int64], matrix: _Vector) -> None:
         for key in keys_arr.tolist():
             if key in self._rows:
                 self.remove(key)
@@ -136,11 +198,17 @@ class VectorIndex:
             self._rows[key] = start + offset
         if self._ann is not None:
             self._ann.add(keys_arr, matrix)
+        elif self._touched is not None:
+            self._touched.update(keys_arr.tolist())
         else:
             self._maybe_build_ann()
 
     def remove(self, key: int) -> bool:
         """Drop `key`; False when it was not there. The last row moves into its place."""
+        with self._lock:
+            return self._remove_locked(key)
+
+    def _remove_locked(self, key: int) -> bool:
         row = self._rows.pop(key, None)
         if row is None:
             return False
@@ -152,14 +220,20 @@ class VectorIndex:
             self._rows[moved] = row
         if self._ann is not None:
             self._ann.remove(key)
+        elif self._touched is not None:
+            self._touched.add(key)
         return True
 
     def search(self, query: npt.ArrayLike, k: int = 1, *, exact: bool = False) -> list[Neighbor]:
         """The `k` nearest keys, most similar first. `exact` skips the graph."""
+        q = self._unit_rows(query)[0]
+        with self._lock:
+            return self._search_locked(q, k, exact)
+
+    def _search_locked(self, q: _Vector, k: int, exact: bool) -> list[Neighbor]:
         n = len(self._rows)
         if n == 0 or k < 1:
             return []
-        q = self._unit_rows(query)[0]
         if self._ann is not None and not exact:
             # A few more candidates than asked: the graph ranks half-precision copies.
             found = self._ann.search(q, max(k, 4) * 2)
@@ -178,63 +252,6 @@ class VectorIndex:
         )
         best = best[np.argsort(-scores[best], kind="stable")]
         return [Neighbor(int(self._keys[rows[i]]), float(scores[i])) for i in best]
-
-    # -- persistence --------------------------------------------------------------------
-    def save(self, directory: str | os.PathLike[str]) -> None:
-        """Write the index into `directory` (created if needed). Each file is written
-        beside its final name and renamed into place; meta.json goes last, so a save cut
-        short leaves a count that `load` finds inconsistent rather than mixed data."""
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        n = len(self._rows)
-        _atomic(path / "keys.npy", lambda f: np.save(f, self._keys[:n]))
-        _atomic(path / "vectors.npy", lambda f: np.save(f, self._vectors[:n]))
-        ann_file = path / "ann.usearch"
-        if self._ann is not None:
-            tmp = ann_file.with_name(ann_file.name + ".tmp")
-            self._ann.index.save(str(tmp))
-            tmp.replace(ann_file)
-        elif ann_file.exists():
-            ann_file.unlink()
-        meta = {"format": _FORMAT, "dim": self.dim, "count": n, "ann": self._ann is not None}
-        _atomic(path / "meta.json", lambda f: f.write(json.dumps(meta).encode()))
-
-    @classmethod
-    def load(
-        cls,
-        directory: str | os.PathLike[str],
-        *,
-        ann_min_size: int = ANN_MIN_SIZE,
-        use_ann: bool = True,
-    ) -> VectorIndex:
-        """An index saved by `save`. A graph file is reused when it matches the vectors;
-        otherwise (missing, stale, or usearch not installed) it is rebuilt or skipped."""
-        path = Path(directory)
-        try:
-            meta = json.loads((path / "meta.json").read_text())
-            keys = np.load(path / "keys.npy")
-            vectors = np.load(path / "vectors.npy")
-            dim, count = int(meta["dim"]), int(meta["count"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise InvalidConfigError(f"vector index at {path} is unreadable: {exc}") from None
-        if meta.get("format") != _FORMAT or vectors.shape != (count, dim) or keys.shape != (count,):
-            raise InvalidConfigError(f"vector index at {path} is inconsistent (cut short?)")
-        index = cls(dim, ann_min_size=ann_min_size, use_ann=False)
-        if count:
-            index._reserve(count)
-            index._vectors[:count] = vectors
-            index._keys[:count] = keys
-            index._rows = {int(k): i for i, k in enumerate(keys.tolist())}
-        index.use_ann = use_ann and ann_available()
-        ann_file = path / "ann.usearch"
-        if index.use_ann and meta.get("ann") and ann_file.exists():
-            ann = _Ann(dim)
-            ann.index.load(str(ann_file))
-            if len(ann) == count:
-                index._ann = ann
-        if index._ann is None:
-            index._maybe_build_ann()
-        return index
 
     # -- internals ----------------------------------------------------------------------
     def _unit_rows(self, vectors: npt.ArrayLike) -> _Vector:
@@ -265,10 +282,36 @@ class VectorIndex:
 
     def _maybe_build_ann(self) -> None:
         n = len(self._rows)
-        if self.use_ann and self._ann is None and n >= self.ann_min_size:
+        if self.use_ann and self._ann is None and self._touched is None and n >= self.ann_min_size:
+            keys, vectors = self._keys[:n].copy(), self._vectors[:n].copy()
+            self._touched = set()
+            self._built.clear()
+            self._start_build(lambda: self._build(keys, vectors))
+
+    def _build(self, keys: npt.NDArray[np.int64], vectors: _Vector) -> None:
+        """Build the graph from a snapshot without the lock, replay the changes made
+        meanwhile, and swap it in; on failure searches stay exact (logged, not retried)."""
+        try:
             ann = _Ann(self.dim)
-            ann.add(self._keys[:n], self._vectors[:n])
-            self._ann = ann
+            ann.add(keys, vectors, threads=self._build_threads)
+            while True:
+                with self._lock:
+                    assert self._touched is not None
+                    changed = np.array(sorted(self._touched), dtype=np.int64)
+                    self._touched = set()
+                    present = np.array([k for k in changed.tolist() if k in self._rows], np.int64)
+                    rows = self._vectors[[self._rows[k] for k in present.tolist()]]
+                    if len(changed) <= _CATCH_UP:
+                        ann.replay(changed, present, rows)
+                        self._ann, self._touched = ann, None
+                        return
+                ann.replay(changed, present, rows)  # rows is a copy: the lock is not needed
+        except Exception:
+            logger.exception("building the ANN graph failed; searches stay exact")
+            with self._lock:
+                self.use_ann, self._touched = False, None
+        finally:
+            self._built.set()
 
 
 def _dot(matrix: _Vector, q: _Vector) -> _Vector:
@@ -277,12 +320,3 @@ def _dot(matrix: _Vector, q: _Vector) -> _Vector:
     # beside a busy embedder, 0.8 ms with one BLAS thread). einsum runs in this thread.
     out: _Vector = np.einsum("ij,j->i", matrix, q)
     return out
-
-
-def _atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)

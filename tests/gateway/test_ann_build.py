@@ -1,0 +1,93 @@
+"""The ANN graph is built off the request path: while it builds (held here by an event,
+not by timing), searches are answered exactly and additions, replacements and removals
+made meanwhile are all in the graph once it is swapped in."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from sipp.gateway.cache.semantic import SemanticPartition
+from sipp.gateway.cache.vector_index import VectorIndex, ann_available
+
+DIM = 64
+MODEL = "model-a"
+
+
+def _vectors(n: int, seed: int = 7) -> npt.NDArray[np.float32]:
+    # random directions in 64 dimensions are nearly orthogonal: each is its own nearest
+    return np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+
+
+class HeldBuilds:
+    """A `start_build` that runs each build on a thread once `release` is set."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.started = 0
+
+    def __call__(self, job: Callable[[], None]) -> None:
+        self.started += 1
+
+        def run() -> None:
+            assert self.release.wait(120), "the test never released the build"
+            job()
+
+        threading.Thread(target=run, daemon=True).start()
+
+
+@pytest.fixture(autouse=True)
+def _usearch() -> None:
+    assert ann_available(), "the cache extra (usearch) is part of the dev install"
+
+
+def test_searches_during_a_build_are_exact_and_changes_made_meanwhile_are_kept() -> None:
+    vectors = _vectors(600)
+    builds = HeldBuilds()
+    index = VectorIndex(DIM, ann_min_size=200, start_build=builds)
+    index.add_many(np.arange(250), vectors[:250])  # past the size: a build starts, held
+    assert builds.started == 1 and index.building and not index.uses_ann
+    for i in (0, 17, 249):
+        assert index.search(vectors[i], k=1)[0].key == i
+    # more changes during the build than are replayed under the lock at the end
+    index.add_many(np.arange(250, 400), vectors[250:400])
+    index.add(1000, vectors[500])
+    index.add(7, vectors[501])  # a key of the snapshot, replaced
+    assert index.remove(5) and index.remove(300)  # one of the snapshot, one added since
+    assert index.search(vectors[500], k=1)[0].key == 1000
+    assert index.search(vectors[501], k=1)[0].key == 7
+    assert builds.started == 1  # one build at a time
+    builds.release.set()
+    assert index.wait_built(120) and index.uses_ann and not index.building
+    assert len(index) == 399
+    for key, row in [(1000, 500), (7, 501), (0, 0), (249, 249), (250, 250), (399, 399)]:
+        assert index.search(vectors[row], k=1)[0].key == key  # through the graph now
+    assert index.search(vectors[7], k=1)[0].key != 7  # the replaced vector is gone
+    for removed in (5, 300):
+        assert all(n.key != removed for n in index.search(vectors[removed], k=10))
+    # the graph agrees with an exact search for every key added during the build
+    for key in range(250, 400):
+        if key != 300:
+            assert index.search(vectors[key], k=1) == index.search(vectors[key], k=1, exact=True)
+
+
+def test_a_partition_answers_from_the_vectors_while_its_graph_builds() -> None:
+    vectors = _vectors(300, seed=3)
+    builds = HeldBuilds()
+    part = SemanticPartition(ann_min_size=100, start_build=builds)
+    texts = [f"question {i}" for i in range(300)]
+    part.add_many(texts[:50], vectors[:50], [f"p{i}" for i in range(50)], MODEL)
+    assert builds.started == 0
+    part.add_many(texts[50:150], vectors[50:150], [f"p{i}" for i in range(50, 150)], MODEL)
+    assert builds.started == 1 and not part.wait_built(timeout=0)
+    hit = part.search(texts[120], vectors[120], MODEL, threshold=0.99, guard=False).match
+    assert hit is not None and hit.entry.payload_id == "p120"
+    part.add(texts[200], vectors[200], "late", MODEL)
+    builds.release.set()
+    assert part.wait_built(120)
+    late = part.search(texts[200], vectors[200], MODEL, threshold=0.99, guard=False).match
+    assert late is not None and late.entry.payload_id == "late"
