@@ -163,6 +163,11 @@ def test_redis_records_follow_their_entries(tmp_path: Path) -> None:
                 # another target's prefix is another namespace
                 elsewhere = RedisCacheStore(client, "t:cache:elsewhere", 4, 1 << 20)
                 assert (await _all(elsewhere)).records == []
+                # Redis restarted empty: its numbers start again, and are read again
+                cursor = (await _all(store)).cursor
+                await client.flushall()
+                await other.put("y", b"Y", 60, _record("after the restart"))
+                assert [r.key for r in (await store.records(MODEL, cursor)).records] == ["y"]
             finally:
                 await client.aclose()
 

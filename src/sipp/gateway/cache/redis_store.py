@@ -88,6 +88,7 @@ if size <= max_b then
   redis.call('HINCRBY', KEYS[5], 'bytes', size)
   if record ~= '' then
     local seq = redis.call('INCR', sem .. tag .. ':n')
+    if seq == 1 then redis.call('SET', sem .. tag .. ':epoch', now) end
     redis.call('SET', sem .. tag .. ':r:' .. member, record, 'PX', ttl)
     redis.call('ZADD', sem .. tag .. ':s', seq, member)
     redis.call('HSET', KEYS[6], member, tag)
@@ -103,12 +104,14 @@ end
 return {n, b}
 """
 
-# KEYS: a model's numbered set, the expiry set. ARGV: the number to read after, how many,
-# the prefix of that model's record keys. Returns {now ms, then per member: member,
-# number, record or nil (expired, not swept yet), expiry ms or nil}.
+# KEYS: a model's numbered set, the expiry set, when the model's counter started. ARGV:
+# the number to read after, how many, the prefix of that model's record keys. Returns
+# {now ms, the counter's start, then per member: member, number, record or nil (expired,
+# not swept yet), expiry ms or nil}.
 _SINCE = """
 local t = redis.call('TIME')
 local out = {tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)}
+out[2] = redis.call('GET', KEYS[3]) or ''
 local page = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf', 'WITHSCORES',
   'LIMIT', 0, tonumber(ARGV[2]))
 for i = 1, #page, 2 do
@@ -140,6 +143,7 @@ class RedisCacheStore:
         self._get = client.register_script(_GET)
         self._put = client.register_script(_PUT)
         self._since = client.register_script(_SINCE)
+        self._epochs: dict[str, bytes] = {}  # model -> when its numbering started
         self._down_until = 0.0
 
     async def _call(self, work: Any) -> Any:
@@ -173,11 +177,16 @@ class RedisCacheStore:
 
     async def records(self, model: str, after: int = 0, limit: int = 2000) -> RecordPage:
         tag = f"{self._semantic}{model_tag(model)}"
-        reply = await self._call(
-            self._since(keys=[f"{tag}:s", self._keys[1]], args=[after, limit, f"{tag}:r:"])
-        )
+        keys = [f"{tag}:s", self._keys[1], f"{tag}:epoch"]
+        reply = await self._call(self._since(keys=keys, args=[after, limit, f"{tag}:r:"]))
+        # Numbers restart when Redis lost its data (restarted empty, flushed): then the
+        # records are read again from the first.
+        epoch, seen = bytes(reply[1]), self._epochs.get(model)
+        self._epochs[model] = epoch
+        if after and seen is not None and epoch != seen:
+            return await self.records(model, 0, limit)
         now, found, cursor = int(reply[0]), [], after
-        for i in range(1, len(reply), 4):
+        for i in range(2, len(reply), 4):
             member, number, raw, expires = reply[i : i + 4]
             cursor = int(float(number))
             record = decode_record(bytes(raw)) if raw is not None else None

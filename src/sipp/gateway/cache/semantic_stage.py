@@ -252,7 +252,12 @@ class SemanticStage:
         now = self._clock()
         groups: dict[str, list[StoredRecord]] = {}
         for item in found:
-            if item.key not in self._added and item.record.model == self.model:
+            if item.record.model != self.model:
+                continue
+            if item.key in self._added:  # stored again (by another replica): a later expiry
+                self._added[item.key] = (item.record.partition, now + item.ttl_left - self._ttl)
+                self._added.move_to_end(item.key)
+            else:
                 groups.setdefault(item.record.partition, []).append(item)
         for partition, items in groups.items():
             part = self._partitions.get(partition)
@@ -283,6 +288,11 @@ class SemanticStage:
             len(self._added),
             seconds,
         )
+
+    def wait_built(self, timeout: float | None = None) -> bool:
+        """Wait (a thread, not the event loop) until no partition's ANN graph is being
+        built; False on timeout."""
+        return all(part.wait_built(timeout) for part in list(self._partitions.values()))
 
     def _bound(self) -> None:
         self._expire()

@@ -44,6 +44,7 @@ ANN_MIN_SIZE = 10_000
 # Changes made during a build are replayed outside the lock until this few are left,
 # which are replayed under it (a graph insert takes about a millisecond).
 _CATCH_UP = 64
+_CHUNK = 4096  # changes replayed per round outside the lock
 _Vector = npt.NDArray[np.float32]
 _BUILDS = threading.Lock()  # one graph build at a time in the process
 Job = Callable[[], None]
@@ -296,16 +297,20 @@ class VectorIndex:
             ann.add(keys, vectors, threads=self._build_threads)
             while True:
                 with self._lock:
-                    assert self._touched is not None
-                    changed = np.array(sorted(self._touched), dtype=np.int64)
-                    self._touched = set()
-                    present = np.array([k for k in changed.tolist() if k in self._rows], np.int64)
+                    touched = self._touched
+                    assert touched is not None
+                    last = len(touched) <= _CATCH_UP
+                    # a chunk at a time: a copy of every row added meanwhile could be large
+                    taken = [touched.pop() for _ in range(min(len(touched), _CHUNK))]
+                    changed = np.array(taken, dtype=np.int64)
+                    present = np.array([k for k in taken if k in self._rows], dtype=np.int64)
                     rows = self._vectors[[self._rows[k] for k in present.tolist()]]
-                    if len(changed) <= _CATCH_UP:
+                    if last:
                         ann.replay(changed, present, rows)
                         self._ann, self._touched = ann, None
                         return
-                ann.replay(changed, present, rows)  # rows is a copy: the lock is not needed
+                # rows is a copy; a key touched again meanwhile is back in the set
+                ann.replay(changed, present, rows)
         except Exception:
             logger.exception("building the ANN graph failed; searches stay exact")
             with self._lock:
