@@ -4,6 +4,8 @@ made meanwhile are all in the graph once it is swapped in."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 
@@ -91,3 +93,23 @@ def test_a_partition_answers_from_the_vectors_while_its_graph_builds() -> None:
     assert part.wait_built(120)
     late = part.search(texts[200], vectors[200], MODEL, threshold=0.99, guard=False).match
     assert late is not None and late.entry.payload_id == "late"
+
+
+EXITING = """
+import numpy as np
+from sipp.gateway.cache.vector_index import VectorIndex
+
+index = VectorIndex(64, ann_min_size=100)
+index.add_many(np.arange(50_000), np.random.default_rng(1).standard_normal((50_000, 64)))
+print("building" if index.building else "built")
+"""
+
+
+def test_a_process_exiting_during_a_build_exits_cleanly() -> None:
+    """A build still inside usearch when the interpreter goes down used to abort the
+    process (SIGABRT): a gateway stopped during a build must exit with 0."""
+    done = subprocess.run(
+        [sys.executable, "-c", EXITING], capture_output=True, text=True, timeout=300
+    )
+    assert done.stdout.strip() == "building"  # 50,000 vectors take far longer to insert
+    assert done.returncode == 0, done.stderr

@@ -231,6 +231,10 @@ class SemanticStage:
                 if not warned:
                     self._failed("semantic read", exc)
                     warned = True
+            except Exception:  # a bug: the exact cache and requests carry on without it
+                logger.exception("cache of target %s: reading semantic records", self.target)
+                self.metrics.cache_errors.labels(self.target, "semantic read").inc()
+                return
             else:
                 warned = False
                 if not self.restored.is_set():

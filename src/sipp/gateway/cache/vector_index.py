@@ -20,6 +20,7 @@ Thread-safe: one lock per index, never held while the graph builds.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 from collections.abc import Callable
@@ -42,23 +43,47 @@ logger = logging.getLogger("sipp.gateway")
 # it is kept while it is that cheap.
 ANN_MIN_SIZE = 10_000
 # Changes made during a build are replayed outside the lock until this few are left,
-# which are replayed under it (a graph insert takes about a millisecond).
-_CATCH_UP = 64
+# which are replayed under it (a graph insert takes about a millisecond, and searches
+# wait on the lock meanwhile).
+_CATCH_UP = 16
 _CHUNK = 4096  # changes replayed per round outside the lock
+_BATCH = 1024  # vectors inserted into a graph between two looks at `_STOP`
 _Vector = npt.NDArray[np.float32]
 _BUILDS = threading.Lock()  # one graph build at a time in the process
+_STOP = threading.Event()  # set at interpreter exit: builds stop at their next batch
+_running: set[threading.Thread] = set()
 Job = Callable[[], None]
 
 
+class _Stopped(Exception):
+    """The process is exiting: the build was abandoned."""
+
+
 def in_background(job: Job) -> None:
-    """Run a graph build on its own daemon thread (a build cannot be interrupted, and
-    must not hold the process at exit), one build at a time."""
+    """Run a graph build on a daemon thread (it must not keep the process alive), one
+    build at a time."""
 
     def run() -> None:
-        with _BUILDS:
-            job()
+        try:
+            with _BUILDS:
+                if not _STOP.is_set():
+                    job()
+        finally:
+            _running.discard(thread)
 
-    threading.Thread(target=run, name="sipp-ann-build", daemon=True).start()
+    thread = threading.Thread(target=run, name="sipp-ann-build", daemon=True)
+    _running.add(thread)
+    thread.start()
+
+
+@atexit.register
+def _stop_builds() -> None:
+    # A daemon thread still inside usearch when the interpreter goes down aborts the
+    # process (its C++ threads are torn down joinable): stop builds between batches and
+    # wait for them, which takes one batch (about a second).
+    _STOP.set()
+    for thread in list(_running):
+        thread.join(timeout=60)
 
 
 def ann_available() -> bool:
@@ -94,7 +119,12 @@ class _Ann:
         )
 
     def add(self, keys: npt.NDArray[np.int64], vectors: _Vector, threads: int = 0) -> None:
-        self.index.add(keys.astype(np.uint64), vectors, threads=threads)
+        """Insert in batches, stopping between two when the process is exiting."""
+        for start in range(0, len(keys), _BATCH):
+            if _STOP.is_set():
+                raise _Stopped
+            batch = keys[start : start + _BATCH].astype(np.uint64)
+            self.index.add(batch, vectors[start : start + _BATCH], threads=threads)
 
     def remove(self, key: int) -> None:
         self.index.remove(key)
@@ -311,6 +341,8 @@ class VectorIndex:
                         return
                 # rows is a copy; a key touched again meanwhile is back in the set
                 ann.replay(changed, present, rows)
+        except _Stopped:
+            pass
         except Exception:
             logger.exception("building the ANN graph failed; searches stay exact")
             with self._lock:
