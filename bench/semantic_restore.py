@@ -6,13 +6,15 @@ vectors: random directions, not MiniLM embeddings, which this bench does not com
 then a fresh store and `SemanticStage` are opened as `sipp-gateway serve` opens them, and
 the bench times:
 
-* restore: until the index holds every record (requests miss semantically before that);
+* restore: until the index holds every record (requests miss semantically before that),
+           and the longest the event loop was held meanwhile (a 5 ms ticker's worst gap);
 * graph:   past `ANN_MIN_SIZE` entries, until the background ANN graph is built;
 * search:  one partition search (no embedding, no guard hit) while the graph builds
            (exact over the matrix) and after (through the graph), median over queries;
 * memory:  resident memory the restored index added.
 
     python bench/semantic_restore.py [--entries 10000 100000] [--redis-url redis://...]
+                                     [--restore-only]  (no waiting for the graph)
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def searches(stage: SemanticStage, vectors: np.ndarray, count: int = 30) -> floa
     return statistics.median(times) * 1e3
 
 
-async def run(size: int, kind: str, where: str) -> None:
+async def run(size: int, kind: str, where: str, graph: bool) -> None:
     vectors = np.random.default_rng(size).standard_normal((size, DIM)).astype(np.float32)
     store = _open(kind, where, size)
     print(f"\n{size:,} entries ({kind})")
@@ -100,10 +102,20 @@ async def run(size: int, kind: str, where: str) -> None:
     stage = SemanticStage("t", settings, MODEL, _no_embedder, metrics, 86400, size)
     started = time.perf_counter()
     stage.start(store)
-    await stage.restored.wait()
+    worst = 0.0
+    while not stage.restored.is_set():
+        tick = time.perf_counter()
+        await asyncio.sleep(0.005)
+        worst = max(worst, time.perf_counter() - tick - 0.005)
     restored = time.perf_counter() - started
     print(f"  restore:              {restored:7.2f} s  ({len(stage):,} questions)")
+    print(f"  event loop held:      {worst * 1e3:7.0f} ms at most")
     during = searches(stage, vectors)
+    if not graph:
+        print(f"  search while building: {during:6.2f} ms (exact)")
+        await stage.close()
+        await store.close()
+        return
     built = threading.Event()
     threading.Thread(target=lambda: (stage.wait_built(), built.set()), daemon=True).start()
     while not built.is_set():
@@ -121,16 +133,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--entries", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--redis-url", help="measure the Redis store (flushes its database)")
+    parser.add_argument("--restore-only", action="store_true", help="skip the graph build")
     args = parser.parse_args()
     for size in args.entries:
         if args.redis_url:
             import redis
 
             redis.Redis.from_url(args.redis_url).flushdb()
-            asyncio.run(run(size, "redis", args.redis_url))
+            asyncio.run(run(size, "redis", args.redis_url, not args.restore_only))
         else:
             with tempfile.TemporaryDirectory() as tmp:
-                asyncio.run(run(size, "sqlite", tmp))
+                asyncio.run(run(size, "sqlite", tmp, not args.restore_only))
 
 
 if __name__ == "__main__":

@@ -9,12 +9,16 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import redis.asyncio as aioredis
 
+from sipp.gateway.cache.config import SemanticConfig
 from sipp.gateway.cache.entry import SemanticRecord, decode_record, encode_record
 from sipp.gateway.cache.redis_store import RedisCacheStore
+from sipp.gateway.cache.semantic_stage import SemanticStage
 from sipp.gateway.cache.sqlite_store import SqliteStore
 from sipp.gateway.cache.store import CacheStore, RecordPage
+from sipp.gateway.metrics import GatewayMetrics
 
 from .redis_server import running_redis
 from .test_cache_units import Clock
@@ -172,3 +176,40 @@ def test_redis_records_follow_their_entries(tmp_path: Path) -> None:
                 await client.aclose()
 
         asyncio.run(run())
+
+
+def test_a_stage_rebuilds_its_index_from_the_store(tmp_path: Path) -> None:
+    """What a restart reads back: this model's live records only, the newest
+    `max_entries` of them, with the expiry they had (a restart does not extend it)."""
+    clock = Clock()
+    texts = ["first", "second", "third", "fourth", "other model"]
+
+    async def run() -> None:
+        store = SqliteStore(tmp_path / "t.sqlite3", 100, 1 << 20, clock)
+        store.open()
+        await store.put("old", b"v", 5, _record("stale"))  # expires before the restart
+        for i, text in enumerate(texts):
+            clock.now += 1
+            model = OTHER if text == "other model" else MODEL
+            await store.put(text, b"v", 60, _record(text, model, partition=f"p{i % 2}"))
+        clock.now += 10
+        metrics = GatewayMetrics(dict)
+        stage = SemanticStage("t", SemanticConfig("e"), MODEL, _never, metrics, 60, 3, clock)
+        stage.start(store)
+        await asyncio.wait_for(stage.restored.wait(), 60)
+        assert len(stage) == 3  # "first" was the oldest past max_entries = 3
+        for i, text in enumerate(texts):
+            found = stage.search(f"p{i % 2}", text, _record(text).vector)
+            assert found == (text if text in ("second", "third", "fourth") else None)
+        assert stage.search("part", "stale", _record("stale").vector) is None
+        clock.now += 47  # 60 s after "second" was stored, 59 s after "third"
+        stage.search("p1", "second", _record("second").vector)  # expiry is swept by use
+        assert len(stage) == 2
+        await stage.close()
+        await store.close()
+
+    asyncio.run(run())
+
+
+async def _never(text: str) -> npt.NDArray[np.float32]:
+    raise AssertionError("nothing is embedded here")
