@@ -11,7 +11,9 @@ the bench times:
 * graph:   past `ANN_MIN_SIZE` entries, until the background ANN graph is built;
 * search:  one partition search (no embedding, no guard hit) while the graph builds
            (exact over the matrix) and after (through the graph), median over queries;
-* memory:  resident memory the restored index added.
+* memory:  resident memory the restored index added;
+* restart: (SQLite) the stage closed, saving its graph beside the store, and opened again:
+           until restored with the saved graph in use (no build).
 
     python bench/semantic_restore.py [--entries 10000 100000] [--redis-url redis://...]
                                      [--restore-only]  (no waiting for the graph)
@@ -59,6 +61,13 @@ async def _no_embedder(text: str) -> np.ndarray:
     raise AssertionError("the bench never embeds")
 
 
+def _stage(kind: str, where: str, size: int) -> SemanticStage:
+    settings = SemanticConfig("minilm", 0.9, True)
+    graphs = Path(where) / "bench.graphs" if kind == "sqlite" else None
+    metrics = GatewayMetrics(dict)
+    return SemanticStage("t", settings, MODEL, _no_embedder, metrics, 86400, size, graphs=graphs)
+
+
 def _open(kind: str, where: str, entries: int) -> CacheStore:
     if kind == "sqlite":
         store = SqliteStore(Path(where) / "bench.sqlite3", entries, 1 << 40)
@@ -97,9 +106,7 @@ async def run(size: int, kind: str, where: str, graph: bool) -> None:
     gc.collect()
     before = rss_mib()
     store = _open(kind, where, size)
-    settings = SemanticConfig("minilm", 0.9, True)
-    metrics = GatewayMetrics(dict)
-    stage = SemanticStage("t", settings, MODEL, _no_embedder, metrics, 86400, size)
+    stage = _stage(kind, where, size)
     started = time.perf_counter()
     stage.start(store)
     worst = 0.0
@@ -125,8 +132,22 @@ async def run(size: int, kind: str, where: str, graph: bool) -> None:
     print(f"  search while building: {during:6.2f} ms (exact)")
     print(f"  search after:          {searches(stage, vectors):6.2f} ms")
     print(f"  memory added:         {rss_mib() - before:7.0f} MiB")
+    started = time.perf_counter()
     await stage.close()
     await store.close()
+    if kind == "sqlite":
+        print(f"  close (graph saved):  {time.perf_counter() - started:7.2f} s")
+        store = _open(kind, where, size)
+        stage = _stage(kind, where, size)
+        started = time.perf_counter()
+        stage.start(store)
+        await stage.restored.wait()
+        reused = time.perf_counter() - started
+        assert stage.wait_built(0), "the saved graph was not reused"
+        print(f"  restart, graph reused: {reused:6.2f} s")
+        print(f"  search after restart:  {searches(stage, vectors):6.2f} ms")
+        await stage.close()
+        await store.close()
 
 
 def main() -> None:

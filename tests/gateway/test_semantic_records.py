@@ -5,11 +5,13 @@ per embedding model. SQLite on a file, Redis on a real `redis-server`."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+import pytest
 import redis.asyncio as aioredis
 
 from sipp.gateway.cache.config import SemanticConfig
@@ -213,3 +215,52 @@ def test_a_stage_rebuilds_its_index_from_the_store(tmp_path: Path) -> None:
 
 async def _never(text: str) -> npt.NDArray[np.float32]:
     raise AssertionError("nothing is embedded here")
+
+
+def test_a_clean_restart_reuses_the_saved_graph(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past `ann_min_size` the graph saved at shutdown is taken back at startup instead of
+    built again: renamed to the new keys, without the entries gone since, with those
+    stored since inserted."""
+    clock = Clock()
+    vectors = np.random.default_rng(5).standard_normal((400, 32)).astype(np.float32)
+    graphs = tmp_path / "t.graphs"
+
+    def stage() -> SemanticStage:
+        metrics = GatewayMetrics(dict)
+        return SemanticStage(
+            "t", SemanticConfig("e"), MODEL, _never, metrics, 600, 1000, clock, graphs, 100
+        )
+
+    async def put(store: SqliteStore, i: int) -> None:
+        await store.put(f"k{i}", b"v", 600, SemanticRecord("p", f"q{i}", MODEL, vectors[i]))
+
+    async def run() -> None:
+        store = SqliteStore(tmp_path / "t.sqlite3", 1000, 1 << 20, clock)
+        store.open()
+        for i in range(300):
+            await put(store, i)
+        first = stage()
+        first.start(store)
+        await asyncio.wait_for(first.restored.wait(), 60)
+        assert await asyncio.to_thread(first.wait_built, 120)
+        await first.close()
+        assert len(list(graphs.rglob("*.usearch"))) == 1
+        for i in range(300, 340):  # stored after the save (by a later run that crashed)
+            await put(store, i)
+        await store.put("k5", b"v", 600)  # replaced without a vector: its record goes
+        second = stage()
+        with caplog.at_level(logging.INFO, logger="sipp.gateway"):
+            second.start(store)
+            await asyncio.wait_for(second.restored.wait(), 60)
+        assert "1 saved ANN graphs reused" in caplog.text
+        assert second.wait_built(timeout=0)  # nothing to build
+        assert len(second) == 339
+        for i in (0, 150, 299, 300, 339):
+            assert second.search("p", f"q{i}", vectors[i]) == f"k{i}"
+        assert second.search("p", "q5", vectors[5]) != "k5"
+        await second.close()
+        await store.close()
+
+    asyncio.run(run())

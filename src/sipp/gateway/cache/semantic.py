@@ -17,9 +17,12 @@ Thread-safe: one lock per partition (searches take well under a millisecond, or 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -74,6 +77,7 @@ class SemanticPartition:
         self._ann_min_size = ann_min_size
         self._use_ann = use_ann
         self._start_build = start_build
+        self._held = False  # hold_builds: new models' indexes hold theirs too
         self._models: dict[str, _Model] = {}
         self._by_payload: dict[str, tuple[str, int]] = {}  # payload id -> (model id, key)
         self._next_key = 0
@@ -94,16 +98,7 @@ class SemanticPartition:
         entry = SemanticEntry(text, payload_id, model_id)
         with self._lock:
             self._remove_locked(payload_id)
-            group = self._models.get(model_id)
-            dim = int(np.asarray(vector, dtype=np.float32).size)
-            if group is None:
-                index = VectorIndex(
-                    dim,
-                    ann_min_size=self._ann_min_size,
-                    use_ann=self._use_ann,
-                    start_build=self._start_build,
-                )
-                group = self._models[model_id] = _Model(index, {})
+            group = self._group_locked(model_id, int(np.asarray(vector, np.float32).size))
             key = self._next_key
             group.index.add(key, vector)  # raises on a dimension the model never had
             self._next_key += 1
@@ -127,15 +122,7 @@ class SemanticPartition:
         with self._lock:
             for payload_id in payload_ids:
                 self._remove_locked(payload_id)
-            group = self._models.get(model_id)
-            if group is None:
-                index = VectorIndex(
-                    matrix.shape[1],
-                    ann_min_size=self._ann_min_size,
-                    use_ann=self._use_ann,
-                    start_build=self._start_build,
-                )
-                group = self._models[model_id] = _Model(index, {})
+            group = self._group_locked(model_id, matrix.shape[1])
             keys = np.arange(self._next_key, self._next_key + len(texts), dtype=np.int64)
             group.index.add_many(keys, matrix)
             self._next_key += len(texts)
@@ -177,6 +164,65 @@ class SemanticPartition:
                 rejected.append((match, verdict))
             return SearchOutcome(None, tuple(rejected))
 
+    # -- ANN graphs kept across restarts (the vectors themselves live in the store) -------
+    def hold_builds(self) -> None:
+        """Start no graph build during a bulk load (see `adopt_graphs`); new models too."""
+        with self._lock:
+            self._held = True
+            for group in self._models.values():
+                group.index.hold_builds()
+
+    def release_builds(self) -> None:
+        with self._lock:
+            self._held = False
+            for group in self._models.values():
+                group.index.release_builds()
+
+    def has_graph(self) -> bool:
+        with self._lock:
+            return any(group.index.uses_ann for group in self._models.values())
+
+    def save_graphs(self, directory: Path) -> None:
+        """Write each model's ANN graph (when one is in use) with the payload id of each of
+        its keys, under `directory`; graphs of models no longer held are removed."""
+        directory.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            keep = set()
+            for model_id, group in self._models.items():
+                name = _graph_name(model_id)
+                keys = group.index.save_graph(directory / f"{name}.usearch")
+                if keys is None:
+                    continue
+                payloads = {str(k): group.entries[k].payload_id for k in keys}
+                tmp = directory / f"{name}.json.tmp"
+                tmp.write_text(json.dumps(payloads), encoding="utf-8")
+                tmp.replace(directory / f"{name}.json")
+                keep |= {f"{name}.usearch", f"{name}.json"}
+        for child in directory.iterdir():
+            if child.name not in keep:
+                child.unlink()
+
+    def adopt_graphs(self, directory: Path) -> int:
+        """After a bulk load: take each model's graph saved by `save_graphs` instead of
+        building it (renamed to this partition's keys; entries gone since are dropped
+        from it, new ones inserted). Unreadable files are skipped. How many were taken."""
+        taken = 0
+        with self._lock:
+            for model_id, group in self._models.items():
+                name = _graph_name(model_id)
+                try:
+                    raw = json.loads((directory / f"{name}.json").read_text(encoding="utf-8"))
+                    saved = {int(k): str(v) for k, v in raw.items()}
+                except (OSError, ValueError, TypeError, AttributeError):
+                    continue
+                renamed = {}
+                for old, payload in saved.items():
+                    found = self._by_payload.get(payload)
+                    if found is not None and found[0] == model_id:
+                        renamed[old] = found[1]
+                taken += group.index.adopt_graph(directory / f"{name}.usearch", renamed)
+        return taken
+
     def wait_built(self, timeout: float | None = None) -> bool:
         """Wait until no ANN graph of this partition is being built; False on timeout."""
         with self._lock:
@@ -184,6 +230,20 @@ class SemanticPartition:
         return all(index.wait_built(timeout) for index in indexes)
 
     # -- internals ----------------------------------------------------------------------
+    def _group_locked(self, model_id: str, dim: int) -> _Model:
+        group = self._models.get(model_id)
+        if group is None:
+            index = VectorIndex(
+                dim,
+                ann_min_size=self._ann_min_size,
+                use_ann=self._use_ann,
+                start_build=self._start_build,
+            )
+            if self._held:
+                index.hold_builds()
+            group = self._models[model_id] = _Model(index, {})
+        return group
+
     def _remove_locked(self, payload_id: str) -> bool:
         found = self._by_payload.pop(payload_id, None)
         if found is None:
@@ -193,3 +253,7 @@ class SemanticPartition:
         group.index.remove(key)
         del group.entries[key]
         return True
+
+
+def _graph_name(model_id: str) -> str:
+    return "model-" + hashlib.sha256(model_id.encode("utf-8")).hexdigest()[:16]

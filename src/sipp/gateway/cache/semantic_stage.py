@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
+import shutil
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -42,6 +44,7 @@ from .config import SemanticConfig
 from .entry import SemanticRecord
 from .semantic import SemanticPartition
 from .store import CacheStore, CacheStoreError, StoredRecord
+from .vector_index import ANN_MIN_SIZE
 
 if TYPE_CHECKING:
     from ..config import LocalTarget
@@ -106,11 +109,16 @@ class SemanticStage:
         ttl_seconds: float,
         max_entries: int,
         clock: Callable[[], float] = time.time,
+        graphs: Path | None = None,
+        ann_min_size: int = ANN_MIN_SIZE,
     ) -> None:
+        """`graphs`: a directory where ANN graphs are saved at shutdown and taken back at
+        startup, so a clean restart need not build them again (the vectors themselves
+        are in the store)."""
         self.target, self.settings, self.model = target, settings, model
         self._embed, self.metrics = embed, metrics
         self._ttl, self._max = ttl_seconds, max_entries
-        self._clock = clock
+        self._clock, self._graphs, self._ann_min_size = clock, graphs, ann_min_size
         self._partitions: dict[str, SemanticPartition] = {}
         self._added: Ages = OrderedDict()
         self._reading: asyncio.Task[None] | None = None
@@ -161,7 +169,7 @@ class SemanticStage:
         self._expire()
         part = self._partitions.get(partition)
         if part is None:
-            part = self._partitions[partition] = SemanticPartition()
+            part = self._partitions[partition] = self._partition()
         self.remove(key)
         try:
             part.add(text, vector, key, self.model)
@@ -221,11 +229,29 @@ class SemanticStage:
         self._reading = asyncio.create_task(self._read(store), name=f"semantic-{self.target}")
 
     async def close(self) -> None:
+        """Stop reading the store; save the ANN graphs built (see `graphs`)."""
         if self._reading is not None:
             self._reading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reading
             self._reading = None
+        if self._graphs is not None:
+            try:
+                await asyncio.to_thread(self._save_graphs, self._graphs)
+            except (OSError, RuntimeError) as exc:  # the next start builds them instead
+                self._failed("semantic graph save", exc)
+
+    def _save_graphs(self, root: Path) -> None:
+        keep = set()
+        for name, part in list(self._partitions.items()):
+            if part.has_graph():
+                sub = root / _graph_dir(name)
+                part.save_graphs(sub)
+                keep.add(sub.name)
+        if root.is_dir():
+            for child in root.iterdir():
+                if child.name not in keep:
+                    shutil.rmtree(child, ignore_errors=True)
 
     async def _read(self, store: CacheStore) -> None:
         cursor: int | None = None  # None: not rebuilt yet
@@ -270,9 +296,28 @@ class SemanticStage:
                 break
             cursor = page.cursor
         horizon = self._clock() - self._ttl
-        added = await asyncio.to_thread(_oldest_first, parts, ages, horizon, self._max)
+        added = await asyncio.to_thread(self._finish, parts, ages, horizon)
         self._partitions, self._added = parts, added
         return cursor
+
+    def _finish(
+        self,
+        parts: dict[str, SemanticPartition],
+        ages: list[tuple[str, str, float]],
+        horizon: float,
+    ) -> Ages:
+        added = _oldest_first(parts, ages, horizon, self._max)
+        adopted = 0
+        for name, part in parts.items():
+            if self._graphs is not None:
+                adopted += part.adopt_graphs(self._graphs / _graph_dir(name))
+            part.release_builds()
+        if adopted:
+            logger.info("cache of target %s: %d saved ANN graphs reused", self.target, adopted)
+        return added
+
+    def _partition(self) -> SemanticPartition:
+        return SemanticPartition(ann_min_size=self._ann_min_size)
 
     def _index(
         self,
@@ -286,7 +331,10 @@ class SemanticStage:
             if item.record.model == self.model:
                 groups.setdefault(item.record.partition, []).append(item)
         for partition, items in groups.items():
-            part = parts.setdefault(partition, SemanticPartition())
+            part = parts.get(partition)
+            if part is None:
+                part = parts[partition] = self._partition()
+                part.hold_builds()  # until a saved graph is adopted or found missing
             try:
                 vectors = np.stack([i.record.vector for i in items])
                 texts = [i.record.text for i in items]
@@ -319,7 +367,7 @@ class SemanticStage:
         for partition, items in groups.items():
             part = self._partitions.get(partition)
             if part is None:
-                part = self._partitions[partition] = SemanticPartition()
+                part = self._partitions[partition] = self._partition()
             try:
                 vectors = np.stack([i.record.vector for i in items])
                 texts = [i.record.text for i in items]
@@ -353,6 +401,10 @@ class SemanticStage:
         while len(self._added) > self._max:
             self.remove(next(iter(self._added)))
         self._show()
+
+
+def _graph_dir(partition: str) -> str:
+    return hashlib.sha256(partition.encode("utf-8")).hexdigest()[:32]
 
 
 def _oldest_first(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import urllib.parse
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -63,6 +64,12 @@ async def open_caches(
         semantic = settings.semantic
         if semantic is not None and embedder is not None:
             # the parser checked it names a local target loaded for embeddings
+            # ANN graphs are kept beside a SQLite store (a Redis one has no directory)
+            graphs = (
+                settings.path / f"{urllib.parse.quote(target.name, safe='')}.graphs"
+                if settings.path is not None
+                else None
+            )
             cache.semantic = SemanticStage(
                 target.name,
                 semantic,
@@ -71,6 +78,7 @@ async def open_caches(
                 metrics,
                 settings.ttl_seconds,
                 settings.max_entries,
+                graphs=graphs,
             )
             cache.semantic.start(store)  # rebuilds its index from the store's records
         with contextlib.suppress(CacheStoreError):  # Redis down: shown on the first store

@@ -25,6 +25,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -175,6 +176,7 @@ class VectorIndex:
         self._touched: set[int] | None = None  # while a graph builds: keys changed since
         self._built = threading.Event()  # set once no build is under way
         self._built.set()
+        self._held = False  # `hold_builds`: no build starts until `release_builds`
         self._lock = threading.RLock()
 
     def __len__(self) -> int:
@@ -284,6 +286,61 @@ class VectorIndex:
         best = best[np.argsort(-scores[best], kind="stable")]
         return [Neighbor(int(self._keys[rows[i]]), float(scores[i])) for i in best]
 
+    # -- a graph kept across restarts ---------------------------------------------------
+    def hold_builds(self) -> None:
+        """Start no graph build until `release_builds` (a bulk load that may adopt one)."""
+        with self._lock:
+            self._held = True
+
+    def release_builds(self) -> None:
+        with self._lock:
+            self._held = False
+            self._maybe_build_ann()
+
+    def save_graph(self, path: Path) -> list[int] | None:
+        """Write the graph (when one is in use) to `path`; the keys it holds, or None."""
+        with self._lock:
+            if self._ann is None:
+                return None
+            tmp = path.with_name(path.name + ".tmp")
+            self._ann.index.save(str(tmp))
+            tmp.replace(path)
+            return [int(k) for k in self._keys[: len(self._rows)].tolist()]
+
+    def adopt_graph(self, path: Path, renamed: dict[int, int]) -> bool:
+        """Use the graph saved at `path` instead of building one: its keys are renamed
+        by `renamed` (old -> key now), those not there are removed, and the vectors it
+        lacks are inserted. Meant for an index nothing searches yet (a bulk load): the
+        work runs under the lock. False (and nothing changed) when the file is unusable."""
+        with self._lock:
+            if not self.use_ann or self._ann is not None or self._touched is not None:
+                return False
+            if not path.is_file():
+                return False
+            ann = _Ann(self.dim)
+            try:
+                ann.index.load(str(path))
+                old = np.asarray(ann.index.keys, dtype=np.int64)
+            except (OSError, RuntimeError, ValueError) as exc:
+                logger.warning("saved ANN graph %s unusable (%s); rebuilding it", path, exc)
+                return False
+            if ann.index.ndim != self.dim:
+                return False
+            kept = [k for k in old.tolist() if renamed.get(k) in self._rows]
+            for key in set(old.tolist()) - set(kept):
+                ann.index.remove(key)
+            # through keys no entry uses (above every key), so no rename lands on a key
+            # still waiting for its own rename
+            parked = np.arange(len(kept), dtype=np.uint64) + np.uint64(1 << 62)
+            ann.index.rename(np.asarray(kept, dtype=np.uint64), parked)
+            ann.index.rename(parked, np.asarray([renamed[k] for k in kept], dtype=np.uint64))
+            have = {renamed[k] for k in kept}
+            missing = np.array([k for k in self._rows if k not in have], dtype=np.int64)
+            if len(missing):
+                ann.add(missing, self._vectors[[self._rows[k] for k in missing.tolist()]], 1)
+            self._ann = ann
+            return True
+
     # -- internals ----------------------------------------------------------------------
     def _unit_rows(self, vectors: npt.ArrayLike) -> _Vector:
         matrix = np.asarray(vectors, dtype=np.float32)
@@ -313,7 +370,9 @@ class VectorIndex:
 
     def _maybe_build_ann(self) -> None:
         n = len(self._rows)
-        if self.use_ann and self._ann is None and self._touched is None and n >= self.ann_min_size:
+        if self._held or self._ann is not None or self._touched is not None:
+            return
+        if self.use_ann and n >= self.ann_min_size:
             keys, vectors = self._keys[:n].copy(), self._vectors[:n].copy()
             self._touched = set()
             self._built.clear()
