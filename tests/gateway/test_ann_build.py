@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -113,3 +114,45 @@ def test_a_process_exiting_during_a_build_exits_cleanly() -> None:
     )
     assert done.stdout.strip() == "building"  # 50,000 vectors take far longer to insert
     assert done.returncode == 0, done.stderr
+
+
+def test_a_saved_graph_is_adopted_under_new_keys(tmp_path: Path) -> None:
+    vectors = _vectors(400, seed=11)
+    first = VectorIndex(DIM, ann_min_size=100, start_build=lambda job: job())
+    first.add_many(np.arange(300), vectors[:300])
+    saved = first.save_graph(tmp_path / "graph.usearch")
+    assert first.uses_ann and saved is not None and sorted(saved) == list(range(300))
+    # keys shifted by one: each rename lands on a key another one still holds
+    renamed = {k: k + 1 for k in range(300)}
+    builds = HeldBuilds()
+    few = VectorIndex(DIM, ann_min_size=100, start_build=builds)
+    few.hold_builds()
+    few.add_many(np.arange(1, 296), vectors[:295])  # 5 entries gone since the save
+    few.add_many(np.arange(1000, 1010), vectors[300:310])  # 10 stored since
+    assert few.adopt_graph(tmp_path / "graph.usearch", renamed)
+    few.release_builds()
+    assert few.uses_ann and builds.started == 0  # no build: the graph is in use at once
+    for row, key in [(0, 1), (150, 151), (294, 295), (300, 1000), (309, 1009)]:
+        assert few.search(vectors[row], k=1)[0].key == key
+    assert all(n.key != 300 for n in few.search(vectors[299], k=5))
+    # many stored since (a crash after an older save): inserted in the background
+    many = VectorIndex(DIM, ann_min_size=100, start_build=builds)
+    many.hold_builds()
+    many.add_many(np.arange(1, 301), vectors[:300])
+    many.add_many(np.arange(2000, 2100), vectors[300:400])
+    assert many.adopt_graph(tmp_path / "graph.usearch", renamed)
+    many.release_builds()
+    assert builds.started == 1 and many.building and not many.uses_ann
+    assert many.search(vectors[350], k=1)[0].key == 2050  # exact meanwhile
+    builds.release.set()
+    assert many.wait_built(120) and many.uses_ann
+    for row, key in [(0, 1), (299, 300), (300, 2000), (399, 2099)]:
+        assert many.search(vectors[row], k=1)[0].key == key
+    # an unreadable file: not adopted, the index builds its own graph
+    (tmp_path / "bad.usearch").write_bytes(b"not a graph")
+    other = VectorIndex(DIM, ann_min_size=100, start_build=lambda job: job())
+    other.hold_builds()
+    other.add_many(np.arange(300), vectors[:300])
+    assert not other.adopt_graph(tmp_path / "bad.usearch", renamed)
+    other.release_builds()
+    assert other.uses_ann and other.search(vectors[7], k=1)[0].key == 7

@@ -335,10 +335,16 @@ class VectorIndex:
             ann.index.rename(np.asarray(kept, dtype=np.uint64), parked)
             ann.index.rename(parked, np.asarray([renamed[k] for k in kept], dtype=np.uint64))
             have = {renamed[k] for k in kept}
-            missing = np.array([k for k in self._rows if k not in have], dtype=np.int64)
-            if len(missing):
-                ann.add(missing, self._vectors[[self._rows[k] for k in missing.tolist()]], 1)
-            self._ann = ann
+            missing = [k for k in self._rows if k not in have]
+            if len(missing) <= _CATCH_UP:
+                rows = self._vectors[[self._rows[k] for k in missing]]
+                ann.add(np.array(missing, dtype=np.int64), rows, 1)
+                self._ann = ann
+            else:  # many stored since (a crash): inserted in the background, exact meanwhile
+                self._touched = set(missing)
+                self._built.clear()
+                none = np.empty(0, dtype=np.int64)
+                self._start_build(lambda: self._build(none, self._vectors[:0], ann))
             return True
 
     # -- internals ----------------------------------------------------------------------
@@ -378,12 +384,16 @@ class VectorIndex:
             self._built.clear()
             self._start_build(lambda: self._build(keys, vectors))
 
-    def _build(self, keys: npt.NDArray[np.int64], vectors: _Vector) -> None:
-        """Build the graph from a snapshot without the lock, replay the changes made
-        meanwhile, and swap it in; on failure searches stay exact (logged, not retried)."""
+    def _build(
+        self, keys: npt.NDArray[np.int64], vectors: _Vector, ann: _Ann | None = None
+    ) -> None:
+        """Build the graph from a snapshot without the lock (or take `ann`, a graph that
+        lacks only the keys touched), replay the changes made meanwhile, and swap it in;
+        on failure searches stay exact (logged, not retried)."""
         try:
-            ann = _Ann(self.dim)
-            ann.add(keys, vectors, threads=self._build_threads)
+            if ann is None:
+                ann = _Ann(self.dim)
+                ann.add(keys, vectors, threads=self._build_threads)
             while True:
                 with self._lock:
                     touched = self._touched
