@@ -12,7 +12,8 @@ background thread (one per process at a time, so two large partitions do not sha
 the cores three ways with inference) builds it from a snapshot of the vectors while
 searches keep being answered exactly from the matrix. Additions and removals made
 during the build are noted and replayed onto the graph before it is swapped in, so
-none is lost (about 100 s of one core per 100,000 vectors; bench/semantic_lookup.py).
+none is lost (about 170 s of one core per 100,000 vectors; bench/semantic_restore.py).
+A graph written by `save_graph` is taken back by a later process with `adopt_graph`.
 
 Vectors are L2-normalised on the way in, so a dot product is the cosine similarity.
 Thread-safe: one lock per index, never held while the graph builds.
