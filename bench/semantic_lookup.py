@@ -81,6 +81,7 @@ def build(
     started = time.perf_counter()
     part = SemanticPartition(ann_min_size=0 if use_ann else len(texts) + 1, use_ann=use_ann)
     part.add_many(texts, vectors, [f"r{i}" for i in range(len(texts))], MODEL_ID)
+    part.wait_built()  # the graph builds in the background
     return part, time.perf_counter() - started, rss_mib() - before
 
 
@@ -99,6 +100,7 @@ def crossover(vectors: np.ndarray, queries: np.ndarray) -> None:
         print(f"  exact {size:>7,}: {statistics.median(times) * 1e3:.3f} ms")
     ann = VectorIndex(vectors.shape[1], ann_min_size=0)
     ann.add_many(np.arange(len(vectors)), vectors)
+    ann.wait_built()
     times, agree = [], 0
     exact = VectorIndex(vectors.shape[1], use_ann=False)
     exact.add_many(np.arange(len(vectors)), vectors)

@@ -16,7 +16,6 @@ import pytest
 
 from sipp import (
     ContextRuntimeConfig,
-    InvalidConfigError,
     InvalidRequestError,
     LocalModelDescriptor,
     NativeRuntimeConfig,
@@ -122,7 +121,7 @@ def test_ann_agrees_with_exact_search(corpus: tuple[list[str], npt.NDArray[np.fl
     ann = VectorIndex(vectors.shape[1], ann_min_size=100)
     exact.add_many(np.arange(len(stored)), stored)
     ann.add_many(np.arange(len(stored)), stored)
-    assert ann.uses_ann and not exact.uses_ann
+    assert ann.wait_built(120) and ann.uses_ann and not exact.uses_ann
     agree = 0
     for q in queries:
         e, a = exact.search(q, k=1)[0], ann.search(q, k=1)[0]
@@ -142,7 +141,7 @@ def test_index_grows_into_ann_past_its_threshold(
         index.add(i, vectors[i])
     assert not index.uses_ann
     index.add(199, vectors[199])
-    assert index.uses_ann
+    assert index.wait_built(120) and index.uses_ann
     index.add(200, vectors[200])  # later adds go into the graph too
     index.remove(5)
     assert index.search(vectors[200], k=1)[0].key == 200
@@ -150,41 +149,6 @@ def test_index_grows_into_ann_past_its_threshold(
     assert index.search(vectors[300], k=1)[0].key == 6 and len(index) == 200
     assert index.search(vectors[6], k=1)[0].key != 6
     assert all(n.key != 5 for n in index.search(vectors[5], k=5))
-
-
-@pytest.mark.parametrize("ann_min_size", [10_000, 100], ids=["exact", "ann"])
-def test_index_persistence_round_trip(
-    corpus: tuple[list[str], npt.NDArray[np.float32]], tmp_path: Path, ann_min_size: int
-) -> None:
-    _, vectors = corpus
-    index = VectorIndex(vectors.shape[1], ann_min_size=ann_min_size)
-    index.add_many(np.arange(300) + 1000, vectors[:300])
-    index.remove(1003)
-    index.save(tmp_path / "idx")
-    loaded = VectorIndex.load(tmp_path / "idx", ann_min_size=ann_min_size)
-    assert len(loaded) == 299 and 1003 not in loaded and loaded.uses_ann == index.uses_ann
-    for i in (0, 42, 299):
-        assert loaded.search(vectors[i], k=3) == index.search(vectors[i], k=3)
-    assert (tmp_path / "idx" / "ann.usearch").exists() == (ann_min_size == 100)
-    # Without the graph file (or the package), the graph is rebuilt from the vectors.
-    if ann_min_size == 100:
-        (tmp_path / "idx" / "ann.usearch").unlink()
-        rebuilt = VectorIndex.load(tmp_path / "idx", ann_min_size=ann_min_size)
-        assert rebuilt.uses_ann and rebuilt.search(vectors[42], k=1)[0].key == 1042
-
-
-def test_a_save_cut_short_is_reported_not_mixed(
-    corpus: tuple[list[str], npt.NDArray[np.float32]], tmp_path: Path
-) -> None:
-    _, vectors = corpus
-    index = VectorIndex(vectors.shape[1], use_ann=False)
-    index.add_many(np.arange(20), vectors[:20])
-    index.save(tmp_path)
-    np.save(tmp_path / "keys.npy", np.arange(25))  # keys of a newer save, meta of the old
-    with pytest.raises(InvalidConfigError, match="inconsistent"):
-        VectorIndex.load(tmp_path)
-    with pytest.raises(InvalidConfigError, match="unreadable"):
-        VectorIndex.load(tmp_path / "missing")
 
 
 # -- semantic partition ----------------------------------------------------------------------
@@ -255,23 +219,6 @@ def test_remove_and_replace_by_payload(embedders: dict[str, Embed]) -> None:
     assert part.search("what is the capital of France", a, MINILM, 0.9).match is None
     assert part.remove("p1") and not part.remove("p1") and len(part) == 0
     assert part.search("who painted the Mona Lisa", b, MINILM, 0.5).match is None
-
-
-def test_partition_persistence_round_trip(
-    partition: SemanticPartition, embedders: dict[str, Embed], tmp_path: Path
-) -> None:
-    extra = SemanticPartition.load(tmp_path / "nothing-yet")
-    assert len(extra) == 0
-    partition.save(tmp_path / "part")
-    loaded = SemanticPartition.load(tmp_path / "part")
-    assert len(loaded) == len(partition) and loaded.models() == [MINILM]
-    assert _lookup(loaded, embedders, "how can I enable dark mode") == "payload-0"
-    assert _lookup(loaded, embedders, "how do I turn off dark mode") is None
-    # New entries after a load get fresh keys (no collision with the loaded ones).
-    text = "what is the tallest mountain in the world"
-    loaded.add(text, embedders[MINILM]([text])[0], "payload-new", MINILM)
-    assert _lookup(loaded, embedders, "which mountain is the highest on earth") == "payload-new"
-    assert _lookup(loaded, embedders, "how do I reset my password") == "payload-3"
 
 
 # -- calibration command ------------------------------------------------------------------------

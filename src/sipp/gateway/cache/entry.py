@@ -5,6 +5,10 @@ tool calls, logprobs) and, when it was streamed, the deltas it was streamed in, 
 replay streams the same pieces. An answer that was not streamed is replayed in pieces
 cut from its text (one per token when logprobs give the tokens, else one per word)
 and one delta per tool call: never one blob.
+
+A `SemanticRecord` is what the semantic cache keeps of an entry (its partition, last
+user message, embedding model id and vector); the store writes it with the entry and
+drops it with the entry, so the semantic index can be rebuilt from the store alone.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, cast
+
+import numpy as np
+import numpy.typing as npt
 
 from ..._types import (
     FinishReason,
@@ -27,7 +34,16 @@ from ..._types import (
 )
 from ..request import ChoiceDone, Event, TextDelta, UsageTotal, total_usage
 
-__all__ = ["CachedChoice", "CachedEntry", "decode_entry", "encode_entry", "replay_events"]
+__all__ = [
+    "CachedChoice",
+    "CachedEntry",
+    "SemanticRecord",
+    "decode_entry",
+    "decode_record",
+    "encode_entry",
+    "encode_record",
+    "replay_events",
+]
 
 FORMAT = 1  # bumped when the layout changes: older entries then read as misses
 _WORD = re.compile(r"\s*\S+\s*|\s+")
@@ -50,6 +66,19 @@ class CachedEntry:
     @property
     def usage(self) -> Usage | None:
         return total_usage(self.responses)
+
+
+@dataclass(frozen=True, slots=True)
+class SemanticRecord:
+    """One entry's question for the semantic index."""
+
+    partition: str
+    text: str
+    model: str  # the embedding model's id: vectors of two models are never compared
+    vector: npt.NDArray[np.float32]
+
+    def vector_bytes(self) -> bytes:
+        return np.ascontiguousarray(self.vector, dtype="<f4").tobytes()
 
 
 def replay_events(entry: CachedEntry) -> Iterator[Event]:
@@ -79,6 +108,31 @@ def _pieces(response: SippTextResponse) -> list[TokenBatch]:
 def encode_entry(entry: CachedEntry) -> bytes:
     data = {"v": FORMAT, "choices": [_choice(c) for c in entry.choices]}
     return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def encode_record(record: SemanticRecord) -> bytes:
+    """A JSON line (partition, text, model) then the vector's little-endian float32s."""
+    head = {"v": FORMAT, "p": record.partition, "t": record.text, "m": record.model}
+    line = json.dumps(head, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return line + b"\n" + record.vector_bytes()
+
+
+def decode_record(raw: bytes) -> SemanticRecord | None:
+    """The record, or None when `raw` is of another layout version or is malformed (a
+    record the index cannot use is skipped, never fatal)."""
+    line, sep, vector = raw.partition(b"\n")
+    try:
+        head = json.loads(line)
+        if not sep or head.get("v") != FORMAT or not vector or len(vector) % 4:
+            return None
+        return SemanticRecord(str(head["p"]), str(head["t"]), str(head["m"]), vector_from(vector))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def vector_from(raw: bytes) -> npt.NDArray[np.float32]:
+    """A vector stored by `SemanticRecord.vector_bytes`."""
+    return np.frombuffer(raw, dtype="<f4").astype(np.float32)
 
 
 def decode_entry(raw: bytes) -> CachedEntry | None:

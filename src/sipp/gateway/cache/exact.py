@@ -17,14 +17,14 @@ uncached.
 With `semantic = true` (semantic_stage.py), an exact miss embeds the last user message
 and searches its partition (`keys.partition_key`) for a stored question close enough in
 meaning; the entry found is read by its exact key and replayed like an exact hit
-(`x-sipp-cache-match: semantic`). Storing adds the question's vector once the entry is
-written, reusing the lookup's embedding. A failed embedding serves the request uncached.
+(`x-sipp-cache-match: semantic`). Storing writes the question's vector with the entry
+(reusing the lookup's embedding), then indexes it. A failed embedding serves the request
+uncached.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
@@ -114,20 +114,18 @@ class ExactCache:
         task.add_done_callback(self._writing.discard)
 
     async def _put(self, key: str, value: bytes, route: str, question: Question | None) -> None:
+        record = None  # the question's vector, stored with the entry and dropped with it
+        if question is not None and self.semantic is not None:
+            record = await self.semantic.record(*question)
         try:
-            totals = await self.store.put(key, value, self.config.ttl_seconds)
+            totals = await self.store.put(key, value, self.config.ttl_seconds, record)
         except CacheStoreError as exc:
             self._failed("store", exc)
             return
         self.metrics.cache_stores.labels(self.target, route).inc()
         self.show(totals)
-        if question is not None and self.semantic is not None:
-            partition, text, vector = question
-            if vector is None:  # the lookup did not embed it (Cache-Control: no-cache)
-                with contextlib.suppress(EmbeddingFailed):  # counted: cached exactly only
-                    vector = await self.semantic.embed(text)
-            if vector is not None:
-                self.semantic.add(partition, text, vector, key)
+        if record is not None and self.semantic is not None:
+            self.semantic.add(record.partition, record.text, record.vector, key)
 
     async def purge(self) -> int:
         """Empty the store, once the writes under way landed, and the semantic index; how
@@ -160,10 +158,7 @@ class ExactCache:
         while self._writing:
             await asyncio.gather(*self._writing, return_exceptions=True)
         if self.semantic is not None:
-            try:
-                self.semantic.save()
-            except (OSError, SippError) as exc:  # the exact entries are kept regardless
-                self._failed("semantic save", exc)
+            await self.semantic.close()
         await self.store.close()
 
 

@@ -8,9 +8,14 @@ names that key, and the answer is read from the exact store like an exact hit. T
 vectors live in memory, grouped by the embedding model's id (another model's vectors are
 never compared), bounded like the store: an entry's vector expires with the entry's TTL
 and the oldest vectors go past `max_entries`. A vector whose entry the store evicted
-sooner (LRU) is dropped when a search finds it. With the SQLite backend they are saved at
-shutdown beside the store file and loaded at startup, so a restart keeps semantic hits;
-with Redis they are per replica (see README).
+sooner (LRU) is dropped when a search finds it.
+
+Each vector is stored durably with its entry, as a `SemanticRecord` in the entry's own
+store write (SQLite: same transaction; Redis: same script), and dropped with it. At
+startup a background task rebuilds the index from the store's records of this
+embedding model (requests meanwhile miss semantically: served and stored as usual);
+with a store other replicas write to (Redis), it then polls the store every
+`FOLLOW_INTERVAL_S` for the records they added, off the request path.
 
 Embedding goes through the gateway's own client and the endpoint serving the embedding
 target, as a public embeddings request would: a disabled, failed or still loading
@@ -20,7 +25,8 @@ target, or a failed run, leaves the request uncached, and is counted.
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
+import hashlib
 import logging
 import os
 import shutil
@@ -35,7 +41,10 @@ import numpy.typing as npt
 
 from ..._errors import ContextOverflowError, SippError
 from .config import SemanticConfig
+from .entry import SemanticRecord
 from .semantic import SemanticPartition
+from .store import CacheStore, CacheStoreError, StoredRecord
+from .vector_index import ANN_MIN_SIZE
 
 if TYPE_CHECKING:
     from ..config import LocalTarget
@@ -57,7 +66,13 @@ Embedder = Callable[[str], Awaitable[Vector]]
 # One request's question vectors by (embedding target, text), None when too long to
 # embed: the route stage and the cache stage embed a question once between them.
 Embedded = dict[tuple[str, str], "Vector | None"]
-_INDEX = "vectors.json"  # exact key -> [partition, added at], in insertion order
+FOLLOW_INTERVAL_S = 1.0  # how often a replica reads the records other replicas added
+# Records read per step. A rebuild indexes its pages on a worker thread; records that
+# other replicas add are indexed on the event loop (a few at a time, 500 at most: about
+# 10 ms on the loaded 2-core machine).
+_PAGE = 500
+_REBUILD_PAGE = 2000
+Ages = OrderedDict[str, tuple[str, float]]  # exact key -> (partition, added at), oldest first
 
 
 class EmbeddingFailed(Exception):
@@ -103,15 +118,21 @@ class SemanticStage:
         metrics: GatewayMetrics,
         ttl_seconds: float,
         max_entries: int,
-        directory: Path | None = None,
         clock: Callable[[], float] = time.time,
+        graphs: Path | None = None,
+        ann_min_size: int = ANN_MIN_SIZE,
     ) -> None:
+        """`graphs`: a directory where ANN graphs are saved at shutdown and taken back at
+        startup, so a clean restart need not build them again (the vectors themselves
+        are in the store)."""
         self.target, self.settings, self.model = target, settings, model
         self._embed, self.metrics = embed, metrics
         self._ttl, self._max = ttl_seconds, max_entries
-        self.directory, self._clock = directory, clock
+        self._clock, self._graphs, self._ann_min_size = clock, graphs, ann_min_size
         self._partitions: dict[str, SemanticPartition] = {}
-        self._added: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._added: Ages = OrderedDict()
+        self._reading: asyncio.Task[None] | None = None
+        self.restored = asyncio.Event()  # set once the store's records are indexed
 
     def __len__(self) -> int:
         return len(self._added)
@@ -160,7 +181,7 @@ class SemanticStage:
         self._expire()
         part = self._partitions.get(partition)
         if part is None:
-            part = self._partitions[partition] = SemanticPartition()
+            part = self._partitions[partition] = self._partition()
         self.remove(key)
         try:
             part.add(text, vector, key, self.model)
@@ -186,24 +207,19 @@ class SemanticStage:
         self._show()
 
     def clear(self) -> None:
-        """Forget every vector (the store was purged), on disk too."""
+        """Forget every vector: the store was purged, and its records went with the
+        entries (a graph still building for a dropped partition is never adopted)."""
         self._partitions.clear()
         self._added.clear()
         self._show()
-        if self.directory is not None and self.directory.is_dir():
-            try:
-                self.save()
-            except OSError as exc:  # the next save at shutdown tries again
-                logger.warning(
-                    "cache of target %s: semantic index not saved (%s)", self.target, exc
-                )
 
     def _show(self) -> None:
         self.metrics.cache_semantic_entries.labels(self.target).set(len(self._added))
 
-    def _failed(self, operation: str, exc: SippError) -> None:
+    def _failed(self, operation: str, exc: Exception) -> None:
         self.metrics.cache_errors.labels(self.target, operation).inc()
-        logger.warning("cache %s for target %s failed (%s)", operation, self.target, exc.code)
+        reason = exc.code if isinstance(exc, SippError) else f"{type(exc).__name__}: {exc}"
+        logger.warning("cache %s for target %s failed (%s)", operation, self.target, reason)
 
     def _expire(self) -> None:
         # insertion order is expiry order: the TTL is absolute and the same for all
@@ -214,39 +230,220 @@ class SemanticStage:
                 break
             self.remove(key)
 
-    # -- persistence (SQLite backend) ---------------------------------------------------
-    def save(self) -> None:
-        """Write every partition under `directory`; partitions no longer held are removed."""
-        if self.directory is None:
-            return
-        self._expire()
-        root = self.directory
-        root.mkdir(parents=True, exist_ok=True)
-        for name, part in self._partitions.items():
-            part.save(root / name)
-        for child in root.iterdir():
-            if child.is_dir() and child.name not in self._partitions:
-                shutil.rmtree(child)
-        tmp = root / (_INDEX + ".tmp")
-        tmp.write_text(json.dumps([[k, p, t] for k, (p, t) in self._added.items()]))
-        tmp.replace(root / _INDEX)
+    # -- durability: the records the store keeps with the entries -----------------------
+    async def record(
+        self, partition: str, text: str, vector: Vector | None
+    ) -> SemanticRecord | None:
+        """The record to store with a question's entry, embedding the question when the
+        lookup did not (`Cache-Control: no-cache`); None when it has no vector (too long,
+        or the embedding failed: counted, and the entry is cached exactly only)."""
+        if vector is None:
+            with contextlib.suppress(EmbeddingFailed):
+                vector = await self.embed(text)
+        return SemanticRecord(partition, text, self.model, vector) if vector is not None else None
 
-    def load(self) -> None:
-        """Read what `save` wrote; unreadable files leave the semantic index empty (the
-        exact entries still answer) rather than failing startup."""
-        if self.directory is None or not (self.directory / _INDEX).is_file():
-            return
-        try:
-            rows = json.loads((self.directory / _INDEX).read_text())
-            added = OrderedDict((str(k), (str(p), float(t))) for k, p, t in rows)
-            parts = {p: SemanticPartition.load(self.directory / p) for p, _ in added.values()}
-        except (OSError, ValueError, TypeError, SippError) as exc:
-            logger.warning(
-                "cache of target %s: saved semantic index unreadable (%s); starting empty",
-                self.target,
-                exc,
-            )
-            return
+    def start(self, store: CacheStore) -> None:
+        """Rebuild the index from `store` in the background, then (a store shared with
+        other replicas) keep reading what they add."""
+        self._reading = asyncio.create_task(self._read(store), name=f"semantic-{self.target}")
+
+    async def close(self) -> None:
+        """Stop reading the store; save the ANN graphs built (see `graphs`)."""
+        if self._reading is not None:
+            self._reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reading
+            self._reading = None
+        if self._graphs is not None:
+            try:
+                await asyncio.to_thread(self._save_graphs, self._graphs)
+            except (OSError, RuntimeError) as exc:  # the next start builds them instead
+                self._failed("semantic graph save", exc)
+
+    def _save_graphs(self, root: Path) -> None:
+        keep = set()
+        for name, part in list(self._partitions.items()):
+            if part.has_graph():
+                sub = root / _graph_dir(name)
+                part.save_graphs(sub)
+                keep.add(sub.name)
+        if root.is_dir():
+            for child in root.iterdir():
+                if child.name not in keep:
+                    shutil.rmtree(child, ignore_errors=True)
+
+    async def _read(self, store: CacheStore) -> None:
+        cursor: int | None = None  # None: not rebuilt yet
+        warned = False
+        started = time.perf_counter()
+        while True:
+            try:
+                if cursor is None:
+                    cursor = await self._rebuild(store)
+                # then what was stored meanwhile (or, shared, by other replicas since)
+                cursor = await self._read_since(store, cursor)
+            except CacheStoreError as exc:  # retried: until then, fewer semantic hits
+                if not warned:
+                    self._failed("semantic read", exc)
+                    warned = True
+            except Exception:  # a bug: the exact cache and requests carry on without it
+                logger.exception("cache of target %s: reading semantic records", self.target)
+                self.metrics.cache_errors.labels(self.target, "semantic read").inc()
+                return
+            else:
+                warned = False
+                if not self.restored.is_set():
+                    self._restored(time.perf_counter() - started)
+                    if not store.shared:
+                        return
+            await asyncio.sleep(FOLLOW_INTERVAL_S)
+
+    async def _rebuild(self, store: CacheStore) -> int:
+        """Index every record of this model into fresh partitions on a worker thread (the
+        event loop only awaits pages; nothing else sees these partitions yet), then put
+        them in place of the live ones at once. Entries stored by requests meanwhile are
+        in the store too: the caller reads them next. Returns the cursor reached."""
+        parts: dict[str, SemanticPartition] = {}
+        ages: list[tuple[str, str, float]] = []  # key, partition, added at
+        cursor = 0
+        while True:
+            page = await store.records(self.model, cursor, _REBUILD_PAGE)
+            if page.records:
+                now = self._clock()
+                await asyncio.to_thread(self._index, parts, ages, page.records, now)
+            if page.cursor == cursor:
+                break
+            cursor = page.cursor
+        horizon = self._clock() - self._ttl
+        added = await asyncio.to_thread(self._finish, parts, ages, horizon)
         self._partitions, self._added = parts, added
+        return cursor
+
+    def _finish(
+        self,
+        parts: dict[str, SemanticPartition],
+        ages: list[tuple[str, str, float]],
+        horizon: float,
+    ) -> Ages:
+        added = _oldest_first(parts, ages, horizon, self._max)
+        adopted = 0
+        for name, part in parts.items():
+            if self._graphs is not None:
+                adopted += part.adopt_graphs(self._graphs / _graph_dir(name))
+            part.release_builds()
+        if adopted:
+            logger.info("cache of target %s: %d saved ANN graphs reused", self.target, adopted)
+        return added
+
+    def _partition(self) -> SemanticPartition:
+        return SemanticPartition(ann_min_size=self._ann_min_size)
+
+    def _index(
+        self,
+        parts: dict[str, SemanticPartition],
+        ages: list[tuple[str, str, float]],
+        found: list[StoredRecord],
+        now: float,
+    ) -> None:
+        groups: dict[str, list[StoredRecord]] = {}
+        for item in found:
+            if item.record.model == self.model:
+                groups.setdefault(item.record.partition, []).append(item)
+        for partition, items in groups.items():
+            part = parts.get(partition)
+            if part is None:
+                part = parts[partition] = self._partition()
+                part.hold_builds()  # until a saved graph is adopted or found missing
+            try:
+                vectors = np.stack([i.record.vector for i in items])
+                texts = [i.record.text for i in items]
+                part.add_many(texts, vectors, [i.key for i in items], self.model)
+            except (SippError, ValueError) as exc:  # vectors the index refuses: skipped
+                self._failed("semantic restore", exc)
+                continue
+            ages += [(i.key, partition, now + i.ttl_left - self._ttl) for i in items]
+
+    async def _read_since(self, store: CacheStore, cursor: int) -> int:
+        while True:
+            page = await store.records(self.model, cursor, _PAGE)
+            self._take(page.records)
+            if page.cursor == cursor:
+                return cursor
+            cursor = page.cursor
+
+    def _take(self, found: list[StoredRecord]) -> None:
+        """Index records read from the store (those already indexed are skipped)."""
+        now = self._clock()
+        groups: dict[str, list[StoredRecord]] = {}
+        for item in found:
+            if item.record.model != self.model:
+                continue
+            if item.key in self._added:  # stored again (by another replica): a later expiry
+                self._added[item.key] = (item.record.partition, now + item.ttl_left - self._ttl)
+                self._added.move_to_end(item.key)
+            else:
+                groups.setdefault(item.record.partition, []).append(item)
+        for partition, items in groups.items():
+            part = self._partitions.get(partition)
+            if part is None:
+                part = self._partitions[partition] = self._partition()
+            try:
+                vectors = np.stack([i.record.vector for i in items])
+                texts = [i.record.text for i in items]
+                part.add_many(texts, vectors, [i.key for i in items], self.model)
+            except (SippError, ValueError) as exc:  # vectors the index refuses: skipped
+                self._failed("semantic restore", exc)
+                if not len(part):
+                    del self._partitions[partition]
+                continue
+            for i in items:
+                self._added[i.key] = (partition, now + i.ttl_left - self._ttl)
+        self._bound()
+
+    def _restored(self, seconds: float) -> None:
+        self._bound()
+        self.restored.set()
+        logger.info(
+            "cache of target %s: %d semantic entries restored in %.1f s",
+            self.target,
+            len(self._added),
+            seconds,
+        )
+
+    def wait_built(self, timeout: float | None = None) -> bool:
+        """Wait (a thread, not the event loop) until no partition's ANN graph is being
+        built; False on timeout."""
+        return all(part.wait_built(timeout) for part in list(self._partitions.values()))
+
+    def _bound(self) -> None:
         self._expire()
+        while len(self._added) > self._max:
+            self.remove(next(iter(self._added)))
         self._show()
+
+
+def _graph_dir(partition: str) -> str:
+    return hashlib.sha256(partition.encode("utf-8")).hexdigest()[:32]
+
+
+def _oldest_first(
+    parts: dict[str, SemanticPartition],
+    ages: list[tuple[str, str, float]],
+    horizon: float,
+    most: int,
+) -> Ages:
+    """The rebuilt entries by age, without those added at or before `horizon` (expired)
+    or past the `most` newest, which are removed from `parts` (empty partitions too)."""
+    ordered: Ages = OrderedDict()
+    for key, partition, added in sorted(ages, key=lambda age: age[2]):
+        ordered.pop(key, None)  # a key read twice (stored again meanwhile): the last one
+        ordered[key] = (partition, added)
+    while ordered:
+        key, (partition, added) = next(iter(ordered.items()))
+        if added > horizon and len(ordered) <= most:
+            break
+        del ordered[key]
+        parts[partition].remove(key)
+    for name in [name for name, part in parts.items() if not len(part)]:
+        del parts[name]
+    return ordered

@@ -12,6 +12,11 @@ are swept by the next store too. Entry and byte totals are kept by triggers in t
 transactions, so eviction never counts rows, and several processes sharing the file
 (WAL, with a busy timeout for writers) keep them right. Expiry is wall-clock time: an
 entry's TTL runs on while the gateway is stopped.
+
+An entry's semantic record (partition, last user message, embedding model id, float32
+vector) is a row of `semantic`, inserted in the entry's transaction and deleted by a
+trigger whenever its entry is (replaced, expired, evicted): the vectors survive a crash
+exactly as the entries do, and the index is rebuilt from them at startup (`records`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from .store import CacheStoreError, Totals
+from .entry import SemanticRecord, vector_from
+from .store import CacheStoreError, RecordPage, StoredRecord, Totals
 
 __all__ = ["SqliteStore", "store_file"]
 
@@ -45,6 +51,12 @@ CREATE TRIGGER IF NOT EXISTS entry_added AFTER INSERT ON entries BEGIN
     UPDATE totals SET entries = entries + 1, bytes = bytes + NEW.size WHERE id = 0; END;
 CREATE TRIGGER IF NOT EXISTS entry_removed AFTER DELETE ON entries BEGIN
     UPDATE totals SET entries = entries - 1, bytes = bytes - OLD.size WHERE id = 0; END;
+CREATE TABLE IF NOT EXISTS semantic (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL UNIQUE,
+    partition TEXT NOT NULL, text TEXT NOT NULL, model TEXT NOT NULL, vector BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS semantic_model ON semantic (model, seq);
+CREATE TRIGGER IF NOT EXISTS entry_semantic_removed AFTER DELETE ON entries BEGIN
+    DELETE FROM semantic WHERE key = OLD.key; END;
 """
 
 
@@ -117,10 +129,23 @@ class SqliteStore:
             self._used[key] = now
         return bytes(row[0])
 
-    async def put(self, key: str, value: bytes, ttl_seconds: float) -> Totals:
-        return await self._run(lambda db: self._put(db, key, value, ttl_seconds))
+    @property
+    def shared(self) -> bool:
+        return False  # one gateway process per file: its own records are all there are
 
-    def _put(self, db: sqlite3.Connection, key: str, value: bytes, ttl: float) -> Totals:
+    async def put(
+        self, key: str, value: bytes, ttl_seconds: float, record: SemanticRecord | None = None
+    ) -> Totals:
+        return await self._run(lambda db: self._put(db, key, value, ttl_seconds, record))
+
+    def _put(
+        self,
+        db: sqlite3.Connection,
+        key: str,
+        value: bytes,
+        ttl: float,
+        record: SemanticRecord | None,
+    ) -> Totals:
         now = self._clock()
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -131,6 +156,12 @@ class SqliteStore:
                     "INSERT INTO entries (key, value, size, expires, used) VALUES (?, ?, ?, ?, ?)",
                     (key, value, len(value), now + ttl, now),
                 )
+                if record is not None:
+                    db.execute(
+                        "INSERT INTO semantic (key, partition, text, model, vector)"
+                        " VALUES (?, ?, ?, ?, ?)",
+                        (key, record.partition, record.text, record.model, record.vector_bytes()),
+                    )
             totals = self._evict(db)
             db.execute("COMMIT")
         except BaseException:
@@ -183,6 +214,23 @@ class SqliteStore:
             db.execute("ROLLBACK")
             raise
         return removed
+
+    async def records(self, model: str, after: int = 0, limit: int = 2000) -> RecordPage:
+        return await self._run(lambda db: self._records(db, model, after, limit))
+
+    def _records(self, db: sqlite3.Connection, model: str, after: int, limit: int) -> RecordPage:
+        now = self._clock()
+        rows = db.execute(
+            "SELECT s.seq, s.key, s.partition, s.text, s.vector, e.expires FROM semantic s"
+            " JOIN entries e ON e.key = s.key WHERE s.model = ? AND s.seq > ? AND e.expires > ?"
+            " ORDER BY s.seq LIMIT ?",
+            (model, after, now, limit),
+        ).fetchall()
+        found = [
+            StoredRecord(key, SemanticRecord(part, text, model, vector_from(vector)), exp - now)
+            for _, key, part, text, vector, exp in rows
+        ]
+        return RecordPage(found, int(rows[-1][0]) if rows else after)
 
     async def close(self) -> None:
         def shut() -> None:

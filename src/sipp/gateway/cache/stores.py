@@ -31,9 +31,9 @@ async def open_caches(
 ) -> dict[str, ExactCache]:
     """Every cached target's `ExactCache`, its store opened (a SQLite file that cannot be
     created fails startup, naming the target), its totals on /metrics; with `semantic =
-    true`, its semantic stage embedding through `embedder(embedding target name)` (its
-    saved vectors loaded when the store is SQLite); with `verify_fraction` > 0, its
-    verifier asking `upstream(target name)`."""
+    true`, its semantic stage embedding through `embedder(embedding target name)`, its
+    index rebuilt in the background from the vectors the store keeps with the entries;
+    with `verify_fraction` > 0, its verifier asking `upstream(target name)`."""
     caches: dict[str, ExactCache] = {}
     local = {t.name: t for t in config.targets if isinstance(t, LocalTarget)}
     for target in config.targets:
@@ -67,8 +67,9 @@ async def open_caches(
         semantic = settings.semantic
         if semantic is not None and embedder is not None:
             # the parser checked it names a local target loaded for embeddings
-            directory = (
-                settings.path / f"{urllib.parse.quote(target.name, safe='')}.semantic"
+            # ANN graphs are kept beside a SQLite store (a Redis one has no directory)
+            graphs = (
+                settings.path / f"{urllib.parse.quote(target.name, safe='')}.graphs"
                 if settings.path is not None
                 else None
             )
@@ -80,9 +81,9 @@ async def open_caches(
                 metrics,
                 settings.ttl_seconds,
                 settings.max_entries,
-                directory,
+                graphs=graphs,
             )
-            cache.semantic.load()
+            cache.semantic.start(store)  # rebuilds its index from the store's records
         if settings.verify_fraction > 0 and upstream is not None:
             cache.verifier = Verifier(
                 target.name,
