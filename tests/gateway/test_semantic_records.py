@@ -201,9 +201,9 @@ def test_a_stage_rebuilds_its_index_from_the_store(tmp_path: Path) -> None:
         await asyncio.wait_for(stage.restored.wait(), 60)
         assert len(stage) == 3  # "first" was the oldest past max_entries = 3
         for i, text in enumerate(texts):
-            found = stage.search(f"p{i % 2}", text, _record(text).vector)
+            found = stage.search(f"p{i % 2}", text, _record(text).vector)[0]
             assert found == (text if text in ("second", "third", "fourth") else None)
-        assert stage.search("part", "stale", _record("stale").vector) is None
+        assert stage.search("part", "stale", _record("stale").vector)[0] is None
         clock.now += 47  # 60 s after "second" was stored, 59 s after "third"
         stage.search("p1", "second", _record("second").vector)  # expiry is swept by use
         assert len(stage) == 2
@@ -259,8 +259,8 @@ def test_a_clean_restart_reuses_the_saved_graph(
         assert await asyncio.to_thread(second.wait_built, 120)
         assert len(second) == 339
         for i in (0, 150, 299, 300, 339):
-            assert second.search("p", f"q{i}", vectors[i]) == f"k{i}"
-        assert second.search("p", "q5", vectors[5]) != "k5"
+            assert second.search("p", f"q{i}", vectors[i])[0] == f"k{i}"
+        assert second.search("p", "q5", vectors[5])[0] != "k5"
         await second.close()
         await store.close()
 
