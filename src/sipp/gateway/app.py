@@ -109,7 +109,8 @@ def _models(state: GatewayState) -> Callable[[Request], Awaitable[Response]]:
 
     async def models(request: Request) -> Response:
         try:
-            check_client(state, request)  # blocked addresses and rate limits, like every route
+            # blocked addresses and rate limits, like every route
+            await check_client(state, request)
             caller = state.tokens.authenticate(request.headers.get("authorization"))
         except SippError as exc:
             return openai_error(exc, uuid.uuid4().hex)
