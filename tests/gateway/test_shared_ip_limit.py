@@ -33,19 +33,22 @@ def _rate_limit(burst: int) -> str:
 @contextmanager
 def _replica(
     directory: Path,
-    redis: RedisServer,
+    redis: RedisServer | None,
     upstream: LoopbackServer,
     name: str,
     rate_limit: str,
     policy: str = "fail_open",
 ) -> Iterator[Gateway]:
-    """A ready replica sharing `redis`, its `[security.rate_limit]` table `rate_limit`."""
+    """A ready replica sharing `redis` (None: the memory backend), its
+    `[security.rate_limit]` table `rate_limit`."""
     public, management = _free_port(), _free_port()
-    config = toml(upstream.url, public, management, state=_state(policy))
+    state = _state(policy) if redis is not None else ""
+    config = toml(upstream.url, public, management, state=state)
     assert DISABLED in config
     path = directory / f"{name}.toml"
     path.write_text(config.replace(DISABLED, rate_limit))
-    gw = Gateway(path, {**ENV, "TEST_REDIS_URL": redis.url}, public, management)
+    env = {"TEST_REDIS_URL": redis.url} if redis is not None else {}
+    gw = Gateway(path, {**ENV, **env}, public, management)
     try:
         gw.wait_ready(timeout=60)
         yield gw
@@ -196,3 +199,24 @@ def test_redis_killed_and_restarted(tmp_path: Path, redis: RedisServer, policy: 
         # no 500 ever; 503 only where the policy promises it
         assert set(seen + after) <= {200, 429} | ({503} if policy == "fail_closed" else set())
         assert b.metric("sipp_gateway_state_available") == 1 or _chat(b).status_code == 429
+
+
+def test_without_redis_an_override_is_this_replicas_and_reset_restores_the_toml(
+    tmp_path: Path,
+) -> None:
+    with (
+        LoopbackServer(text_reply) as upstream,
+        _replica(tmp_path, None, upstream, "solo", _rate_limit(50)) as gw,
+    ):
+        admin, csrf = _admin(gw)
+        setting = {"enabled": True, "requests_per_minute": PER_MINUTE, "burst": 1}
+        r = admin.post("/admin/api/controls/rate_limit", json=setting, headers=csrf)
+        assert r.status_code == 200, r.text
+        assert [_chat(gw).status_code for _ in range(2)] == [200, 429]
+        r = admin.post("/admin/api/controls/rate_limit", json={"reset": True}, headers=csrf)
+        assert r.status_code == 200, r.text
+        controls = admin.get("/admin/api/overview").json()["controls"]
+        assert controls["rate_limit"] == {"requests_per_minute": PER_MINUTE, "burst": 50}
+        assert _chat(gw).status_code == 200  # the TOML's fresh bucket
+        audit = admin.get("/admin/api/audit").json()
+        assert any(e["action"] == "rate_limit" and e.get("reset") for e in audit["entries"])
