@@ -188,6 +188,12 @@ def test_redis_killed_and_restarted(tmp_path: Path, redis: RedisServer, policy: 
             assert outage[0].headers["retry-after"] == "1"
         assert a.metric("sipp_gateway_state_errors_total") > 0
         assert b.metric("sipp_gateway_state_available") == 0
+        # no token or budget limit here: the per-client one alone decides readiness
+        ready = httpx.get(f"{a.management}/readyz", timeout=30)
+        if policy == "fail_closed":
+            assert ready.status_code == 503 and "state store unavailable" in ready.text
+        else:
+            assert ready.status_code == 200 and "limits fail open" in ready.text
         redis.start()  # same port, empty: the bucket starts full again
         after: list[int] = []
 

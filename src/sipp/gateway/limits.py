@@ -125,6 +125,12 @@ class SharedRateLimiter:
         self.fail_closed = fail_closed
         self._period_ms = max(1, round(burst * 60_000 / per_minute))
 
+    async def available(self) -> bool:
+        """Whether the state store answers now (the readiness route asks)."""
+        up = await self.store.ping()
+        self.metrics.state_available.set(int(up))
+        return up
+
     async def take(self, key: str, cost: int = 1) -> None:
         """Take `cost` tokens from `key`'s shared bucket, all or none (429 when it cannot
         cover them; 503 when the store is away and the policy fails closed)."""
