@@ -53,7 +53,7 @@ from .admin_pools import edit_fallbacks, pools_view
 from .app import ANTHROPIC_MESSAGES, OPENAI_ROUTES
 from .auth import same_secret, secret_digest
 from .call import read_body
-from .limits import RateLimiter, client_ip, served_over_tls
+from .limits import RateLimitSetting, client_ip, served_over_tls
 from .state import GatewayState
 
 __all__ = ["AdminState", "admin_routes", "admin_state"]
@@ -363,21 +363,7 @@ def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Rout
                 state.limit.limit = value
                 await record(sid, action, {"value": value})
             elif action == "rate_limit":
-                enabled, rpm, burst = (
-                    body.get("enabled"),
-                    body.get("requests_per_minute", 60),
-                    body.get("burst", 60),
-                )
-                if not isinstance(enabled, bool) or not all(
-                    isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (rpm, burst)
-                ):
-                    raise InvalidRequestError(
-                        "need enabled (bool), requests_per_minute and burst (positive integers)"
-                    )
-                state.rate_limiter = RateLimiter(rpm, burst) if enabled else None
-                await record(
-                    sid, action, {"enabled": enabled, "requests_per_minute": rpm, "burst": burst}
-                )
+                await record(sid, action, await _set_rate_limit(state, body))
             elif action == "fallbacks":
                 await record(sid, action, await edit_fallbacks(state, body))
             else:
@@ -417,6 +403,23 @@ def admin_routes(state: GatewayState, admin: AdminState, base: str) -> list[Rout
         Route(f"{base}/api/cache", needs_session(lambda: cache_view(state)), methods=["GET"]),
         Route(f"{base}/api/cache/purge", purge, methods=["POST"]),
     ]
+
+
+async def _set_rate_limit(state: GatewayState, body: dict[str, Any]) -> dict[str, Any]:
+    """Set the per-client rate limit (every replica's, with Redis), or `reset: true` for
+    `[security.rate_limit]` again; what the audit records of it."""
+    if body.get("reset", False) is not False:
+        if body != {"reset": True}:
+            raise InvalidRequestError("'reset' must be true and takes no other field")
+        setting = None
+    else:
+        setting = RateLimitSetting.parse(body)
+    if state.shared is not None:
+        await state.shared.set_rate_limit(setting)
+    else:
+        configured = RateLimitSetting.configured(state.config.security)
+        state.rate_limiter = (setting or configured).in_memory()
+    return {"reset": True} if setting is None else setting._asdict()
 
 
 def _health(state: GatewayState, name: str) -> str:

@@ -27,8 +27,9 @@ from .formats.base import WireFormat
 from .formats.native import NativeFormat
 from .formats.openai import OpenAIFormat, openai_error
 from .formats.openai_responses import OpenAIResponsesFormat
+from .limits import SharedRateLimiter
 from .routing import ROUTE_HEADER
-from .shaping import RATE_LIMIT_HEADERS
+from .shaping import RATE_LIMIT_HEADERS, Shaper
 from .state import GatewayState, resolve_target
 
 __all__ = [
@@ -109,7 +110,8 @@ def _models(state: GatewayState) -> Callable[[Request], Awaitable[Response]]:
 
     async def models(request: Request) -> Response:
         try:
-            check_client(state, request)  # blocked addresses and rate limits, like every route
+            # blocked addresses and rate limits, like every route
+            await check_client(state, request)
             caller = state.tokens.authenticate(request.headers.get("authorization"))
         except SippError as exc:
             return openai_error(exc, uuid.uuid4().hex)
@@ -159,10 +161,12 @@ def build_management_app(state: GatewayState) -> Starlette:
         failed = any(state.target_state(t.name) == "failed" for t in state.config.targets)
         if not state.ready or failed:
             return PlainTextResponse("not ready", status_code=503)
-        shaper = state.shaper
-        if shaper is not None and not await shaper.available():
+        limits: list[Shaper | SharedRateLimiter] = [] if state.shaper is None else [state.shaper]
+        if isinstance(state.rate_limiter, SharedRateLimiter):
+            limits.append(state.rate_limiter)
+        if limits and not await limits[0].available():  # one store: asking one is enough
             # A limit that fails closed refuses every request it covers: leave the rotation.
-            if shaper.fail_closed:
+            if any(limit.fail_closed for limit in limits):
                 return PlainTextResponse("not ready: state store unavailable", status_code=503)
             return PlainTextResponse("ready: state store unavailable, limits fail open")
         return PlainTextResponse("ready")

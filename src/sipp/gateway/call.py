@@ -44,7 +44,7 @@ from .cache.exact import CacheCall, ExactCache, replay_stream
 from .cache.semantic_stage import Embedded
 from .formats.base import WireFormat
 from .image_fetch import fetch_images
-from .limits import client_ip
+from .limits import RateLimiter, client_ip
 from .request import (
     ChoiceDone,
     Completion,
@@ -80,11 +80,11 @@ async def serve(state: GatewayState, request: Request, fmt: WireFormat) -> Respo
     """Serve one public request in `fmt`; failures become `fmt`'s error body, never a traceback."""
     call = PublicCall(state, request, fmt.operation)
     try:
-        call.check_client()
+        await call.check_client()
         caller = call.authenticate(fmt.credential(request.headers))
         body = await read_body(request, state.config.max_request_bytes)
         req = fmt.decode(body, request.headers, state.config)
-        call.charge(req.cost)
+        await call.charge(req.cost)
         if req.target in state.config.route_rules:
             req = await route(call, caller, req)
         call.authorize(caller, req.target)
@@ -178,15 +178,15 @@ class PublicCall:
         self.embedded: Embedded = {}  # question vectors: the route and cache stages share them
 
     # ------------------------------------------------------------- policy stages
-    def check_client(self) -> None:
-        self._ip = check_client(self.state, self.request)
+    async def check_client(self) -> None:
+        self._ip = await check_client(self.state, self.request)
 
     def authenticate(self, credential: str | None) -> Caller:
         caller = self.state.tokens.authenticate(credential)
         self.rec.caller = caller.label
         return caller
 
-    def charge(self, cost: int) -> None:
+    async def charge(self, cost: int) -> None:
         """Make this request cost `cost` rate-limit tokens (one per embedding input or per
         choice). The client check took the first; the rest are taken all or none, else 429."""
         limiter = self.state.rate_limiter
@@ -198,7 +198,10 @@ class PublicCall:
                     f"this request costs {cost} rate-limit tokens (one per input or choice), "
                     f"more than the burst ({int(limiter.burst)}); ask for fewer per request"
                 )
-            limiter.check(self._ip, cost=cost - 1)
+            if isinstance(limiter, RateLimiter):
+                limiter.check(self._ip, cost=cost - 1)
+            else:
+                await limiter.take(self._ip, cost - 1)
         except RateLimitedError:
             self.state.refused("rate_limited")
             raise
@@ -478,16 +481,20 @@ def starter(client: AsyncSippClient, req: GatewayRequest) -> Start:
     return start
 
 
-def check_client(state: GatewayState, request: Request) -> str:
+async def check_client(state: GatewayState, request: Request) -> str:
     """Refuse blocked client addresses (403) and clients over their rate limit (429);
-    the client's address otherwise."""
+    the client's address otherwise. Only the limit shared through Redis awaits."""
     peer = request.client.host if request.client else None
     ip = client_ip(peer, request.headers, state.config.security)
     if ip in state.blocked_ips:
         raise AuthorizationError("this client address is blocked")
-    if state.rate_limiter is not None:
+    limiter = state.rate_limiter
+    if limiter is not None:
         try:
-            state.rate_limiter.check(ip)
+            if isinstance(limiter, RateLimiter):
+                limiter.check(ip)
+            else:
+                await limiter.take(ip)
         except RateLimitedError:
             state.refused("rate_limited")
             raise

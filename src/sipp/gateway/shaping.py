@@ -62,6 +62,7 @@ __all__ = [
     "open_store",
     "rate_limit_headers",
     "settle",
+    "store_unavailable",
 ]
 
 logger = logging.getLogger("sipp.gateway")
@@ -244,11 +245,7 @@ class Shaper:
         try:
             grant = await self.store.reserve([limit.bucket for limit in limits], amounts)
         except StoreUnavailable:
-            self._unavailable()
-            if any(limit.fail_closed for limit in limits):
-                error = UnavailableError("rate limits cannot be checked right now; retry later")
-                error.retry_after = 1
-                raise error from None
+            store_unavailable(self.metrics, any(limit.fail_closed for limit in limits))
             return None
         self.metrics.state_available.set(1)
         reservation = Reservation(self, limits, reserved, input_tokens, grant, per_choice)
@@ -281,10 +278,6 @@ class Shaper:
             error.retry_after = max(1, math.ceil(grant.retry_after))
         return error
 
-    def _unavailable(self) -> None:
-        self.metrics.state_errors.inc()
-        self.metrics.state_available.set(0)
-
     def adjust(self, limits: Iterable[_Limit], deltas: Iterable[int]) -> None:
         """Apply a settlement in the background: the response does not wait for it."""
         pairs = [(limit.bucket, delta) for limit, delta in zip(limits, deltas) if delta]
@@ -296,8 +289,8 @@ class Shaper:
     async def _adjust(self, buckets: list[Bucket], deltas: list[int]) -> None:
         try:
             await self.store.adjust(buckets, deltas)
-        except StoreUnavailable:
-            self._unavailable()  # a lost settlement: the reservation stands as charged
+        except StoreUnavailable:  # a lost settlement: the reservation stands as charged
+            store_unavailable(self.metrics, fail_closed=False)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)
@@ -308,6 +301,18 @@ class Shaper:
         """Wait for the settlements under way (shutdown, tests)."""
         while self._settling:
             await asyncio.gather(*self._settling, return_exceptions=True)
+
+
+def store_unavailable(metrics: GatewayMetrics, fail_closed: bool) -> None:
+    """Count a state-store operation that could not reach the store, then apply the
+    policy of the limits it was for: 503 (retry in a second) when one fails closed, else
+    return and let the request through without them (fail open)."""
+    metrics.state_errors.inc()
+    metrics.state_available.set(0)
+    if fail_closed:
+        error = UnavailableError("rate limits cannot be checked right now; retry later")
+        error.retry_after = 1
+        raise error from None
 
 
 def _give_back(task: asyncio.Future[Reservation | None]) -> None:

@@ -1,8 +1,10 @@
 """Runtime controls every replica shares through Redis: the IP blocklist, the
-disabled targets and the edited fallback rules an operator set in any replica's admin
+disabled targets, the edited fallback rules an operator set in any replica's admin
 API (a rule is a hash field per target holding its two lists as JSON; a target without
-one has the lists of its TOML), and the admin audit list (a capped Redis list of JSON
-entries, newest first).
+one has the lists of its TOML) and the per-client rate limit's override (a hash field
+holding the setting as JSON; none: `[security.rate_limit]`), and the admin audit list
+(a capped Redis list of JSON entries, newest first). The per-client buckets themselves
+are in Redis too (`limits.SharedRateLimiter`), installed here.
 
 A request still checks its replica's own sets (no Redis call on the hot path); each
 replica refreshes them from Redis every `INTERVAL_S`, so a change made on one replica
@@ -19,7 +21,8 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .._errors import UnavailableError
+from .._errors import InvalidRequestError, UnavailableError
+from .limits import RateLimitSetting, SharedRateLimiter
 from .store import Store, StoreUnavailable
 from .upstreams.fallback_rules import apply_rules
 
@@ -40,6 +43,10 @@ class SharedControls:
         self.state, self.store = state, store
         self.keys = {name: f"{prefix}:controls:{name}" for name in SETS}
         self.fallbacks_key = f"{prefix}:controls:fallbacks"
+        self.settings_key = f"{prefix}:controls:settings"  # field "rate_limit"
+        self.prefix = prefix
+        self._rate_limit = RateLimitSetting.configured(state.config.security)
+        self._install(self._rate_limit)
         self.audit_key = f"{prefix}:admin:audit"
         self._bad_rules: object = None  # the last rules refused, so they are logged once
         # Changes made here so far: a refresh whose read overlapped one drops what it read
@@ -79,6 +86,39 @@ class SharedControls:
             rule = (pool.configured.fallbacks, pool.configured.context_fallbacks)
         self._changes += 1
         pool.set_fallbacks(*rule)
+
+    async def set_rate_limit(self, setting: RateLimitSetting | None) -> None:
+        """Override the per-client rate limit on every replica, or drop the override
+        (None: back to `[security.rate_limit]`), then apply it here."""
+        value = None if setting is None else json.dumps(setting._asdict())
+        try:
+            await self.store.set_field(self.settings_key, "rate_limit", value)
+        except StoreUnavailable:
+            raise UnavailableError(
+                "the shared state (Redis) is unavailable: the change was not made"
+            ) from None
+        self._changes += 1
+        self._apply_rate_limit(setting)
+
+    def _apply_rate_limit(self, setting: RateLimitSetting | None) -> None:
+        setting = setting or RateLimitSetting.configured(self.state.config.security)
+        if setting != self._rate_limit:  # the usual case is none: the buckets stay as they are
+            self._rate_limit = setting
+            self._install(setting)
+
+    def _install(self, setting: RateLimitSetting) -> None:
+        self.state.rate_limiter = (
+            SharedRateLimiter(
+                self.store,
+                self.prefix,
+                setting.requests_per_minute,
+                setting.burst,
+                fail_closed=self.state.config.state.on_unavailable == "fail_closed",
+                metrics=self.state.metrics,
+            )
+            if setting.enabled
+            else None
+        )
 
     async def push_audit(self, entry: Mapping[str, Any], cap: int) -> None:
         """Add an admin audit entry to the list every replica reads (its `cap` newest
@@ -121,6 +161,7 @@ class SharedControls:
         changes = self._changes
         values = await self.store.members([self.keys[name] for name in SETS])
         stored = await self.store.fields(self.fallbacks_key)
+        settings = await self.store.fields(self.settings_key)
         if changes != self._changes:
             return
         for name, members in zip(SETS, values, strict=True):
@@ -129,6 +170,7 @@ class SharedControls:
                 local.intersection_update(members)
                 local.update(members)
         self._apply_fallbacks(stored)
+        self._apply_rate_limit(_setting(settings.get("rate_limit")))
 
     async def run(self) -> None:
         while True:
@@ -149,6 +191,17 @@ def _rule(raw: str) -> tuple[list[str], list[str]] | None:
         and all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in value)
     ):
         return value[0], value[1]
+    return None
+
+
+def _setting(raw: str | None) -> RateLimitSetting | None:
+    """A stored rate limit override, or None (none, or not what this module writes)."""
+    try:
+        value: Any = json.loads(raw) if raw is not None else None
+        if isinstance(value, dict) and set(value) == set(RateLimitSetting._fields):
+            return RateLimitSetting.parse(value)
+    except (ValueError, InvalidRequestError):
+        pass
     return None
 
 

@@ -17,7 +17,7 @@ from .activity import Activity, RequestRecord
 from .auth import TokenTable
 from .cache.exact import ExactCache
 from .config import GatewayConfig
-from .limits import ConcurrencyLimit, RateLimiter
+from .limits import ClientLimiter, ConcurrencyLimit, RateLimitSetting
 from .metrics import GatewayMetrics
 from .shaping import Shaper
 from .upstream import caller_error, from_upstream, log_upstream
@@ -47,11 +47,8 @@ class GatewayState:
     def __post_init__(self) -> None:
         self.limit = ConcurrencyLimit(self.config.max_concurrent_requests)
         security = self.config.security
-        self.rate_limiter = (
-            RateLimiter(security.requests_per_minute, security.burst)
-            if security.rate_limit_enabled
-            else None
-        )
+        # replaced by the shared one (Redis) when `[state]` has every replica share it
+        self.rate_limiter: ClientLimiter | None = RateLimitSetting.configured(security).in_memory()
         self.target_configs = {t.name: t for t in self.config.targets}
         # Every target is a pool, of its deployments or of itself alone.
         self.pools = {t.name: Pool(t.name, t.resilience) for t in self.config.targets}
