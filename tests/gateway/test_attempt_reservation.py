@@ -38,7 +38,18 @@ PROMPT_ESTIMATE, USED = 8, 6
 # 3 + 4 + 1200 / 4 = 307 tokens.
 LOCAL_BUDGET = 250
 LONG = " information" * 100
-NAMES = ("prim", "fb", "full", "last", "twice", "tight", "to_local")
+NAMES = ("prim", "fb", "full", "last", "twice", "tight", "to_local", "half", "pair", "back")
+# `half`: a minute's tokens that cannot hold a choice's estimate twice (see its test)
+HALF_TPM = 150
+# `front`: a pool whose one deployment is the target `back` (one request a minute)
+FRONT = """
+[[targets]]
+name = "front"
+type = "openai_compatible"
+model = "m"
+[[targets.deployments]]
+target = "back"
+"""
 
 
 class Scripted(Deployment):
@@ -69,6 +80,10 @@ def _config(ups: dict[str, Scripted], upstream: str, ports: tuple[int, int], sta
         + one("twice", retry=FAST, limits="requests_per_minute = 2")
         + one("tight", 'fallbacks = ["fb"]', retry=FAST, limits="requests_per_minute = 1")
         + one("to_local", 'fallbacks = ["local-fb"]', limits=BIG)
+        + one("half", retry=FAST, limits=f"tokens_per_minute = {HALF_TPM}")
+        + one("pair", limits="tokens_per_day = 30")
+        + one("back", limits="requests_per_minute = 1")
+        + FRONT
     )
 
 
@@ -238,6 +253,60 @@ def test_every_fallback_exhausted_is_a_429_with_retry_after(setup: Setup) -> Non
         # the headers are the request's own limits (the caller's here), not the fallback's
         assert r.headers["x-ratelimit-limit-requests"] == str(CALLER_RPM)
     assert len(full.requests) == full_calls
+
+
+@pytest.mark.parametrize(("stream", "n"), [(False, 1), (True, 1), (False, 2), (True, 2)])
+def test_a_retry_is_never_refused_by_its_own_failed_attempts_estimate(
+    setup: Setup, stream: bool, n: int
+) -> None:
+    """Each choice's estimate is over what `half`'s minute could hold twice (n=1: 100 of
+    150) or, with the other choice's, three times (n=2: 60 each): a failed first attempt's
+    share comes back as soon as it ends, so the retry there fits."""
+    half = setup.ups["half"]
+    half.script = ["500"]
+    served, refused = len(half.served), setup.attempts("half", "rate_limited")
+    per_choice = 100 if n == 1 else 60  # 2 x 100 > 150 >= 100; 3 x 60 > 150 >= 2 x 60
+    max_tokens = per_choice - PROMPT_ESTIMATE
+    r = setup.chat("half", FREE, stream=stream, n=n, max_tokens=max_tokens)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-sipp-attempts"] == str(n + 1)
+    assert [mode for mode, _ in half.served[served:]] == ["500"] + ["ok"] * n
+    assert setup.attempts("half", "rate_limited") == refused
+
+
+def test_n_choices_reserve_their_prompt_n_times_on_the_target(setup: Setup) -> None:
+    """`pair`'s day holds 30 tokens: two choices of 8 + 10 each (the target runs the
+    prompt once per choice) never fit, so the request is refused before running (the
+    prompt counted once, 28 tokens, would have been let through, and charged 36)."""
+    pair = setup.ups["pair"]
+    calls = len(pair.requests)
+    r = setup.chat("pair", FREE, n=2)
+    assert r.status_code == 429, r.text
+    assert "tokens_per_day (30) allows" in r.json()["error"]["message"]
+    assert "retry-after" not in r.headers  # the request alone is too big: no wait helps
+    assert len(pair.requests) == calls
+    one = setup.chat("pair", FREE)
+    assert one.status_code == 200, one.text
+
+
+def test_a_pool_deployment_that_is_another_target_reserves_on_its_limits(
+    setup: Setup,
+) -> None:
+    """`front` runs on the target `back`, which allows one request a minute: a request
+    through `front` takes it, and once it is used up `front` is refused too, without
+    calling `back`'s upstream."""
+    back = setup.ups["back"]
+    r = setup.chat("front", FREE)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "from back"
+    direct = setup.chat("back", FREE)
+    assert direct.status_code == 429, direct.text
+    calls = len(back.requests)
+    again = setup.chat("front", FREE)
+    assert again.status_code == 429, again.text
+    assert again.json()["error"]["code"] == "rate_limited"
+    assert 1 <= int(again.headers["retry-after"]) <= 60
+    assert len(back.requests) == calls
 
 
 # ----------------------------------------------------------------- settlement
