@@ -33,10 +33,10 @@ FAST = "attempts = 2\nbackoff_base_seconds = 0.01\nbackoff_cap_seconds = 0.02"
 # answer reports 3 prompt + 3 completion tokens.
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
 PROMPT_ESTIMATE, USED = 8, 6
-# The local fallback's day budget: its exact count of LONG as a chat (about 130 tokens
-# with SmolLM2's system prompt) plus max_tokens fits; the byte estimate does not:
+# The local target's day budget: its exact count of LONG as a chat (about 130 tokens
+# with SmolLM2's system prompt) plus max_tokens fits, twice; the byte estimate does not:
 # 3 + 4 + 1200 / 4 = 307 tokens.
-LOCAL_BUDGET = 250
+LOCAL_BUDGET = 300
 LONG = " information" * 100
 NAMES = ("prim", "fb", "full", "last", "twice", "tight", "to_local", "half", "pair", "back")
 # `half`: a minute's tokens that cannot hold a choice's estimate twice (see its test)
@@ -49,6 +49,15 @@ type = "openai_compatible"
 model = "m"
 [[targets.deployments]]
 target = "back"
+"""
+# `via_local`: a pool whose one deployment is the local target
+VIA_LOCAL = """
+[[targets]]
+name = "via_local"
+type = "openai_compatible"
+model = "m"
+[[targets.deployments]]
+target = "local-fb"
 """
 
 
@@ -84,6 +93,7 @@ def _config(ups: dict[str, Scripted], upstream: str, ports: tuple[int, int], sta
         + one("pair", limits="tokens_per_day = 30")
         + one("back", limits="requests_per_minute = 1")
         + FRONT
+        + VIA_LOCAL
     )
 
 
@@ -336,22 +346,25 @@ def test_after_a_fallback_served_each_bucket_holds_what_was_used_there(
     assert setup.attempts("full", "rate_limited") == skipped + n
 
 
-def test_a_local_fallback_reserves_its_exact_prompt_count(setup: Setup) -> None:
+@pytest.mark.parametrize(
+    ("target", "served"), [("to_local", "local-fb"), ("via_local", "via_local/local-fb")]
+)
+def test_a_local_target_reserves_its_exact_prompt_count(
+    setup: Setup, target: str, served: str
+) -> None:
     """The byte estimate of LONG would not fit the local target's budget; its tokenizer's
-    count does, and the budget is then charged the local run's real usage."""
+    count does, whether the local target is a fallback or a pool's deployment, and the
+    budget is then charged the local run's real usage."""
     setup.ups["to_local"].script = ["500"]
-    before = setup.usage()["target:local-fb:tokens_per_day"]
-    assert before == 0  # a budget this test has to itself
-    r = setup.chat("to_local", messages=[{"role": "user", "content": LONG}], max_tokens=4)
+    key = "target:local-fb:tokens_per_day"
+    before = setup.usage()[key]  # a budget these two tests have to themselves
+    r = setup.chat(target, messages=[{"role": "user", "content": LONG}], max_tokens=4)
     assert r.status_code == 200, r.text
-    assert r.headers["x-sipp-target"] == "local-fb"
+    assert r.headers["x-sipp-target"] == served
     usage = r.json()["usage"]
-    assert usage["prompt_tokens"] + 4 <= LOCAL_BUDGET < 3 + 4 + len(LONG) // 4 + 4
-    _settled(
-        setup,
-        {"target:local-fb:tokens_per_day": usage["total_tokens"]},
-        {"target:local-fb:tokens_per_day": 0},
-    )
+    assert usage["prompt_tokens"] + 4 <= LOCAL_BUDGET - before
+    assert 3 + 4 + len(LONG) // 4 + 4 > LOCAL_BUDGET  # the byte estimate would not fit
+    _settled(setup, {key: usage["total_tokens"]}, {key: before})
 
 
 # ----------------------------------------------------------------- random schedules
