@@ -41,24 +41,14 @@ LONG = " information" * 100
 NAMES = ("prim", "fb", "full", "last", "twice", "tight", "to_local", "half", "pair", "back")
 # `half`: a minute's tokens that cannot hold a choice's estimate twice (see its test)
 HALF_TPM = 150
-# `front`: a pool whose one deployment is the target `back` (one request a minute)
-FRONT = """
-[[targets]]
-name = "front"
-type = "openai_compatible"
-model = "m"
-[[targets.deployments]]
-target = "back"
-"""
-# `via_local`: a pool whose one deployment is the local target
-VIA_LOCAL = """
-[[targets]]
-name = "via_local"
-type = "openai_compatible"
-model = "m"
-[[targets.deployments]]
-target = "local-fb"
-"""
+
+
+def _over(name: str, target: str) -> str:
+    """A target `name` whose one deployment is the target `target`."""
+    return (
+        f'\n[[targets]]\nname = "{name}"\ntype = "openai_compatible"\nmodel = "m"\n'
+        f'[[targets.deployments]]\ntarget = "{target}"\n'
+    )
 
 
 class Scripted(Deployment):
@@ -92,8 +82,8 @@ def _config(ups: dict[str, Scripted], upstream: str, ports: tuple[int, int], sta
         + one("half", retry=FAST, limits=f"tokens_per_minute = {HALF_TPM}")
         + one("pair", limits="tokens_per_day = 30")
         + one("back", limits="requests_per_minute = 1")
-        + FRONT
-        + VIA_LOCAL
+        + _over("front", "back")  # back allows one request a minute
+        + _over("via_local", "local-fb")
     )
 
 
