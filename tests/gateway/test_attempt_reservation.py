@@ -33,12 +33,22 @@ FAST = "attempts = 2\nbackoff_base_seconds = 0.01\nbackoff_cap_seconds = 0.02"
 # answer reports 3 prompt + 3 completion tokens.
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
 PROMPT_ESTIMATE, USED = 8, 6
-# The local fallback's day budget: its exact count of LONG as a chat (about 130 tokens
-# with SmolLM2's system prompt) plus max_tokens fits; the byte estimate does not:
+# The local target's day budget: its exact count of LONG as a chat (about 130 tokens
+# with SmolLM2's system prompt) plus max_tokens fits, twice; the byte estimate does not:
 # 3 + 4 + 1200 / 4 = 307 tokens.
-LOCAL_BUDGET = 250
+LOCAL_BUDGET = 300
 LONG = " information" * 100
-NAMES = ("prim", "fb", "full", "last", "twice", "tight", "to_local")
+NAMES = ("prim", "fb", "full", "last", "twice", "tight", "to_local", "half", "pair", "back")
+# `half`: a minute's tokens that cannot hold a choice's estimate twice (see its test)
+HALF_TPM = 150
+
+
+def _over(name: str, target: str) -> str:
+    """A target `name` whose one deployment is the target `target`."""
+    return (
+        f'\n[[targets]]\nname = "{name}"\ntype = "openai_compatible"\nmodel = "m"\n'
+        f'[[targets.deployments]]\ntarget = "{target}"\n'
+    )
 
 
 class Scripted(Deployment):
@@ -69,6 +79,11 @@ def _config(ups: dict[str, Scripted], upstream: str, ports: tuple[int, int], sta
         + one("twice", retry=FAST, limits="requests_per_minute = 2")
         + one("tight", 'fallbacks = ["fb"]', retry=FAST, limits="requests_per_minute = 1")
         + one("to_local", 'fallbacks = ["local-fb"]', limits=BIG)
+        + one("half", retry=FAST, limits=f"tokens_per_minute = {HALF_TPM}")
+        + one("pair", limits="tokens_per_day = 30")
+        + one("back", limits="requests_per_minute = 1")
+        + _over("front", "back")  # back allows one request a minute
+        + _over("via_local", "local-fb")
     )
 
 
@@ -240,6 +255,60 @@ def test_every_fallback_exhausted_is_a_429_with_retry_after(setup: Setup) -> Non
     assert len(full.requests) == full_calls
 
 
+@pytest.mark.parametrize(("stream", "n"), [(False, 1), (True, 1), (False, 2), (True, 2)])
+def test_a_retry_is_never_refused_by_its_own_failed_attempts_estimate(
+    setup: Setup, stream: bool, n: int
+) -> None:
+    """Each choice's estimate is over what `half`'s minute could hold twice (n=1: 100 of
+    150) or, with the other choice's, three times (n=2: 60 each): a failed first attempt's
+    share comes back as soon as it ends, so the retry there fits."""
+    half = setup.ups["half"]
+    half.script = ["500"]
+    served, refused = len(half.served), setup.attempts("half", "rate_limited")
+    per_choice = 100 if n == 1 else 60  # 2 x 100 > 150 >= 100; 3 x 60 > 150 >= 2 x 60
+    max_tokens = per_choice - PROMPT_ESTIMATE
+    r = setup.chat("half", FREE, stream=stream, n=n, max_tokens=max_tokens)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-sipp-attempts"] == str(n + 1)
+    assert [mode for mode, _ in half.served[served:]] == ["500"] + ["ok"] * n
+    assert setup.attempts("half", "rate_limited") == refused
+
+
+def test_n_choices_reserve_their_prompt_n_times_on_the_target(setup: Setup) -> None:
+    """`pair`'s day holds 30 tokens: two choices of 8 + 10 each (the target runs the
+    prompt once per choice) never fit, so the request is refused before running (the
+    prompt counted once, 28 tokens, would have been let through, and charged 36)."""
+    pair = setup.ups["pair"]
+    calls = len(pair.requests)
+    r = setup.chat("pair", FREE, n=2)
+    assert r.status_code == 429, r.text
+    assert "tokens_per_day (30) allows" in r.json()["error"]["message"]
+    assert "retry-after" not in r.headers  # the request alone is too big: no wait helps
+    assert len(pair.requests) == calls
+    one = setup.chat("pair", FREE)
+    assert one.status_code == 200, one.text
+
+
+def test_a_pool_deployment_that_is_another_target_reserves_on_its_limits(
+    setup: Setup,
+) -> None:
+    """`front` runs on the target `back`, which allows one request a minute: a request
+    through `front` takes it, and once it is used up `front` is refused too, without
+    calling `back`'s upstream."""
+    back = setup.ups["back"]
+    r = setup.chat("front", FREE)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "from back"
+    direct = setup.chat("back", FREE)
+    assert direct.status_code == 429, direct.text
+    calls = len(back.requests)
+    again = setup.chat("front", FREE)
+    assert again.status_code == 429, again.text
+    assert again.json()["error"]["code"] == "rate_limited"
+    assert 1 <= int(again.headers["retry-after"]) <= 60
+    assert len(back.requests) == calls
+
+
 # ----------------------------------------------------------------- settlement
 @pytest.mark.parametrize(("stream", "n"), [(False, 1), (True, 1), (False, 2), (True, 2)])
 def test_after_a_fallback_served_each_bucket_holds_what_was_used_there(
@@ -267,22 +336,25 @@ def test_after_a_fallback_served_each_bucket_holds_what_was_used_there(
     assert setup.attempts("full", "rate_limited") == skipped + n
 
 
-def test_a_local_fallback_reserves_its_exact_prompt_count(setup: Setup) -> None:
+@pytest.mark.parametrize(
+    ("target", "served"), [("to_local", "local-fb"), ("via_local", "via_local/local-fb")]
+)
+def test_a_local_target_reserves_its_exact_prompt_count(
+    setup: Setup, target: str, served: str
+) -> None:
     """The byte estimate of LONG would not fit the local target's budget; its tokenizer's
-    count does, and the budget is then charged the local run's real usage."""
+    count does, whether the local target is a fallback or a pool's deployment, and the
+    budget is then charged the local run's real usage."""
     setup.ups["to_local"].script = ["500"]
-    before = setup.usage()["target:local-fb:tokens_per_day"]
-    assert before == 0  # a budget this test has to itself
-    r = setup.chat("to_local", messages=[{"role": "user", "content": LONG}], max_tokens=4)
+    key = "target:local-fb:tokens_per_day"
+    before = setup.usage()[key]  # a budget these two tests have to themselves
+    r = setup.chat(target, messages=[{"role": "user", "content": LONG}], max_tokens=4)
     assert r.status_code == 200, r.text
-    assert r.headers["x-sipp-target"] == "local-fb"
+    assert r.headers["x-sipp-target"] == served
     usage = r.json()["usage"]
-    assert usage["prompt_tokens"] + 4 <= LOCAL_BUDGET < 3 + 4 + len(LONG) // 4 + 4
-    _settled(
-        setup,
-        {"target:local-fb:tokens_per_day": usage["total_tokens"]},
-        {"target:local-fb:tokens_per_day": 0},
-    )
+    assert usage["prompt_tokens"] + 4 <= LOCAL_BUDGET - before
+    assert 3 + 4 + len(LONG) // 4 + 4 > LOCAL_BUDGET  # the byte estimate would not fit
+    _settled(setup, {key: usage["total_tokens"]}, {key: before})
 
 
 # ----------------------------------------------------------------- random schedules
@@ -354,8 +426,11 @@ def test_random_failure_schedules_settle_every_bucket_to_what_was_used(
     if not ok:
         assert r.status_code in (429, 502), r.text
         caller = 0
-    elif cut:  # what it streamed ("from", after_first), the prompt's estimate with it
-        caller = 1 + PROMPT_ESTIMATE if text else 0
+    elif cut:  # what it streamed, the prompt's estimate with it: a choice cut after
+        # "from" (after_first) counts 1 token; a whole answer its reported 3 (n=2: the
+        # other choice failed after this one had been forwarded)
+        whole = text.count("from prim") + text.count("from fb")
+        caller = 3 * whole + (text.count("from") - whole) + PROMPT_ESTIMATE if text else 0
     else:
         caller = USED if n == 1 else 3 + 3 * n  # the prompt once, as OpenAI reports it
     if n == 2 and not ok:

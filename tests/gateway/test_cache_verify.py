@@ -10,7 +10,9 @@ in flight cleanly."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -18,10 +20,11 @@ import pytest
 
 from ..remote.loopback import Action, Chunk, LoopbackServer, Request, Status, Wait
 from .admin_gateways import login
-from .limited_gateways import limited_gateway
+from .limited_gateways import limited_gateway, toml
+from .pool_upstreams import Deployment, pool_toml
 from .test_cache_gateway import cached_gateway, chat, sqlite_cache
 from .test_semantic_gateway import indexed, semantic
-from .test_server import TOKEN, Gateway, running_gateway
+from .test_server import ENV, TOKEN, Gateway, _free_port, running_gateway
 from .upstreams import embeddings_reply, poll, text_reply
 
 SAME = "The sky is blue."
@@ -310,3 +313,94 @@ def test_a_local_target_is_verified_only_with_an_idle_slot(
             for _ in lines:  # the story runs to its end
                 pass
         assert local("agree") == 1
+
+
+# ------------------------------------------------------------------ retries and limits
+class Scripted(Deployment):
+    """A deployment that answers its next requests as `script` says (then `ok`)."""
+
+    def __init__(self, name: str) -> None:
+        self.script: list[str] = []
+        super().__init__(name)
+
+    def _handle(self, req: Request) -> list[Action]:
+        self.mode = self.script.pop(0) if self.script else "ok"
+        return super()._handle(req)
+
+
+class Pooled:
+    """A gateway whose cached target `prim` (retried once, `fallbacks = ["fb"]`) and its
+    fallback `fb` each have a day budget, read through the admin API."""
+
+    def __init__(self, gw: Gateway, prim: Scripted, fb: Deployment) -> None:
+        self.gw, self.prim, self.fb = gw, prim, fb
+        self.admin, _ = login(gw)
+
+    def day(self) -> dict[str, int]:
+        limits = self.admin.get("/admin/api/usage").json()["limits"]
+        return {u["name"]: u["used"] for u in limits if u["limit"] == "tokens_per_day"}
+
+    def verified(self, outcome: str) -> float:
+        labels = f'{{match="exact",outcome="{outcome}",target="prim"}}'
+        return self.gw.metric("sipp_gateway_cache_verifications_total", labels)
+
+    def hit(self) -> None:
+        r = chat(self.gw, "q", model="prim", max_tokens=10)
+        assert r.status_code == 200 and r.headers["x-sipp-cache"] == "hit", r.text
+
+
+@contextmanager
+def pooled(tmp_path: Path) -> Iterator[Pooled]:
+    """A `Pooled` gateway whose answer to "q" (6 tokens, charged to prim) is cached."""
+    budget = "requests_per_minute = 1000\ntokens_per_day = 100000"
+    retry = "attempts = 2\nbackoff_base_seconds = 0.01\nbackoff_cap_seconds = 0.02"
+    prim, fb = Scripted("prim"), Deployment("fb")
+    public, management = _free_port(), _free_port()
+    config = toml("http://127.0.0.1:9", public, management)
+    cache = sqlite_cache(tmp_path, "verify_fraction = 1")
+    config += pool_toml(
+        "prim", {"p": prim.url}, 'fallbacks = ["fb"]', retry=retry, limits=budget, cache=cache
+    )
+    config += pool_toml("fb", {"f": fb.url}, limits=budget)
+    path = tmp_path / "gateway.toml"
+    path.write_text(config)
+    gw = Gateway(path, ENV, public, management)
+    try:
+        gw.wait_ready()
+        setup = Pooled(gw, prim, fb)
+        first = chat(gw, "q", model="prim", max_tokens=10)
+        assert first.status_code == 200 and first.headers["x-sipp-cache"] == "store", first.text
+        poll(lambda: setup.day() == {"prim": 6, "fb": 0}, "the stored answer charged")
+        yield setup
+    finally:
+        code, err = gw.stop()
+        prim.close()
+        fb.close()
+    assert code == 0, err
+
+
+def test_a_verifications_retry_is_charged_once(tmp_path: Path) -> None:
+    """The first attempt fails, the retry (reserved on its own) answers: the target's
+    budget moves by the usage of the attempt that answered, once."""
+    with pooled(tmp_path) as setup:
+        setup.prim.script = ["500"]
+        setup.hit()
+        poll(lambda: setup.verified("agree") == 1, "verified")
+        assert len(setup.prim.requests) == 3
+        poll(lambda: setup.day() == {"prim": 12, "fb": 0}, f"charged once ({setup.day()})")
+        time.sleep(0.3)  # a late settlement would show now
+        assert setup.day() == {"prim": 12, "fb": 0}
+
+
+def test_a_verification_never_asks_a_fallback(tmp_path: Path) -> None:
+    """Every attempt on `prim` fails: the verification is an `error` without calling
+    `fb` (a paid call whose answer says nothing about prim's cache), and nothing is
+    charged anywhere."""
+    with pooled(tmp_path) as setup:
+        setup.prim.script = ["500", "500"]
+        setup.hit()
+        poll(lambda: setup.verified("error") == 1, "verification failed")
+        assert len(setup.prim.requests) == 3
+        assert len(setup.fb.requests) == 0
+        time.sleep(0.3)  # a late settlement would show now
+        assert setup.day() == {"prim": 6, "fb": 0}

@@ -35,7 +35,10 @@ POOLS = {
     "pbad": ("b1", "b2", "b3"),
     "fenced": ("f1", "f2", "f3"),
     "psdk": ("s1", "s2"),
+    "plimited": ("l1",),
 }
+# Pools with limits of their own: `plimited` allows two requests a minute.
+LIMITS = {"plimited": "requests_per_minute = 2"}
 
 
 class EmbedDeployment(Deployment):
@@ -69,7 +72,8 @@ def _toml(ups: dict[str, EmbedDeployment]) -> str:
     for name, deps in POOLS.items():
         extra = 'fallbacks = ["other"]\ncontext_fallbacks = ["other"]' if name == "fenced" else ""
         urls = {d: ups[d].url for d in deps}
-        out += pool_toml(name, urls, extra, retry=RETRY, breaker=BREAKER)
+        limits = {"limits": LIMITS[name]} if name in LIMITS else {}
+        out += pool_toml(name, urls, extra, retry=RETRY, breaker=BREAKER, **limits)
     return out + pool_toml("other", {"o": ups["o"].url})
 
 
@@ -135,6 +139,21 @@ def test_a_500_is_retried_on_another_deployment(setup: Setup) -> None:
     assert setup.attempts("p500", "x1", "5xx") == len(setup.ups["x1"].calls("/embeddings"))
     ok = setup.attempts("p500", "x2", "ok") + setup.attempts("p500", "x3", "ok")
     assert ok == setup.calls("p500") - len(setup.ups["x1"].calls("/embeddings"))
+
+
+def test_each_retry_reserves_again_on_the_target(setup: Setup) -> None:
+    """`plimited` allows 2 requests a minute: an embeddings request that took a retry
+    uses both, so the next one is refused before reaching the upstream."""
+    up = setup.ups["l1"]
+    up.mode = "429once"  # Retry-After: 1, then it answers
+    r = _openai(setup, "plimited")
+    assert r.status_code == 200, r.text
+    assert r.headers["x-sipp-attempts"] == "2"
+    calls = len(up.calls("/embeddings"))
+    again = _openai(setup, "plimited")
+    assert again.status_code == 429, again.text
+    assert again.json()["error"]["code"] == "rate_limited"
+    assert len(up.calls("/embeddings")) == calls
 
 
 def test_a_dead_deployment_opens_its_breaker(setup: Setup) -> None:

@@ -304,7 +304,8 @@ class PublicCall:
         """The execute stage of an embeddings request: its target's pool (retries, never
         fallbacks); `close` ends whatever it left open."""
         t0 = time.perf_counter()
-        execution = EmbedExecution(self.state, self.rec, req, self.request_id, self.track)
+        covered = self.reservation.detach_targets() if self.reservation is not None else None
+        execution = EmbedExecution(self.state, self.rec, req, self.request_id, self.track, covered)
         self.execution = execution
         embeddings = await unless_disconnected(self.request, execution.embeddings())
         self.rec.waited = time.perf_counter() - t0

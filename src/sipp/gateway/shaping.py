@@ -10,19 +10,24 @@ cannot together pass a limit. The token reservation is an estimate:
              plus 4 per message and 3 per conversation
     output = max_tokens (or [limits].reserve_output_tokens when absent) times n
 
+A target holds n times (input + one choice's output): each choice is its own call there,
+with its prompt. The caller holds input + output once (it receives the prompt once).
+
 When the request ends, the token buckets are settled with the real usage (a refund
 or a further charge); a stream cut short is charged what was streamed, and the
 prompt's estimate once anything was. A request refused before it ran gives
 everything back, its request count too.
 
 Retries and fallbacks: the request's reservation covers each choice's first attempt
-on its target. Every further attempt (a retry on the same target, or a fallback to
-another) reserves again on its own target's limits: one request and the estimate of
-one choice, counted exactly by a local target's tokenizer. A target is settled per
+on its target, and that choice's share of it is settled as soon as the attempt ends (so
+a retry there never competes with its own failed attempt's estimate). Every further
+attempt (a retry on the same target, or a fallback to another) reserves again on its
+own target's limits: one request and the estimate of one choice, counted exactly by a
+local target's tokenizer. An attempt on a pool deployment that is another target also
+reserves on that target's limits (its requests, its budget). A target is settled per
 attempt with what that attempt used (its reported usage; what it streamed when it
-failed, so a connect error costs nothing but its request), and the primary gives back
-its token estimate when another target served. The caller's own limits are reserved
-once per request, not per attempt, and charged what the caller received: the
+failed, so a connect error costs nothing but its request). The caller's own limits are
+reserved once per request, not per attempt, and charged what the caller received: the
 usage of the attempts that served it.
 """
 
@@ -241,14 +246,18 @@ class Shaper:
             output = req.options.max_tokens or self.reserve_output
             reserved += output * choices
             per_choice += output
-        amounts = [reserved if limit.tokens else 1 for limit in limits]
+        amounts = [
+            (per_choice * choices if limit.scope == "target" else reserved) if limit.tokens else 1
+            for limit in limits
+        ]
         try:
             grant = await self.store.reserve([limit.bucket for limit in limits], amounts)
         except StoreUnavailable:
             store_unavailable(self.metrics, any(limit.fail_closed for limit in limits))
             return None
         self.metrics.state_available.set(1)
-        reservation = Reservation(self, limits, reserved, input_tokens, grant, per_choice)
+        held = [amount if limit.tokens else 0 for limit, amount in zip(limits, amounts)]
+        reservation = Reservation(self, limits, reserved, input_tokens, grant, per_choice, held)
         if not grant.ok:
             reservation.refusal = self._refusal(limits, amounts, grant)
         return reservation
@@ -278,13 +287,16 @@ class Shaper:
             error.retry_after = max(1, math.ceil(grant.retry_after))
         return error
 
-    def adjust(self, limits: Iterable[_Limit], deltas: Iterable[int]) -> None:
-        """Apply a settlement in the background: the response does not wait for it."""
+    def adjust(
+        self, limits: Iterable[_Limit], deltas: Iterable[int]
+    ) -> asyncio.Future[None] | None:
+        """Apply a settlement in the background: the response does not wait for it (a
+        retry that reserves on the same limits does: the returned task)."""
         pairs = [(limit.bucket, delta) for limit, delta in zip(limits, deltas) if delta]
         if not pairs:
-            return
+            return None
         buckets, amounts = zip(*pairs, strict=True)
-        self._spawn(self._adjust(list(buckets), list(amounts)))
+        return self._spawn(self._adjust(list(buckets), list(amounts)))
 
     async def _adjust(self, buckets: list[Bucket], deltas: list[int]) -> None:
         try:
@@ -292,10 +304,11 @@ class Shaper:
         except StoreUnavailable:  # a lost settlement: the reservation stands as charged
             store_unavailable(self.metrics, fail_closed=False)
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
         task = asyncio.ensure_future(work)
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
+        return task
 
     async def settled(self) -> None:
         """Wait for the settlements under way (shutdown, tests)."""
@@ -396,30 +409,42 @@ async def metered(reservation: Reservation, events: AsyncIterator[Event]) -> Asy
 
 
 class Ledger:
-    """Where attempts' token charges go: a retry's or a fallback's own reservation, settled
-    as soon as its attempt ends, or (`shared`) the request's reservation on its primary
-    target, which each choice's first attempt there bills and the request's end settles
-    (everything back, its request count too, when no attempt ran there)."""
+    """Where attempts' token charges go. A retry's or a fallback's own reservation is
+    settled as soon as its attempt ends. The request's reservation on its primary target
+    holds one share per choice (`shares`): each choice's first attempt there settles its
+    share as soon as it ends, so a retry of that choice never competes with its estimate;
+    `close` gives back the shares of choices that never ran there (everything, its request
+    count too, when none did)."""
 
-    def __init__(self, reservation: Reservation, shared: bool = False) -> None:
-        self.reservation, self.shared = reservation, shared
-        self._charges: list[int] = []
+    def __init__(self, reservation: Reservation, shares: int = 1) -> None:
+        self.reservation, self._shares = reservation, shares
 
     def bill(self, ok: bool, used: int, streamed: int) -> None:
         """An attempt ended: `ok` or not, with `used` tokens reported, `streamed` seen."""
-        self._charges.append(self.reservation.charge(ok, used, streamed))
-        if not self.shared:
-            self.close()
+        reservation = self.reservation
+        charge = reservation.charge(ok, used, streamed)
+        self._shares -= 1
+        if self._shares > 0:
+            reservation.settle_share(charge)
+        else:  # the last share: whatever is still held goes with it
+            reservation.settle(charge)
 
     def close(self) -> None:
-        if self._charges:
-            self.reservation.settle(sum(self._charges))
+        if self.reservation.ran:
+            self.reservation.settle(0)
         else:
             self.reservation.cancel()
 
+    @property
+    def settling(self) -> asyncio.Future[None] | None:
+        """Its latest settlement, while the store is still taking it."""
+        task = self.reservation.adjusting
+        return task if task is not None and not task.done() else None
+
 
 class Reservation:
-    """What one request reserved; `settle` or `cancel` it exactly once."""
+    """What one request reserved; `settle` or `cancel` it exactly once (`settle_share`
+    before that, any number of times)."""
 
     def __init__(
         self,
@@ -429,33 +454,49 @@ class Reservation:
         input_tokens: int,
         grant: Grant,
         choice_tokens: int | None = None,
+        held: list[int] | None = None,
     ) -> None:
         self.shaper, self.limits, self.tokens = shaper, limits, tokens
         self.input_tokens = input_tokens
         self.choice_tokens = tokens if choice_tokens is None else choice_tokens
+        # tokens still held on each limit (0 on a request limit): a target holds n choices
+        self.held = held if held is not None else [tokens if x.tokens else 0 for x in limits]
         self.granted = grant.ok
         self.headers = rate_limit_headers(limits, grant)
         self.refusal: RateLimitedError | None = None
         self.streamed = 0  # output tokens a stream delivered (its charge if cut short)
+        self.ran = False  # a share was settled: the request count stays whatever follows
+        self.adjusting: asyncio.Future[None] | None = None  # its latest settlement
         self._done = not grant.ok  # a refused reservation took nothing
 
     def settle(self, used: int) -> None:
-        """Charge `used` tokens instead of the estimate; the request stays counted."""
+        """Charge `used` tokens instead of what is still held; the request stays counted."""
         if self._done:
             return
         self._done = True
-        self.shaper.adjust(
-            self.limits, [used - self.tokens if limit.tokens else 0 for limit in self.limits]
-        )
+        self._adjust([used - held if limit.tokens else 0 for limit, held in self._each()])
+
+    def settle_share(self, used: int) -> None:
+        """Charge `used` tokens instead of one choice's share, holding the others'."""
+        if self._done:
+            return
+        self.ran = True
+        share = self.choice_tokens
+        self._adjust([used - share if limit.tokens else 0 for limit in self.limits])
+        self.held = [max(0, held - share) for held in self.held]
 
     def cancel(self) -> None:
         """The request never ran: give back its tokens and its request count."""
         if self._done:
             return
         self._done = True
-        self.shaper.adjust(
-            self.limits, [-self.tokens if limit.tokens else -1 for limit in self.limits]
-        )
+        self._adjust([-held if limit.tokens else -1 for limit, held in self._each()])
+
+    def _each(self) -> zip[tuple[_Limit, int]]:
+        return zip(self.limits, self.held, strict=True)
+
+    def _adjust(self, deltas: list[int]) -> None:
+        self.adjusting = self.shaper.adjust(self.limits, deltas) or self.adjusting
 
     def settle_cut(self) -> None:
         """A run that ended without usage: charge what was streamed (and the prompt's
@@ -468,13 +509,14 @@ class Reservation:
         caller's limits (and the headers of them all, as they were granted)."""
         if self._done:
             return None
-        mine = tuple(limit for limit in self.limits if limit.scope == "caller")
-        theirs = tuple(limit for limit in self.limits if limit.scope != "caller")
+        pairs = list(self._each())
+        mine = [pair for pair in pairs if pair[0].scope == "caller"]
+        theirs = [pair for pair in pairs if pair[0].scope != "caller"]
         if not theirs:
             return None
-        self.limits = mine
+        self.limits, self.held = tuple(x for x, _ in mine), [held for _, held in mine]
         part = copy.copy(self)
-        part.limits = theirs
+        part.limits, part.held = tuple(x for x, _ in theirs), [held for _, held in theirs]
         return part
 
     def charge(self, ok: bool, used: int, streamed: int) -> int:

@@ -220,7 +220,9 @@ class RedisCacheStore:
         return Totals(int(entries or 0), int(size or 0))
 
     async def clear(self) -> int:
-        return int(await self._call(self._clear(keys=self._keys, args=[self._values, self._semantic])))
+        return int(
+            await self._call(self._clear(keys=self._keys, args=[self._values, self._semantic]))
+        )
 
     async def close(self) -> None:
         """Nothing to close: the client belongs to the `[state]` store."""

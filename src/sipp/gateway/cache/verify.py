@@ -18,7 +18,9 @@ means the target answers differently now; the TTL retires the entry).
 
 A verification is the target's own traffic, on the target's own terms: it takes an
 admission permit and reserves on the target's `[targets.limits]` (never on the caller's),
-runs through the target's pool like any request, and is settled with its real usage. It
+runs through the target's pool like any request (each retry reserving again, each attempt
+settled with its real usage) but never to its fallbacks (another target's answer says
+nothing about this one's cache, and would be a paid call thrown away). It
 is best effort and never waits: it is `skipped` while another verification of the same
 target runs, when taking a permit would leave none free for callers, when the target's
 limits would refuse it, when a local target has no idle slot (it would queue ahead of
@@ -40,7 +42,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..._errors import ExecutionError, SippError
+from ..._errors import SippError
 from ..._types import SippTextResponse, ToolCall
 from ..request import GatewayRequest, total_usage
 from .entry import CachedEntry
@@ -171,7 +173,6 @@ def target_upstream(state: GatewayState, target: str) -> Upstream:
     docstring); None when it is too busy to ask without getting in a caller's way."""
     from ..activity import RequestRecord
     from ..call import starter
-    from ..shaping import settle
     from ..state import resolve_target
     from ..target_options import target_args
     from ..upstreams.execute import Execution
@@ -197,11 +198,15 @@ def target_upstream(state: GatewayState, target: str) -> Upstream:
             if reservation is not None and reservation.refusal is not None:
                 return None
             if not _spare_permit(state):  # taken while the store answered
-                settle(reservation, rec, ran=False)
+                if reservation is not None:
+                    reservation.cancel()
                 return None
         state.limit.acquire()
         request_id = f"verify-{uuid.uuid4().hex}"
-        execution = Execution(state, rec, req, request_id, starter(state.client, req), args)
+        # the attempts settle the reservation, each with what it used (a retry its own)
+        covered = reservation.detach_targets() if reservation is not None else None
+        start = starter(state.client, req)
+        execution = Execution(state, rec, req, request_id, start, args, covered, fallbacks=False)
         try:
             responses = await execution.responses()
             rec.usage(total_usage(responses))
@@ -214,10 +219,6 @@ def target_upstream(state: GatewayState, target: str) -> Upstream:
         finally:
             execution.close()
             state.limit.release()
-            settle(reservation, rec, ran=bool(execution.attempts))
-        if any(a.pool.name != target for a in execution.attempts if a.outcome == "ok"):
-            # another target's answer says nothing about this target's cache
-            raise ExecutionError(f"a fallback of {target!r} answered the verification")
         return responses
 
     return ask

@@ -20,7 +20,12 @@ deployment's in-flight count given back.
 Limits: each choice's first attempt on the primary target runs on the request's
 reservation; every other attempt first reserves on its own target's limits (see
 `shaping`). A refusal skips that target like an upstream 429 (outcome
-`rate_limited`, on to the next fallback); an attempt bills its tokens when it ends.
+`rate_limited`, on to the next fallback). An attempt on a deployment that is another
+target also reserves on that target's limits; their refusal skips that deployment
+only. An attempt bills its tokens when it ends.
+
+Embeddings and cache verifications run the same loop without `fallbacks`: another
+target is another model, whose answer cannot stand in for this one's.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 from ..._descriptors import EndpointRef
@@ -50,6 +56,9 @@ __all__ = ["Attempt", "Execution", "HeldRun", "deployment_endpoint", "final_erro
 logger = logging.getLogger("sipp.gateway.upstream")
 Start = Callable[[EndpointRef, TargetArgs], AsyncTextRun]
 _T = TypeVar("_T")
+# Runs one attempt on a deployment (its endpoint, the choice's arguments there) and, when
+# it succeeds, ends it `ok`; a SippError is the attempt's failure.
+Runner = Callable[["Attempt", EndpointRef, TargetArgs], Awaitable[_T]]
 _LOCAL_RETRY_AFTER = 1.0  # seconds a caller is told to wait when a local queue is full
 
 
@@ -57,7 +66,11 @@ class Attempt:
     """One try of one choice on one deployment; `end` settles it exactly once."""
 
     def __init__(
-        self, state: GatewayState, pool: Pool, dep: DeploymentState, ledger: Ledger | None = None
+        self,
+        state: GatewayState,
+        pool: Pool,
+        dep: DeploymentState,
+        ledgers: tuple[Ledger, ...] = (),
     ) -> None:
         self.state, self.pool, self.dep = state, pool, dep
         self.run: AsyncTextRun | None = None
@@ -65,7 +78,7 @@ class Attempt:
         self.probe = dep.breaker.start()
         self.started = time.perf_counter()
         self._measured = False
-        self.ledger = ledger  # where its tokens are charged when it ends (limits apply)
+        self.ledgers = ledgers  # where its tokens are charged when it ends (limits apply)
         self.used = 0  # input + output tokens its response reported
         self.streamed = 0  # output tokens it streamed
         dep.in_flight += 1
@@ -82,7 +95,7 @@ class Attempt:
 
     def count(self, batch: TokenBatch) -> TokenBatch:
         """`batch`, its output tokens counted when limits charge this attempt."""
-        if self.ledger is not None:
+        if self.ledgers:
             self.streamed += batch_tokens(batch)
         return batch
 
@@ -105,8 +118,8 @@ class Attempt:
         self.state.metrics.upstream_attempts.labels(self.pool.name, self.dep.name, outcome).inc()
         if self.run is not None and not self.run.done:
             self.run.cancel("attempt abandoned")
-        if self.ledger is not None:
-            self.ledger.bill(outcome == "ok", self.used, self.streamed)
+        for ledger in self.ledgers:
+            ledger.bill(outcome == "ok", self.used, self.streamed)
 
 
 class HeldRun:
@@ -169,6 +182,15 @@ async def _next(batches: AsyncIterator[TokenBatch]) -> TokenBatch | None:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    """A choice's last failure on a target, and its kind (`cap` when the request's
+    attempts ran out)."""
+
+    error: SippError | None
+    kind: str
+
+
 class Execution:
     """One request's attempts over its target, its pool and its fallbacks."""
 
@@ -181,38 +203,30 @@ class Execution:
         start: Start,
         args: Sequence[TargetArgs],
         covered: Reservation | None = None,
+        fallbacks: bool = True,
     ) -> None:
         """`covered`: the request's reservation on the primary target's limits, which
-        each choice's first attempt there runs on."""
+        each choice's first attempt there runs on. `fallbacks`: False keeps every attempt
+        on the primary target's own deployments."""
         self.state, self.rec, self.req, self.request_id = state, rec, req, request_id
-        self._start, self._args = start, args
+        self._start, self._args, self._fallbacks = start, args, fallbacks
         self.primary = req.target
         self.attempts: list[Attempt] = []
         self.answered: list[str] = []
         self._unnoted: tuple[str, SippError] | None = None
         self._closed = False
         self._used = [0] * len(args)  # attempts per choice: each choice has the whole cap
-        self._covered = Ledger(covered, shared=True) if covered is not None else None
+        self._covered = Ledger(covered, len(args)) if covered is not None else None
         self._began = [False] * len(args)  # whether each choice has reserved an attempt
 
     # ------------------------------------------------------------------ choices
     async def responses(self) -> tuple[SippTextResponse, ...]:
         """Every choice's response (non-streaming)."""
-        return tuple(await self._each(self._response))
+        return tuple(await self._each(lambda choice: self._choice(choice, self._respond)))
 
     async def streams(self) -> list[HeldRun]:
         """Every choice's committed stream."""
-        return await self._each(self._stream)
-
-    async def _response(self, choice: int) -> SippTextResponse:
-        out = await self._choice(choice, stream=False)
-        assert not isinstance(out, HeldRun)
-        return out
-
-    async def _stream(self, choice: int) -> HeldRun:
-        out = await self._choice(choice, stream=True)
-        assert isinstance(out, HeldRun)
-        return out
+        return await self._each(lambda choice: self._choice(choice, self._commit))
 
     async def _each(self, one: Callable[[int], Awaitable[_T]]) -> list[_T]:
         n = len(self._args)
@@ -225,7 +239,7 @@ class Execution:
             for task in tasks:  # one choice failed: the others stop retrying at once
                 task.cancel()
 
-    async def _choice(self, choice: int, stream: bool) -> SippTextResponse | HeldRun:
+    async def _choice(self, choice: int, run: Runner[_T]) -> _T:
         queue = [self.primary]
         visited: set[str] = set()
         last: SippError | None = None
@@ -235,35 +249,27 @@ class Execution:
                 continue
             visited.add(name)
             pool = self.state.pools[name]
-            outcome = await self._on_target(pool, choice, stream)
-            if not isinstance(outcome, tuple):
+            outcome = await self._on_target(pool, choice, run)
+            if not isinstance(outcome, _Failed):
                 return outcome
-            error, kind = outcome
-            last = error or last
-            res = pool.resilience
-            if kind == "cap":
+            last = outcome.error or last
+            res, kind = pool.resilience, outcome.kind
+            if kind in ("cap", "4xx", "error") or not self._fallbacks:
                 break
-            if kind == "context":
-                queue = list(res.context_fallbacks)
-            elif kind in ("4xx", "error"):
-                break
-            else:
-                queue = [*res.fallbacks, *queue]
+            after = res.context_fallbacks if kind == "context" else [*res.fallbacks, *queue]
+            queue = list(after)
         raise final_error(self.primary, last)
 
-    async def _on_target(
-        self, pool: Pool, choice: int, stream: bool
-    ) -> SippTextResponse | HeldRun | tuple[SippError | None, str]:
-        """The choice's result from `pool`, or the last failure there and its kind
-        (`cap` when the request's attempts ran out)."""
+    async def _on_target(self, pool: Pool, choice: int, run: Runner[_T]) -> _T | _Failed:
+        """The choice's result from `pool`, or its last failure there."""
         retry = pool.resilience.retry
         tried: set[str] = set()
         blocked: set[str] = set()  # out of this request: switched off, or asked a long wait
         failures = 0
-        last: tuple[SippError | None, str] = (None, "unavailable")
+        last = _Failed(None, "unavailable")
         while failures < retry.attempts:
             if self._used[choice] >= self._max_attempts:
-                return last[0], "cap"
+                return _Failed(last.error, "cap")
             dep = pool.pick(tried | blocked)
             if dep.name in blocked:
                 break
@@ -272,30 +278,37 @@ class Execution:
             except SippError as exc:
                 logger.info("target %s: deployment %s skipped: %s", pool.name, dep.name, exc)
                 blocked.add(dep.name)
-                last = (exc, "unavailable")
+                last = _Failed(exc, "unavailable")
                 continue
             self._note()
+            await self._flush()
+            try:
+                member = await self._reserve_on(_member(pool, dep))
+            except SippError as exc:  # that target's limits: the pool's others may serve
+                self._refused(pool, dep, exc)
+                blocked.add(dep.name)
+                last = _Failed(exc, "rate_limited")
+                continue
             try:
                 ledger = await self._ledger(pool.name, choice)
-            except SippError as exc:  # this target's limits take no further attempt now
-                outcome = "rate_limited" if isinstance(exc, RateLimitedError) else "unavailable"
-                self.state.metrics.upstream_attempts.labels(pool.name, dep.name, outcome).inc()
-                return exc, "rate_limited"
-            attempt = Attempt(self.state, pool, dep, ledger)
+            except BaseException as exc:
+                if member is not None:
+                    member.close()
+                if not isinstance(exc, SippError):
+                    raise
+                self._refused(pool, dep, exc)  # this target takes no further attempt now
+                return _Failed(exc, "rate_limited")
+            ledgers = tuple(x for x in (ledger, member) if x is not None)
+            attempt = Attempt(self.state, pool, dep, ledgers)
             self.attempts.append(attempt)
             self._used[choice] += 1
             tried.add(dep.name)
             try:
-                if stream:
-                    held = await self._commit(attempt, ref, args, pool.resilience.has_alternatives)
-                    self.answered.append(attempt.label)
-                    return held
-                attempt.run = self._start(ref, args)
-                response = await attempt.run.result()
+                out = await run(attempt, ref, args)
             except SippError as exc:
                 kind = failure_kind(exc)
                 attempt.end(kind)
-                last = (exc, kind)
+                last = _Failed(exc, kind)
                 self._unnoted = (pool.name, exc)
                 if kind in ("context", "4xx", "error"):
                     return last
@@ -308,23 +321,34 @@ class Execution:
                 if not await wait_to_retry(retry, kind, exc, failures):
                     blocked.add(dep.name)
                 continue
-            attempt.first_output()
-            attempt.answered(response)
-            attempt.end("ok")
             self.answered.append(attempt.label)
-            return response
+            return out
         return last
+
+    async def _respond(
+        self, attempt: Attempt, ref: EndpointRef, args: TargetArgs
+    ) -> SippTextResponse:
+        attempt.run = self._start(ref, args)
+        response = await attempt.run.result()
+        attempt.first_output()
+        attempt.answered(response)
+        attempt.end("ok")
+        return response
 
     async def _ledger(self, target: str, choice: int) -> Ledger | None:
         """Where the next attempt of `choice` on `target` is charged: the request's own
         reservation for the choice's first attempt on the primary target; otherwise a
-        new reservation on `target`'s limits (its 429 raised when they cannot take it;
-        none when `target` has no limits, with no store call)."""
+        new reservation on `target`'s limits."""
         first, self._began[choice] = not self._began[choice], True
         if first and target == self.primary:
             return self._covered
+        return await self._reserve_on(target)
+
+    async def _reserve_on(self, target: str | None) -> Ledger | None:
+        """A new reservation on `target`'s limits (its 429 raised when they cannot take
+        it; none when `target` has no limits, with no store call)."""
         shaper = self.state.shaper
-        if shaper is None or not shaper.limits_target(target):
+        if target is None or shaper is None or not shaper.limits_target(target):
             return None
         reservation = await shaper.reserve_attempt(target, self.req)
         if reservation is None:
@@ -332,6 +356,22 @@ class Execution:
         if reservation.refusal is not None:
             raise reservation.refusal
         return Ledger(reservation)
+
+    async def _flush(self) -> None:
+        """Wait until the settlements of this request's ended attempts reached the store,
+        so the next reservation sees what they gave back."""
+        pending = [
+            task
+            for attempt in self.attempts
+            for ledger in attempt.ledgers
+            if (task := ledger.settling) is not None
+        ]
+        if pending:
+            await asyncio.wait(pending)
+
+    def _refused(self, pool: Pool, dep: DeploymentState, exc: SippError) -> None:
+        outcome = "rate_limited" if isinstance(exc, RateLimitedError) else "unavailable"
+        self.state.metrics.upstream_attempts.labels(pool.name, dep.name, outcome).inc()
 
     @property
     def _max_attempts(self) -> int:
@@ -348,11 +388,11 @@ class Execution:
             return ref, self._args[choice]
         return ref, target_args(self.req, self.state.target_configs[name], choice)
 
-    async def _commit(
-        self, attempt: Attempt, ref: EndpointRef, args: TargetArgs, hold: bool
-    ) -> HeldRun:
+    async def _commit(self, attempt: Attempt, ref: EndpointRef, args: TargetArgs) -> HeldRun:
         run = attempt.run = self._start(ref, args)
-        if not hold:  # as before pools: commit once the endpoint accepted the run
+        if (
+            not attempt.pool.resilience.has_alternatives
+        ):  # as before pools: commit once the endpoint accepted the run
             if run._preparing:
                 await run._accepted()
             if run.done:
@@ -411,6 +451,12 @@ class Execution:
                 len(self.attempts),
                 ", ".join(f"{a.label}={a.outcome}" for a in self.attempts),
             )
+
+
+def _member(pool: Pool, dep: DeploymentState) -> str | None:
+    """The other target `dep` runs on, when it is one (its limits apply too)."""
+    target = dep.spec.target
+    return target if target is not None and target != pool.name else None
 
 
 def deployment_endpoint(state: GatewayState, pool: Pool, dep: DeploymentState) -> EndpointRef:
