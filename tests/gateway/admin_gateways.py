@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from ..remote.loopback import LoopbackServer
 from .limited_gateways import LIMITED_CALLER, toml
 from .pool_upstreams import Deployment, pool_toml
 from .test_server import ENV, Gateway, _free_port
-from .upstreams import poll
+from .upstreams import poll, text_reply
 
 PASSWORD = ENV["TEST_ADMIN_PASSWORD"]
 AUTH = {"authorization": f"Bearer {LIMITED_CALLER}"}
@@ -27,6 +28,23 @@ POOL_TABLES = {
     "retry": "attempts = 2\nbackoff_base_seconds = 0.01\nbackoff_cap_seconds = 0.02",
     "breaker": "consecutive_failures = 2\ncooldown_seconds = 600",
 }
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[LoopbackServer]:
+    """A provider answering every chat with text, for a module's admin gateways."""
+    server = LoopbackServer(text_reply)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def ups() -> Iterator[dict[str, Deployment]]:
+    """The pool deployments `pools_toml` names, closed after the module."""
+    out = deployments()
+    yield out
+    for up in out.values():
+        up.close()
 
 
 def deployments() -> dict[str, Deployment]:

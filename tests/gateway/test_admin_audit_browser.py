@@ -5,44 +5,19 @@ while Redis is unreachable), and an edit made on replica A shows on B's page nam
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-from playwright.sync_api import Browser, expect, sync_playwright
+from playwright.sync_api import Browser, expect
 
 from ..remote.loopback import LoopbackServer
-from .admin_gateways import admin_gateway, deployments, login
+from .admin_gateways import admin_gateway, login, ups, upstream
 from .pool_upstreams import Deployment
 from .redis_server import running_redis
-from .test_admin_browser import CHROMIUM, FLAGS, Watched, _log_in
-from .upstreams import text_reply
+from .test_admin_browser import Watched, _log_in, browser
+
+__all__ = ["browser", "ups", "upstream"]  # fixtures shared with the other admin tests
 
 STATE = 'backend = "redis"\nurl_env = "TEST_REDIS_URL"\nkey_prefix = "audit-page"'
-
-
-@pytest.fixture(scope="module")
-def ups() -> Iterator[dict[str, Deployment]]:
-    out = deployments()
-    yield out
-    for up in out.values():
-        up.close()
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[LoopbackServer]:
-    server = LoopbackServer(text_reply)
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    assert Path(CHROMIUM).exists(), "Debian chromium is missing: run ./dev test (it installs it)"
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        yield browser
-        browser.close()
 
 
 def _page(browser: Browser) -> Watched:

@@ -17,10 +17,12 @@ from sipp.gateway.store.memory import MemoryStore
 from sipp.gateway.store.redis import RedisStore
 
 from ..remote.loopback import LoopbackServer
-from .admin_gateways import admin_gateway, chat, deployments, login
+from .admin_gateways import admin_gateway, chat, deployments, login, upstream
 from .redis_server import RedisServer, running_redis
 from .test_server import ENV
-from .upstreams import poll, text_reply
+from .upstreams import poll
+
+__all__ = ["upstream"]  # fixtures shared with the other admin tests
 
 DAY = 86_400_000
 USED = 6  # the loopback upstream's usage for `chat` (prompt + completion tokens)
@@ -68,13 +70,6 @@ def test_peek_reads_levels_and_changes_nothing(backend: str, redis_server: Redis
     finally:
         loop.run_until_complete(store.close())
         loop.close()
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[LoopbackServer]:
-    server = LoopbackServer(text_reply)
-    yield server
-    server.close()
 
 
 def _usage(client: httpx.Client) -> dict[str, dict[str, Any]]:

@@ -13,31 +13,26 @@ import httpx
 import pytest
 
 from ..remote.loopback import LoopbackServer
-from .admin_gateways import admin_gateway, chat, deployments, login, open_breaker, pool
+from .admin_gateways import (
+    admin_gateway,
+    chat,
+    login,
+    open_breaker,
+    pool,
+    ups,
+    upstream,
+)
 from .pool_upstreams import Deployment
 from .redis_server import running_redis
 from .test_server import Gateway
-from .upstreams import poll, text_reply
+from .upstreams import poll
+
+__all__ = ["ups", "upstream"]  # fixtures shared with the other admin tests
 
 
 class Setup:
     def __init__(self, gw: Gateway, ups: dict[str, Deployment]) -> None:
         self.gw, self.ups = gw, ups
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[LoopbackServer]:
-    server = LoopbackServer(text_reply)
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
-def ups() -> Iterator[dict[str, Deployment]]:
-    out = deployments()
-    yield out
-    for up in out.values():
-        up.close()
 
 
 @pytest.fixture(scope="module")

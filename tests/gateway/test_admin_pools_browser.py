@@ -10,25 +10,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, expect, sync_playwright
+from playwright.sync_api import Browser, expect
 
 from ..remote.loopback import LoopbackServer
-from .admin_gateways import admin_gateway, chat, deployments, login, open_breaker
+from .admin_gateways import admin_gateway, chat, login, open_breaker, ups
 from .pool_upstreams import Deployment
 from .redis_server import running_redis
-from .test_admin_browser import CHROMIUM, FLAGS, Watched, _log_in
+from .test_admin_browser import Watched, _log_in, browser
 from .test_server import Gateway
 from .upstreams import text_reply
 
+__all__ = ["browser", "ups"]  # fixtures shared with the other admin tests
+
 USED = 6  # the loopback upstream's usage for one `chat`
-
-
-@pytest.fixture(scope="module")
-def ups() -> Iterator[dict[str, Deployment]]:
-    out = deployments()
-    yield out
-    for up in out.values():
-        up.close()
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +35,6 @@ def gateway(
             yield gw
     finally:
         upstream.close()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    assert Path(CHROMIUM).exists(), "Debian chromium is missing: run ./dev test (it installs it)"
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ the replica that made it, and with Redis gone the list still answers, marked par
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,28 +15,15 @@ from sipp._errors import InvalidConfigError
 from sipp.gateway.admin import admin_state
 
 from ..remote.loopback import LoopbackServer
-from .admin_gateways import PASSWORD, admin_gateway, deployments, login
+from .admin_gateways import PASSWORD, admin_gateway, login, ups, upstream
 from .pool_upstreams import Deployment
 from .redis_server import running_redis
 from .test_server import ENV
-from .upstreams import poll, text_reply
+from .upstreams import poll
+
+__all__ = ["ups", "upstream"]  # fixtures shared with the other admin tests
 
 STATE = 'backend = "redis"\nurl_env = "TEST_REDIS_URL"\nkey_prefix = "audited"'
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[LoopbackServer]:
-    server = LoopbackServer(text_reply)
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
-def ups() -> Iterator[dict[str, Deployment]]:
-    out = deployments()
-    yield out
-    for up in out.values():
-        up.close()
 
 
 def _audit(client: httpx.Client) -> dict[str, Any]:
