@@ -20,6 +20,7 @@ from sipp import models
 from ..remote.loopback import Action, LoopbackServer, Request
 from .limited_gateways import toml
 from .pool_upstreams import Deployment, pool_toml
+from .test_embedding_inputs import MINILM
 from .test_server import ENV, TOKEN, Gateway, _free_port
 from .upstreams import embeddings_reply, poll
 
@@ -250,19 +251,9 @@ def _deployments_in_flight(gw: Gateway) -> float:
     )
 
 
-MIXED = """
-[[targets]]
-name = "minilm"
-type = "local"
-model = "{path}"
-backend = "cpu"
-stats = "basic"
-[targets.runtime.context]
-n_ctx = 256
-n_parallel = 2
-embeddings = true
-pooling = "mean"
-
+MIXED = (
+    MINILM
+    + """
 [[targets]]
 name = "mixed"
 type = "openai_compatible"
@@ -277,6 +268,7 @@ base_url = "http://127.0.0.1:{dead}/v1"
 [[targets.deployments]]
 target = "minilm"
 """
+)
 
 
 def test_a_local_deployment_embeds_a_batch_after_a_dead_one(tmp_path: Path) -> None:
