@@ -354,14 +354,21 @@ class SemanticStage:
             if part is None:
                 part = parts[partition] = self._partition()
                 part.hold_builds()  # until a saved graph is adopted or found missing
-            try:
-                vectors = np.stack([i.record.vector for i in items])
-                texts = [i.record.text for i in items]
-                part.add_many(texts, vectors, [i.key for i in items], self.model)
-            except (SippError, ValueError) as exc:  # vectors the index refuses: skipped
-                self._failed("semantic restore", exc)
+            if not self._add_records(part, items):
                 continue
             ages += [(i.key, partition, now + i.ttl_left - self._ttl) for i in items]
+
+    def _add_records(self, part: SemanticPartition, items: list[StoredRecord]) -> bool:
+        """Index one partition's records read from the store; False (counted) when the
+        index refuses their vectors, which are then skipped."""
+        try:
+            vectors = np.stack([i.record.vector for i in items])
+            texts = [i.record.text for i in items]
+            part.add_many(texts, vectors, [i.key for i in items], self.model)
+        except (SippError, ValueError) as exc:
+            self._failed("semantic restore", exc)
+            return False
+        return True
 
     async def _read_since(self, store: CacheStore, cursor: int) -> int:
         while True:
@@ -387,12 +394,7 @@ class SemanticStage:
             part = self._partitions.get(partition)
             if part is None:
                 part = self._partitions[partition] = self._partition()
-            try:
-                vectors = np.stack([i.record.vector for i in items])
-                texts = [i.record.text for i in items]
-                part.add_many(texts, vectors, [i.key for i in items], self.model)
-            except (SippError, ValueError) as exc:  # vectors the index refuses: skipped
-                self._failed("semantic restore", exc)
+            if not self._add_records(part, items):
                 if not len(part):
                     del self._partitions[partition]
                 continue
