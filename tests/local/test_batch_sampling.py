@@ -34,16 +34,8 @@ from sipp._runtime_config import SAMPLER_NAMES
 from sipp.local import _llama
 from sipp.local.batch_sampling import RowSampler, canonical, mt19937, row_sampler, sample_rows
 
-PROMPTS = [
-    "The three primary colors are",
-    "Water boils at",
-    "The largest planet in the solar system is",
-    "Python is a programming language that",
-    "The capital of Japan is",
-    "Photosynthesis is the process by which",
-    "A haiku about autumn:",
-    "The speed of light is",
-]
+from .test_engine import PROMPTS  # the eight distinct prompts the engine tests batch
+
 GREEDY = SippTextOptions(max_tokens=64, temperature=0)
 
 
