@@ -2,16 +2,21 @@
 
 Each side runs in its own process, one llama context per process: two contexts in
 one process each bring a ggml thread pool and on 2 cores they slow each other
-down (docs/architecture.md, traps). Rounds alternate which side goes first, so
-machine noise hits both alike.
+down (docs/architecture.md, traps). The two processes stay up for --per-process
+rounds and take turns: the driver tells one to generate, waits for its figure,
+then tells the other, while the idle one blocks on its input. The two figures of a
+round are thus a second or less apart, so the machine's speed, which drifts over
+seconds here, is nearly the same for both; rounds alternate which side goes first,
+and fresh processes every --per-process rounds keep one process's luck (where its
+memory landed) from deciding the run.
 
 Both sides use the same library build, model, thread count, context size, load
 parameters (extra buffer types off on AMX hosts, flash attention off, as sipp
 configures a CPU context), the same prompt and the same sampler chain: a logit
 bias that bans every end-of-generation token of the vocabulary, then greedy, so
 each side generates exactly --tokens tokens. Each process warms up on another
-prompt first (sipp with its prefix cache off, so the timed request prefills its
-whole prompt, as the raw loop does).
+prompt first (sipp with its prefix cache off, so every timed request prefills its
+whole prompt, as the raw loop does after clearing its memory).
 
 The figure is wall time: for sipp, `client.query(...).result()` from the call to
 the response; for the raw loop, tokenizing and prefilling the prompt, then
@@ -24,14 +29,16 @@ tokens/s = --tokens / that time. Prints each round, then medians with spread.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import IO, NamedTuple
 
 from _eog import BAN, eog_tokens
 from _stats import spread
@@ -45,9 +52,11 @@ class Prompts(NamedTuple):
     warmup: str
 
 
+@contextlib.contextmanager
 def raw_side(
     model_path: Path, n_tokens: int, threads: int, n_ctx: int, eog: list[int], prompts: Prompts
-) -> dict[str, float]:
+) -> Iterator[Callable[[], dict[str, float]]]:
+    """Load once; each call of the yielded function times one generation."""
     import llama_cpp as lc
 
     from sipp.local._llama import backend_init, cpu_has_amx
@@ -110,19 +119,26 @@ def raw_side(
         lc.llama_sampler_free(sampler)
         return n_prompt, generated
 
+    def measure() -> dict[str, float]:
+        lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+        start = time.perf_counter()
+        n_prompt, generated = generate(prompts.timed, n_tokens)
+        seconds = time.perf_counter() - start
+        return {"prompt_tokens": n_prompt, "generated": generated, "seconds": seconds}
+
     generate(prompts.warmup, 8)
-    lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
-    start = time.perf_counter()
-    n_prompt, generated = generate(prompts.timed, n_tokens)
-    seconds = time.perf_counter() - start
-    lc.llama_free(ctx)
-    lc.llama_model_free(model)
-    return {"prompt_tokens": n_prompt, "generated": generated, "seconds": seconds}
+    try:
+        yield measure
+    finally:
+        lc.llama_free(ctx)
+        lc.llama_model_free(model)
 
 
+@contextlib.contextmanager
 def sipp_side(
     model_path: Path, n_tokens: int, threads: int, n_ctx: int, eog: list[int], prompts: Prompts
-) -> dict[str, float]:
+) -> Iterator[Callable[[], dict[str, float]]]:
+    """Load once; each call of the yielded function times one `query().result()`."""
     from sipp import (
         CacheRuntimeConfig,
         ContextRuntimeConfig,
@@ -144,45 +160,78 @@ def sipp_side(
         warm = SippTextOptions(max_tokens=8, temperature=0)
         client.query(prompts.warmup, endpoint=endpoint, options=warm, local=local).result()
         options = SippTextOptions(max_tokens=n_tokens, temperature=0)
-        start = time.perf_counter()
-        response = client.query(
-            prompts.timed, endpoint=endpoint, options=options, local=local
-        ).result()
-        seconds = time.perf_counter() - start
-    assert response.usage is not None
-    return {
-        "prompt_tokens": response.usage.input_tokens,
-        "generated": response.usage.output_tokens,
-        "seconds": seconds,
-    }
+
+        def measure() -> dict[str, float]:
+            start = time.perf_counter()
+            response = client.query(
+                prompts.timed, endpoint=endpoint, options=options, local=local
+            ).result()
+            seconds = time.perf_counter() - start
+            assert response.usage is not None
+            return {
+                "prompt_tokens": response.usage.input_tokens,
+                "generated": response.usage.output_tokens,
+                "seconds": seconds,
+            }
+
+        yield measure
 
 
 SIDES = {"raw": raw_side, "sipp": sipp_side}
 
 
-def run_side(
-    side: str, args: argparse.Namespace, model_path: Path, eog: list[int]
-) -> dict[str, float]:
-    """One measurement of `side` in a fresh process; its last stdout line is the result."""
-    cmd = [
-        sys.executable,
-        __file__,
-        "--side", side,
-        "--model", str(model_path),
-        "--tokens", str(args.tokens),
-        "--threads", str(args.threads),
-        "--ctx", str(args.ctx),
-        "--eog", ",".join(map(str, eog)),
-        "--prompt", args.prompt,
-        "--warmup-prompt", args.warmup_prompt,
-    ]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"{side} side failed:\n{done.stderr[-3000:]}")
-    result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
-    if result["generated"] != args.tokens:
-        raise SystemExit(f"{side} generated {result['generated']} tokens, not {args.tokens}")
-    return result
+class Side:
+    """One side's process, kept up between rounds: it measures when told to."""
+
+    def __init__(self, side: str, args: argparse.Namespace, model_path: Path, eog: list[int]):
+        cmd = [
+            sys.executable,
+            __file__,
+            "--side", side,
+            "--model", str(model_path),
+            "--tokens", str(args.tokens),
+            "--threads", str(args.threads),
+            "--ctx", str(args.ctx),
+            "--eog", ",".join(map(str, eog)),
+            "--prompt", args.prompt,
+            "--warmup-prompt", args.warmup_prompt,
+        ]  # fmt: skip
+        self.name, self.tokens = side, args.tokens
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self._read()  # "ready": loaded and warmed up
+
+    def _read(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            raise SystemExit(f"{self.name} side failed:\n{err[-3000:]}")
+        return line
+
+    def measure(self) -> dict[str, float]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        result: dict[str, float] = json.loads(self._read())
+        if result["generated"] != self.tokens:
+            raise SystemExit(
+                f"{self.name} generated {result['generated']} tokens, not {self.tokens}"
+            )
+        return result
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()  # the child's input ends: it frees its context and exits
+        self.proc.wait(timeout=120)
+
+
+def serve(measure: Callable[[], dict[str, float]], commands: IO[str]) -> None:
+    """A child's loop: one measurement per line read, each printed as a JSON line."""
+    print("ready", flush=True)
+    for _ in commands:
+        print(json.dumps(measure()), flush=True)
 
 
 def main(argv: list[str] | None = None, description: str | None = None) -> None:
@@ -196,16 +245,20 @@ def main(argv: list[str] | None = None, description: str | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--ctx", type=int, default=2048)
+    parser.add_argument(
+        "--per-process", type=int, default=5, help="rounds before both sides restart"
+    )
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--warmup-prompt", default=WARMUP_PROMPT)
     parser.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--eog", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.side:  # a child: one measurement, printed as JSON
+    if args.side:  # a child: measures when the driver says so
         eog = [int(t) for t in args.eog.split(",") if t]
-        measure = SIDES[args.side]
         prompts = Prompts(args.prompt, args.warmup_prompt)
-        print(json.dumps(measure(args.model, args.tokens, args.threads, args.ctx, eog, prompts)))
+        side = SIDES[args.side]
+        with side(args.model, args.tokens, args.threads, args.ctx, eog, prompts) as measure:
+            serve(measure, sys.stdin)
         return
 
     from sipp import models as sipp_models
@@ -216,12 +269,21 @@ def main(argv: list[str] | None = None, description: str | None = None) -> None:
     print(
         f"model={model_path.name} tokens={args.tokens} threads={args.threads} n_ctx={args.ctx} "
         f"extra_bufts={'off (AMX host)' if cpu_has_amx() else 'on'} "
-        f"end-of-generation tokens banned on both sides: {eog}; one process per side and round"
+        f"end-of-generation tokens banned on both sides: {eog}; one process per side, "
+        f"new ones every {args.per_process} rounds"
     )
     rates: dict[str, list[float]] = {"raw": [], "sipp": []}
+    sides: dict[str, Side] = {}
     for i in range(args.rounds):
+        if i % args.per_process == 0:
+            for side in sides.values():
+                side.close()
+            sides = {name: Side(name, args, model_path, eog) for name in SIDES}
         order = ("raw", "sipp") if i % 2 == 0 else ("sipp", "raw")
-        got = {side: run_side(side, args, model_path, eog) for side in order}
+        got = {}
+        for name in order:
+            time.sleep(0.05)  # the other side's idle ggml threads stop spinning first
+            got[name] = sides[name].measure()
         if got["raw"]["prompt_tokens"] != got["sipp"]["prompt_tokens"]:
             raise SystemExit(f"the sides tokenized the prompt differently: {got}")
         for side in rates:
@@ -232,6 +294,8 @@ def main(argv: list[str] | None = None, description: str | None = None) -> None:
             f"ratio {s / r:.3f}",
             flush=True,
         )
+    for side in sides.values():
+        side.close()
     ratios = [s / r for s, r in zip(rates["sipp"], rates["raw"])]
     print(f"raw  {spread(rates['raw'], unit='tok/s')}")
     print(f"sipp {spread(rates['sipp'], unit='tok/s')}")
