@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import codecs
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -70,3 +72,13 @@ def test_stream_equals_batch_processing(text: str, stop: str, cuts: list[int]) -
     index = text.find(stop)
     expected = text if index < 0 else text[:index]
     assert "".join(out) == expected
+
+
+@given(pieces=st.lists(st.binary(max_size=6), max_size=10))
+def test_any_bytes_decode_as_an_incremental_utf8_decoder_does(pieces: list[bytes]) -> None:
+    # Tokens may carry bytes that are not UTF-8 (byte-fallback vocabularies): they read
+    # as U+FFFD, and a character cut off at the end is dropped, whatever the split.
+    reference = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    expected = "".join(reference.decode(p) for p in pieces)
+    out, stream = _run(pieces, [])
+    assert "".join(out) == expected == stream.text

@@ -17,6 +17,7 @@ __all__ = ["TextStream"]
 class TextStream:
     def __init__(self, stop: Sequence[str] = ()) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._whole = True  # the decoder holds no bytes of an unfinished character
         self._stops = tuple(stop)
         self._held = ""
         self._released: list[str] = []  # joined on demand: `text +=` copies it every token
@@ -34,7 +35,18 @@ class TextStream:
         """Add token bytes; return the newly releasable text."""
         if self.stopped:
             return ""
-        return self._release(self._held + self._decoder.decode(data), final=False)
+        if self._whole:
+            # Nothing pending: most tokens are whole characters, and bytes.decode is far
+            # cheaper than the incremental decoder's Python layer.
+            try:
+                text = data.decode()
+            except UnicodeDecodeError:
+                self._whole = False
+            else:
+                return self._release(self._held + text, final=False)
+        text = self._decoder.decode(data)
+        self._whole = not self._decoder.getstate()[0]
+        return self._release(self._held + text, final=False)
 
     def flush(self) -> str:
         """End of generation: release whatever is held (minus a stop match).
