@@ -5,6 +5,7 @@ two 1-thread contexts still run side by side."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 from sipp.local._llama import CPU, CpuBudget
 
@@ -59,3 +60,27 @@ def test_the_process_budget_is_its_cores() -> None:
     import os
 
     assert CPU.cores == max(1, os.cpu_count() or 1)
+
+
+def test_decodes_take_turns_only_once_a_second_context_is_alive() -> None:
+    budget = CpuBudget(2)
+    budget.join()
+    assert not budget.shared  # one context: nobody to take turns with
+    budget.join()
+    assert budget.shared
+    budget.leave()
+    assert not budget.shared
+
+
+def test_two_loaded_models_share_the_budget(smollm_path: Path) -> None:
+    from sipp import ContextRuntimeConfig, LocalModelDescriptor, NativeRuntimeConfig, SippClient
+
+    config = NativeRuntimeConfig(context=ContextRuntimeConfig(n_ctx=256))
+    alone = CPU.shared
+    with SippClient() as client:
+        first = client.add("a", LocalModelDescriptor(smollm_path, config))
+        second = client.add("b", LocalModelDescriptor(smollm_path, config))
+        client.query("Hi", endpoint=first).result()  # loads are lazy: run one on each
+        client.query("Hi", endpoint=second).result()
+        assert CPU.shared
+    assert CPU.shared is alone  # both contexts freed with the client

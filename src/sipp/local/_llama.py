@@ -318,13 +318,31 @@ class CpuBudget:
     embedding model that embeds back to back fell from 102 to 1.6 tokens/s. A compute
     call here first takes as many cores as it runs threads (all of them at most), so
     such calls take turns instead, while contexts whose threads fit together still run
-    side by side (two 1-thread contexts on 2 cores)."""
+    side by side (two 1-thread contexts on 2 cores).
+
+    A process with a single context has nobody to take turns with, and a lock taken
+    and released around every decode costs a tiny model about 1 % of its speed, so
+    decodes skip the budget while `shared` is false (see `Context.decode`)."""
 
     def __init__(self, cores: int) -> None:
         self.cores = max(1, cores)
         self._free = self.cores
         self._waiting = 0
         self._cond = threading.Condition()
+        self._contexts = 0
+        self.shared = False  # more than one context alive: decodes take turns
+
+    def join(self) -> None:
+        """A context was created."""
+        with self._cond:
+            self._contexts += 1
+            self.shared = self._contexts > 1
+
+    def leave(self) -> None:
+        """A context was freed."""
+        with self._cond:
+            self._contexts -= 1
+            self.shared = self._contexts > 1
 
     def need(self, threads: int) -> int:
         """The cores a compute call running `threads` threads takes."""
@@ -402,17 +420,37 @@ class Context:
         self._memory = _lc.llama_get_memory(ptr)
         self.threads = max(p.n_threads, p.n_threads_batch)
         self._cores = CPU.need(self.threads)  # what each compute call takes from CPU
+        self._one: Batch | None = None  # decode_token's batch, made at its first call
+        CPU.join()
 
     @property
     def ptr(self) -> Any:
         return self._ptr
 
     def close(self) -> None:
+        if self._one is not None:
+            self._one.close()
+            self._one = None
         if self._ptr:
             _lc.llama_free(self._ptr)
             self._ptr = None
+            CPU.leave()
+
+    def decode_token(self, token: int, pos: int, seq_id: int) -> int:
+        """Decode one token of one sequence, with its logits at output index 0: a lone
+        generating request's step, in one call instead of a batch's clear, add and decode."""
+        one = self._one
+        if one is None:
+            one = self._one = Batch(1)
+            one.add(token, pos, seq_id, True)
+        one.set_single(token, pos, seq_id)
+        return self.decode(one)
 
     def decode(self, batch: Batch) -> int:
+        # Read without the lock: a context created while this decode runs overlaps it
+        # once at most, which costs speed, never correctness.
+        if not CPU.shared:
+            return int(_lc.llama_decode(self._ptr, batch.raw))
         # take/give rather than `CPU.use`: a generator context manager costs ~2 µs a
         # token, a tenth of a tiny model's whole per-token overhead.
         CPU.take(self._cores)
@@ -547,6 +585,13 @@ class Batch:
         self.n = i + 1
         self.raw.n_tokens = self.n
         return i
+
+    def set_single(self, token: int, pos: int, seq_id: int) -> None:
+        """Make the batch hold just this token, with the output flag of its first entry."""
+        self._token[0] = token
+        self._pos[0] = pos
+        self._seq_id[0][0] = seq_id
+        self.n = self.raw.n_tokens = 1
 
     def close(self) -> None:
         if self.raw is not None:
