@@ -15,8 +15,11 @@ Same model, threads, context per sequence, batch sizes, flash attention (off unl
 every side). sipp and the server run greedy with every end-of-generation token
 banned, so each request generates exactly --tokens tokens; sipp runs with its
 prefix cache off so its warm-up leaves it no head start. Every side runs in its own
-process, one llama context alive at a time; each round runs the three sides in a
-rotating order. tokens/s = generated tokens / wall time from the first request out
+process and computes only in its turn: sipp and the server stay up for --per-process
+rounds, blocked on their input between turns (bench/_turns.py), and llama-batched-bench
+runs once per round; each round runs the three sides in a rotating order. With
+--clients 1 this is the single-stream comparison against `llama-batched-bench` B=1.
+tokens/s = generated tokens / wall time from the first request out
 to the last response in (for C++: prompt plus generation time). Prints each round,
 then medians with spread and the ratios sipp/server and sipp/C++.
 
@@ -26,12 +29,14 @@ then medians with spread and the ratios sipp/server and sipp/C++.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -41,6 +46,7 @@ import httpx
 from _eog import BAN, eog_tokens
 from _llama_tools import ensure_tools, tool_env
 from _stats import spread
+from _turns import SETTLE_S, Child, serve
 
 QUESTIONS = [
     "Explain how a bicycle works.",
@@ -61,7 +67,9 @@ def _question(i: int) -> str:
 
 
 # ---------------------------------------------------------------- sipp (child process)
-def sipp_side(args: argparse.Namespace, eog: list[int]) -> dict[str, Any]:
+@contextlib.contextmanager
+def sipp_side(args: argparse.Namespace, eog: list[int]) -> Iterator[Callable[[], dict[str, Any]]]:
+    """Load once; each call of the yielded function times one burst of chats."""
     from sipp import (
         CacheRuntimeConfig,
         ChatMessage,
@@ -106,13 +114,16 @@ def sipp_side(args: argparse.Namespace, eog: list[int]) -> dict[str, Any]:
             seconds = time.perf_counter() - start
             return seconds, [(u.input_tokens, u.output_tokens) for u in usages if u is not None]
 
+        def measure() -> dict[str, Any]:
+            seconds, usages = chats(_question, args.tokens)
+            return {
+                "seconds": seconds,
+                "prompt_tokens": [p for p, _ in usages],
+                "generated": [g for _, g in usages],
+            }
+
         chats(lambda i: WARMUP_QUESTION, 8)
-        seconds, usages = chats(_question, args.tokens)
-    return {
-        "seconds": seconds,
-        "prompt_tokens": [p for p, _ in usages],
-        "generated": [g for _, g in usages],
-    }
+        yield measure
 
 
 # ---------------------------------------------------------------- llama-cpp-python server
@@ -122,7 +133,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def server_side(args: argparse.Namespace, eog: list[int]) -> dict[str, Any]:
+@contextlib.contextmanager
+def server_side(args: argparse.Namespace, eog: list[int]) -> Iterator[Callable[[], dict[str, Any]]]:
+    """Start the server once; each call of the yielded function times one burst."""
     from sipp.local._llama import cpu_has_amx
 
     port = _free_port()
@@ -171,19 +184,24 @@ def server_side(args: argparse.Namespace, eog: list[int]) -> dict[str, Any]:
             usage = r.json()["usage"]
             return int(usage["prompt_tokens"]), int(usage["completion_tokens"])
 
+        def measure() -> dict[str, Any]:
+            start = time.perf_counter()
+            with ThreadPoolExecutor(args.clients) as pool:
+                usages = list(
+                    pool.map(lambda i: one(_question(i), args.tokens), range(args.clients))
+                )
+            seconds = time.perf_counter() - start
+            return {
+                "seconds": seconds,
+                "prompt_tokens": [p for p, _ in usages],
+                "generated": [g for _, g in usages],
+            }
+
         one(WARMUP_QUESTION, 8)
-        start = time.perf_counter()
-        with ThreadPoolExecutor(args.clients) as pool:
-            usages = list(pool.map(lambda i: one(_question(i), args.tokens), range(args.clients)))
-        seconds = time.perf_counter() - start
+        yield measure
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    return {
-        "seconds": seconds,
-        "prompt_tokens": [p for p, _ in usages],
-        "generated": [g for _, g in usages],
-    }
 
 
 # ---------------------------------------------------------------- llama-batched-bench
@@ -225,7 +243,7 @@ def cpp_side(args: argparse.Namespace, prompt_tokens: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- driver
-def run_child(side: str, args: argparse.Namespace, eog: list[int], tokens: int) -> dict[str, Any]:
+def start_child(side: str, args: argparse.Namespace, eog: list[int], tokens: int) -> Child:
     cmd = [
         sys.executable,
         __file__,
@@ -238,10 +256,12 @@ def run_child(side: str, args: argparse.Namespace, eog: list[int], tokens: int) 
         "--flash-attention", args.flash_attention,
         "--eog", ",".join(map(str, eog)),
     ]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"{side} side failed:\n{done.stderr[-3000:]}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return Child(side, cmd)
+
+
+def checked(
+    side: str, result: dict[str, Any], args: argparse.Namespace, tokens: int
+) -> dict[str, Any]:
     if result["generated"] != [tokens] * args.clients:
         raise SystemExit(f"{side} generated {result['generated']}, not {tokens} per request")
     return result
@@ -258,13 +278,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--ctx", type=int, default=1024, help="context per sequence")
     parser.add_argument("--flash-attention", choices=["off", "on"], default="off")
+    parser.add_argument(
+        "--per-process", type=int, default=3, help="rounds before sipp and the server restart"
+    )
     parser.add_argument("--side", choices=["sipp", "server"], help=argparse.SUPPRESS)
     parser.add_argument("--eog", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.side:  # a child: one measurement, printed as JSON
+    if args.side:  # a child: measures when the driver says so
         eog = [int(t) for t in args.eog.split(",") if t]
-        measure = sipp_side if args.side == "sipp" else server_side
-        print(json.dumps(measure(args, eog)))
+        side = sipp_side if args.side == "sipp" else server_side
+        with side(args, eog) as measure:
+            serve(measure, sys.stdin)
         return
 
     from sipp import models as sipp_models
@@ -274,7 +298,9 @@ def main() -> None:
     tools = ensure_tools()
     eog = eog_tokens(args.model)
     # The chats' prompt lengths under the model's template, for the C++ side's prompts.
-    probe = run_child("sipp", args, eog, 1)["prompt_tokens"]
+    probe_side = start_child("sipp", args, eog, 1)
+    probe = checked("sipp", probe_side.measure(), args, 1)["prompt_tokens"]
+    probe_side.close()
     pp = round(sum(probe) / len(probe))
     print(
         f"model={args.model.name} clients={args.clients} tokens={args.tokens} "
@@ -285,10 +311,19 @@ def main() -> None:
     )
     sides = ("sipp", "server", "cpp")
     rates: dict[str, list[float]] = {s: [] for s in sides}
+    children: dict[str, Child] = {}
     for i in range(args.rounds):
+        if i % args.per_process == 0:
+            for child in children.values():
+                child.close()
+            children = {s: start_child(s, args, eog, args.tokens) for s in ("sipp", "server")}
         order = sides[i % 3 :] + sides[: i % 3]
         for side in order:
-            got = cpp_side(args, pp) if side == "cpp" else run_child(side, args, eog, args.tokens)
+            if side == "cpp":
+                time.sleep(SETTLE_S)
+                got = cpp_side(args, pp)
+            else:
+                got = checked(side, children[side].measure(), args, args.tokens)
             rates[side].append(sum(got["generated"]) / got["seconds"])
         print(
             f"round {i + 1} ({' > '.join(order)}): "
@@ -297,6 +332,8 @@ def main() -> None:
             + f"   sipp/C++ {rates['sipp'][-1] / rates['cpp'][-1]:.2f}",
             flush=True,
         )
+    for child in children.values():
+        child.close()
     print(f"server {spread(rates['server'], unit='tok/s')}")
     print(f"C++    {spread(rates['cpp'], unit='tok/s')}")
     print(f"sipp   {spread(rates['sipp'], unit='tok/s')}")

@@ -8,8 +8,10 @@ in the pinned llama-cpp-python sdist. Requests are non-streamed chats, greedy, w
 every end-of-generation token banned by `logit_bias` (-100, the OpenAI range both
 accept), so each generates exactly --tokens tokens (checked from `usage`).
 
-Each round starts one server at a time (one llama context alive on the machine), warms
-it up, then measures:
+Both servers stay up for --per-process rounds and take turns: while one is measured the
+other idles (its slots empty, nothing computing), so a round's two figures are seconds
+apart rather than a server start apart; the machine's speed drifts over seconds here.
+Each is warmed up once after it starts. Each turn measures:
 * single: one request; generated tokens / wall time from request out to response in
   (prefill included, as a caller sees it);
 * concurrent: --clients requests with distinct prompts sent at once; all generated
@@ -30,7 +32,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
@@ -38,6 +40,7 @@ import httpx
 from _eog import eog_tokens
 from _llama_tools import ensure_tools, tool_env
 from _stats import spread
+from _turns import SETTLE_S
 from batched_throughput import QUESTIONS
 from gateway_overhead import free_port
 
@@ -169,6 +172,28 @@ def llama_server(args: argparse.Namespace, directory: Path) -> Iterator[str]:
         yield url
 
 
+def warm_up(url: str, bias: dict[str, int]) -> None:
+    """A server's first requests: its first decodes and batch shapes."""
+    body = {
+        "model": "local",
+        "messages": [{"role": "user", "content": q} for q in QUESTIONS[:1]],
+        "max_tokens": 8,
+        "temperature": 0,
+        "logit_bias": bias,
+    }
+    with ThreadPoolExecutor(2) as pool:
+        for r in pool.map(
+            lambda _: httpx.post(
+                f"{url}/v1/chat/completions",
+                json=body,
+                headers={"authorization": f"Bearer {TOKEN}"},
+                timeout=300,
+            ),
+            range(2),
+        ):
+            r.raise_for_status()
+
+
 def measure(url: str, args: argparse.Namespace, bias: dict[str, int]) -> tuple[float, float]:
     """(single, concurrent) generated tokens per second against the server at `url`."""
     headers = {"authorization": f"Bearer {TOKEN}"}
@@ -198,7 +223,7 @@ def measure(url: str, args: argparse.Namespace, bias: dict[str, int]) -> tuple[f
 
     clients = [httpx.Client(timeout=900) for _ in range(args.clients)]
     try:
-        one(clients[0], "List three colours.", 8)  # warm-up: first decode, connections
+        one(clients[0], "List three colours.", 8)  # this turn's connections
         single = timed(lambda: one(clients[0], QUESTIONS[0], args.tokens))
         with ThreadPoolExecutor(args.clients) as pool:
 
@@ -225,6 +250,7 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=512, help="context per slot")
     parser.add_argument("--flash-attention", choices=("on", "off"), default="off")
     parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--per-process", type=int, default=3, help="rounds before both restart")
     args = parser.parse_args()
     if args.model is None:
         from sipp import models
@@ -236,18 +262,31 @@ def main() -> None:
         name: {"single": [], "concurrent": []} for name in sides
     }
     with tempfile.TemporaryDirectory(prefix="sipp-bench-http-") as tmp:
-        for i in range(args.rounds):
-            order = list(sides) if i % 2 == 0 else list(reversed(sides))
-            for name in order:
-                with sides[name](args, Path(tmp)) as url:
-                    single, concurrent = measure(url, args, bias)
-                results[name]["single"].append(single)
-                results[name]["concurrent"].append(concurrent)
-                print(
-                    f"round {i + 1} {name:12} single {single:6.1f} tok/s   "
-                    f"{args.clients} concurrent {concurrent:6.1f} tok/s",
-                    flush=True,
-                )
+        up = ExitStack()  # the servers of the current group of rounds
+        urls: dict[str, str] = {}
+        try:
+            for i in range(args.rounds):
+                if i % args.per_process == 0:
+                    up.close()
+                    up = ExitStack()
+                    urls = {
+                        name: up.enter_context(run(args, Path(tmp))) for name, run in sides.items()
+                    }
+                    for url in urls.values():
+                        warm_up(url, bias)
+                order = list(sides) if i % 2 == 0 else list(reversed(sides))
+                for name in order:
+                    time.sleep(SETTLE_S)
+                    single, concurrent = measure(urls[name], args, bias)
+                    results[name]["single"].append(single)
+                    results[name]["concurrent"].append(concurrent)
+                    print(
+                        f"round {i + 1} {name:12} single {single:6.1f} tok/s   "
+                        f"{args.clients} concurrent {concurrent:6.1f} tok/s",
+                        flush=True,
+                    )
+        finally:
+            up.close()
     for name, by_kind in results.items():
         for kind, values in by_kind.items():
             print(f"{name:12} {kind:10} {spread(values, '.1f', 'tok/s')}")

@@ -31,17 +31,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, NamedTuple
+from typing import NamedTuple
 
 from _eog import BAN, eog_tokens
 from _stats import spread
+from _turns import Child, serve
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
 WARMUP_PROMPT = "The recipe calls for flour, water and"
@@ -180,58 +179,20 @@ def sipp_side(
 SIDES = {"raw": raw_side, "sipp": sipp_side}
 
 
-class Side:
-    """One side's process, kept up between rounds: it measures when told to."""
-
-    def __init__(self, side: str, args: argparse.Namespace, model_path: Path, eog: list[int]):
-        cmd = [
-            sys.executable,
-            __file__,
-            "--side", side,
-            "--model", str(model_path),
-            "--tokens", str(args.tokens),
-            "--threads", str(args.threads),
-            "--ctx", str(args.ctx),
-            "--eog", ",".join(map(str, eog)),
-            "--prompt", args.prompt,
-            "--warmup-prompt", args.warmup_prompt,
-        ]  # fmt: skip
-        self.name, self.tokens = side, args.tokens
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        self._read()  # "ready": loaded and warmed up
-
-    def _read(self) -> str:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            err = self.proc.stderr.read() if self.proc.stderr else ""
-            raise SystemExit(f"{self.name} side failed:\n{err[-3000:]}")
-        return line
-
-    def measure(self) -> dict[str, float]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("go\n")
-        self.proc.stdin.flush()
-        result: dict[str, float] = json.loads(self._read())
-        if result["generated"] != self.tokens:
-            raise SystemExit(
-                f"{self.name} generated {result['generated']} tokens, not {self.tokens}"
-            )
-        return result
-
-    def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()  # the child's input ends: it frees its context and exits
-        self.proc.wait(timeout=120)
-
-
-def serve(measure: Callable[[], dict[str, float]], commands: IO[str]) -> None:
-    """A child's loop: one measurement per line read, each printed as a JSON line."""
-    print("ready", flush=True)
-    for _ in commands:
-        print(json.dumps(measure()), flush=True)
+def start_side(side: str, args: argparse.Namespace, model_path: Path, eog: list[int]) -> Child:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--side", side,
+        "--model", str(model_path),
+        "--tokens", str(args.tokens),
+        "--threads", str(args.threads),
+        "--ctx", str(args.ctx),
+        "--eog", ",".join(map(str, eog)),
+        "--prompt", args.prompt,
+        "--warmup-prompt", args.warmup_prompt,
+    ]  # fmt: skip
+    return Child(side, cmd)
 
 
 def main(argv: list[str] | None = None, description: str | None = None) -> None:
@@ -273,17 +234,17 @@ def main(argv: list[str] | None = None, description: str | None = None) -> None:
         f"new ones every {args.per_process} rounds"
     )
     rates: dict[str, list[float]] = {"raw": [], "sipp": []}
-    sides: dict[str, Side] = {}
+    sides: dict[str, Child] = {}
     for i in range(args.rounds):
         if i % args.per_process == 0:
             for side in sides.values():
                 side.close()
-            sides = {name: Side(name, args, model_path, eog) for name in SIDES}
+            sides = {name: start_side(name, args, model_path, eog) for name in SIDES}
         order = ("raw", "sipp") if i % 2 == 0 else ("sipp", "raw")
-        got = {}
-        for name in order:
-            time.sleep(0.05)  # the other side's idle ggml threads stop spinning first
-            got[name] = sides[name].measure()
+        got = {name: sides[name].measure() for name in order}
+        for name, result in got.items():
+            if result["generated"] != args.tokens:
+                raise SystemExit(f"{name} generated {result['generated']}, not {args.tokens}")
         if got["raw"]["prompt_tokens"] != got["sipp"]["prompt_tokens"]:
             raise SystemExit(f"the sides tokenized the prompt differently: {got}")
         for side in rates:
