@@ -136,3 +136,19 @@ def test_cancelling_a_lone_request_frees_its_slot(
     assert metrics["busy_slots"] == 0 and metrics["running"] == 0
     after = client.query(PROMPT, endpoint=ref, options=SippTextOptions(max_tokens=4, temperature=0))
     assert after.result().usage is not None
+
+
+@pytest.mark.parametrize("case", ["greedy", "stop-logprobs"])
+def test_a_lone_greedy_row_picks_what_its_chain_picks(
+    endpoint: tuple[SippClient, EndpointRef, Any], case: str
+) -> None:
+    # SmolLM2's vocabulary is large enough for a lone greedy row to skip its chain.
+    client, ref, engine = endpoint
+    assert not engine._small_vocab
+    engine.batch_sampling = False  # every row on its llama.cpp chain
+    try:
+        chain_ids, chain = _run(client, ref, case)
+    finally:
+        engine.batch_sampling = True
+    ids, got = _run(client, ref, case)
+    assert ids == chain_ids and got.text == chain.text
