@@ -378,6 +378,11 @@ class CpuBudget:
 
 CPU = CpuBudget(os.cpu_count() or 1)
 
+# llama_get_logits_ith returning the address as an int: no pointer object to cast.
+_logits_ith_address = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32)(
+    ("llama_get_logits_ith", _lc.llama_cpp._lib)
+)
+
 GGML_MAX_N_THREADS = 512  # ggml.h: the length of ggml_threadpool_params.cpumask
 THREAD_POLL = 0  # ggml's polling level for a pool's idle workers: 0 sleeps at once
 
@@ -514,6 +519,7 @@ class Context:
         self.threads = max(p.n_threads, p.n_threads_batch)
         self._cores = CPU.need(self.threads)  # what each compute call takes from CPU
         self._one: Batch | None = None  # decode_token's batch, made at its first call
+        self._row_view: tuple[int, npt.NDArray[np.float32]] | None = None  # logits_row's
         self._pools = attach_threadpools(ptr, p.n_threads, p.n_threads_batch)
         CPU.join()
 
@@ -600,11 +606,19 @@ class Context:
 
     def logits_row(self, i: int) -> npt.NDArray[np.float32]:
         """The raw logits of batch entry `i` of the last decode, as a view (no copy):
-        valid only until the next decode."""
-        ptr = _lc.llama_get_logits_ith(self._ptr, i)
-        if not ptr:
+        valid only until the next decode. The view of the last row asked for is kept
+        and handed out again while llama.cpp's row sits at the same address (a lone
+        request asks for row 0 every token; making a view costs ~80 us in situ)."""
+        addr = _logits_ith_address(self._ptr, i)
+        if not addr:
             raise RuntimeError(f"llama.cpp returned no logits for batch entry {i}")
-        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+        kept = self._row_view
+        if kept is not None and kept[0] == addr:
+            return kept[1]
+        raw = (ctypes.c_float * self.model.n_vocab).from_address(addr)
+        view = np.frombuffer(memoryview(raw), np.float32)
+        self._row_view = (addr, view)
+        return view
 
     def logits_rows(self, indices: Sequence[int]) -> tuple[npt.NDArray[np.float32], list[int]]:
         """A (rows, n_vocab) view (no copy) over the logits of the last decode, and the

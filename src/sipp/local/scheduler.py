@@ -45,7 +45,7 @@ from .._types import (
     Usage,
 )
 from . import _llama
-from .batch_sampling import RowSampler, row_sampler, sample_rows
+from .batch_sampling import RowSampler, greedy_token, row_sampler, sample_rows
 from .kv_cache import EmbedMemo, Snapshot, SnapshotStore, common_prefix
 from .logprobs import token_logprob
 from .model import LoadedModel
@@ -683,8 +683,10 @@ class Engine:
         assert slot is not None
         ctx, tokens, seq = self.ctx, slot.tokens, slot.seq_id
         cancelled = job.channel.cancelled
-        # One row: the choice `_sample` makes for it, taken once.
-        chain = job.fast is None or (job.fast.greedy and self._small_vocab)
+        # One row: the choice `_sample` makes for it, taken once; a greedy row off its
+        # chain is one argmax over its logits, without the batch sampler's bookkeeping.
+        fast = job.fast
+        chain = fast is None or (fast.greedy and self._small_vocab)
         sample = job.sampler.sample
         steps = 0
         job.out_index = 0  # decode_token's batch holds the one token
@@ -695,7 +697,14 @@ class Engine:
                 break
             tokens.append(job.last_token)
             steps += 1
-            self._on_token(job, sample(ctx, 0) if chain else self._sample([job])[0])
+            if chain:
+                token = sample(ctx, 0)
+            elif fast is not None and fast.greedy:
+                row = ctx.logits_row(0)
+                token = greedy_token(row, int(row.argmax()), fast)
+            else:
+                token = self._sample([job])[0]
+            self._on_token(job, token)
             if not self._active:  # it finished
                 break
         with self._cond:
