@@ -363,6 +363,37 @@ def test_greedy_ties_and_biases_resolve_as_llama_cpp_greedy(
     assert sample_rows(logits, order, [samplers[r] for r in order]) == [want[r] for r in order]
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    rows=st.lists(
+        st.lists(st.sampled_from([-2.0, 0.0, 0.5, 1.0, 3.0]), min_size=12, max_size=12),
+        min_size=2,
+        max_size=6,
+    ),
+    biases=st.lists(
+        st.dictionaries(
+            st.integers(0, 11),
+            st.sampled_from([-1e30, -2.5, -1.0, 0.0, 0.5, 1.0, 2.0, 2.5]),
+            max_size=5,
+        ),
+        min_size=6,
+        max_size=6,
+    ),
+)
+def test_several_rows_with_their_own_biases_resolve_as_llama_cpp_greedy(
+    rows: list[list[float]], biases: list[dict[int, float]]
+) -> None:
+    # Two or more biased rows take the gathered path (one index, one reduce for all).
+    logits = np.array(rows, dtype=np.float32)
+    samplers = []
+    for bias in biases[: len(rows)]:
+        fast = row_sampler(_settings(temperature=0.0, logit_bias=bias))
+        assert fast is not None
+        samplers.append(fast)
+    want = [_llama_greedy(logits[r], biases[r]) for r in range(len(rows))]
+    assert sample_rows(logits, list(range(len(rows))), samplers) == want
+
+
 @pytest.mark.parametrize("n", [100, 1000, 49152, 49153, 151936])
 def test_top_k_keeps_the_k_best_logits_lowest_id_first_on_ties(n: int) -> None:
     from sipp.local.batch_sampling import _top_k
