@@ -201,12 +201,14 @@ class SamplingRuntimeConfig(_Group):
         if self.logit_bias is not None and (
             not isinstance(self.logit_bias, Mapping)
             or not all(
-                isinstance(k, int) and isinstance(v, (int, float))
+                isinstance(k, int) and isinstance(v, (int, float)) and not math.isnan(v)
                 for k, v in self.logit_bias.items()
             )
         ):
+            # NaN has no order: llama.cpp's greedy sampler and an argmax disagree on it.
             raise InvalidConfigError(
-                "SamplingRuntimeConfig.logit_bias must map token ids (int) to numbers"
+                "SamplingRuntimeConfig.logit_bias must map token ids (int) to numbers "
+                "(not NaN; -inf bans a token)"
             )
 
     def merged_over(self, base: SamplingRuntimeConfig) -> SamplingRuntimeConfig:

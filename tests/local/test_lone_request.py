@@ -152,3 +152,25 @@ def test_a_lone_greedy_row_picks_what_its_chain_picks(
         engine.batch_sampling = True
     ids, got = _run(client, ref, case)
     assert ids == chain_ids and got.text == chain.text
+
+
+def test_steps_are_counted_while_a_request_runs_alone(
+    endpoint: tuple[SippClient, EndpointRef, Any],
+) -> None:
+    client, ref, _ = endpoint
+    before = client.runtime_metrics(ref)["steps"]
+    run = client.query(
+        PROMPT,
+        endpoint=ref,
+        options=SippTextOptions(max_tokens=300, temperature=0),
+        emit_tokens=True,
+    )
+    seen = 0
+    for batch in run:
+        seen += len(batch.token_ids)
+        if seen >= 20:
+            break
+    mid = client.runtime_metrics(ref)["steps"] - before
+    run.cancel()
+    run.result()
+    assert mid >= seen  # a step per token so far, not all at the end

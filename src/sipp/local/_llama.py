@@ -417,9 +417,12 @@ def _pool_api() -> _PoolApi | None:
     (found by Qwen2.5's repacked Q4_K weights decoding to garbage). RTLD_NOLOAD opens
     a library only if it is loaded already."""
     candidates: list[Any] = [_lc.llama_cpp._lib]  # a build that links ggml in statically
+    noload: int | None = getattr(os, "RTLD_NOLOAD", None)  # POSIX only
     for name in ("libggml-cpu.so.0", "libggml-cpu.so"):
+        if noload is None:
+            break
         try:
-            candidates.append(ctypes.CDLL(name, mode=os.RTLD_NOLOAD | os.RTLD_LAZY))
+            candidates.append(ctypes.CDLL(name, mode=noload | os.RTLD_LAZY))
         except OSError:
             continue
     found = [lib for lib in candidates if hasattr(lib, "ggml_threadpool_new")]
@@ -520,7 +523,11 @@ class Context:
         self._cores = CPU.need(self.threads)  # what each compute call takes from CPU
         self._one: Batch | None = None  # decode_token's batch, made at its first call
         self._row_view: tuple[int, npt.NDArray[np.float32]] | None = None  # logits_row's
-        self._pools = attach_threadpools(ptr, p.n_threads, p.n_threads_batch)
+        try:
+            self._pools = attach_threadpools(ptr, p.n_threads, p.n_threads_batch)
+        except BaseException:
+            _lc.llama_free(ptr)
+            raise
         CPU.join()
 
     @property
@@ -550,8 +557,9 @@ class Context:
         return self.decode(one)
 
     def decode(self, batch: Batch) -> int:
-        # Read without the lock: a context created while this decode runs overlaps it
-        # once at most, which costs speed, never correctness.
+        # Read without the lock: a context created while this decode runs may compute
+        # beside it until it returns (however long a prefill that is), which costs
+        # speed, never correctness; the next decode takes its turn.
         if not CPU.shared:
             return int(_lc.llama_decode(self._ptr, batch.raw))
         # take/give rather than `CPU.use`: a generator context manager costs ~2 µs a

@@ -688,15 +688,18 @@ class Engine:
         fast = job.fast
         chain = fast is None or (fast.greedy and self._small_vocab)
         sample = job.sampler.sample
-        steps = 0
+        counters = self._counters
         job.out_index = 0  # decode_token's batch holds the one token
         while not (self._queue or self._closing or cancelled.is_set()):
+            # Counted as `_text_step` counts, before the decode; without its lock, as
+            # only this thread writes them and a reader copies them under the lock.
+            counters["steps"] += 1
+            counters["busy_slot_steps"] += 1
             status = ctx.decode_token(job.last_token, len(tokens), seq)
             if status != 0:
                 self._fail(job, status)
                 break
             tokens.append(job.last_token)
-            steps += 1
             if chain:
                 token = sample(ctx, 0)
             elif fast is not None and fast.greedy:
@@ -707,9 +710,6 @@ class Engine:
             self._on_token(job, token)
             if not self._active:  # it finished
                 break
-        with self._cond:
-            self._counters["steps"] += steps
-            self._counters["busy_slot_steps"] += steps
 
     def _take_turns(self) -> list[TextJob]:
         """The generating jobs that decode this step: all of them when they fit in
