@@ -17,7 +17,7 @@ from typing import IO, Any
 
 __all__ = ["Child", "serve"]
 
-SETTLE_S = 0.05  # before each measurement: the other side's idle ggml threads stop spinning
+SETTLE_S = 0.5  # before each measurement: the other side's idle ggml threads stop spinning
 
 
 class Child:
