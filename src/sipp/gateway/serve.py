@@ -26,6 +26,7 @@ from .._runtime_config import NativeRuntimeConfig, ObservabilityRuntimeConfig
 from .admin import admin_state
 from .app import GatewayState, build_management_app, build_public_app
 from .auth import TokenTable, read_secret
+from .background import stop_loop
 from .cache.semantic_stage import target_embedder
 from .cache.stores import close_caches, open_caches, stop_verifying
 from .cache.verify import target_upstream
@@ -243,13 +244,11 @@ async def serve(
     for s in servers:
         s.should_exit = True
     await asyncio.gather(*tasks, return_exceptions=True)
-    loader.cancel()
-    await asyncio.gather(loader, return_exceptions=True)
+    await stop_loop(loader)
     await stop_verifying(state.caches)
     await state.client.close()
     if sync is not None:
-        sync.cancel()
-        await asyncio.gather(sync, return_exceptions=True)
+        await stop_loop(sync)
     if state.shaper is not None:
         await state.shaper.settled()
     await close_caches(state.caches)

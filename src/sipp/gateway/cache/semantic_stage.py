@@ -40,6 +40,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..._errors import ContextOverflowError, SippError
+from ..background import stop_loop
 from .config import SemanticConfig
 from .entry import SemanticRecord
 from .semantic import SemanticPartition
@@ -250,9 +251,7 @@ class SemanticStage:
     async def close(self) -> None:
         """Stop reading the store; save the ANN graphs built (see `graphs`)."""
         if self._reading is not None:
-            self._reading.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reading
+            await stop_loop(self._reading)
             self._reading = None
         if self._graphs is not None:
             try:
