@@ -12,10 +12,11 @@ from typing import Any
 import httpx
 import pytest
 
+from ..ports import free_port
 from ..remote.loopback import LoopbackServer
 from .limited_gateways import LIMITED_CALLER, toml
 from .pool_upstreams import Deployment, pool_toml
-from .test_server import ENV, Gateway, _free_port
+from .test_server import ENV, Gateway
 from .upstreams import poll, text_reply
 
 PASSWORD = ENV["TEST_ADMIN_PASSWORD"]
@@ -72,7 +73,7 @@ def admin_gateway(
     name: str = "gateway",
 ) -> Iterator[Gateway]:
     """A ready gateway (admin on `/admin`); on exit SIGTERM and exit code 0."""
-    public, management = _free_port(), _free_port()
+    public, management = free_port(), free_port()
     path = directory / f"{name}.toml"
     config = toml(upstream.url, public, management, CALLER_LIMITS, TARGET_LIMITS, state)
     path.write_text(config + pools_toml(ups))

@@ -9,8 +9,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ..ports import free_port
 from ..remote.loopback import Action, LoopbackServer, Request, Wait
-from .test_server import ENV, LIMITED, TOKEN, Gateway, _free_port
+from .test_server import ENV, LIMITED, TOKEN, Gateway
 from .upstreams import text_reply
 
 __all__ = ["FREE", "LIMITED_CALLER", "held_upstream", "limited_gateway", "toml"]
@@ -84,7 +85,7 @@ def limited_gateway(
     origins: str = "[]",
 ) -> Iterator[Gateway]:
     """A ready gateway; on exit SIGTERM and exit code 0."""
-    public, management = _free_port(), _free_port()
+    public, management = free_port(), free_port()
     path = directory / f"{name}.toml"
     path.write_text(
         toml(upstream.url, public, management, caller_limits, target_limits, state, origins)

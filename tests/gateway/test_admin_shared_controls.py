@@ -16,10 +16,11 @@ from sipp.gateway.shared_controls import SharedControls
 from sipp.gateway.state import GatewayState
 from sipp.gateway.store.redis import RedisStore
 
+from ..ports import free_port
 from .admin_gateways import deployments, pools_toml
 from .limited_gateways import toml as limited_toml
 from .redis_server import running_redis
-from .test_server import ENV, _free_port
+from .test_server import ENV
 
 
 class HeldStore(RedisStore):
@@ -43,7 +44,7 @@ def test_a_refresh_that_read_before_a_change_does_not_undo_it(tmp_path: Path) ->
     try:
         config = parse_config(
             toml.loads(
-                limited_toml("http://127.0.0.1:9", _free_port(), _free_port()) + pools_toml(ups)
+                limited_toml("http://127.0.0.1:9", free_port(), free_port()) + pools_toml(ups)
             )
         )
     finally:

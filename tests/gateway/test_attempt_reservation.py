@@ -17,12 +17,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ..ports import free_port
 from ..remote.loopback import Action, LoopbackServer, Request
 from .admin_gateways import login
 from .limited_gateways import FREE, LIMITED_CALLER, toml
 from .pool_upstreams import Deployment, pool_toml
 from .redis_server import RedisServer, running_redis
-from .test_server import ENV, Gateway, _free_port
+from .test_server import ENV, Gateway
 from .upstreams import poll, text_reply
 
 CALLER_RPM = 10_000
@@ -154,7 +155,7 @@ def setup(
         state = 'backend = "redis"\nurl_env = "TEST_REDIS_URL"\nkey_prefix = "attempts"'
     ups = {name: Scripted(name) for name in NAMES}
     directory = tmp_path_factory.mktemp(f"attempts-{backend}")
-    ports = (_free_port(), _free_port())
+    ports = (free_port(), free_port())
     try:
         with LoopbackServer(text_reply) as upstream:
             path = directory / "gateway.toml"

@@ -18,13 +18,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ..ports import free_port
 from ..remote.loopback import Action, Chunk, LoopbackServer, Request, Status, Wait
 from .admin_gateways import login
 from .limited_gateways import limited_gateway, toml
 from .pool_upstreams import Deployment, pool_toml
 from .test_cache_gateway import cached_gateway, chat, sqlite_cache
 from .test_semantic_gateway import indexed, semantic
-from .test_server import ENV, TOKEN, Gateway, _free_port, running_gateway
+from .test_server import ENV, TOKEN, Gateway, running_gateway
 from .upstreams import embeddings_reply, poll, text_reply
 
 SAME = "The sky is blue."
@@ -355,7 +356,7 @@ def pooled(tmp_path: Path) -> Iterator[Pooled]:
     budget = "requests_per_minute = 1000\ntokens_per_day = 100000"
     retry = "attempts = 2\nbackoff_base_seconds = 0.01\nbackoff_cap_seconds = 0.02"
     prim, fb = Scripted("prim"), Deployment("fb")
-    public, management = _free_port(), _free_port()
+    public, management = free_port(), free_port()
     config = toml("http://127.0.0.1:9", public, management)
     cache = sqlite_cache(tmp_path, "verify_fraction = 1")
     config += pool_toml(

@@ -12,8 +12,9 @@ from sipp import RateLimitedError
 from sipp.gateway.config import SecurityConfig
 from sipp.gateway.limits import ConcurrencyLimit, RateLimiter, client_ip, served_over_tls
 
+from ..ports import free_port
 from ..remote.loopback import LoopbackServer
-from .test_server import ENV, TOKEN, Gateway, _config, _free_port, _mock
+from .test_server import ENV, TOKEN, Gateway, _config, _mock
 
 
 def test_token_bucket_burst_then_refill() -> None:
@@ -58,7 +59,7 @@ def test_client_ip_sources() -> None:
 
 
 def test_live_gateway_rate_limit_cors_and_failed_target(smollm_path: Path, tmp_path: Path) -> None:
-    public, management = _free_port(), _free_port()
+    public, management = free_port(), free_port()
     config = _config(smollm_path, "http://127.0.0.1:9", public, management)
     config = config.replace("allowed_origins = []", 'allowed_origins = ["http://app.example"]')
     config = config.replace(

@@ -17,11 +17,12 @@ import pytest
 
 from sipp import models
 
+from ..ports import free_port
 from ..remote.loopback import Action, LoopbackServer, Request
 from .limited_gateways import toml
 from .pool_upstreams import Deployment, pool_toml
 from .test_embedding_inputs import MINILM
-from .test_server import ENV, TOKEN, Gateway, _free_port
+from .test_server import ENV, TOKEN, Gateway
 from .upstreams import embeddings_reply, poll
 
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -83,7 +84,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     names = [d for deps in POOLS.values() for d in deps] + ["o"]
     ups = {name: EmbedDeployment(name) for name in names}
     remote = LoopbackServer(embeddings_reply)
-    public, management = _free_port(), _free_port()
+    public, management = free_port(), free_port()
     path = tmp_path_factory.mktemp("pool-embeddings") / "gateway.toml"
     path.write_text(toml(remote.url, public, management) + _toml(ups))
     gw = Gateway(path, ENV, public, management)
@@ -277,10 +278,10 @@ def test_a_local_deployment_embeds_a_batch_after_a_dead_one(tmp_path: Path) -> N
     order through the local engine's windowed runs."""
     minilm = models.pull("all-minilm-l6-v2", verify=False)
     remote = LoopbackServer(embeddings_reply)
-    public, management = _free_port(), _free_port()
+    public, management = free_port(), free_port()
     path = tmp_path / "gateway.toml"
     path.write_text(
-        toml(remote.url, public, management) + MIXED.format(path=minilm, dead=_free_port())
+        toml(remote.url, public, management) + MIXED.format(path=minilm, dead=free_port())
     )
     gw = Gateway(path, ENV, public, management)
     try:

@@ -17,8 +17,9 @@ import httpx
 import openai
 import pytest
 
+from ..ports import free_port
 from ..remote.loopback import LoopbackServer
-from .test_server import ENV, LIMITED, TOKEN, Gateway, _free_port
+from .test_server import ENV, LIMITED, TOKEN, Gateway
 from .upstreams import poll, text_reply
 
 OTHER = "other-caller-token"  # caller "other": may use "fast" only, not the routed name
@@ -157,7 +158,7 @@ def gateway(
     fast: LoopbackServer, deep: LoopbackServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
     directory = tmp_path_factory.mktemp("routes")
-    public, management = _free_port(), _free_port()
+    public, management = free_port(), free_port()
     path = directory / "gateway.toml"
     path.write_text(config(directory, fast.url, deep.url, public, management))
     gw = Gateway(path, ROUTES_ENV, public, management)
@@ -411,7 +412,7 @@ def test_openai_sdk_json_and_stream(
 def test_native_route_and_the_decision_in_the_log(
     fast: LoopbackServer, deep: LoopbackServer, tmp_path: Path
 ) -> None:
-    public, management = _free_port(), _free_port()
+    public, management = free_port(), free_port()
     path = tmp_path / "gateway.toml"
     path.write_text(config(tmp_path, fast.url, deep.url, public, management))
     gw = Gateway(path, ROUTES_ENV, public, management)

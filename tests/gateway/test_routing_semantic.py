@@ -15,10 +15,11 @@ from typing import Any
 import httpx
 import pytest
 
+from ..ports import free_port
 from ..remote.loopback import LoopbackServer
 from .test_routing import HEAD, ROUTES_ENV, ask, calls, check, decisions
 from .test_semantic_gateway import EMBEDDER, semantic
-from .test_server import ENV, Gateway, _free_port
+from .test_server import ENV, Gateway
 from .upstreams import poll, text_reply
 
 ORIGIN = "http://app.example"
@@ -122,7 +123,7 @@ def providers() -> Iterator[dict[str, LoopbackServer]]:
 
 @contextmanager
 def semantic_gateway(directory: Path, providers: dict[str, LoopbackServer]) -> Iterator[Gateway]:
-    public, management = _free_port(), _free_port()
+    public, management = free_port(), free_port()
     path = directory / "gateway.toml"
     urls = {name: server.url for name, server in providers.items()}
     path.write_text(config(directory, urls, public, management))

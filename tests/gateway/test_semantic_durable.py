@@ -13,11 +13,12 @@ from pathlib import Path
 
 import httpx
 
+from ..ports import free_port
 from .limited_gateways import toml
 from .redis_server import running_redis
 from .test_cache_gateway import Provider, sqlite_cache, upstream
 from .test_semantic_gateway import TARGET, ask, indexed, semantic
-from .test_server import ENV, Gateway, _free_port
+from .test_server import ENV, Gateway
 from .upstreams import poll
 
 __all__ = ["upstream"]  # the module-scoped provider fixture
@@ -38,7 +39,7 @@ def gateway_process(
 ) -> Iterator[Gateway]:
     """A ready provider-only gateway (target "remote", `[targets.cache]` = `cache`) that a
     test may kill; one still running at the end stops on SIGTERM with exit code 0."""
-    public, management = _free_port(), _free_port()
+    public, management = free_port(), free_port()
     path = directory / f"{name}.toml"
     limits = f"\n[targets.cache]\n{cache}\n"
     path.write_text(toml(upstream.url, public, management, target_limits=limits, state=state))

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,15 +29,10 @@ from sipp import (
     SippTextOptions,
 )
 
+from ..ports import free_port
 from ..remote.loopback import LoopbackServer, Request, json_reply, sse_reply
 
 TOKEN, LIMITED = "tok-all-7f3a", "tok-local-only-91c2"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _config(model: Path, mock_url: str, public: int, management: int, extra: str = "") -> str:
@@ -191,7 +185,14 @@ class Gateway:
 
     def stop(self) -> tuple[int, str]:
         self.proc.send_signal(signal.SIGTERM)
-        _, err = self.proc.communicate(timeout=60)
+        try:
+            _, err = self.proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+            raise AssertionError(
+                f"the gateway did not stop within 60 s of SIGTERM:\n{err}"
+            ) from None
         self.stderr = err
         return self.proc.returncode, err
 
@@ -207,7 +208,7 @@ def running_gateway(
 
     `edit` adjusts the TOML. On exit: SIGTERM, exit code 0, and no secret in its logs."""
     mock = LoopbackServer(_mock)
-    public, management = _free_port(), _free_port()
+    public, management = free_port(), free_port()
     path = directory / "gateway.toml"
     path.write_text(edit(_config(model, mock.url, public, management)))
     gw = Gateway(path, {**ENV, **(env or {})}, public, management)
@@ -436,7 +437,7 @@ def test_stream_frames_and_metrics(gateway: Gateway) -> None:
 
 def test_refuses_to_start_without_secrets(smollm_path: Path, tmp_path: Path) -> None:
     path = tmp_path / "g.toml"
-    path.write_text(_config(smollm_path, "http://127.0.0.1:9", _free_port(), _free_port()))
+    path.write_text(_config(smollm_path, "http://127.0.0.1:9", free_port(), free_port()))
     for env, fragment in [
         ({**ENV, "TEST_TOKEN_ALL": ""}, "TEST_TOKEN_ALL is blank"),
         ({k: v for k, v in ENV.items() if k != "TEST_TOKEN_LOCAL"}, "TEST_TOKEN_LOCAL is not set"),
@@ -463,7 +464,7 @@ def test_refuses_to_start_without_secrets(smollm_path: Path, tmp_path: Path) -> 
 
 
 def test_sigterm_lets_in_flight_streams_finish(smollm_path: Path, tmp_path: Path) -> None:
-    public, management = _free_port(), _free_port()
+    public, management = free_port(), free_port()
     path = tmp_path / "g.toml"
     path.write_text(_config(smollm_path, "http://127.0.0.1:9", public, management))
     gw = Gateway(path, ENV, public, management)
@@ -572,10 +573,10 @@ def test_readiness_is_503_until_every_target_is_loaded(tmp_path: Path) -> None:
     from sipp.gateway.config import tomllib as toml
 
     config = parse_config(
-        toml.loads(_config(tmp_path / "m.gguf", "http://127.0.0.1:9", _free_port(), _free_port()))
+        toml.loads(_config(tmp_path / "m.gguf", "http://127.0.0.1:9", free_port(), free_port()))
     )
     state = GatewayState(config, AsyncSippClient(), TokenTable(config.tokens, ENV))
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(
             build_management_app(state), host="127.0.0.1", port=port, log_level="warning"

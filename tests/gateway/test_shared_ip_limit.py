@@ -13,11 +13,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ..ports import free_port
 from ..remote.loopback import LoopbackServer
 from .limited_gateways import LIMITED_CALLER, toml
 from .redis_server import RedisServer, running_redis
 from .test_redis_state import _admin, _state
-from .test_server import ENV, Gateway, _free_port
+from .test_server import ENV, Gateway
 from .upstreams import poll, text_reply
 
 AUTH = {"authorization": f"Bearer {LIMITED_CALLER}"}
@@ -41,7 +42,7 @@ def _replica(
 ) -> Iterator[Gateway]:
     """A ready replica sharing `redis` (None: the memory backend), its
     `[security.rate_limit]` table `rate_limit`."""
-    public, management = _free_port(), _free_port()
+    public, management = free_port(), free_port()
     state = _state(policy) if redis is not None else ""
     config = toml(upstream.url, public, management, state=state)
     assert DISABLED in config

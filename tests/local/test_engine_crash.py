@@ -8,7 +8,6 @@ gateway's readiness, index and admin dashboard report the target as failed."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +26,8 @@ from sipp import (
     SippTextOptions,
     UnavailableError,
 )
+
+from ..ports import free_port
 
 SHORT = SippTextOptions(max_tokens=4, temperature=0)
 TOKEN, PASSWORD = "tok-crash-5d1e", "pw-crash-77"
@@ -98,12 +99,6 @@ def test_a_worker_dying_inside_an_embedding_step_ends_those_runs(smollm_path: Pa
             client.embed("blue water", endpoint=ref)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _config(model: Path, public: int, management: int) -> str:
     return f"""
 public_bind = "127.0.0.1:{public}"
@@ -151,7 +146,7 @@ class InProcessGateway:
         from sipp.gateway.config import parse_config
         from sipp.gateway.config import tomllib as toml
 
-        public, management = _free_port(), _free_port()
+        public, management = free_port(), free_port()
         self.config = parse_config(toml.loads(_config(model, public, management)))
         self.public = f"http://127.0.0.1:{public}"
         self.management = f"http://127.0.0.1:{management}"

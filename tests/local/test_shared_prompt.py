@@ -9,7 +9,9 @@ from sipp import (
     ChatMessage,
     ContextRuntimeConfig,
     LocalModelDescriptor,
+    LocalTextOptions,
     NativeRuntimeConfig,
+    SamplingRuntimeConfig,
     SchedulerRuntimeConfig,
     SippClient,
     SippTextOptions,
@@ -20,6 +22,8 @@ MESSAGES = [
     ChatMessage("user", "Explain why the sky is blue, in two sentences."),
 ]
 GREEDY = SippTextOptions(max_tokens=24, temperature=0)
+# SmolLM2's <|endoftext|> and <|im_end|>
+END_OF_TURN_BANNED = {0: -100.0, 2: -100.0}
 
 
 def _config(**groups: object) -> NativeRuntimeConfig:
@@ -51,12 +55,22 @@ def test_a_longer_prompt_copies_the_shared_part_of_a_running_sibling(smollm_path
     the rest, and answers as it does alone."""
     follow = [MESSAGES[0], ChatMessage("user", "And why are sunsets red?")]
     solo = _solo(smollm_path, follow)
+    # The sibling is still running when the follow-up comes, however slow the machine:
+    # the follow-up starts after its first token, and it cannot end its turn early.
+    endless = LocalTextOptions(sampling=SamplingRuntimeConfig(logit_bias=END_OF_TURN_BANNED))
     with SippClient() as client:
         ref = client.add("m", LocalModelDescriptor(smollm_path, _config()))
-        first = client.chat(MESSAGES, endpoint=ref, options=GREEDY)
-        second = client.chat(follow, endpoint=ref, options=GREEDY)
-        first.result()
-        response = second.result()
+        first = client.chat(
+            MESSAGES,
+            endpoint=ref,
+            options=SippTextOptions(max_tokens=400, temperature=0),
+            local=endless,
+            emit_tokens=True,
+        )
+        next(iter(first.tokens))
+        response = client.chat(follow, endpoint=ref, options=GREEDY).result()
+        assert not first.done
+        first.cancel()
     assert response.text == solo
     assert response.local_stats is not None
     assert 0 < response.local_stats.cached_prompt_tokens < response.local_stats.prompt_tokens - 1
