@@ -73,14 +73,30 @@ def test_decodes_take_turns_only_once_a_second_context_is_alive() -> None:
 
 
 def test_two_loaded_models_share_the_budget(smollm_path: Path) -> None:
-    from sipp import ContextRuntimeConfig, LocalModelDescriptor, NativeRuntimeConfig, SippClient
+    from sipp import (
+        ContextRuntimeConfig,
+        LocalModelDescriptor,
+        NativeRuntimeConfig,
+        SippClient,
+        SippTextOptions,
+    )
 
-    config = NativeRuntimeConfig(context=ContextRuntimeConfig(n_ctx=256))
+    config = NativeRuntimeConfig(context=ContextRuntimeConfig(n_ctx=256, n_threads=2))
+    greedy = SippTextOptions(max_tokens=24, temperature=0)
     alone = CPU.shared
+    with SippClient() as client:
+        solo = client.add("solo", LocalModelDescriptor(smollm_path, config))
+        expected = client.query("The capital of Japan is", endpoint=solo, options=greedy)
+        expected_text = expected.result().text
     with SippClient() as client:
         first = client.add("a", LocalModelDescriptor(smollm_path, config))
         second = client.add("b", LocalModelDescriptor(smollm_path, config))
-        client.query("Hi", endpoint=first).result()  # loads are lazy: run one on each
-        client.query("Hi", endpoint=second).result()
+        # Loads are lazy: both run, at once, taking turns on the cores; a decode that
+        # another one waits for pauses its thread pool first, and its next one wakes it.
+        runs = [
+            client.query("The capital of Japan is", endpoint=ref, options=greedy)
+            for ref in (first, second)
+        ]
+        assert [run.result().text for run in runs] == [expected_text] * 2
         assert CPU.shared
     assert CPU.shared is alone  # both contexts freed with the client

@@ -360,6 +360,11 @@ class CpuBudget:
                     self._waiting -= 1
             self._free -= need
 
+    @property
+    def wanted(self) -> bool:
+        """Whether a compute call waits for cores now."""
+        return self._waiting > 0
+
     def give(self, need: int) -> None:
         with self._cond:
             self._free += need
@@ -384,7 +389,12 @@ _logits_ith_address = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.
 )
 
 GGML_MAX_N_THREADS = 512  # ggml.h: the length of ggml_threadpool_params.cpumask
-THREAD_POLL = 0  # ggml's polling level for a pool's idle workers: 0 sleeps at once
+# ggml's polling level for a pool's idle workers. 1 is ~131k pause instructions, a few
+# milliseconds: enough to span the gap between two decodes of one request (0.13 ms on
+# SmolLM2), so the next decode finds its worker awake (paired with llama-batched-bench
+# B=1: about 0.98 with 0, 1.01 with 1), short enough that an idle model soon sleeps.
+# When another context waits for the cores, a decode pauses its pool before giving them.
+THREAD_POLL = 1
 
 
 class _ThreadpoolParams(ctypes.Structure):
@@ -402,6 +412,7 @@ class _ThreadpoolParams(ctypes.Structure):
 class _PoolApi:
     new: Any
     free: Any
+    pause: Any
     attach: Any
 
 
@@ -429,9 +440,13 @@ def _pool_api() -> _PoolApi | None:
     attach = getattr(_lc.llama_cpp._lib, "llama_attach_threadpool", None)
     if not found or attach is None:
         return None
-    api = _PoolApi(found[0].ggml_threadpool_new, found[0].ggml_threadpool_free, attach)
+    lib = found[0]
+    api = _PoolApi(
+        lib.ggml_threadpool_new, lib.ggml_threadpool_free, lib.ggml_threadpool_pause, attach
+    )
     api.new.argtypes, api.new.restype = [ctypes.POINTER(_ThreadpoolParams)], ctypes.c_void_p
     api.free.argtypes, api.free.restype = [ctypes.c_void_p], None
+    api.pause.argtypes, api.pause.restype = [ctypes.c_void_p], None
     api.attach.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     api.attach.restype = None
     return api
@@ -443,9 +458,9 @@ class ThreadPool:
     A context without one makes ggml start and join its worker threads on every
     decode, as llama-cpp-python's own contexts do; llama.cpp's tools (llama-server,
     llama-batched-bench) attach a pool instead. Measured on SmolLM2-135M, 2 threads,
-    single-stream decode: 3 % faster with a pool. Its idle workers sleep at once
-    (`THREAD_POLL` 0): spinning ones would take a core from another context's decode
-    or from the gateway's event loop."""
+    single-stream decode: 3 % faster with a pool. Its idle workers poll briefly
+    (`THREAD_POLL`), then sleep; when another context waits for the cores they are put
+    to sleep before the cores are given, so they do not spin into its turn."""
 
     def __init__(self, api: _PoolApi, n_threads: int) -> None:
         self._api = api
@@ -456,6 +471,12 @@ class ThreadPool:
         # strict, not paused; ctypes zeroes the rest), but the polling level.
         params = _ThreadpoolParams(n_threads=n_threads, poll=THREAD_POLL)
         self.ptr = api.new(ctypes.byref(params))
+
+    def pause(self) -> None:
+        """Put the idle workers to sleep now rather than after their polling; the next
+        compute call on the pool wakes them (ggml resumes a paused pool at kickoff)."""
+        if self.ptr:
+            self._api.pause(self.ptr)
 
     def close(self) -> None:
         if self.ptr:
@@ -568,7 +589,15 @@ class Context:
         try:
             return int(_lc.llama_decode(self._ptr, batch.raw))
         finally:
+            if CPU.wanted:  # read unlocked: a waiter that comes later meets a few ms of polling
+                self._sleep_workers()
             CPU.give(self._cores)
+
+    def _sleep_workers(self) -> None:
+        """Before giving the cores to another context: polling workers would spin on
+        into its turn and stall its threads at every barrier."""
+        for pool in self._pools:
+            pool.pause()
 
     def encode(self, batch: Batch) -> int:
         """Run an encoder-decoder model's encoder over `batch`. llama.cpp keeps one encoder
@@ -578,7 +607,10 @@ class Context:
         if batch.n > self.n_ubatch:
             raise ValueError(f"an encoder batch holds at most {self.n_ubatch} tokens")
         with CPU.use(self.threads):
-            return int(_lc.llama_encode(self._ptr, batch.raw))
+            try:
+                return int(_lc.llama_encode(self._ptr, batch.raw))
+            finally:
+                self._sleep_workers()
 
     def seq_rm(self, seq_id: int, p0: int, p1: int = -1) -> bool:
         if not self._memory:  # encoder-only models keep no KV memory
