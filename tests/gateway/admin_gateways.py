@@ -16,7 +16,7 @@ from ..ports import free_port
 from ..remote.loopback import LoopbackServer
 from .limited_gateways import LIMITED_CALLER, toml
 from .pool_upstreams import Deployment, pool_toml
-from .test_server import ENV, Gateway
+from .test_server import ENV, Gateway, serving
 from .upstreams import poll, text_reply
 
 PASSWORD = ENV["TEST_ADMIN_PASSWORD"]
@@ -77,15 +77,10 @@ def admin_gateway(
     path = directory / f"{name}.toml"
     config = toml(upstream.url, public, management, CALLER_LIMITS, TARGET_LIMITS, state)
     path.write_text(config + pools_toml(ups))
-    gw = Gateway(path, {**ENV, **(env or {})}, public, management)
-    try:
-        gw.wait_ready(timeout=60)
+    with serving(
+        path, {**ENV, **(env or {})}, public, management, timeout=60, secrets=ENV.values()
+    ) as gw:
         yield gw
-    finally:
-        code, err = gw.stop()
-    assert code == 0, err
-    for secret in ENV.values():
-        assert secret not in err
 
 
 def login(gw: Gateway) -> tuple[httpx.Client, dict[str, str]]:

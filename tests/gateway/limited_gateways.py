@@ -11,7 +11,7 @@ from typing import Any
 
 from ..ports import free_port
 from ..remote.loopback import Action, LoopbackServer, Request, Wait
-from .test_server import ENV, LIMITED, TOKEN, Gateway
+from .test_server import ENV, LIMITED, TOKEN, Gateway, serving
 from .upstreams import text_reply
 
 __all__ = ["FREE", "LIMITED_CALLER", "held_upstream", "limited_gateway", "toml"]
@@ -90,13 +90,8 @@ def limited_gateway(
     path.write_text(
         toml(upstream.url, public, management, caller_limits, target_limits, state, origins)
     )
-    gw = Gateway(path, {**ENV, **(env or {})}, public, management)
-    try:
-        gw.wait_ready(timeout=60)
+    with serving(path, {**ENV, **(env or {})}, public, management, timeout=60) as gw:
         yield gw
-    finally:
-        code, err = gw.stop()
-    assert code == 0, err
 
 
 def held_upstream(release: threading.Event, **reply: Any) -> LoopbackServer:

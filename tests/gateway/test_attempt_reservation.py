@@ -23,7 +23,7 @@ from .admin_gateways import login
 from .limited_gateways import FREE, LIMITED_CALLER, toml
 from .pool_upstreams import Deployment, pool_toml
 from .redis_server import RedisServer, running_redis
-from .test_server import ENV, Gateway
+from .test_server import ENV, Gateway, serving
 from .upstreams import poll, text_reply
 
 CALLER_RPM = 10_000
@@ -160,13 +160,8 @@ def setup(
         with LoopbackServer(text_reply) as upstream:
             path = directory / "gateway.toml"
             path.write_text(_config(ups, upstream.url, ports, state) + _local(smollm_path))
-            gw = Gateway(path, {**ENV, **env}, *ports)
-            try:
-                gw.wait_ready()
+            with serving(path, {**ENV, **env}, *ports) as gw:
                 yield Setup(gw, ups, backend)
-            finally:
-                code, err = gw.stop()
-            assert code == 0, err
     finally:
         for up in ups.values():
             up.close()

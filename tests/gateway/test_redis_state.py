@@ -17,7 +17,7 @@ import pytest
 
 from ..remote.loopback import LoopbackServer
 from .limited_gateways import LIMITED_CALLER, held_upstream, limited_gateway
-from .redis_server import RedisServer, running_redis
+from .redis_server import RedisServer
 from .test_server import ENV, Gateway
 from .upstreams import poll, text_reply
 
@@ -49,12 +49,6 @@ def _replicas(
             for name in ("a", "b")
         )
         yield a, b
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    with running_redis(tmp_path) as server:
-        yield server
 
 
 async def _through_both(

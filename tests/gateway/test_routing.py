@@ -19,7 +19,7 @@ import pytest
 
 from ..ports import free_port
 from ..remote.loopback import LoopbackServer
-from .test_server import ENV, LIMITED, TOKEN, Gateway
+from .test_server import ENV, LIMITED, TOKEN, Gateway, serving
 from .upstreams import poll, text_reply
 
 OTHER = "other-caller-token"  # caller "other": may use "fast" only, not the routed name
@@ -161,15 +161,10 @@ def gateway(
     public, management = free_port(), free_port()
     path = directory / "gateway.toml"
     path.write_text(config(directory, fast.url, deep.url, public, management))
-    gw = Gateway(path, ROUTES_ENV, public, management)
-    try:
-        gw.wait_ready(timeout=60)
+    with serving(
+        path, ROUTES_ENV, public, management, timeout=60, secrets=ROUTES_ENV.values()
+    ) as gw:
         yield gw
-    finally:
-        code, err = gw.stop()
-    assert code == 0, err
-    for secret in ROUTES_ENV.values():
-        assert secret not in err
 
 
 def ask(

@@ -19,7 +19,7 @@ from ..ports import free_port
 from ..remote.loopback import LoopbackServer
 from .test_routing import HEAD, ROUTES_ENV, ask, calls, check, decisions
 from .test_semantic_gateway import EMBEDDER, semantic
-from .test_server import ENV, Gateway
+from .test_server import ENV, Gateway, serving
 from .upstreams import poll, text_reply
 
 ORIGIN = "http://app.example"
@@ -127,13 +127,8 @@ def semantic_gateway(directory: Path, providers: dict[str, LoopbackServer]) -> I
     path = directory / "gateway.toml"
     urls = {name: server.url for name, server in providers.items()}
     path.write_text(config(directory, urls, public, management))
-    gw = Gateway(path, ROUTES_ENV, public, management)
-    try:
-        gw.wait_ready(timeout=120)
+    with serving(path, ROUTES_ENV, public, management) as gw:
         yield gw
-    finally:
-        code, err = gw.stop()
-    assert code == 0, err
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -198,6 +198,29 @@ class Gateway:
 
 
 @contextmanager
+def serving(
+    path: Path,
+    env: dict[str, str],
+    public: int,
+    management: int,
+    *,
+    timeout: float = 120,
+    secrets: Iterable[str] = (),
+) -> Iterator[Gateway]:
+    """`sipp-gateway serve --config path`, ready. On exit: SIGTERM, exit code 0, and none
+    of `secrets` in its logs."""
+    gw = Gateway(path, env, public, management)
+    try:
+        gw.wait_ready(timeout)
+        yield gw
+    finally:
+        code, err = gw.stop()
+    assert code == 0, err
+    for secret in secrets:  # secrets never reach the logs
+        assert secret not in err
+
+
+@contextmanager
 def running_gateway(
     model: Path,
     directory: Path,
@@ -211,16 +234,11 @@ def running_gateway(
     public, management = free_port(), free_port()
     path = directory / "gateway.toml"
     path.write_text(edit(_config(model, mock.url, public, management)))
-    gw = Gateway(path, {**ENV, **(env or {})}, public, management)
     try:
-        gw.wait_ready()
-        yield gw
+        with serving(path, {**ENV, **(env or {})}, public, management, secrets=ENV.values()) as gw:
+            yield gw
     finally:
-        code, err = gw.stop()
         mock.close()
-    assert code == 0, err
-    for secret in ENV.values():  # secrets never reach the logs
-        assert secret not in err
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,9 @@ import pytest
 from ..ports import free_port
 from ..remote.loopback import LoopbackServer
 from .limited_gateways import LIMITED_CALLER, toml
-from .redis_server import RedisServer, running_redis
+from .redis_server import RedisServer
 from .test_redis_state import _admin, _state
-from .test_server import ENV, Gateway
+from .test_server import ENV, Gateway, serving
 from .upstreams import poll, text_reply
 
 AUTH = {"authorization": f"Bearer {LIMITED_CALLER}"}
@@ -49,13 +49,8 @@ def _replica(
     path = directory / f"{name}.toml"
     path.write_text(config.replace(DISABLED, rate_limit))
     env = {"TEST_REDIS_URL": redis.url} if redis is not None else {}
-    gw = Gateway(path, {**ENV, **env}, public, management)
-    try:
-        gw.wait_ready(timeout=60)
+    with serving(path, {**ENV, **env}, public, management, timeout=60) as gw:
         yield gw
-    finally:
-        code, err = gw.stop()
-    assert code == 0, err
 
 
 @contextmanager
@@ -72,12 +67,6 @@ def _replicas(
             for name in ("a", "b")
         )
         yield a, b
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    with running_redis(tmp_path) as server:
-        yield server
 
 
 def _chat(gw: Gateway, n: int = 1) -> httpx.Response:
