@@ -6,7 +6,11 @@ questions by meaning, and an evicted entry is never served."""
 
 from __future__ import annotations
 
+import os
 import re
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -152,3 +156,23 @@ def test_replicas_on_one_redis_answer_each_other_by_meaning(
                 assert evicted.headers["x-sipp-cache"] == "miss"  # found, not served
                 assert upstream.calls() == calls + 1
                 assert b.metric(ENTRIES, TARGET) == 2  # b held its vector, and dropped it
+
+
+def test_a_replica_that_cannot_bind_exits_with_its_redis_reader_stopped(
+    upstream: Provider, tmp_path: Path
+) -> None:
+    """The semantic stage starts reading Redis before the listeners bind; a bind that
+    fails must still stop that reader, or the process never exits."""
+    with running_redis(tmp_path) as redis, socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        public, management = int(taken.getsockname()[1]), free_port()
+        state = 'backend = "redis"\nurl_env = "CACHE_REDIS_URL"'
+        limits = f'\n[targets.cache]\nbackend = "redis"\n{semantic()}\n'
+        path = tmp_path / "gateway.toml"
+        path.write_text(toml(upstream.url, public, management, target_limits=limits, state=state))
+        env = {**os.environ, **ENV, "CACHE_REDIS_URL": redis.url}
+        command = [sys.executable, "-m", "sipp.cli.gateway", "serve", "--config", str(path)]
+        out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    assert "could not bind" in out.stderr and "Traceback" not in out.stderr

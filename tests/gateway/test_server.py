@@ -516,7 +516,7 @@ def test_sigterm_lets_in_flight_streams_finish(smollm_path: Path, tmp_path: Path
     assert code == 0, err
     assert b"".join(frames).endswith(b'event: done\ndata: {"finish_reason":"length"}\n\n')
     logs = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
-    assert any("stopped after" in entry["message"] for entry in logs)
+    assert any(entry["message"].startswith("stopped;") for entry in logs)
 
 
 def test_curl_against_the_gateway(gateway: Gateway) -> None:

@@ -22,8 +22,8 @@ MESSAGES = [
     ChatMessage("user", "Explain why the sky is blue, in two sentences."),
 ]
 GREEDY = SippTextOptions(max_tokens=24, temperature=0)
-# SmolLM2's <|endoftext|> and <|im_end|>
-END_OF_TURN_BANNED = {0: -100.0, 2: -100.0}
+# SmolLM2's end-of-generation tokens: <|endoftext|>, <|im_end|>, <repo_name>
+END_OF_TURN_BANNED = {0: -100.0, 2: -100.0, 4: -100.0}
 
 
 def _config(**groups: object) -> NativeRuntimeConfig:

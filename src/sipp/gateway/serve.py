@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Mapping
@@ -73,6 +74,12 @@ class _Server(uvicorn.Server):
         import contextlib
 
         return contextlib.nullcontext()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            await super().startup(sockets=sockets)
+        except SystemExit:  # uvicorn ends the process when a bind fails: `serve` reports it
+            self.should_exit = True
 
 
 async def _load_targets(state: GatewayState, env: Mapping[str, str]) -> None:
@@ -188,14 +195,49 @@ async def serve(
     store = open_store(config, env)
     state.shaper = build_shaper(config, store, state.metrics)
     state.shared = shared_controls(state, store)
-    state.caches = await open_caches(
-        config,
-        store,
-        state.metrics,
-        lambda name: target_embedder(state, name),
-        lambda name: target_upstream(state, name),
-    )
-    state.admin = admin_state(admin_password, env)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    # Loops that run until shutdown; stopped on every way out, or asyncio.run's single
+    # cancel of what is left could hang the exit (see `stop_loop`).
+    background: list[asyncio.Task[None]] = []
+    try:
+        state.caches = await open_caches(
+            config,
+            store,
+            state.metrics,
+            lambda name: target_embedder(state, name),
+            lambda name: target_upstream(state, name),
+        )
+        state.admin = admin_state(admin_password, env)
+        return await _listen(state, env, grace, stop, background)
+    finally:
+        started = time.monotonic()
+        for task in background:
+            await stop_loop(task)
+        await stop_verifying(state.caches)
+        await state.client.close()
+        if state.shaper is not None:
+            await state.shaper.settled()
+        await close_caches(state.caches)
+        if store is not None:
+            await store.close()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        logger.info("stopped; models and stores freed in %.1fs", time.monotonic() - started)
+
+
+async def _listen(
+    state: GatewayState,
+    env: Mapping[str, str],
+    grace: float,
+    stop: asyncio.Event,
+    background: list[asyncio.Task[None]],
+) -> int:
+    """Bind both listeners, load the targets, serve until `stop`, then stop accepting
+    and let in-flight requests finish (up to `grace` seconds). 1 when a bind fails."""
+    config = state.config
     servers = [
         _Server(
             uvicorn.Config(
@@ -216,45 +258,25 @@ async def serve(
             (build_management_app(state), config.management_bind),
         )
     ]
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-
     tasks = [asyncio.create_task(s.serve()) for s in servers]
     while not all(s.started for s in servers):
         if any(t.done() for t in tasks):  # a bind failed
             for s in servers:
                 s.should_exit = True
             await asyncio.gather(*tasks, return_exceptions=True)
-            await state.client.close()
             logger.error("could not bind %s or %s", config.public_bind, config.management_bind)
             return 1
         await asyncio.sleep(0.02)
     logger.info(
         "listening: public %s:%d, management %s:%d", *config.public_bind, *config.management_bind
     )
-    loader = asyncio.create_task(_load_targets(state, env))
-    # every replica's copy of the shared runtime controls follows Redis
-    sync = asyncio.create_task(state.shared.run()) if state.shared is not None else None
+    background.append(asyncio.create_task(_load_targets(state, env)))
+    if state.shared is not None:  # every replica's copy of the shared controls follows Redis
+        background.append(asyncio.create_task(state.shared.run()))
 
     await stop.wait()
-    started = time.monotonic()
     logger.info("stopping: no new connections, in-flight requests get %ss", grace)
     for s in servers:
         s.should_exit = True
     await asyncio.gather(*tasks, return_exceptions=True)
-    await stop_loop(loader)
-    await stop_verifying(state.caches)
-    await state.client.close()
-    if sync is not None:
-        await stop_loop(sync)
-    if state.shaper is not None:
-        await state.shaper.settled()
-    await close_caches(state.caches)
-    if store is not None:
-        await store.close()
-    logger.info("stopped after %.1fs; models freed", time.monotonic() - started)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.remove_signal_handler(sig)
     return 0

@@ -590,10 +590,10 @@ class Context:
             return int(_lc.llama_decode(self._ptr, batch.raw))
         finally:
             if CPU.wanted:  # read unlocked: a waiter that comes later meets a few ms of polling
-                self._sleep_workers()
+                self.sleep_workers()
             CPU.give(self._cores)
 
-    def _sleep_workers(self) -> None:
+    def sleep_workers(self) -> None:
         """Before giving the cores to another context: polling workers would spin on
         into its turn and stall its threads at every barrier."""
         for pool in self._pools:
@@ -610,7 +610,7 @@ class Context:
             try:
                 return int(_lc.llama_encode(self._ptr, batch.raw))
             finally:
-                self._sleep_workers()
+                self.sleep_workers()
 
     def seq_rm(self, seq_id: int, p0: int, p1: int = -1) -> bool:
         if not self._memory:  # encoder-only models keep no KV memory

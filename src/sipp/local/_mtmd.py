@@ -172,7 +172,10 @@ class Projector:
         embd = _mt.mtmd_get_output_embd(self._ptr)
         new_past = _lc.llama_pos(0)
         with _llama.CPU.use(ctx.threads):
-            return self._decode_image(ctx, chunk, embd, n_past, seq_id, n_batch, new_past)
+            try:
+                return self._decode_image(ctx, chunk, embd, n_past, seq_id, n_batch, new_past)
+            finally:  # as after an encode: an image is rare, its pool's polling is not needed
+                ctx.sleep_workers()
 
     def _decode_image(
         self,

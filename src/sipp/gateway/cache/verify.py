@@ -44,6 +44,7 @@ import numpy as np
 
 from ..._errors import SippError
 from ..._types import SippTextResponse, ToolCall
+from ..background import stop_loop
 from ..request import GatewayRequest, total_usage
 from .entry import CachedEntry
 from .guard import guard_rejects
@@ -141,10 +142,7 @@ class Verifier:
     async def close(self) -> None:
         """Cancel the verifications in flight and wait until they let go of everything."""
         while self._running:
-            running = list(self._running)
-            for task in running:
-                task.cancel()
-            await asyncio.gather(*running, return_exceptions=True)
+            await asyncio.gather(*(stop_loop(task) for task in list(self._running)))
 
 
 def answer_text(response: SippTextResponse) -> str:
