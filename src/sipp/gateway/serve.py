@@ -203,7 +203,8 @@ async def serve(
     # cancel of what is left could hang the exit (see `stop_loop`).
     background: list[asyncio.Task[None]] = []
     try:
-        state.caches = await open_caches(
+        await open_caches(
+            state.caches,
             config,
             store,
             state.metrics,
