@@ -327,8 +327,9 @@ def _llama_greedy(row: np.ndarray, bias: dict[int, float]) -> int:
     """llama.cpp's logit_bias then greedy samplers, written out: float32 `logit += bias`,
     then the first index whose logit is strictly above every earlier one."""
     cur = [np.float32(v) for v in row]
-    for token, b in bias.items():
-        cur[token] = np.float32(cur[token] + np.float32(b))
+    with np.errstate(over="ignore"):  # float32 overflow to inf, as in C
+        for token, b in bias.items():
+            cur[token] = np.float32(cur[token] + np.float32(b))
     selected = 0
     for i in range(1, len(cur)):
         if cur[i] > cur[selected]:
@@ -336,19 +337,20 @@ def _llama_greedy(row: np.ndarray, bias: dict[int, float]) -> int:
     return selected
 
 
-@settings(max_examples=400, deadline=None)
+_VOCAB = 24
+_LOGITS = [-3e38, -2.0, 0.0, 0.5, 1.0, 3.0, 3e38]
+_BIASES = [-math.inf, -1e30, -2.5, -1.0, 0.0, 5e-8, 0.5, 1.0, 2.0, 2.5, 1e38]
+
+
+@settings(max_examples=500, deadline=None)
 @given(
     rows=st.lists(
-        st.lists(st.sampled_from([-2.0, 0.0, 0.5, 1.0, 3.0]), min_size=12, max_size=12),
+        st.lists(st.sampled_from(_LOGITS), min_size=_VOCAB, max_size=_VOCAB),
         min_size=1,
         max_size=6,
     ),
     biases=st.lists(  # one per row; an empty one leaves its row unbiased
-        st.dictionaries(
-            st.integers(0, 11),
-            st.sampled_from([-1e30, -2.5, -1.0, 0.0, 0.5, 1.0, 2.0, 2.5]),
-            max_size=5,
-        ),
+        st.dictionaries(st.integers(0, _VOCAB - 1), st.sampled_from(_BIASES), max_size=20),
         min_size=6,
         max_size=6,
     ),
@@ -356,7 +358,9 @@ def _llama_greedy(row: np.ndarray, bias: dict[int, float]) -> int:
 def test_greedy_ties_and_biases_resolve_as_llama_cpp_greedy(
     rows: list[list[float]], biases: list[dict[int, float]]
 ) -> None:
-    # One biased row takes `_greedy_with_bias`, several the gathered path.
+    # Up to 16 biased tokens are compared as floats, more are gathered with numpy;
+    # infinite biases, sums that round (1 + 5e-8 is 1 in float32) and sums that
+    # overflow float32, on both.
     logits = np.array(rows, dtype=np.float32)
     samplers, want = [], []
     for r, bias in enumerate(biases[: len(rows)]):
@@ -366,6 +370,28 @@ def test_greedy_ties_and_biases_resolve_as_llama_cpp_greedy(
         want.append(_llama_greedy(logits[r], bias))
     order = list(reversed(range(len(rows))))  # rows need not come in buffer order
     assert sample_rows(logits, order, [samplers[r] for r in order]) == [want[r] for r in order]
+
+
+@pytest.mark.parametrize("n_biased", [1, 17])  # compared as floats; gathered with numpy
+def test_a_bias_below_half_a_float32_step_leaves_a_tie(n_biased: int) -> None:
+    # 1 + 5e-8 is 1 in float32, so token 2 only ties token 1, and the lower id wins;
+    # in double it would win.
+    row = np.zeros((1, 40), dtype=np.float32)
+    row[0, 1] = row[0, 2] = 1.0
+    bias = {2: 5e-8} | {t: -1.0 for t in range(20, 20 + n_biased - 1)}
+    assert _llama_greedy(row[0], bias) == 1
+    fast = row_sampler(_settings(temperature=0.0, logit_bias=bias))
+    assert fast is not None
+    assert sample_rows(row, [0], [fast]) == [1]
+
+
+def test_a_nan_logit_still_gives_a_token_of_the_vocabulary() -> None:
+    # A model that produces NaN is broken; sampling must still answer, not raise.
+    row = np.array([[0.0, math.nan, 2.0, 1.0, math.nan, -1.0]], dtype=np.float32)
+    for bias in ({}, {3: 5.0}, {1: 1.0, 3: 0.5}, {4: -1e30}, dict.fromkeys(range(6), 0.5)):
+        fast = row_sampler(_settings(temperature=0.0, logit_bias=bias))
+        assert fast is not None
+        assert sample_rows(row, [0], [fast])[0] in range(6)
 
 
 @pytest.mark.parametrize("n", [100, 1000, 49152, 49153, 151936])

@@ -27,9 +27,9 @@ vocabulary anyway.
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -44,6 +44,8 @@ _TWO_32 = 4294967296.0
 _TWO_64 = 18446744073709551616.0
 _MT_N = 624
 _ROWS = 64  # top-k: the vocabulary seen as a grid of 64 rows (see _top_k)
+_SCALAR_BIASES = 16  # up to this many biased tokens, a greedy row checks them as floats
+_F32 = struct.Struct("<f")
 
 
 def mt19937(seed: int) -> np.random.MT19937:
@@ -89,16 +91,20 @@ class RowSampler:
     temperature: np.float32 = field(default_factory=lambda: np.float32(1.0))
     rng: np.random.MT19937 | None = None
     bias_set: frozenset[int] = field(init=False)
+    # (token, bias as the float32 llama.cpp adds), ascending ids
+    bias_pairs: tuple[tuple[int, float], ...] = field(init=False)
 
     def __post_init__(self) -> None:
         self.bias_set = frozenset(int(t) for t in self.bias_tokens)
+        self.bias_pairs = tuple(zip(self.bias_tokens.tolist(), self.bias_values.tolist()))
 
     def biased(self, row: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """The row as llama.cpp's logit_bias sampler leaves it (a copy if it changes)."""
         if not len(self.bias_tokens):
             return row
         out: npt.NDArray[np.float32] = row.copy()
-        np.add.at(out, self.bias_tokens, self.bias_values)
+        with np.errstate(over="ignore"):  # to inf, as in C
+            np.add.at(out, self.bias_tokens, self.bias_values)
         return out
 
 
@@ -148,24 +154,13 @@ def sample_rows(
         picked = [rows[i] for i in greedy]
         first, last = min(picked), max(picked)
         if picked == list(range(first, last + 1)):
-            best = np.argmax(logits[first : last + 1], axis=1)  # a view: no copy
-            found = [int(best[r - first]) for r in picked]
+            best = np.argmax(logits[first : last + 1], axis=1).tolist()  # a view: no copy
+            found = [best[r - first] for r in picked]
         else:
-            found = [int(t) for t in np.argmax(logits[picked], axis=1)]
-        biased: list[tuple[int, int]] = []  # (index, unbiased winner)
+            found = np.argmax(logits[picked], axis=1).tolist()
         for i, token in zip(greedy, found):
-            if len(samplers[i].bias_tokens):
-                biased.append((i, token))
-            else:
-                tokens[i] = token
-        if len(biased) == 1:
-            i, token = biased[0]
-            tokens[i] = _greedy_with_bias(logits[rows[i]], token, samplers[i])
-        elif biased:
-            for i, token in zip(
-                [i for i, _ in biased], _greedy_rows_with_bias(logits, rows, samplers, biased)
-            ):
-                tokens[i] = token
+            s = samplers[i]
+            tokens[i] = _greedy_with_bias(logits[rows[i]], token, s) if s.bias_pairs else token
     for i, s in enumerate(samplers):
         if not s.greedy:
             tokens[i] = _sample_top_k(s.biased(logits[rows[i]]), s)
@@ -174,69 +169,48 @@ def sample_rows(
 
 def greedy_token(row: npt.NDArray[np.float32], best: int, s: RowSampler) -> int:
     """A greedy row's token, given the argmax of its raw logits."""
-    return _greedy_with_bias(row, best, s) if len(s.bias_tokens) else best
-
-
-def _greedy_rows_with_bias(
-    logits: npt.NDArray[np.float32],
-    rows: Sequence[int],
-    samplers: Sequence[RowSampler],
-    biased: Sequence[tuple[int, int]],
-) -> list[int]:
-    """`_greedy_with_bias` for several rows with a handful of numpy calls in all, not
-    four or more per row: every row's biased logits gathered in one index, their best
-    per row in one reduce."""
-    picks: list[int] = []
-    again: dict[int, int] = {}  # position in `biased` -> token, winners biased themselves
-    for n, (i, best) in enumerate(biased):
-        s = samplers[i]
-        if best in s.bias_set:
-            again[n] = int(np.argmax(s.biased(logits[rows[i]])))
-        picks.append(i)
-    counts = [len(samplers[i].bias_tokens) for i in picks]
-    starts = [0, *itertools.accumulate(counts)][:-1]
-    row_ids = np.repeat(np.array([rows[i] for i in picks], dtype=np.intp), counts)
-    token_ids = np.concatenate([samplers[i].bias_tokens for i in picks])
-    moved = logits[row_ids, token_ids]
-    moved += np.concatenate([samplers[i].bias_values for i in picks])  # float32
-    tops = np.maximum.reduceat(moved, starts).tolist()
-    wins = logits[[rows[i] for i in picks], [best for _, best in biased]].tolist()
-    moved_list, ids = moved.tolist(), token_ids.tolist()
-    out: list[int] = []
-    for n, (_, best) in enumerate(biased):
-        if n in again:
-            out.append(again[n])
-            continue
-        top, win = tops[n], wins[n]
-        if top != top:  # NaN among the biased logits: the one-row path's numpy rules
-            i = picks[n]
-            out.append(_greedy_with_bias(logits[rows[i]], best, samplers[i]))
-            continue
-        if top < win:
-            out.append(best)
-            continue
-        start = starts[n]
-        # ids ascend within a row's run: the first at the top is the lowest id
-        first_moved = ids[moved_list.index(top, start, start + counts[n])]
-        out.append(first_moved if top > win else min(best, first_moved))
-    return out
+    return _greedy_with_bias(row, best, s) if s.bias_pairs else best
 
 
 def _greedy_with_bias(row: npt.NDArray[np.float32], best: int, s: RowSampler) -> int:
     """The argmax after the bias, from the argmax before it: the unbiased winner still
     beats every unbiased token, so only the biased ones can change the answer. When
-    the winner is itself biased, the row is searched again. (Few numpy calls: each
-    costs tens of microseconds when a decode has just evicted the caches.)"""
+    the winner is itself biased, the row is searched again.
+
+    A few biased tokens are compared one by one as Python floats: each numpy call costs
+    tens of microseconds when a decode has just evicted the caches, a float a fraction
+    of one. A long bias list is gathered with numpy."""
     if best in s.bias_set:
         return int(np.argmax(s.biased(row)))
-    moved = row[s.bias_tokens]  # a copy: fancy indexing
-    moved += s.bias_values  # float32, as llama.cpp adds them
-    k = int(moved.argmax())  # the lowest id among the biased ties
-    top, win = moved[k], row[best]
+    win = row.item(best)
+    if len(s.bias_pairs) > _SCALAR_BIASES:
+        moved = row[s.bias_tokens]  # a copy: fancy indexing
+        with np.errstate(over="ignore"):  # to inf, as in C
+            moved += s.bias_values  # float32, as llama.cpp adds them
+        k = int(moved.argmax())  # the lowest id among the biased ties; a NaN first
+        top, first_moved = moved.item(k), int(s.bias_tokens[k])
+    else:
+        first_moved, top = -1, math.nan
+        for token, bias in s.bias_pairs:  # ascending ids: the lowest wins a tie
+            value = _float32(row.item(token) + bias)
+            if first_moved < 0 or value > top or value != value:
+                first_moved, top = token, value
+                if value != value:  # NaN: numpy's argmax stops at the first one
+                    break
     if top < win:
         return best
-    first_moved = int(s.bias_tokens[k])
     return first_moved if top > win else min(best, first_moved)
+
+
+def _float32(x: float) -> float:
+    """`x` rounded to float32. The float32 sum of two float32 values is their double sum
+    rounded so: a double holds more than 2 x 24 + 2 bits, so its own rounding never
+    changes the second one."""
+    try:
+        value: float = _F32.unpack(_F32.pack(x))[0]
+    except OverflowError:  # rounds past the largest float32
+        return math.copysign(math.inf, x)
+    return value
 
 
 def _top_k(row: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.intp]:
