@@ -48,15 +48,20 @@ from _llama_tools import ensure_tools, tool_env
 from _stats import spread
 from _turns import SETTLE_S, Child, serve
 
+# Eight questions whose chat prompts are all 36 tokens under SmolLM2's template, as
+# llama-batched-bench's prompts are all `-npp` tokens: with a KV stream per sequence,
+# llama.cpp splits a batch into micro-batches that take equally many tokens of each
+# sequence, so prompts of unequal length cost extra, smaller micro-batches that
+# uniform ones never pay.
 QUESTIONS = [
     "Explain how a bicycle works.",
-    "Describe the water cycle.",
-    "What makes a good cup of coffee?",
-    "Tell me about the history of the printing press.",
-    "How do airplanes stay in the air?",
+    "Describe the water cycle briefly.",
+    "What makes coffee taste good?",
+    "Tell me about printing presses.",
+    "How does an airplane fly?",
     "Why is the sky blue?",
-    "Describe a walk through a forest in autumn.",
-    "How does a computer store numbers?",
+    "Describe a forest in autumn.",
+    "How do computers store numbers?",
 ]
 WARMUP_QUESTION = "List three colours."
 N_BATCH = N_UBATCH = 512  # sipp's defaults for a text context; given to every side
