@@ -6,14 +6,17 @@ import logging
 import random
 import re
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sipp import (
     CacheRuntimeConfig,
     ChatMessage,
+    ClientClosedError,
     ContextOverflowError,
     ContextRuntimeConfig,
     EndpointRef,
@@ -23,6 +26,7 @@ from sipp import (
     NativeRuntimeConfig,
     ObservabilityRuntimeConfig,
     OverloadedError,
+    SamplingRuntimeConfig,
     SchedulerRuntimeConfig,
     SippClient,
     SippTextOptions,
@@ -348,3 +352,69 @@ def test_queue_limit_is_enforced_under_a_burst(smollm_path: Path) -> None:
         for run in accepted:
             run.result(timeout=120)
         assert client.runtime_metrics(ref)["rejected"] == rejected
+
+
+def _burst_engine(client: SippClient, ref: EndpointRef) -> Any:
+    engine = client._registry._endpoints[ref.id]._engine  # type: ignore[attr-defined]
+    # Far longer than the test's pause: the wait ends only when the queue fills every
+    # slot (or the client closes), so what follows does not depend on timing.
+    engine.burst_gap_s = engine.burst_max_s = 600.0
+    return engine
+
+
+def test_chats_sent_together_are_prefilled_in_one_decode(smollm_path: Path) -> None:
+    # The first chat reaches an idle engine well before the other seven (a pause in
+    # which it would have started alone): it waits for them, and the eight prompts go
+    # into one decode, so eight chats of 4 tokens take 4 steps, not 4 + 4. (Prefix
+    # reuse off: with it, prompts that share their first words wait for a sibling.)
+    banned = LocalTextOptions(
+        sampling=SamplingRuntimeConfig(logit_bias={0: -1e30, 2: -1e30, 4: -1e30})
+    )
+    options = SippTextOptions(max_tokens=4, temperature=0)
+    with SippClient() as client:
+        ref = _endpoint(client, smollm_path, name="burst", cache=CacheRuntimeConfig(mode="off"))
+        _burst_engine(client, ref)
+        before = client.runtime_metrics(ref)["steps"]
+        first = client.query(PROMPTS[0], endpoint=ref, options=options, local=banned)
+        time.sleep(0.3)
+        rest = [client.query(p, endpoint=ref, options=options, local=banned) for p in PROMPTS[1:]]
+        usages = [run.result().usage for run in [first, *rest]]
+        assert [u.output_tokens for u in usages if u is not None] == [4] * 8
+        assert client.runtime_metrics(ref)["steps"] - before == 4
+
+
+def test_closing_ends_the_wait_for_a_burst(smollm_path: Path) -> None:
+    client = SippClient()
+    ref = _endpoint(client, smollm_path, name="burst")
+    engine = _burst_engine(client, ref)
+    run = client.query(PROMPTS[0], endpoint=ref, options=GREEDY)
+    time.sleep(0.3)  # the engine waits for more
+    closer = threading.Thread(target=client.close)
+    closer.start()
+    closer.join(60)
+    assert not closer.is_alive(), "close() hung on an engine waiting for a burst"
+    with pytest.raises(ClientClosedError):
+        run.result()
+    assert not engine._thread.is_alive()
+
+
+def test_prompts_that_share_a_few_words_are_prefilled_in_the_same_decode(
+    smollm_path: Path,
+) -> None:
+    # "The ..." prompts share a token or two: too few to wait a step for a sibling's KV,
+    # so both go into the first decode and two chats of 4 tokens take 4 steps.
+    banned = LocalTextOptions(
+        sampling=SamplingRuntimeConfig(logit_bias={0: -1e30, 2: -1e30, 4: -1e30})
+    )
+    options = SippTextOptions(max_tokens=4, temperature=0)
+    context = ContextRuntimeConfig(n_ctx=512, n_parallel=2)
+    with SippClient() as client:
+        ref = _endpoint(client, smollm_path, name="few", context=context)
+        _burst_engine(client, ref)
+        runs = [
+            client.query(p, endpoint=ref, options=options, local=banned)
+            for p in ("The capital of Japan is", "The speed of light is")
+        ]
+        stats = [run.result().local_stats for run in runs]
+        assert [s.cached_prompt_tokens for s in stats if s is not None] == [0, 0]
+        assert client.runtime_metrics(ref)["steps"] == 4

@@ -101,8 +101,9 @@ def test_cache_mode_off_prefills_every_copy(smollm_path: Path) -> None:
 
 def test_a_sliding_window_model_shares_too(gemma_path: Path) -> None:
     """Gemma 3's sliding-window cache: the copied cells cover every position, so the
-    copies answer exactly as a solo run does."""
-    prompt = "Explain why the sky is blue, in two sentences."
+    copies answer exactly as a solo run does. (A prompt long enough to be worth copying:
+    MIN_SHARED_TOKENS.)"""
+    prompt = "Explain why the sky is blue in the day and why it turns red and orange at sunset."
     with SippClient() as client:
         ref = client.add("solo", LocalModelDescriptor(gemma_path, _config()))
         solo = client.query(prompt, endpoint=ref, options=GREEDY).result().text

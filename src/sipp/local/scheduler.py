@@ -60,6 +60,14 @@ logger = logging.getLogger("sipp.local")
 DEFAULT_MAX_QUEUED = 256
 SMALL_VOCAB = 16384  # below this, a lone greedy row samples faster on its chain
 MIN_SNAPSHOT_TOKENS = 16  # shorter sequences are cheaper to prefill again than to store
+# A job copies a sibling's prompt prefix only when it shares at least this many tokens
+# more than its slot kept: copying waits a step for the sibling's decode, which a few
+# tokens prefilled in that same decode do not repay (prompts that begin with "The").
+MIN_SHARED_TOKENS = 16
+# An idle engine woken by a chat waits while more keep coming, each within BURST_GAP_S
+# of the last, for at most BURST_MAX_S (see `Engine._await_burst`).
+BURST_GAP_S = 0.001
+BURST_MAX_S = 0.01
 _DEFAULT_SAMPLING = SamplingRuntimeConfig(
     samplers=SAMPLER_NAMES,
     seed=None,
@@ -212,6 +220,7 @@ class Engine:
         # False: a lone generating job goes through the step loop like any other (the
         # reference path `_generate_alone` is tested against).
         self.lone_loop = True
+        self.burst_gap_s, self.burst_max_s = BURST_GAP_S, BURST_MAX_S
         self._counters: dict[str, float] = dict.fromkeys(
             (
                 "requests",
@@ -342,6 +351,8 @@ class Engine:
                 with self._cond:
                     while not self._closing and not self._queue and not self._active:
                         self._cond.wait()
+                    if not self._closing and not self._active:
+                        self._await_burst()
                     if self._closing:
                         break
                     embed_jobs, starts = self._admit()
@@ -405,6 +416,26 @@ class Engine:
         for job in list(self._active):
             self._release(job)
             job.channel.finish(error)
+
+    def _await_burst(self) -> None:
+        """Before an idle engine's first step, wait for the rest of a burst (caller holds
+        the lock). Chats sent together reach the queue a few hundred microseconds apart
+        (a client's loop of `chat` calls: 0.3-0.5 ms each); started at once, the first
+        decode would prefill the first prompt alone and the others after it, two
+        decodes and a micro-batch split where one decode does. The wait ends when no
+        job comes for `burst_gap_s`, after `burst_max_s`, or when the queue holds as
+        many jobs as can run; embeddings and a single-slot engine never wait."""
+        if not any(isinstance(job, TextJob) for job in self._queue):
+            return
+        deadline = time.monotonic() + self.burst_max_s
+        while not self._closing and len(self._queue) < self.max_running:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            queued = len(self._queue)
+            self._cond.wait(min(self.burst_gap_s, left))
+            if len(self._queue) == queued:
+                return
 
     def _admit(self) -> tuple[list[EmbedJob], list[TextJob]]:
         """Take queued jobs this step can run and reserve a free slot for each text job
@@ -543,7 +574,7 @@ class Engine:
             n = job.whole_images(min(common_prefix(other.prompt, job.prompt), len(job.prompt) - 1))
             if n > most:
                 best, most = other, n
-        if best is None:
+        if best is None or most - job.prefilled < MIN_SHARED_TOKENS:
             return
         job.share = (best, most)
         if best.prefilled >= most:
