@@ -18,7 +18,7 @@ def median_interval(values: list[float], level: float = 0.95) -> tuple[float, fl
     n = len(values)
     tail, j = 0.0, 0
     while j < n:
-        tail += math.comb(n, j) / 2.0**n
+        tail += math.comb(n, j) / 2**n  # exact integers: 2.0**n overflows past 1023
         if tail > (1.0 - level) / 2.0:
             break
         j += 1

@@ -35,6 +35,8 @@ from sipp import (
 from .test_decode_failures import FailingDecode
 
 GREEDY = SippTextOptions(max_tokens=20, temperature=0)
+# SmolLM2's end-of-generation tokens banned: every request generates max_tokens.
+NO_END = LocalTextOptions(sampling=SamplingRuntimeConfig(logit_bias={0: -1e30, 2: -1e30, 4: -1e30}))
 PROMPTS = [
     "The three primary colors are",
     "Water boils at",
@@ -358,26 +360,22 @@ def _burst_engine(client: SippClient, ref: EndpointRef) -> Any:
     engine = client._registry._endpoints[ref.id]._engine  # type: ignore[attr-defined]
     # Far longer than the test's pause: the wait ends only when the queue fills every
     # slot (or the client closes), so what follows does not depend on timing.
-    engine.burst_gap_s = engine.burst_max_s = 600.0
+    engine.burst_gap_s = engine.burst_max_s = 30.0
     return engine
 
 
 def test_chats_sent_together_are_prefilled_in_one_decode(smollm_path: Path) -> None:
     # The first chat reaches an idle engine well before the other seven (a pause in
     # which it would have started alone): it waits for them, and the eight prompts go
-    # into one decode, so eight chats of 4 tokens take 4 steps, not 4 + 4. (Prefix
-    # reuse off: with it, prompts that share their first words wait for a sibling.)
-    banned = LocalTextOptions(
-        sampling=SamplingRuntimeConfig(logit_bias={0: -1e30, 2: -1e30, 4: -1e30})
-    )
+    # into one decode, so eight chats of 4 tokens take 4 steps, not 4 + 4.
     options = SippTextOptions(max_tokens=4, temperature=0)
     with SippClient() as client:
-        ref = _endpoint(client, smollm_path, name="burst", cache=CacheRuntimeConfig(mode="off"))
+        ref = _endpoint(client, smollm_path, name="burst")
         _burst_engine(client, ref)
         before = client.runtime_metrics(ref)["steps"]
-        first = client.query(PROMPTS[0], endpoint=ref, options=options, local=banned)
+        first = client.query(PROMPTS[0], endpoint=ref, options=options, local=NO_END)
         time.sleep(0.3)
-        rest = [client.query(p, endpoint=ref, options=options, local=banned) for p in PROMPTS[1:]]
+        rest = [client.query(p, endpoint=ref, options=options, local=NO_END) for p in PROMPTS[1:]]
         usages = [run.result().usage for run in [first, *rest]]
         assert [u.output_tokens for u in usages if u is not None] == [4] * 8
         assert client.runtime_metrics(ref)["steps"] - before == 4
@@ -403,18 +401,41 @@ def test_prompts_that_share_a_few_words_are_prefilled_in_the_same_decode(
 ) -> None:
     # "The ..." prompts share a token or two: too few to wait a step for a sibling's KV,
     # so both go into the first decode and two chats of 4 tokens take 4 steps.
-    banned = LocalTextOptions(
-        sampling=SamplingRuntimeConfig(logit_bias={0: -1e30, 2: -1e30, 4: -1e30})
-    )
     options = SippTextOptions(max_tokens=4, temperature=0)
     context = ContextRuntimeConfig(n_ctx=512, n_parallel=2)
     with SippClient() as client:
         ref = _endpoint(client, smollm_path, name="few", context=context)
         _burst_engine(client, ref)
         runs = [
-            client.query(p, endpoint=ref, options=options, local=banned)
+            client.query(p, endpoint=ref, options=options, local=NO_END)
             for p in ("The capital of Japan is", "The speed of light is")
         ]
         stats = [run.result().local_stats for run in runs]
         assert [s.cached_prompt_tokens for s in stats if s is not None] == [0, 0]
         assert client.runtime_metrics(ref)["steps"] == 4
+
+
+def test_identical_prompts_sent_together_all_copy_the_first(smollm_path: Path) -> None:
+    # Admitted together, the first prefills and the seven others copy its prompt after
+    # that one decode (all at once, not one more per step): 4 tokens take 5 steps.
+    prompt = " ".join(PROMPTS[:4])  # well over MIN_SHARED_TOKENS
+    options = SippTextOptions(max_tokens=4, temperature=0)
+    with SippClient() as client:
+        ref = _endpoint(client, smollm_path, name="same")
+        _burst_engine(client, ref)
+        runs = [client.query(prompt, endpoint=ref, options=options, local=NO_END) for _ in range(8)]
+        stats = [run.result().local_stats for run in runs]
+        cached = [s.cached_prompt_tokens for s in stats if s is not None]
+        n = stats[0].prompt_tokens if stats[0] is not None else 0
+        assert sorted(cached) == [0] + [n - 1] * 7
+        assert client.runtime_metrics(ref)["steps"] == 5
+
+
+def test_a_lone_chat_waits_for_a_burst_no_longer_than_its_cap(smollm_path: Path) -> None:
+    # Gaps far longer than the test: only burst_max_s can end the wait of a lone chat.
+    with SippClient() as client:
+        ref = _endpoint(client, smollm_path, name="cap")
+        engine = _burst_engine(client, ref)
+        engine.burst_max_s = 0.05
+        got = client.query(PROMPTS[0], endpoint=ref, options=GREEDY).result()
+        assert got.usage is not None and got.usage.output_tokens > 0

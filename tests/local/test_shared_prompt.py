@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from sipp import (
@@ -85,6 +86,10 @@ def test_waiters_prefill_alone_when_the_sibling_is_cancelled(smollm_path: Path) 
     with SippClient() as client:
         ref = client.add("m", LocalModelDescriptor(smollm_path, config))
         runs = [client.chat(long_messages, endpoint=ref, options=GREEDY) for _ in range(3)]
+        # Cancelled once the three are admitted (run 0 prefilling, the others waiting
+        # for it), not while the engine still waits for the burst to end.
+        while client.runtime_metrics(ref)["steps"] < 2:
+            time.sleep(0.005)
         runs[0].cancel()
         assert runs[0].result().finish_reason == "cancelled"
         assert [r.result().text for r in runs[1:]] == [solo, solo]

@@ -391,6 +391,12 @@ _logits_address = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(
     ("llama_get_logits", _lc.llama_cpp._lib)
 )
 
+
+def _floats_at(addr: int, n: int) -> npt.NDArray[np.float32]:
+    """A numpy view (no copy) of `n` C floats at `addr`."""
+    return np.frombuffer(memoryview((ctypes.c_float * n).from_address(addr)), np.float32)
+
+
 GGML_MAX_N_THREADS = 512  # ggml.h: the length of ggml_threadpool_params.cpumask
 # ggml's polling level for a pool's idle workers. 1 is ~131k pause instructions, a few
 # milliseconds: enough to span the gap between two decodes of one request (0.13 ms on
@@ -659,8 +665,7 @@ class Context:
         kept = self._row_view
         if kept is not None and kept[0] == addr:
             return kept[1]
-        raw = (ctypes.c_float * self.model.n_vocab).from_address(addr)
-        view = np.frombuffer(memoryview(raw), np.float32)
+        view = _floats_at(addr, self.model.n_vocab)
         self._row_view = (addr, view)
         return view
 
@@ -670,7 +675,9 @@ class Context:
         llama.cpp keeps one row per output, in an order of its own (llama_get_logits_ith
         maps a batch entry to its row), so the rows are found through that mapping. The
         view is kept while the buffer stays where it is (making one costs ~50 us in situ,
-        a decode having just evicted the caches)."""
+        a decode having just evicted the caches), so it may hold more rows than this
+        decode wrote: read only the rows returned. (llama.cpp reallocates the buffer
+        only to grow it, so an unchanged address holds at least the rows kept.)"""
         base = _logits_address(self._ptr)
         if not base:
             raise RuntimeError("llama.cpp returned no logits")
@@ -685,8 +692,7 @@ class Context:
         kept = self._rows_view
         if kept is not None and kept[0] == base and len(kept[1]) >= n_rows:
             return kept[1], rows
-        raw = (ctypes.c_float * (n_rows * self.model.n_vocab)).from_address(base)
-        view = np.frombuffer(memoryview(raw), np.float32).reshape(n_rows, self.model.n_vocab)
+        view = _floats_at(base, n_rows * self.model.n_vocab).reshape(n_rows, self.model.n_vocab)
         self._rows_view = (base, view)
         return view, rows
 

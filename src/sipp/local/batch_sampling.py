@@ -7,7 +7,8 @@ its first sampler even runs. For the common requests this module skips that:
 * **greedy** rows (temperature <= 0) without grammar or penalties are argmax'ed
   in one numpy call over a view of the logits buffer (no copy). A logit bias is
   applied on top, exactly as llama.cpp adds it (float32 `logit += bias`), and ties
-  go to the lowest token id, as llama.cpp's greedy sampler picks them.
+  go to the lowest token id, as llama.cpp's greedy sampler picks them. A row with a
+  NaN (a broken model) gets numpy's argmax of the biased row: its first NaN.
 * **sampled** rows whose first active stage is `top_k` (k > 0), without grammar or
   penalties, select the k best logits first (a threshold from column maxima, then
   a sort of the few dozen logits above it), then run top_p / min_p / temperature on those k in the
@@ -103,7 +104,7 @@ class RowSampler:
         if not len(self.bias_tokens):
             return row
         out: npt.NDArray[np.float32] = row.copy()
-        with np.errstate(over="ignore"):  # to inf, as in C
+        with np.errstate(over="ignore", invalid="ignore"):  # to inf or NaN, as in C
             np.add.at(out, self.bias_tokens, self.bias_values)
         return out
 
@@ -185,7 +186,7 @@ def _greedy_with_bias(row: npt.NDArray[np.float32], best: int, s: RowSampler) ->
     win = row.item(best)
     if len(s.bias_pairs) > _SCALAR_BIASES:
         moved = row[s.bias_tokens]  # a copy: fancy indexing
-        with np.errstate(over="ignore"):  # to inf, as in C
+        with np.errstate(over="ignore", invalid="ignore"):  # to inf or NaN, as in C
             moved += s.bias_values  # float32, as llama.cpp adds them
         k = int(moved.argmax())  # the lowest id among the biased ties; a NaN first
         top, first_moved = moved.item(k), int(s.bias_tokens[k])
@@ -199,6 +200,8 @@ def _greedy_with_bias(row: npt.NDArray[np.float32], best: int, s: RowSampler) ->
                     break
     if top < win:
         return best
+    if win != win or top != top:  # a NaN: numpy's argmax of the biased row, as documented
+        return int(np.argmax(s.biased(row)))
     return first_moved if top > win else min(best, first_moved)
 
 

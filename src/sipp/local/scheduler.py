@@ -61,8 +61,9 @@ DEFAULT_MAX_QUEUED = 256
 SMALL_VOCAB = 16384  # below this, a lone greedy row samples faster on its chain
 MIN_SNAPSHOT_TOKENS = 16  # shorter sequences are cheaper to prefill again than to store
 # A job copies a sibling's prompt prefix only when it shares at least this many tokens
-# more than its slot kept: copying waits a step for the sibling's decode, which a few
-# tokens prefilled in that same decode do not repay (prompts that begin with "The").
+# more than its slot kept, or an image: copying waits a step for the sibling's decode,
+# which a few tokens prefilled in that same decode do not repay (prompts that begin
+# with "The"), but an image encoded again by each copy does.
 MIN_SHARED_TOKENS = 16
 # An idle engine woken by a chat waits while more keep coming, each within BURST_GAP_S
 # of the last, for at most BURST_MAX_S (see `Engine._await_burst`).
@@ -564,17 +565,26 @@ class Engine:
     def _share_sibling_prompt(self, job: TextJob) -> None:
         """n identical prompts arrive together (OpenAI's `n`, or a fan-out): let one of
         them prefill, the others copy its KV. Pick the running job whose prompt shares
-        the longest prefix with ours, if that beats what our own slot kept."""
+        the longest prefix with ours, if that beats what our own slot kept.
+
+        Only jobs already started count: jobs admitted together are all active before the
+        first starts, and a job that picked a later one would wait on a chain (each copy
+        freed one step after the last) instead of on the one that prefills."""
         best: TextJob | None = None
         # At least the last prompt token is decoded by the job itself, for its logits.
         most = job.prefilled
         for other in self._active:
-            if other is job or other.share is not None:
+            if other is job or other.share is not None or not other.t_admit:
                 continue
             n = job.whole_images(min(common_prefix(other.prompt, job.prompt), len(job.prompt) - 1))
             if n > most:
                 best, most = other, n
-        if best is None or most - job.prefilled < MIN_SHARED_TOKENS:
+        if best is None:
+            return
+        gained = most - job.prefilled
+        # An image in the shared part is always worth it: each copy would encode it again.
+        image = job.media is not None and job.media.text_run(job.prefilled, most) < gained
+        if gained < MIN_SHARED_TOKENS and not image:
             return
         job.share = (best, most)
         if best.prefilled >= most:
