@@ -322,7 +322,12 @@ def main() -> None:
             for child in children.values():
                 child.close()
             children = {s: start_child(s, args, eog, args.tokens) for s in ("sipp", "server")}
-        order = sides[i % 3 :] + sides[: i % 3]
+        # Each order in turn, and the order after a restart changes from
+        # one restart to the next: with a plain `i % 3` and --per-process 3, C++ always
+        # ran last right after the children started, its slowest place on this host
+        # (medians 91 against 108-112 tok/s with B=1 over 21 rounds).
+        turn = (i + i // args.per_process) % 3
+        order = sides[turn:] + sides[:turn]
         for side in order:
             if side == "cpp":
                 time.sleep(SETTLE_S)
