@@ -65,8 +65,8 @@ MIN_SNAPSHOT_TOKENS = 16  # shorter sequences are cheaper to prefill again than 
 # which a few tokens prefilled in that same decode do not repay (prompts that begin
 # with "The"), but an image encoded again by each copy does.
 MIN_SHARED_TOKENS = 16
-# An idle engine woken by a chat waits while more keep coming, each within BURST_GAP_S
-# of the last, for at most BURST_MAX_S (see `Engine._await_burst`).
+# An engine with no request running that gets a chat waits while more keep coming, each
+# within BURST_GAP_S of the last, for at most BURST_MAX_S (see `Engine._await_burst`).
 BURST_GAP_S = 0.001
 BURST_MAX_S = 0.01
 _DEFAULT_SAMPLING = SamplingRuntimeConfig(
@@ -419,8 +419,8 @@ class Engine:
             job.channel.finish(error)
 
     def _await_burst(self) -> None:
-        """Before an idle engine's first step, wait for the rest of a burst (caller holds
-        the lock). Chats sent together reach the queue a few hundred microseconds apart
+        """With no request running, wait for the rest of a burst before the first step
+        (caller holds the lock). Chats sent together reach the queue a few hundred microseconds apart
         (a client's loop of `chat` calls: 0.3-0.5 ms each); started at once, the first
         decode would prefill the first prompt alone and the others after it, two
         decodes and a micro-batch split where one decode does. The wait ends when no
