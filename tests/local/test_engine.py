@@ -35,7 +35,8 @@ from sipp import (
 from .test_decode_failures import FailingDecode
 
 GREEDY = SippTextOptions(max_tokens=20, temperature=0)
-# SmolLM2's end-of-generation tokens banned: every request generates max_tokens.
+# SmolLM2's end-of-generation tokens (<|endoftext|>, <|im_end|>, <repo_name>) banned:
+# every request generates max_tokens.
 NO_END = LocalTextOptions(sampling=SamplingRuntimeConfig(logit_bias={0: -1e30, 2: -1e30, 4: -1e30}))
 PROMPTS = [
     "The three primary colors are",

@@ -10,21 +10,19 @@ from sipp import (
     ChatMessage,
     ContextRuntimeConfig,
     LocalModelDescriptor,
-    LocalTextOptions,
     NativeRuntimeConfig,
-    SamplingRuntimeConfig,
     SchedulerRuntimeConfig,
     SippClient,
     SippTextOptions,
 )
+
+from .test_engine import NO_END  # the sibling cannot end its turn early
 
 MESSAGES = [
     ChatMessage("system", "You are a patient teacher who explains things step by step."),
     ChatMessage("user", "Explain why the sky is blue, in two sentences."),
 ]
 GREEDY = SippTextOptions(max_tokens=24, temperature=0)
-# SmolLM2's end-of-generation tokens: <|endoftext|>, <|im_end|>, <repo_name>
-END_OF_TURN_BANNED = {0: -100.0, 2: -100.0, 4: -100.0}
 
 
 def _config(**groups: object) -> NativeRuntimeConfig:
@@ -58,14 +56,13 @@ def test_a_longer_prompt_copies_the_shared_part_of_a_running_sibling(smollm_path
     solo = _solo(smollm_path, follow)
     # The sibling is still running when the follow-up comes, however slow the machine:
     # the follow-up starts after its first token, and it cannot end its turn early.
-    endless = LocalTextOptions(sampling=SamplingRuntimeConfig(logit_bias=END_OF_TURN_BANNED))
     with SippClient() as client:
         ref = client.add("m", LocalModelDescriptor(smollm_path, _config()))
         first = client.chat(
             MESSAGES,
             endpoint=ref,
             options=SippTextOptions(max_tokens=400, temperature=0),
-            local=endless,
+            local=NO_END,
             emit_tokens=True,
         )
         next(iter(first.tokens))
