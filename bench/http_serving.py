@@ -4,9 +4,10 @@ Both serve the same GGUF (SmolLM2-135M Q4_1) on `/v1/chat/completions` with the 
 slots (-np), context per slot, batch sizes, threads, flash attention (off unless
 --flash-attention on) and weight repacking (off on AMX hosts), prompt caching off on
 both sides. llama-server is built by bench/_llama_tools.py from the llama.cpp vendored
-in the pinned llama-cpp-python sdist. Requests are non-streamed chats, greedy, with
-every end-of-generation token banned by `logit_bias` (-100, the OpenAI range both
-accept), so each generates exactly --tokens tokens (checked from `usage`).
+in the pinned llama-cpp-python sdist. Requests are chats, greedy, with every
+end-of-generation token banned by `logit_bias` (-100, the OpenAI range both accept), so
+each generates exactly --tokens tokens (checked from `usage`); non-streamed, or with
+--stream streamed (SSE, every event parsed as it arrives, usage in the last one).
 
 Both servers stay up for --per-process rounds and take turns: while one is measured the
 other idles (its slots empty, nothing computing), so a round's two figures are seconds
@@ -19,12 +20,13 @@ Each is warmed up once after it starts. Each turn measures:
 The side that goes first alternates by round. Prints each round, then medians with
 spread and the per-round ratios sipp / llama-server (> 1: sipp faster).
 
-    ./dev bench http_serving [--rounds 3] [--tokens 128] [--clients 8]
+    ./dev bench http_serving [--rounds 3] [--tokens 128] [--clients 8] [--stream]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -34,6 +36,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -194,6 +197,26 @@ def warm_up(url: str, bias: dict[str, int]) -> None:
             r.raise_for_status()
 
 
+def _streamed(http: httpx.Client, url: str, body: dict[str, Any], headers: dict[str, str]) -> int:
+    """Read a streamed chat to its end, as a client shows it: every event parsed as it
+    arrives. The generated token count comes from the usage event.
+
+    Each stream has a connection of its own, on both sides: llama-server closes its end
+    after a stream, and a request sent on that kept connection before the close is seen
+    fails with no response (7 of 10 turns did)."""
+    usage: dict[str, Any] | None = None
+    with http.stream("POST", url, json=body, headers={**headers, "connection": "close"}) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            usage = event.get("usage") or usage
+    if usage is None:
+        raise SystemExit(f"{url} streamed no usage")
+    return int(usage["completion_tokens"])
+
+
 def measure(url: str, args: argparse.Namespace, bias: dict[str, int]) -> tuple[float, float]:
     """(single, concurrent) generated tokens per second against the server at `url`."""
     headers = {"authorization": f"Bearer {TOKEN}"}
@@ -209,9 +232,14 @@ def measure(url: str, args: argparse.Namespace, bias: dict[str, int]) -> tuple[f
             "temperature": 0,
             "logit_bias": bias,
         }
-        r = http.post(f"{url}/v1/chat/completions", json=body, headers=headers)
-        r.raise_for_status()
-        generated = int(r.json()["usage"]["completion_tokens"])
+        if args.stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+            generated = _streamed(http, f"{url}/v1/chat/completions", body, headers)
+        else:
+            r = http.post(f"{url}/v1/chat/completions", json=body, headers=headers)
+            r.raise_for_status()
+            generated = int(r.json()["usage"]["completion_tokens"])
         if generated != tokens:
             raise SystemExit(f"{url} generated {generated} tokens, not {tokens}")
         return generated
@@ -251,6 +279,9 @@ def main() -> None:
     parser.add_argument("--flash-attention", choices=("on", "off"), default="off")
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--per-process", type=int, default=3, help="rounds before both restart")
+    parser.add_argument(
+        "--stream", action="store_true", help="streamed chats (SSE, usage in the last event)"
+    )
     args = parser.parse_args()
     if args.model is None:
         from sipp import models
