@@ -69,6 +69,9 @@ MIN_SHARED_TOKENS = 16
 # within BURST_GAP_S of the last, for at most BURST_MAX_S (see `Engine._await_burst`).
 BURST_GAP_S = 0.001
 BURST_MAX_S = 0.01
+# Streamed text may wait this long for its reader to come back on its own rather than
+# wake it per token (RunChannel.push's `hold_s`; docs/architecture.md has the figures).
+STREAM_HOLD_S = 0.02
 _DEFAULT_SAMPLING = SamplingRuntimeConfig(
     samplers=SAMPLER_NAMES,
     seed=None,
@@ -896,7 +899,8 @@ class Engine:
             logprobs, job.held_logprobs = tuple(job.held_logprobs), []
             job.logprobs.extend(logprobs)
         if job.emit:
-            job.channel.push(TokenBatch(text, ids, next(job.batch_seq), logprobs, calls))
+            batch = TokenBatch(text, ids, next(job.batch_seq), logprobs, calls)
+            job.channel.push(batch, hold_s=STREAM_HOLD_S)
 
     def _finish(self, job: TextJob, reason: FinishReason) -> None:
         tail = job.stream.flush()

@@ -1,0 +1,186 @@
+"""RunChannel's held batches: a producer on another thread that pushes with `hold_s` does
+not wake a consumer that took a batch within `hold_s`; that consumer comes back for the
+batch on its own. Real threads and a real event loop; no timing is asserted, only what
+arrives and whether the push woke anyone (a waking push empties the waker list)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from sipp._channel import RunChannel
+from sipp._types import TokenBatch
+
+LONG_S = 3600.0  # a hold no test outlives: a batch held this long arrives only if woken
+SHORT_S = 0.5  # a hold the consumer's own visit ends; far longer than starting a thread
+
+
+def _batch(i: int) -> TokenBatch:
+    return TokenBatch(f"t{i}", (i,), i)
+
+
+def _until(condition: Callable[[], bool]) -> None:
+    """Wait for another thread or task to reach a state (not a timing assertion)."""
+    for _ in range(30_000):
+        if condition():
+            return
+        time.sleep(0.001)
+    raise AssertionError("the state was never reached")
+
+
+async def _until_async(condition: Callable[[], bool]) -> None:
+    for _ in range(30_000):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("the state was never reached")
+
+
+def _from_thread(fn: Callable[[], None]) -> None:
+    """Run `fn` on another thread, as an engine pushes, and wait for it."""
+    thread = threading.Thread(target=fn)
+    thread.start()
+    thread.join()
+
+
+def test_the_first_batch_wakes_a_waiting_consumer_whatever_the_hold() -> None:
+    async def main() -> None:
+        channel: RunChannel[str] = RunChannel()
+        waiting = asyncio.create_task(channel.next_batch_async())
+        await _until_async(lambda: len(channel._wakers) == 1)
+        _from_thread(lambda: channel.push(_batch(1), hold_s=LONG_S))
+        assert channel._wakers == []  # called: it was woken
+        assert (await asyncio.wait_for(waiting, 30)) == _batch(1)
+
+    asyncio.run(main())
+
+
+def test_a_held_push_leaves_an_async_consumer_asleep_until_a_waking_push() -> None:
+    async def main() -> None:
+        channel: RunChannel[str] = RunChannel()
+        channel.push(_batch(1), hold_s=LONG_S)  # nothing taken yet: wakes
+        assert (await channel.next_batch_async()) == _batch(1)
+        waiting = asyncio.create_task(channel.next_batch_async())
+        await _until_async(lambda: len(channel._wakers) == 1)
+        _from_thread(lambda: channel.push(_batch(2), hold_s=LONG_S))
+        assert len(channel._wakers) == 1  # held: nobody was called
+        assert not waiting.done()
+        _from_thread(lambda: channel.push(_batch(3)))  # no hold: wakes
+        assert (await asyncio.wait_for(waiting, 30)) == _batch(2)
+        assert (await channel.next_batch_async()) == _batch(3)
+
+    asyncio.run(main())
+
+
+def test_an_async_consumer_comes_back_for_a_held_batch_on_its_own() -> None:
+    async def main() -> None:
+        channel: RunChannel[str] = RunChannel()
+        channel.push(_batch(1), hold_s=SHORT_S)
+        assert (await channel.next_batch_async()) == _batch(1)
+        waiting = asyncio.create_task(channel.next_batch_async())
+        await _until_async(lambda: len(channel._wakers) == 1)
+        _from_thread(lambda: channel.push(_batch(2), hold_s=SHORT_S))
+        assert len(channel._wakers) == 1  # held
+        # No later push, no outcome: only the consumer's own visit can deliver it.
+        assert (await asyncio.wait_for(waiting, 30)) == _batch(2)
+        assert channel._wakers == []  # the visit took its waker back
+
+    asyncio.run(main())
+
+
+def test_a_sync_consumer_comes_back_for_a_held_batch_on_its_own() -> None:
+    channel: RunChannel[str] = RunChannel()
+    channel.push(_batch(1), hold_s=SHORT_S)
+    assert channel.next_batch() == _batch(1)
+    got: list[TokenBatch | None] = []
+    consumer = threading.Thread(target=lambda: got.append(channel.next_batch()))  # no timeout
+    consumer.start()
+    _until(lambda: len(channel._cond._waiters) == 1)  # type: ignore[attr-defined]
+    channel.push(_batch(2), hold_s=SHORT_S)
+    assert len(channel._cond._waiters) == 1  # type: ignore[attr-defined]  # held: not notified
+    consumer.join(30)
+    if consumer.is_alive():  # stranded: free the thread, then fail
+        channel.finish("stranded")
+        consumer.join()
+    assert got == [_batch(2)]
+
+
+def test_after_an_empty_visit_every_push_wakes() -> None:
+    """The visit is once per take: a consumer that came back to nothing waits without a
+    timer, so a held push would strand it; the push must wake it instead."""
+
+    async def main() -> None:
+        channel: RunChannel[str] = RunChannel()
+        channel.push(_batch(1), hold_s=SHORT_S)
+        assert (await channel.next_batch_async()) == _batch(1)
+        waiting = asyncio.create_task(channel.next_batch_async())
+        await _until_async(lambda: channel._back_at == -math.inf and len(channel._wakers) == 1)
+        _from_thread(lambda: channel.push(_batch(2), hold_s=SHORT_S))
+        assert channel._wakers == []
+        assert (await asyncio.wait_for(waiting, 30)) == _batch(2)
+
+    asyncio.run(main())
+
+
+def test_a_consumer_waiting_without_a_visit_is_woken_by_a_push_with_a_longer_hold() -> None:
+    async def main() -> None:
+        channel: RunChannel[str] = RunChannel()
+        channel.push(_batch(1))  # no hold: the consumer will wait with no timer
+        assert (await channel.next_batch_async()) == _batch(1)
+        waiting = asyncio.create_task(channel.next_batch_async())
+        await _until_async(lambda: len(channel._wakers) == 1)
+        _from_thread(lambda: channel.push(_batch(2), hold_s=LONG_S))
+        assert channel._wakers == []
+        assert (await asyncio.wait_for(waiting, 30)) == _batch(2)
+
+    asyncio.run(main())
+
+
+def test_held_batches_come_before_the_outcome_and_the_outcome_wakes() -> None:
+    async def main() -> None:
+        channel: RunChannel[str] = RunChannel()
+        channel.push(_batch(1), hold_s=LONG_S)
+        assert (await channel.next_batch_async()) == _batch(1)
+        outcome = asyncio.create_task(channel.outcome_async())
+        batches = asyncio.create_task(channel.next_batch_async())
+        await _until_async(lambda: len(channel._wakers) == 2)
+
+        def produce() -> None:
+            channel.push(_batch(2), hold_s=LONG_S)
+            channel.push(_batch(3), hold_s=LONG_S)
+            channel.finish("done")
+
+        _from_thread(produce)
+        assert (await asyncio.wait_for(outcome, 30)) == "done"
+        assert (await asyncio.wait_for(batches, 30)) == _batch(2)
+        assert (await channel.next_batch_async()) == _batch(3)
+        assert (await channel.next_batch_async()) is None
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_waiter_leaves_no_waker_behind() -> None:
+    async def main() -> None:
+        channel: RunChannel[str] = RunChannel()
+        for wait in (channel.next_batch_async(), channel.outcome_async()):
+            task = asyncio.create_task(wait)
+            await _until_async(lambda: len(channel._wakers) == 1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert channel._wakers == []
+
+    asyncio.run(main())
+
+
+def test_a_sync_timeout_still_applies_while_a_hold_is_in_force() -> None:
+    channel: RunChannel[str] = RunChannel()
+    channel.push(_batch(1), hold_s=LONG_S)
+    assert channel.next_batch(timeout=30) == _batch(1)
+    with pytest.raises(TimeoutError):
+        channel.next_batch(timeout=0.01)
