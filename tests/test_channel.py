@@ -1,7 +1,8 @@
 """RunChannel's held batches: a producer on another thread that pushes with `hold_s` does
-not wake a consumer that took a batch within `hold_s`; that consumer comes back for the
-batch on its own. Real threads and a real event loop; no timing is asserted, only what
-arrives and whether the push woke anyone (a waking push empties the waker list)."""
+not wake a consumer that has a visit due (set when it took a batch and found no more);
+the visit delivers the batch. Real threads and a real event loop; no timing is asserted,
+only what arrives and whether the push woke anyone (a waking push empties the waker
+list)."""
 
 from __future__ import annotations
 
@@ -48,18 +49,6 @@ def _from_thread(fn: Callable[[], None]) -> None:
     thread.join()
 
 
-def test_the_first_batch_wakes_a_waiting_consumer_whatever_the_hold() -> None:
-    async def main() -> None:
-        channel: RunChannel[str] = RunChannel()
-        waiting = asyncio.create_task(channel.next_batch_async())
-        await _until_async(lambda: len(channel._wakers) == 1)
-        _from_thread(lambda: channel.push(_batch(1), hold_s=LONG_S))
-        assert channel._wakers == []  # called: it was woken
-        assert (await asyncio.wait_for(waiting, 30)) == _batch(1)
-
-    asyncio.run(main())
-
-
 def test_a_held_push_leaves_an_async_consumer_asleep_until_a_waking_push() -> None:
     async def main() -> None:
         channel: RunChannel[str] = RunChannel()
@@ -73,22 +62,6 @@ def test_a_held_push_leaves_an_async_consumer_asleep_until_a_waking_push() -> No
         _from_thread(lambda: channel.push(_batch(3)))  # no hold: wakes
         assert (await asyncio.wait_for(waiting, 30)) == _batch(2)
         assert (await channel.next_batch_async()) == _batch(3)
-
-    asyncio.run(main())
-
-
-def test_an_async_consumer_comes_back_for_a_held_batch_on_its_own() -> None:
-    async def main() -> None:
-        channel: RunChannel[str] = RunChannel()
-        channel.push(_batch(1), hold_s=SHORT_S)
-        assert (await channel.next_batch_async()) == _batch(1)
-        waiting = asyncio.create_task(channel.next_batch_async())
-        await _until_async(lambda: len(channel._wakers) == 1)
-        _from_thread(lambda: channel.push(_batch(2), hold_s=SHORT_S))
-        assert len(channel._wakers) == 1  # held
-        # No later push, no outcome: only the consumer's own visit can deliver it.
-        assert (await asyncio.wait_for(waiting, 30)) == _batch(2)
-        assert channel._wakers == []  # the visit took its waker back
 
     asyncio.run(main())
 
@@ -110,33 +83,40 @@ def test_a_sync_consumer_comes_back_for_a_held_batch_on_its_own() -> None:
     assert got == [_batch(2)]
 
 
-def test_after_an_empty_visit_every_push_wakes() -> None:
-    """The visit is once per take: a consumer that came back to nothing waits without a
-    timer, so a held push would strand it; the push must wake it instead."""
-
+@pytest.mark.parametrize(
+    ("first_hold", "second_hold", "woken"),
+    [
+        # The first batch: nothing was taken, so no visit is due (the gateway's wait for
+        # a stream's first token counts on it).
+        (None, LONG_S, True),
+        # Pushed while a visit is due: left for the visit, which alone delivers it.
+        (SHORT_S, SHORT_S, False),
+        # The visit is once per take: a consumer that came back to nothing waits without
+        # a timer, so a held push would strand it.
+        (SHORT_S, SHORT_S, True),
+        # A consumer that waits with no visit due (its batches came with no hold) is woken
+        # by a push with a hold, whatever the hold.
+        (0.0, LONG_S, True),
+    ],
+    ids=["the-first-batch", "during-a-visit", "after-an-empty-visit", "a-longer-hold"],
+)
+def test_a_held_push_wakes_only_a_consumer_with_no_visit_due(
+    first_hold: float | None, second_hold: float, woken: bool
+) -> None:
     async def main() -> None:
         channel: RunChannel[str] = RunChannel()
-        channel.push(_batch(1), hold_s=SHORT_S)
-        assert (await channel.next_batch_async()) == _batch(1)
+        if first_hold is not None:
+            channel.push(_batch(1), hold_s=first_hold)
+            assert (await channel.next_batch_async()) == _batch(1)
         waiting = asyncio.create_task(channel.next_batch_async())
-        await _until_async(lambda: channel._back_at == -math.inf and len(channel._wakers) == 1)
-        _from_thread(lambda: channel.push(_batch(2), hold_s=SHORT_S))
-        assert channel._wakers == []
+        if woken:  # no visit due any more
+            await _until_async(lambda: channel._back_at == -math.inf and len(channel._wakers) == 1)
+        else:
+            await _until_async(lambda: len(channel._wakers) == 1)
+        _from_thread(lambda: channel.push(_batch(2), hold_s=second_hold))
+        assert len(channel._wakers) == (0 if woken else 1)  # a wake calls and drops wakers
         assert (await asyncio.wait_for(waiting, 30)) == _batch(2)
-
-    asyncio.run(main())
-
-
-def test_a_consumer_waiting_without_a_visit_is_woken_by_a_push_with_a_longer_hold() -> None:
-    async def main() -> None:
-        channel: RunChannel[str] = RunChannel()
-        channel.push(_batch(1))  # no hold: the consumer will wait with no timer
-        assert (await channel.next_batch_async()) == _batch(1)
-        waiting = asyncio.create_task(channel.next_batch_async())
-        await _until_async(lambda: len(channel._wakers) == 1)
-        _from_thread(lambda: channel.push(_batch(2), hold_s=LONG_S))
-        assert channel._wakers == []
-        assert (await asyncio.wait_for(waiting, 30)) == _batch(2)
+        assert channel._wakers == []  # a visit takes its waker back
 
     asyncio.run(main())
 
