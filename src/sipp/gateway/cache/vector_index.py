@@ -22,6 +22,9 @@ Thread-safe: one lock per index, never held while the graph builds.
 from __future__ import annotations
 
 import atexit
+import ctypes
+import ctypes.util
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -91,10 +94,38 @@ def _stop_builds() -> None:
 def ann_available() -> bool:
     """Whether the optional ANN library (`usearch`, the `cache` extra) is installed."""
     try:
-        import usearch.index  # noqa: F401
+        _usearch_index()
     except ImportError:
         return False
     return True
+
+
+@functools.cache
+def _usearch_index() -> Any:
+    """`usearch.index`, imported once the shared C++ runtime has its classic locale.
+
+    usearch's extension carries a C++ runtime of its own. Imported while the shared one
+    (which llama.cpp uses) has not yet set up its classic locale, it leaves that one
+    with locale facets it cannot cast: every later llama.cpp model load in the process
+    fails in its tokenizer's regular expressions ("error loading model vocabulary:
+    std::bad_cast"). Asking the shared runtime for `std::locale::classic()` first sets
+    it up on its own terms."""
+    _init_shared_cxx_locale()
+    import usearch.index
+
+    return usearch.index
+
+
+def _init_shared_cxx_locale() -> None:
+    name = ctypes.util.find_library("stdc++")
+    if name is None:  # no GNU C++ runtime here (libc++ platforms): nothing to set up
+        return
+    try:
+        classic = ctypes.CDLL(name)._ZNSt6locale7classicEv  # std::locale::classic()
+    except (OSError, AttributeError):
+        return
+    classic.restype = ctypes.c_void_p
+    classic()
 
 
 @dataclass(frozen=True)
@@ -109,9 +140,7 @@ class _Ann:
     # Connectivity 16 and expansion 128/64: recall@1 against exact search measured on
     # the benchmark's 100,000 MiniLM vectors; candidates are rescored exactly anyway.
     def __init__(self, dim: int) -> None:
-        from usearch.index import Index
-
-        self.index = Index(
+        self.index = _usearch_index().Index(
             ndim=dim,
             metric="cos",
             dtype="f16",
