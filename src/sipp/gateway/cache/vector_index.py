@@ -25,6 +25,7 @@ import atexit
 import ctypes
 import ctypes.util
 import functools
+import importlib.util
 import logging
 import threading
 from collections.abc import Callable
@@ -110,6 +111,8 @@ def _usearch_index() -> Any:
     fails in its tokenizer's regular expressions ("error loading model vocabulary:
     std::bad_cast"). Asking the shared runtime for `std::locale::classic()` first sets
     it up on its own terms."""
+    if importlib.util.find_spec("usearch") is None:  # before looking for the runtime
+        raise ImportError("usearch is not installed (the `cache` extra)")
     _init_shared_cxx_locale()
     import usearch.index
 
