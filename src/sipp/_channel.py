@@ -82,6 +82,11 @@ class RunChannel(Generic[R]):
         return self._outcome is not _NOT_SET
 
     @property
+    def batch_waiting(self) -> bool:
+        """A batch is queued: the next take needs no wait."""
+        return bool(self._batches)
+
+    @property
     def preparing(self) -> bool:
         return self._preparing and not self.done
 

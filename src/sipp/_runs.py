@@ -85,6 +85,11 @@ class AsyncTextRun(_AsyncRun[SippTextResponse]):
         await self._channel.accepted_async()
 
     @property
+    def _batch_waiting(self) -> bool:
+        """For the gateway: the next batch is already here (it joins such batches)."""
+        return self._channel.batch_waiting
+
+    @property
     def tokens(self) -> AsyncIterator[TokenBatch]:
         return self.__aiter__()
 

@@ -392,7 +392,7 @@ async def _events(
     try:
         if len(runs) == 1:
             run = runs[0]
-            async for batch in run:
+            async for batch in run.joined():
                 rec.first_token()
                 yield TextDelta(batch)
             response = await run.result()
@@ -411,7 +411,7 @@ async def _merged(rec: RequestRecord, runs: list[HeldRun]) -> AsyncIterator[Even
 
     async def pump(index: int, run: HeldRun) -> None:
         try:
-            async for batch in run:
+            async for batch in run.joined():
                 queue.put_nowait(TextDelta(batch, index))
             queue.put_nowait(ChoiceDone(await run.result(), index))
         except SippError as exc:

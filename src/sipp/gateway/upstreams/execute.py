@@ -43,6 +43,7 @@ from ..._errors import OverloadedError, RateLimitedError, SippError, Unavailable
 from ..._runs import AsyncTextRun
 from ..._types import SippTextResponse, TokenBatch
 from ..activity import RequestRecord
+from ..joined import joined
 from ..request import GatewayRequest
 from ..shaping import Ledger, Reservation, batch_tokens
 from ..state import GatewayState, resolve_target
@@ -145,6 +146,10 @@ class HeldRun:
 
     async def result(self) -> SippTextResponse:
         return await self.run.result()
+
+    def joined(self) -> AsyncIterator[TokenBatch]:
+        """The batches, those already queued behind one joined to it (`gateway.joined`)."""
+        return joined(aiter(self), lambda: self.run._batch_waiting)
 
     async def __aiter__(self) -> AsyncIterator[TokenBatch]:
         attempt = self.attempt
