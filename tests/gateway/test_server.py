@@ -151,20 +151,12 @@ def _mock(req: Request) -> list[Any]:
 
 class Gateway:
     def __init__(
-        self,
-        config_path: Path,
-        env: dict[str, str],
-        public: int,
-        management: int,
-        *options: str,
+        self, config_path: Path, env: dict[str, str], public: int, management: int
     ) -> None:
         self.public = f"http://127.0.0.1:{public}"
         self.management = f"http://127.0.0.1:{management}"
         self.proc = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "sipp.cli.gateway", "serve"),
-                *("--config", str(config_path), *options),
-            ],
+            [sys.executable, "-m", "sipp.cli.gateway", "serve", "--config", str(config_path)],
             env={**os.environ, **env},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -489,16 +481,11 @@ def test_refuses_to_start_without_secrets(smollm_path: Path, tmp_path: Path) -> 
         assert "has space" not in proc.stderr
 
 
-# Every other test serves on the default loop (uvloop, installed with uvicorn[standard]);
-# this one also runs on the standard library's, which `--loop asyncio` keeps available.
-@pytest.mark.parametrize("loop", ["auto", "asyncio"])
-def test_sigterm_lets_in_flight_streams_finish(
-    smollm_path: Path, tmp_path: Path, loop: str
-) -> None:
+def test_sigterm_lets_in_flight_streams_finish(smollm_path: Path, tmp_path: Path) -> None:
     public, management = free_port(), free_port()
     path = tmp_path / "g.toml"
     path.write_text(_config(smollm_path, "http://127.0.0.1:9", public, management))
-    gw = Gateway(path, ENV, public, management, "--loop", loop)
+    gw = Gateway(path, ENV, public, management)
     gw.wait_ready()
     frames: list[bytes] = []
 

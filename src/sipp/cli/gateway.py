@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Coroutine
-from typing import Any
 
 import click
 
@@ -53,14 +51,7 @@ def check(config_path: str) -> None:
 
 @cli.command()
 @_config_option
-@click.option(
-    "--loop",
-    type=click.Choice(["auto", "uvloop", "asyncio"]),
-    default="auto",
-    show_default=True,
-    help="Event loop: uvloop where it is installed (auto), or the standard library's.",
-)
-def serve(config_path: str, loop: str) -> None:
+def serve(config_path: str) -> None:
     """Serve the public and management listeners until SIGINT/SIGTERM.
 
     Reads the secrets the TOML names from the environment (missing, blank, or a bearer
@@ -69,35 +60,20 @@ def serve(config_path: str, loop: str) -> None:
     (level from $SIPP_GATEWAY_LOG, default info). On a signal it stops accepting, lets
     in-flight requests finish (30 s grace), frees models and exits 0.
     """
+    import asyncio
+    import os
+
     from ..gateway.serve import configure_logging
     from ..gateway.serve import serve as run_server
 
     config = _load_or_exit(config_path)
     configure_logging(os.environ)
-    run = _runner(loop)
     try:
-        code = run(run_server(config))
+        code = asyncio.run(run_server(config))
     except SippError as exc:
         click.echo(f"error: {exc.message}", err=True)
         sys.exit(1)
     sys.exit(code)
-
-
-def _runner(loop: str) -> Callable[[Coroutine[Any, Any, int]], int]:
-    """How `serve` runs its coroutine. uvloop (uvicorn's own choice when installed) wakes
-    the loop from the engine threads and writes to sockets for less CPU a token: its
-    `call_soon_threadsafe` cost the engine thread about half of asyncio's (BENCHMARKS.md)."""
-    import asyncio
-
-    if loop == "asyncio":
-        return asyncio.run
-    try:
-        import uvloop
-    except ImportError:
-        if loop == "uvloop":
-            raise click.UsageError("--loop uvloop: uvloop is not installed") from None
-        return asyncio.run
-    return uvloop.run
 
 
 @cli.group()
