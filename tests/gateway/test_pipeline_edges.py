@@ -213,6 +213,9 @@ def test_a_choice_that_dies_of_a_non_sipp_error_ends_the_merge() -> None:
                 raise RuntimeError("bug in a run")
             yield TokenBatch("ok")
 
+        def joined(self) -> AsyncIterator[TokenBatch]:  # as HeldRun's, with nothing queued
+            return aiter(self)
+
     async def consume() -> list[Any]:
         rec = RequestRecord("chat", lambda r: None)
         seen: list[Any] = []
