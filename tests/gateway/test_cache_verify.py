@@ -25,7 +25,7 @@ from .limited_gateways import limited_gateway, toml
 from .pool_upstreams import Deployment, pool_toml
 from .test_cache_gateway import cached_gateway, chat, sqlite_cache
 from .test_semantic_gateway import indexed, semantic
-from .test_server import ENV, TOKEN, Gateway, running_gateway
+from .test_server import ENV, TOKEN, Gateway, running_gateway, without_prefix_reuse
 from .upstreams import embeddings_reply, poll, text_reply
 
 SAME = "The sky is blue."
@@ -270,7 +270,8 @@ def test_a_local_target_is_verified_only_with_an_idle_slot(
     cache += 'store_finish = ["stop", "length"]\n'  # 12 tokens cut the answer
 
     def edit(toml: str) -> str:
-        toml = toml.replace("n_parallel = 2", "n_parallel = 1", 1)
+        # the verification prefills the prompt whole, as the run it checks did
+        toml = without_prefix_reuse(toml).replace("n_parallel = 2", "n_parallel = 1", 1)
         # permits to spare: only the busy slot can make the verification wait
         toml = toml.replace("max_concurrent_requests = 2", "max_concurrent_requests = 8", 1)
         return toml.replace('stats = "basic"\n', f'stats = "basic"\n{cache}', 1)

@@ -20,7 +20,7 @@ from sipp import ChatMessage, LocalModelDescriptor, SippClient, SippTextOptions
 
 from ..remote.loopback import Action, Request, Reset, json_reply, sse_reply
 from ..remote.openai_wire import chunk
-from .test_server import TOKEN, Gateway, running_gateway
+from .test_server import TOKEN, Gateway, running_gateway, without_prefix_reuse
 from .upstreams import CountingUpstream, add_targets
 
 SYSTEM = "You answer in one short sentence."
@@ -165,6 +165,17 @@ def client(gateway: Gateway) -> Iterator[openai.OpenAI]:
     c.close()
 
 
+@pytest.fixture()
+def fresh_client(smollm_path: Path, tmp_path: Path) -> Iterator[openai.OpenAI]:
+    """A gateway that prefills every prompt whole, as the fresh library endpoint it is
+    compared with does: reused KV from earlier turns could tip a near tie (see
+    `without_prefix_reuse`)."""
+    with running_gateway(smollm_path, tmp_path, without_prefix_reuse) as gw:
+        c = openai.OpenAI(base_url=gw.public + "/v1", api_key=TOKEN, max_retries=0, timeout=120)
+        yield c
+        c.close()
+
+
 def _library(smollm_path: Path, messages: list[ChatMessage], max_tokens: int = 60) -> Any:
     with SippClient() as sipp:
         ref = sipp.add("l", LocalModelDescriptor(smollm_path))
@@ -260,7 +271,8 @@ def test_stream_events_concatenate_to_the_same_answer(
     assert last["type"] == "response.incomplete" and last["response"]["id"] == "resp_resp-stream-1"
 
 
-def test_input_items_and_roles(client: openai.OpenAI, smollm_path: Path) -> None:
+def test_input_items_and_roles(fresh_client: openai.OpenAI, smollm_path: Path) -> None:
+    client = fresh_client
     first = client.responses.create(model="local", instructions=SYSTEM, input=QUESTION, **GREEDY)
     follow_up = "And at night?"
     items: list[Any] = [

@@ -89,6 +89,16 @@ token_env = "TEST_PROVIDER_TOKEN"
 """
 
 
+def without_prefix_reuse(toml: str) -> str:
+    """`_config`'s local target with every prompt prefilled whole. llama.cpp's numbers
+    depend on the batch a token was computed in, and a greedy pick at a near tie can
+    follow them: a test that wants the same text from two runs (a library call beside
+    the gateway, a verification run) gives both the same path."""
+    return toml.replace(
+        "n_parallel = 2\n", 'n_parallel = 2\n\n[targets.runtime.cache]\nmode = "off"\n', 1
+    )
+
+
 ENV = {
     "TEST_TOKEN_ALL": TOKEN,
     "TEST_TOKEN_LOCAL": LIMITED,
