@@ -244,6 +244,27 @@ def test_logprobs_shape_and_greedy_consistency(client: openai.OpenAI) -> None:
     assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
 
 
+def test_legacy_completions_stream_logprobs_offsets_run_on_across_chunks(
+    client: openai.OpenAI,
+) -> None:
+    """A streamed chunk may carry several tokens: its `text_offset`s continue from the
+    text before it, as the non-streamed answer's do."""
+    ask: dict[str, Any] = {"model": "local", "prompt": "Colours:", "max_tokens": 12}
+    whole = client.completions.create(**ask, temperature=0, logprobs=2)
+    expected = whole.choices[0].logprobs
+    assert expected is not None and expected.text_offset and expected.tokens
+    tokens: list[str] = []
+    offsets: list[int] = []
+    for chunk in client.completions.create(**ask, temperature=0, logprobs=2, stream=True):
+        lp = chunk.choices[0].logprobs if chunk.choices else None
+        if lp is not None and lp.tokens:
+            tokens += lp.tokens
+            offsets += lp.text_offset or []
+    assert tokens == expected.tokens
+    assert offsets == expected.text_offset
+    assert offsets == [len("".join(tokens[:i])) for i in range(len(tokens))]
+
+
 def test_provider_targets_get_the_fields_in_openai_spelling(
     client: openai.OpenAI, upstream: CountingUpstream
 ) -> None:

@@ -208,6 +208,7 @@ class OpenAIFormat(BearerFormat):
                 [{"index": index, "text": text or "", "finish_reason": finish, "logprobs": lp}]
             )
 
+        offsets: dict[int, int] = {}  # per choice: its text so far, for `text_offset`
         if chat:
             for index in range(request.generation.n):
                 role = {"role": "assistant", "content": ""}
@@ -222,7 +223,11 @@ class OpenAIFormat(BearerFormat):
                         delta["content"] = batch.text
                     yield chunk([{"index": event.index, "delta": delta, "finish_reason": None}])
                     continue
-                lp = _logprobs(batch.logprobs, chat) if with_logprobs else None
+                lp = None
+                if with_logprobs:
+                    at = offsets.get(event.index, 0)
+                    lp = _logprobs(batch.logprobs, chat, at)
+                    offsets[event.index] = at + sum(len(e.token) for e in batch.logprobs)
                 yield piece(event.index, batch.text, None, lp)
             elif isinstance(event, ChoiceDone):
                 yield piece(event.index, None, _finish(event.response.finish_reason))
@@ -406,9 +411,10 @@ def _usage(usage: Usage | None) -> dict[str, int] | None:
     }
 
 
-def _logprobs(entries: Sequence[TokenLogprob] | None, chat: bool) -> dict[str, Any]:
+def _logprobs(entries: Sequence[TokenLogprob] | None, chat: bool, at: int = 0) -> dict[str, Any]:
     """Token log probabilities in the chat shape (`content` entries) or the legacy
-    completions shape (parallel arrays)."""
+    completions shape (parallel arrays, `text_offset` counted from `at`: where a streamed
+    chunk's text starts in its choice's whole text)."""
     entries = entries or ()
     if chat:
         content = [
@@ -423,7 +429,7 @@ def _logprobs(entries: Sequence[TokenLogprob] | None, chat: bool) -> dict[str, A
             for e in entries
         ]
         return {"content": content, "refusal": None}
-    offsets, at = [], 0
+    offsets = []
     for e in entries:
         offsets.append(at)
         at += len(e.token)
