@@ -83,7 +83,8 @@ class RunChannel(Generic[R]):
 
     @property
     def batch_waiting(self) -> bool:
-        """A batch is queued: the next take needs no wait."""
+        """A batch is queued: the next take needs no wait. Read without the lock: only
+        the one consumer takes batches, so a True cannot go stale before it takes."""
         return bool(self._batches)
 
     @property

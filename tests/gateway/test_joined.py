@@ -7,24 +7,34 @@ import asyncio
 
 from sipp import SippTextResponse, TokenBatch, TokenLogprob, ToolCallDelta
 from sipp._channel import RunChannel
+from sipp._errors import ExecutionError, SippError
 from sipp._runs import AsyncTextRun
-from sipp.gateway.joined import joined
+from sipp.gateway.joined import MAX_JOINED, joined
 
 
 def _lp(token: str) -> TokenLogprob:
     return TokenLogprob(token, tuple(token.encode()), -0.5)
 
 
-def _read(pushes: list[TokenBatch], *, with_logprobs: bool = False) -> list[TokenBatch]:
-    """Everything `pushes` streams, each pushed before the reader looks (all queued)."""
+def _read(
+    pushes: list[TokenBatch], outcome: SippTextResponse | SippError | None = None
+) -> list[TokenBatch | SippError]:
+    """Everything `pushes` streams, each pushed before the reader looks (all queued), then
+    the run's outcome: the error it ended with, if it failed."""
 
-    async def main() -> list[TokenBatch]:
+    async def main() -> list[TokenBatch | SippError]:
         channel: RunChannel[SippTextResponse] = RunChannel()
         run = AsyncTextRun(channel, emit_tokens=True)
         for batch in pushes:
             channel.push(batch)
-        channel.finish(SippTextResponse("".join(b.text for b in pushes), "stop"))
-        return [b async for b in joined(aiter(run), lambda: run._batch_waiting)]
+        channel.finish(outcome or SippTextResponse("".join(b.text for b in pushes), "stop"))
+        out: list[TokenBatch | SippError] = []
+        try:
+            async for b in joined(aiter(run), lambda: run._batch_waiting):
+                out.append(b)
+        except SippError as exc:
+            out.append(exc)
+        return out
 
     return asyncio.run(main())
 
@@ -76,3 +86,22 @@ def test_a_batch_nobody_queued_behind_goes_out_alone() -> None:
         return out
 
     assert asyncio.run(main()) == [TokenBatch("x", (1,), 0), TokenBatch("yz", (2, 3), 1)]
+
+
+def test_text_queued_ahead_of_a_failure_goes_out_before_the_error() -> None:
+    failure = ExecutionError("llama_decode failed with status 1")
+    out = _read([TokenBatch("a", (1,), 0), TokenBatch("b", (2,), 1)], failure)
+    assert out == [TokenBatch("ab", (1, 2), 0), failure]
+
+
+def test_a_long_queue_is_sent_in_pieces_of_at_most_max_joined() -> None:
+    pushes = [TokenBatch(str(i % 10), (i,), i) for i in range(2 * MAX_JOINED + 3)]
+    out = _read(pushes)
+    assert [len(b.token_ids) for b in out if isinstance(b, TokenBatch)] == [
+        MAX_JOINED,
+        MAX_JOINED,
+        3,
+    ]
+    assert "".join(b.text for b in out if isinstance(b, TokenBatch)) == "".join(
+        b.text for b in pushes
+    )

@@ -22,6 +22,7 @@ from sipp.gateway.config import parse_config
 from sipp.gateway.config import tomllib as toml
 from sipp.gateway.formats.anthropic_tools import BlockStream
 from sipp.gateway.formats.openai import OpenAIFormat
+from sipp.gateway.joined import joined
 from sipp.gateway.request import ChoiceDone
 
 from ..remote.loopback import Action, Request, Sleep, sse_reply
@@ -213,8 +214,8 @@ def test_a_choice_that_dies_of_a_non_sipp_error_ends_the_merge() -> None:
                 raise RuntimeError("bug in a run")
             yield TokenBatch("ok")
 
-        def joined(self) -> AsyncIterator[TokenBatch]:  # as HeldRun's, with nothing queued
-            return aiter(self)
+        def joined(self) -> AsyncIterator[TokenBatch]:  # as HeldRun's, nothing ever queued
+            return joined(aiter(self), lambda: False)
 
     async def consume() -> list[Any]:
         rec = RequestRecord("chat", lambda r: None)

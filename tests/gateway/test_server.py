@@ -90,13 +90,14 @@ token_env = "TEST_PROVIDER_TOKEN"
 
 
 def without_prefix_reuse(toml: str) -> str:
-    """`_config`'s local target with every prompt prefilled whole. llama.cpp's numbers
-    depend on the batch a token was computed in, and a greedy pick at a near tie can
-    follow them: a test that wants the same text from two runs (a library call beside
-    the gateway, a verification run) gives both the same path."""
-    return toml.replace(
-        "n_parallel = 2\n", 'n_parallel = 2\n\n[targets.runtime.cache]\nmode = "off"\n', 1
-    )
+    """`_config`'s local target with every prompt prefilled whole, never on KV an earlier
+    request left. llama.cpp's numbers depend on the batch a token was computed in, and
+    a greedy pick at a near tie can follow them: a test that wants the same text from
+    two runs (a fresh library endpoint beside the gateway, a verification run) keeps
+    both from reusing it."""
+    anchor = "n_parallel = 2\n"
+    assert anchor in toml, "the local target's context table moved"
+    return toml.replace(anchor, f'{anchor}\n[targets.runtime.cache]\nmode = "off"\n', 1)
 
 
 ENV = {

@@ -203,7 +203,6 @@ def test_cancel_stops_within_a_step_and_keeps_partial_text(text_client: Client) 
     assert response.usage is not None
     # The engine may have run ahead of this consumer by one stream hold (50 ms): a few
     # tokens at this model's speed, then it stops at its next step.
-    assert asked >= 5
     assert asked <= response.usage.output_tokens < asked + 40
 
 

@@ -13,10 +13,14 @@ from dataclasses import replace
 
 from .._types import TokenBatch
 
-__all__ = ["join", "joined"]
+__all__ = ["joined"]
+
+# A producer that keeps the queue full would otherwise keep its text from the client
+# (and the loop busy) for as long as it does.
+MAX_JOINED = 64
 
 
-def join(batches: Sequence[TokenBatch], sequence: int) -> TokenBatch:
+def _join(batches: Sequence[TokenBatch], sequence: int) -> TokenBatch:
     """One batch with the text, token ids and logprobs of `batches`, in order."""
     if len(batches) == 1:
         only = batches[0]
@@ -39,20 +43,30 @@ async def joined(
     batches: AsyncIterator[TokenBatch], waiting: Callable[[], bool]
 ) -> AsyncIterator[TokenBatch]:
     """`batches`, where each text batch is joined with those `waiting()` says are already
-    queued behind it. Sequence numbers are renumbered from 0, so they stay contiguous."""
+    queued behind it (at most `MAX_JOINED`). Sequence numbers are renumbered from 0, so
+    they stay contiguous.
+
+    `waiting()` true means the next batch comes without a wait: text is held back only
+    while its successor is already there. Should the source fail instead, the text held
+    goes out before the error does."""
     held: list[TokenBatch] = []
     sequence = 0
-    async for batch in batches:
-        if not _joinable(batch):
-            if held:
-                yield join(held, sequence)
+    try:
+        async for batch in batches:
+            if not _joinable(batch):
+                if held:
+                    yield _join(held, sequence)
+                    sequence, held = sequence + 1, []
+                yield _join([batch], sequence)
+                sequence += 1
+                continue
+            held.append(batch)
+            if len(held) >= MAX_JOINED or not waiting():
+                yield _join(held, sequence)
                 sequence, held = sequence + 1, []
-            yield join([batch], sequence)
-            sequence += 1
-            continue
-        held.append(batch)
-        if not waiting():
-            yield join(held, sequence)
-            sequence, held = sequence + 1, []
+    except Exception:
+        if held:
+            yield _join(held, sequence)
+        raise
     if held:
-        yield join(held, sequence)
+        yield _join(held, sequence)

@@ -70,7 +70,7 @@ MIN_SHARED_TOKENS = 16
 BURST_GAP_S = 0.001
 BURST_MAX_S = 0.01
 # Streamed text may wait this long for its reader to come back on its own rather than
-# wake it per token (RunChannel.push's `hold_s`; docs/architecture.md has the figures).
+# wake it per token (RunChannel.push's `hold_s`; docs/architecture.md says why 50 ms).
 STREAM_HOLD_S = 0.05
 _DEFAULT_SAMPLING = SamplingRuntimeConfig(
     samplers=SAMPLER_NAMES,

@@ -43,7 +43,7 @@ from ..._errors import OverloadedError, RateLimitedError, SippError, Unavailable
 from ..._runs import AsyncTextRun
 from ..._types import SippTextResponse, TokenBatch
 from ..activity import RequestRecord
-from ..joined import joined
+from ..joined import joined as joined_batches
 from ..request import GatewayRequest
 from ..shaping import Ledger, Reservation, batch_tokens
 from ..state import GatewayState, resolve_target
@@ -125,7 +125,7 @@ class Attempt:
 
 class HeldRun:
     """A committed streaming choice: its run, with the first batch already taken off
-    it when the stream was held. Iterating it settles its attempt."""
+    it when the stream was held. Iterating it (or `joined()`) settles its attempt."""
 
     def __init__(
         self,
@@ -148,8 +148,9 @@ class HeldRun:
         return await self.run.result()
 
     def joined(self) -> AsyncIterator[TokenBatch]:
-        """The batches, those already queued behind one joined to it (`gateway.joined`)."""
-        return joined(aiter(self), lambda: self.run._batch_waiting)
+        """What the gateway streams: these batches, each text batch joined with those
+        already queued behind it (`sipp.gateway.joined`)."""
+        return joined_batches(aiter(self), lambda: self.run._batch_waiting)
 
     async def __aiter__(self) -> AsyncIterator[TokenBatch]:
         attempt = self.attempt
