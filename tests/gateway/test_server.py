@@ -592,6 +592,44 @@ def test_non_streaming_client_that_hangs_up_cancels_its_generation(
     assert gateway.metric("sipp_gateway_in_flight_requests") == 0
 
 
+def test_a_request_for_a_target_still_loading_is_503_and_retryable(tmp_path: Path) -> None:
+    import uvicorn
+
+    from sipp import AsyncSippClient
+    from sipp.gateway.app import GatewayState, build_public_app
+    from sipp.gateway.auth import TokenTable
+    from sipp.gateway.config import parse_config
+    from sipp.gateway.config import tomllib as toml
+
+    config = parse_config(
+        toml.loads(_config(tmp_path / "m.gguf", "http://127.0.0.1:9", free_port(), free_port()))
+    )
+    state = GatewayState(config, AsyncSippClient(), TokenTable(config.tokens, ENV))
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(build_public_app(state), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.02)
+        auth = {"authorization": f"Bearer {TOKEN}"}
+        chat = {"model": "local", "messages": [{"role": "user", "content": "hi"}]}
+        native = httpx.post(f"http://127.0.0.1:{port}/v1/chat", json=chat, headers=auth)
+        assert native.status_code == 503, native.text
+        assert native.json()["error"] == {
+            "code": "unavailable",
+            "message": "target 'local' is still loading",
+        }
+        openai_route = f"http://127.0.0.1:{port}/v1/chat/completions"
+        r = httpx.post(openai_route, json=chat, headers=auth)
+        assert r.status_code == 503 and "still loading" in r.json()["error"]["message"], r.text
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
 def test_readiness_is_503_until_every_target_is_loaded(tmp_path: Path) -> None:
     import uvicorn
 

@@ -101,7 +101,8 @@ class GatewayState:
 
 
 def resolve_target(state: GatewayState, name: str) -> EndpointRef:
-    """The endpoint serving public target `name`: 404 if unknown, 500 if it failed to load."""
+    """The endpoint serving public target `name`: 404 if unknown, 500 if it failed to load,
+    503 while it is still loading (a client may retry, as /readyz says)."""
     if name in state.target_errors:
         raise ExecutionError(f"target {name!r} failed to load")
     if name in state.disabled_targets:
@@ -109,7 +110,7 @@ def resolve_target(state: GatewayState, name: str) -> EndpointRef:
     ref = state.targets.get(name)
     if ref is None:
         if not state.ready and name in state.target_configs:
-            raise ExecutionError(f"target {name!r} is still loading")
+            raise UnavailableError(f"target {name!r} is still loading")
         raise EndpointNotFoundError(f"unknown target {name!r}")
     if state.target_failure(ref) is not None:  # the details are in the log, not for callers
         raise UnavailableError(f"target {name!r} is unavailable: its engine stopped")
