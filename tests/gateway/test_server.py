@@ -592,11 +592,14 @@ def test_non_streaming_client_that_hangs_up_cancels_its_generation(
     assert gateway.metric("sipp_gateway_in_flight_requests") == 0
 
 
-def test_a_request_for_a_target_still_loading_is_503_and_retryable(tmp_path: Path) -> None:
+@contextmanager
+def _targets_loading(tmp_path: Path, public: bool) -> Iterator[tuple[str, Any]]:
+    """The public or the management app of a gateway whose targets have not loaded yet,
+    served on a free port: its URL, and its state to change."""
     import uvicorn
 
     from sipp import AsyncSippClient
-    from sipp.gateway.app import GatewayState, build_public_app
+    from sipp.gateway.app import GatewayState, build_management_app, build_public_app
     from sipp.gateway.auth import TokenTable
     from sipp.gateway.config import parse_config
     from sipp.gateway.config import tomllib as toml
@@ -605,56 +608,37 @@ def test_a_request_for_a_target_still_loading_is_503_and_retryable(tmp_path: Pat
         toml.loads(_config(tmp_path / "m.gguf", "http://127.0.0.1:9", free_port(), free_port()))
     )
     state = GatewayState(config, AsyncSippClient(), TokenTable(config.tokens, ENV))
+    app = build_public_app(state) if public else build_management_app(state)
     port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(build_public_app(state), host="127.0.0.1", port=port, log_level="warning")
-    )
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
         while not server.started:
             time.sleep(0.02)
-        auth = {"authorization": f"Bearer {TOKEN}"}
-        chat = {"model": "local", "messages": [{"role": "user", "content": "hi"}]}
-        native = httpx.post(f"http://127.0.0.1:{port}/v1/chat", json=chat, headers=auth)
-        assert native.status_code == 503, native.text
-        assert native.json()["error"] == {
-            "code": "unavailable",
-            "message": "target 'local' is still loading",
-        }
-        openai_route = f"http://127.0.0.1:{port}/v1/chat/completions"
-        r = httpx.post(openai_route, json=chat, headers=auth)
-        assert r.status_code == 503 and "still loading" in r.json()["error"]["message"], r.text
+        yield f"http://127.0.0.1:{port}", state
     finally:
         server.should_exit = True
         thread.join(10)
 
 
+def test_a_request_for_a_target_still_loading_is_503_and_retryable(tmp_path: Path) -> None:
+    with _targets_loading(tmp_path, public=True) as (base, _):
+        auth = {"authorization": f"Bearer {TOKEN}"}
+        chat = {"model": "local", "messages": [{"role": "user", "content": "hi"}]}
+        native = httpx.post(f"{base}/v1/chat", json=chat, headers=auth)
+        assert native.status_code == 503, native.text
+        assert native.json()["error"] == {
+            "code": "unavailable",
+            "message": "target 'local' is still loading",
+        }
+        r = httpx.post(f"{base}/v1/chat/completions", json=chat, headers=auth)
+        assert r.status_code == 503 and "still loading" in r.json()["error"]["message"], r.text
+
+
 def test_readiness_is_503_until_every_target_is_loaded(tmp_path: Path) -> None:
-    import uvicorn
-
-    from sipp import AsyncSippClient
-    from sipp.gateway.app import GatewayState, build_management_app
-    from sipp.gateway.auth import TokenTable
-    from sipp.gateway.config import parse_config
-    from sipp.gateway.config import tomllib as toml
-
-    config = parse_config(
-        toml.loads(_config(tmp_path / "m.gguf", "http://127.0.0.1:9", free_port(), free_port()))
-    )
-    state = GatewayState(config, AsyncSippClient(), TokenTable(config.tokens, ENV))
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            build_management_app(state), host="127.0.0.1", port=port, log_level="warning"
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            time.sleep(0.02)
-        url = f"http://127.0.0.1:{port}/readyz"
+    with _targets_loading(tmp_path, public=False) as (base, state):
+        url = f"{base}/readyz"
         assert (httpx.get(url, timeout=60).status_code, httpx.get(url, timeout=60).text) == (
             503,
             "not ready",
@@ -666,10 +650,7 @@ def test_readiness_is_503_until_every_target_is_loaded(tmp_path: Path) -> None:
         )
         state.target_errors["local"] = "boom"
         assert httpx.get(url, timeout=60).status_code == 503  # a target failed
-        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=60).text == "ok"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+        assert httpx.get(f"{base}/healthz", timeout=60).text == "ok"
 
 
 @pytest.mark.parametrize("route", ["/v1/query", "/v1/completions"])  # native and OpenAI
