@@ -372,6 +372,37 @@ def test_greedy_ties_and_biases_resolve_as_llama_cpp_greedy(
     assert sample_rows(logits, order, [samplers[r] for r in order]) == [want[r] for r in order]
 
 
+@settings(max_examples=500, deadline=None)
+@given(
+    row=st.lists(
+        st.sampled_from([-math.inf, -3e38, -2.0, 0.0, 1.0, 3e38, math.inf, math.nan]),
+        min_size=_VOCAB,
+        max_size=_VOCAB,
+    ),
+    bias=st.dictionaries(
+        st.integers(0, _VOCAB - 1),
+        st.sampled_from([-math.inf, -1e30, -2.5, -1.0, -5e-8, -0.0, 0.0]),
+        max_size=30,
+    ),
+)
+def test_a_ban_list_never_lifts_a_token_over_the_unbiased_winner(
+    row: list[float], bias: dict[int, float]
+) -> None:
+    # Biases <= 0 take a shortcut when the winner is finite; infinite winners (inf - inf
+    # is NaN) and NaN rows take the full comparison. Either way: numpy's argmax of the
+    # biased row, which is llama.cpp's greedy pick whenever the row holds no NaN.
+    logits = np.array([row], dtype=np.float32)
+    want = logits[0].copy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        for token, b in bias.items():
+            want[token] = np.float32(want[token] + np.float32(b))
+    fast = row_sampler(_settings(temperature=0.0, logit_bias=bias))
+    assert fast is not None and fast.lowers_only
+    assert sample_rows(logits, [0], [fast]) == [int(np.argmax(want))]
+    if not np.isnan(want).any():
+        assert int(np.argmax(want)) == _llama_greedy(logits[0], bias)
+
+
 @pytest.mark.parametrize("n_biased", [1, 17])  # compared as floats; gathered with numpy
 def test_a_bias_below_half_a_float32_step_leaves_a_tie(n_biased: int) -> None:
     # 1 + 5e-8 is 1 in float32, so token 2 only ties token 1, and the lower id wins;

@@ -94,10 +94,13 @@ class RowSampler:
     bias_set: frozenset[int] = field(init=False)
     # (token, bias as the float32 llama.cpp adds), ascending ids
     bias_pairs: tuple[tuple[int, float], ...] = field(init=False)
+    # Every bias <= 0 (a ban list, the common case): none can lift a token over the winner.
+    lowers_only: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self.bias_set = frozenset(int(t) for t in self.bias_tokens)
         self.bias_pairs = tuple(zip(self.bias_tokens.tolist(), self.bias_values.tolist()))
+        self.lowers_only = all(b <= 0.0 for _, b in self.bias_pairs)  # False for a NaN
 
     def biased(self, row: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """The row as llama.cpp's logit_bias sampler leaves it (a copy if it changes)."""
@@ -184,6 +187,11 @@ def _greedy_with_bias(row: npt.NDArray[np.float32], best: int, s: RowSampler) ->
     if best in s.bias_set:
         return int(np.argmax(s.biased(row)))
     win = row.item(best)
+    if s.lowers_only and math.isfinite(win):
+        # A finite winner means no NaN or +inf in the row, so a bias <= 0 leaves every
+        # biased token at or below it (-inf at worst, never NaN); one that ties it had
+        # tied it before, and the argmax took the lowest id of those ties: `best`.
+        return best
     if len(s.bias_pairs) > _SCALAR_BIASES:
         moved = row[s.bias_tokens]  # a copy: fancy indexing
         with np.errstate(over="ignore", invalid="ignore"):  # to inf or NaN, as in C
