@@ -17,7 +17,8 @@ banned, so each request generates exactly --tokens tokens; sipp runs with its
 prefix cache off so its warm-up leaves it no head start. Every side runs in its own
 process and computes only in its turn: sipp and the server stay up for --per-process
 rounds, blocked on their input between turns (bench/_turns.py), and llama-batched-bench
-runs once per round; each round runs the three sides in a rotating order. With
+runs once per round; each round runs the three sides in one of four orders, sipp and
+C++ back to back in every one, each first in turn. With
 --clients 1 this is the single-stream comparison against `llama-batched-bench` B=1.
 tokens/s = generated tokens / wall time from the first request out
 to the last response in (for C++: prompt plus generation time). Prints each round,
@@ -64,6 +65,13 @@ QUESTIONS = [
     "How do computers store numbers?",
 ]
 WARMUP_QUESTION = "List three colours."
+# The orders the sides run in, round by round (see main).
+ORDERS = (
+    ("sipp", "cpp", "server"),
+    ("server", "cpp", "sipp"),
+    ("cpp", "sipp", "server"),
+    ("server", "sipp", "cpp"),
+)
 N_BATCH = N_UBATCH = 512  # sipp's defaults for a text context; given to every side
 
 
@@ -322,12 +330,13 @@ def main() -> None:
             for child in children.values():
                 child.close()
             children = {s: start_child(s, args, eog, args.tokens) for s in ("sipp", "server")}
-        # Each order in turn, and the order after a restart changes from
-        # one restart to the next: with a plain `i % 3` and --per-process 3, C++ always
-        # ran last right after the children started, its slowest place on this host
-        # (medians 91 against 108-112 tok/s with B=1 over 21 rounds).
-        turn = (i + i // args.per_process) % 3
-        order = sides[turn:] + sides[:turn]
+        # sipp and C++ always run back to back, each first in turn, the server before
+        # or after the pair: the goal's ratio compares two figures taken seconds apart,
+        # not across the server's turn (15 s with 8 chats), over which this host's
+        # speed drifts. Four orders against --per-process 3, so the side that runs right
+        # after the children restart changes from one restart to the next (with C++
+        # always there it ran at a median 91 against 108-112 tok/s elsewhere, B=1).
+        order = ORDERS[i % len(ORDERS)]
         for side in order:
             if side == "cpp":
                 time.sleep(SETTLE_S)
