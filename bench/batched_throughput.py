@@ -333,10 +333,11 @@ def main() -> None:
         # sipp and C++ always run back to back, each first in turn, the server before
         # or after the pair: the goal's ratio compares two figures taken seconds apart,
         # not across the server's turn (15 s with 8 chats), over which this host's
-        # speed drifts. Four orders against --per-process 3, so the side that runs right
-        # after the children restart changes from one restart to the next (with C++
-        # always there it ran at a median 91 against 108-112 tok/s elsewhere, B=1).
-        order = ORDERS[i % len(ORDERS)]
+        # speed drifts. Each restart starts one order further on, so the side that runs
+        # right after the children restart changes from one restart to the next, for any
+        # --per-process (with C++ always there it ran at a median 91 against 108-112
+        # tok/s elsewhere, B=1).
+        order = ORDERS[(i % args.per_process + i // args.per_process) % len(ORDERS)]
         for side in order:
             if side == "cpp":
                 time.sleep(SETTLE_S)
