@@ -326,15 +326,22 @@ def test_only_the_settings_the_batch_sampler_reproduces_leave_the_chain() -> Non
 def _llama_greedy(row: np.ndarray, bias: dict[int, float]) -> int:
     """llama.cpp's logit_bias then greedy samplers, written out: float32 `logit += bias`,
     then the first index whose logit is strictly above every earlier one."""
-    cur = [np.float32(v) for v in row]
-    with np.errstate(over="ignore"):  # float32 overflow to inf, as in C
-        for token, b in bias.items():
-            cur[token] = np.float32(cur[token] + np.float32(b))
+    cur = _biased(np.asarray(row, dtype=np.float32), bias)
     selected = 0
     for i in range(1, len(cur)):
         if cur[i] > cur[selected]:
             selected = i
     return selected
+
+
+def _biased(row: np.ndarray, bias: dict[int, float]) -> np.ndarray:
+    """A copy of the row after llama.cpp's logit_bias: float32 `logit += bias`, overflow to
+    inf and inf - inf to NaN, as in C."""
+    out = row.copy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        for token, b in bias.items():
+            out[token] = np.float32(out[token] + np.float32(b))
+    return out
 
 
 _VOCAB = 24
@@ -398,10 +405,7 @@ def test_a_ban_list_never_lifts_a_token_over_the_unbiased_winner(
     for at, value in odd:
         row[at] = value
     logits = np.array([row], dtype=np.float32)
-    want = logits[0].copy()
-    with np.errstate(over="ignore", invalid="ignore"):
-        for token, b in bias.items():
-            want[token] = np.float32(want[token] + np.float32(b))
+    want = _biased(logits[0], bias)
     fast = row_sampler(_settings(temperature=0.0, logit_bias=bias))
     assert fast is not None and fast.lowers_only
     assert sample_rows(logits, [0], [fast]) == [int(np.argmax(want))]
@@ -435,10 +439,7 @@ def test_a_row_with_nan_gets_numpys_argmax_of_the_biased_row(
     # A model that produces NaN is broken; the answer is still defined: the first NaN
     # once the bias is added (numpy's argmax), on the float and the gathered paths.
     logits = np.array([row], dtype=np.float32)
-    want = logits[0].copy()
-    with np.errstate(over="ignore", invalid="ignore"):
-        for token, b in bias.items():
-            want[token] = np.float32(want[token] + np.float32(b))
+    want = _biased(logits[0], bias)
     fast = row_sampler(_settings(temperature=0.0, logit_bias=bias))
     assert fast is not None
     assert sample_rows(logits, [0], [fast]) == [int(np.argmax(want))]
