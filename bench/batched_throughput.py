@@ -22,7 +22,8 @@ C++ back to back in every one, each first in turn. With
 --clients 1 this is the single-stream comparison against `llama-batched-bench` B=1.
 tokens/s = generated tokens / wall time from the first request out
 to the last response in (for C++: prompt plus generation time). Prints each round,
-then medians with spread and the ratios sipp/server and sipp/C++.
+then medians with spread and the ratios sipp/server and sipp/C++, and for sipp and C++
+each phase's time: the prefill (to the last first token) and the decode after it.
 
     ./dev bench batched_throughput [--rounds 5] [--tokens 128] [--clients 8]
 """
@@ -114,7 +115,7 @@ def sipp_side(args: argparse.Namespace, eog: list[int]) -> Iterator[Callable[[],
     with SippClient() as client:
         endpoint = client.add("bench", LocalModelDescriptor(args.model, config))
 
-        def chats(question: Any, tokens: int) -> tuple[float, list[tuple[int, int]]]:
+        def chats(question: Any, tokens: int) -> dict[str, Any]:
             opts = SippTextOptions(max_tokens=tokens, temperature=0)
             start = time.perf_counter()
             runs = [
@@ -123,17 +124,22 @@ def sipp_side(args: argparse.Namespace, eog: list[int]) -> Iterator[Callable[[],
                 )
                 for i in range(args.clients)
             ]
-            usages = [run.result().usage for run in runs]
+            done = [run.result() for run in runs]
             seconds = time.perf_counter() - start
-            return seconds, [(u.input_tokens, u.output_tokens) for u in usages if u is not None]
-
-        def measure() -> dict[str, Any]:
-            seconds, usages = chats(_question, args.tokens)
+            usages = [r.usage for r in done if r.usage is not None]
+            stats = [r.local_stats for r in done if r.local_stats is not None]
             return {
                 "seconds": seconds,
-                "prompt_tokens": [p for p, _ in usages],
-                "generated": [g for _, g in usages],
+                "prompt_tokens": [u.input_tokens for u in usages],
+                "generated": [u.output_tokens for u in usages],
+                # The two phases, as llama-batched-bench reports them: from the engine's
+                # taking the requests to the last first token, then on to the last token.
+                "prefill_s": max(st.queue_ms + st.prefill_ms for st in stats) / 1000,
+                "decode_s": max(st.decode_ms for st in stats) / 1000,
             }
+
+        def measure() -> dict[str, Any]:
+            return chats(_question, args.tokens)
 
         chats(lambda i: WARMUP_QUESTION, 8)
         yield measure
@@ -252,6 +258,8 @@ def cpp_side(args: argparse.Namespace, prompt_tokens: int) -> dict[str, Any]:
         "seconds": float(row["t"]),
         "prompt_tokens": [prompt_tokens] * args.clients,
         "generated": [args.tokens] * args.clients,  # tg decode steps + the prompt's token
+        "prefill_s": float(row["t_pp"]),
+        "decode_s": float(row["t_tg"]),
     }
 
 
@@ -324,6 +332,7 @@ def main() -> None:
     )
     sides = ("sipp", "server", "cpp")
     rates: dict[str, list[float]] = {s: [] for s in sides}
+    phases: dict[str, list[tuple[float, float]]] = {"sipp": [], "cpp": []}  # prefill, decode s
     children: dict[str, Child] = {}
     for i in range(args.rounds):
         if i % args.per_process == 0:
@@ -345,11 +354,15 @@ def main() -> None:
             else:
                 got = checked(side, children[side].measure(), args, args.tokens)
             rates[side].append(sum(got["generated"]) / got["seconds"])
+            if side in phases:
+                phases[side].append((got["prefill_s"], got["decode_s"]))
+        (sp, sd), (cp, cd) = phases["sipp"][-1], phases["cpp"][-1]
         print(
             f"round {i + 1} ({' > '.join(order)}): "
             + "   ".join(f"{s} {rates[s][-1]:6.1f} tok/s" for s in sides)
             + f"   sipp/server {rates['sipp'][-1] / rates['server'][-1]:.2f}"
-            + f"   sipp/C++ {rates['sipp'][-1] / rates['cpp'][-1]:.2f}",
+            + f"   sipp/C++ {rates['sipp'][-1] / rates['cpp'][-1]:.2f}"
+            + f"   (prefill sipp {sp:.2f} s, C++ {cp:.2f} s; decode sipp {sd:.2f} s, C++ {cd:.2f} s)",
             flush=True,
         )
     for child in children.values():
@@ -360,6 +373,10 @@ def main() -> None:
     pairs = list(zip(rates["sipp"], rates["server"], rates["cpp"]))
     print(f"ratio sipp/server {spread([s / v for s, v, _ in pairs], '.2f')}")
     print(f"ratio sipp/C++    {spread([s / c for s, _, c in pairs], '.2f')}")
+    # Where the ratio comes from: each phase's C++ time over sipp's (> 1: sipp faster).
+    both = list(zip(phases["sipp"], phases["cpp"]))
+    print(f"  prefill, C++ s / sipp s {spread([c[0] / s[0] for s, c in both], '.2f')}")
+    print(f"  decode,  C++ s / sipp s {spread([c[1] / s[1] for s, c in both], '.2f')}")
 
 
 if __name__ == "__main__":
