@@ -49,10 +49,18 @@ def _from_thread(fn: Callable[[], None]) -> None:
     thread.join()
 
 
+def _push_two(channel: RunChannel[str], hold_s: float) -> None:
+    """Batches 0 and 1, back to back: they come faster than any hold, so a consumer that
+    takes them sets itself a visit."""
+    channel.push(_batch(0), hold_s=hold_s)
+    channel.push(_batch(1), hold_s=hold_s)
+
+
 def test_a_held_push_leaves_an_async_consumer_asleep_until_a_waking_push() -> None:
     async def main() -> None:
         channel: RunChannel[str] = RunChannel()
-        channel.push(_batch(1), hold_s=LONG_S)  # nothing taken yet: wakes
+        _push_two(channel, LONG_S)  # nothing taken yet: wakes
+        assert (await channel.next_batch_async()) == _batch(0)
         assert (await channel.next_batch_async()) == _batch(1)
         waiting = asyncio.create_task(channel.next_batch_async())
         await _until_async(lambda: len(channel._wakers) == 1)
@@ -68,7 +76,8 @@ def test_a_held_push_leaves_an_async_consumer_asleep_until_a_waking_push() -> No
 
 def test_a_sync_consumer_comes_back_for_a_held_batch_on_its_own() -> None:
     channel: RunChannel[str] = RunChannel()
-    channel.push(_batch(1), hold_s=SHORT_S)
+    _push_two(channel, SHORT_S)
+    assert channel.next_batch() == _batch(0)
     assert channel.next_batch() == _batch(1)
     got: list[TokenBatch | None] = []
     consumer = threading.Thread(target=lambda: got.append(channel.next_batch()))  # no timeout
@@ -106,7 +115,8 @@ def test_a_held_push_wakes_only_a_consumer_with_no_visit_due(
     async def main() -> None:
         channel: RunChannel[str] = RunChannel()
         if first_hold is not None:
-            channel.push(_batch(1), hold_s=first_hold)
+            _push_two(channel, first_hold)
+            assert (await channel.next_batch_async()) == _batch(0)
             assert (await channel.next_batch_async()) == _batch(1)
         waiting = asyncio.create_task(channel.next_batch_async())
         if woken:  # no visit due any more
@@ -117,6 +127,29 @@ def test_a_held_push_wakes_only_a_consumer_with_no_visit_due(
         assert len(channel._wakers) == (0 if woken else 1)  # a wake calls and drops wakers
         assert (await asyncio.wait_for(waiting, 30)) == _batch(2)
         assert channel._wakers == []  # a visit takes its waker back
+
+    asyncio.run(main())
+
+
+def test_batches_further_apart_than_the_hold_wake_the_consumer_each_time() -> None:
+    """Eight streams sharing an engine step each get a token a step, more than the hold
+    apart. A visit set after a take would come back to nothing, and the next push would
+    have to wake the consumer anyway: it sets none, and that push wakes it."""
+
+    async def main() -> None:
+        channel: RunChannel[str] = RunChannel()
+        hold_s = 0.2
+        channel.push(_batch(1), hold_s=hold_s)
+        assert (await channel.next_batch_async()) == _batch(1)
+        await asyncio.sleep(1.5 * hold_s)  # the next batch comes later than the hold
+        channel.push(_batch(2), hold_s=hold_s)
+        assert (await channel.next_batch_async()) == _batch(2)
+        waiting = asyncio.create_task(channel.next_batch_async())
+        await _until_async(lambda: len(channel._wakers) == 1)
+        assert channel._back_at == -math.inf  # no visit due
+        _from_thread(lambda: channel.push(_batch(3), hold_s=hold_s))
+        assert channel._wakers == []  # woken at once
+        assert (await asyncio.wait_for(waiting, 30)) == _batch(3)
 
     asyncio.run(main())
 

@@ -12,6 +12,10 @@ until then pushes leave their batches for that visit. Waking costs the producer 
 system call, and often the GIL for as long as the woken thread runs, so a stream of
 fast tokens is handed over a few at a time, each at most `hold_s` late. The first
 batch, the outcome and any batch pushed while no visit is due wake at once.
+A consumer sets no such time while batches come further apart than `hold_s` (eight
+streams sharing an engine step get a token a step, slower than the hold): its visit
+would find nothing, and the next push must wake it anyway, so the loop would wake
+twice a batch instead of once.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ class RunChannel(Generic[R]):
         self._hold_s = 0.0  # the last push's hold
         self._taken_at = -math.inf  # when the batch consumer last took a batch
         self._back_at = -math.inf  # when the waiting batch consumer comes back on its own
+        self._pushed_at = -math.inf  # the last push, and its distance from the one before
+        self._push_gap = math.inf
 
     # -- producer side (engine) ---------------------------------------------
     def push(self, batch: TokenBatch, *, hold_s: float = 0.0) -> None:
@@ -56,7 +62,9 @@ class RunChannel(Generic[R]):
         with self._cond:
             self._batches.append(batch)
             self._hold_s = hold_s
-            if hold_s > 0.0 and time.monotonic() < self._back_at:
+            now = time.monotonic()
+            self._push_gap, self._pushed_at = now - self._pushed_at, now
+            if hold_s > 0.0 and now < self._back_at:
                 return
             self._wake()
 
@@ -164,9 +172,10 @@ class RunChannel(Generic[R]):
         the first wait after a take may, before a held batch could be waiting for it;
         None when every push must wake it. Once per take: a consumer that came back and
         found nothing is woken by the next push, so a timer that fires early (uvloop
-        rounds to whole milliseconds) costs one empty visit, never a spin."""
+        rounds to whole milliseconds) costs one empty visit, never a spin. None too while
+        batches come further apart than the hold: the visit would come back empty."""
         back = self._taken_at + self._hold_s
-        if first and self._hold_s > 0.0 and back > now:
+        if first and self._hold_s > 0.0 and back > now and self._push_gap < self._hold_s:
             self._back_at = back  # the one value `push` compares with: no rounding gap
             return back - now
         self._back_at = -math.inf
