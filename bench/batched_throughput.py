@@ -138,11 +138,8 @@ def sipp_side(args: argparse.Namespace, eog: list[int]) -> Iterator[Callable[[],
                 "decode_s": max(st.decode_ms for st in stats) / 1000,
             }
 
-        def measure() -> dict[str, Any]:
-            return chats(_question, args.tokens)
-
         chats(lambda i: WARMUP_QUESTION, 8)
-        yield measure
+        yield lambda: chats(_question, args.tokens)
 
 
 # ---------------------------------------------------------------- llama-cpp-python server

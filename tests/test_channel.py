@@ -1,6 +1,6 @@
 """RunChannel's held batches: a producer on another thread that pushes with `hold_s` does
-not wake a consumer that has a visit due (set when it took a batch and found no more);
-the visit delivers the batch. Real threads and a real event loop; no timing is asserted,
+not wake a consumer that has a visit due (set when it took a batch and found no more,
+while batches come faster than the hold); the visit delivers the batch. Real threads and a real event loop; no timing is asserted,
 only what arrives and whether the push woke anyone (a waking push empties the waker
 list)."""
 
