@@ -5,6 +5,12 @@ The machine's speed drifts over seconds here (other tenants of the host), so the
 figures of a round should be taken as close together as possible: with a process per
 side and round they were several seconds apart and their ratio swung widely. The idle
 side blocks on its input meanwhile, so only one llama context computes at a time.
+
+A round measures each side twice, in the order A B B A (`abba`): a steady drift across
+the round weighs on both sides alike (their places add up the same), and each side runs
+once just before the other and once just after it, so neither gains from its place (of
+a single pair, the side that ran second did about 5 % better, session 11). A round's
+figure for a side is its two runs together (`combined`).
 """
 
 from __future__ import annotations
@@ -15,9 +21,20 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
-__all__ = ["Child", "serve"]
+__all__ = ["Child", "abba", "combined", "serve"]
 
 SETTLE_S = 0.5  # before each measurement: the other side's idle ggml threads stop spinning
+
+
+def abba(first: str, second: str) -> tuple[str, str, str, str]:
+    """A round's order: `first` at both ends, `second` twice in the middle."""
+    return first, second, second, first
+
+
+def combined(runs: list[tuple[float, float]]) -> float:
+    """One rate from several runs of (amount, seconds): the amounts over the time they
+    took together, so a run that went slowly counts for the time it took."""
+    return sum(a for a, _ in runs) / sum(s for _, s in runs)
 
 
 class Child:

@@ -17,13 +17,15 @@ banned, so each request generates exactly --tokens tokens; sipp runs with its
 prefix cache off so its warm-up leaves it no head start. Every side runs in its own
 process and computes only in its turn: sipp and the server stay up for --per-process
 rounds, blocked on their input between turns (bench/_turns.py), and llama-batched-bench
-runs once per round; each round runs the three sides in one of four orders, sipp and
-C++ back to back in every one, each first in turn. With
---clients 1 this is the single-stream comparison against `llama-batched-bench` B=1.
-tokens/s = generated tokens / wall time from the first request out
-to the last response in (for C++: prompt plus generation time). Prints each round,
-then medians with spread and the ratios sipp/server and sipp/C++, and for sipp and C++
-each phase's time: the prefill (to the last first token) and the decode after it.
+runs as a new process each time. Each round runs sipp and C++ twice each, back to back in
+the order A B B A (each at the ends in turn), and the server once, before or after them.
+With --clients 1 this is the single-stream comparison against `llama-batched-bench` B=1.
+tokens/s = generated tokens / wall time from the first request out to the last response
+in (for C++: prompt plus generation time); a round's figure for sipp or C++ is its two
+runs together. Prints each round, then medians with spread and the ratios sipp/server
+and sipp/C++ (per round, and of single neighbouring runs to show what the order takes
+out), and for sipp and C++ each phase's time: the prefill (to the last first token) and
+the decode after it.
 
     ./dev bench batched_throughput [--rounds 5] [--tokens 128] [--clients 8]
 """
@@ -48,7 +50,7 @@ import httpx
 from _eog import BAN, eog_tokens
 from _llama_tools import ensure_tools, tool_env
 from _stats import spread
-from _turns import SETTLE_S, Child, serve
+from _turns import SETTLE_S, Child, abba, combined, serve
 
 # Eight questions whose chat prompts are all 36 tokens under SmolLM2's template, as
 # llama-batched-bench's prompts are all `-npp` tokens: with a KV stream per sequence,
@@ -66,12 +68,12 @@ QUESTIONS = [
     "How do computers store numbers?",
 ]
 WARMUP_QUESTION = "List three colours."
-# The orders the sides run in, round by round (see main).
+# The orders the sides run in, round by round (see main): sipp and C++ twice each, A B B A.
 ORDERS = (
-    ("sipp", "cpp", "server"),
-    ("server", "cpp", "sipp"),
-    ("cpp", "sipp", "server"),
-    ("server", "sipp", "cpp"),
+    (*abba("sipp", "cpp"), "server"),
+    ("server", *abba("cpp", "sipp")),
+    (*abba("cpp", "sipp"), "server"),
+    ("server", *abba("sipp", "cpp")),
 )
 N_BATCH = N_UBATCH = 512  # sipp's defaults for a text context; given to every side
 
@@ -277,6 +279,10 @@ def start_child(side: str, args: argparse.Namespace, eog: list[int], tokens: int
     return Child(side, cmd)
 
 
+def _rate(result: dict[str, Any]) -> float:
+    return sum(result["generated"]) / result["seconds"]
+
+
 def checked(
     side: str, result: dict[str, Any], args: argparse.Namespace, tokens: int
 ) -> dict[str, Any]:
@@ -328,7 +334,8 @@ def main() -> None:
         f"C++ tools from {tools}"
     )
     sides = ("sipp", "server", "cpp")
-    rates: dict[str, list[float]] = {s: [] for s in sides}
+    rates: dict[str, list[float]] = {s: [] for s in sides}  # a round's runs together
+    runs: dict[str, list[float]] = {"sipp": [], "cpp": []}  # each run; k-th runs neighbour
     phases: dict[str, list[tuple[float, float]]] = {"sipp": [], "cpp": []}  # prefill, decode s
     children: dict[str, Child] = {}
     for i in range(args.rounds):
@@ -336,29 +343,35 @@ def main() -> None:
             for child in children.values():
                 child.close()
             children = {s: start_child(s, args, eog, args.tokens) for s in ("sipp", "server")}
-        # sipp and C++ always run back to back, each first in turn, the server before
-        # or after the pair: the goal's ratio compares two figures taken seconds apart,
-        # not across the server's turn (15 s with 8 chats), over which this host's
-        # speed drifts. Each restart starts one order further on, so the side that runs
-        # right after the children restart changes from one restart to the next, for any
-        # --per-process (with C++ always there it ran at a median 91 against 108-112
-        # tok/s elsewhere, B=1).
+        # sipp and C++ always run back to back, the server before or after them: the
+        # goal's ratio compares figures taken seconds apart, not across the server's turn
+        # (15 s with 8 chats), over which this host's speed drifts. Each restart starts one
+        # order further on, so the side that runs right after the children restart changes
+        # from one restart to the next, for any --per-process (with C++ always there it ran
+        # at a median 91 against 108-112 tok/s elsewhere, B=1).
         order = ORDERS[(i % args.per_process + i // args.per_process) % len(ORDERS)]
+        got: dict[str, list[dict[str, Any]]] = {s: [] for s in sides}
         for side in order:
             if side == "cpp":
                 time.sleep(SETTLE_S)
-                got = cpp_side(args, pp)
+                result = cpp_side(args, pp)
             else:
-                got = checked(side, children[side].measure(), args, args.tokens)
-            rates[side].append(sum(got["generated"]) / got["seconds"])
-            if side in phases:
-                phases[side].append((got["prefill_s"], got["decode_s"]))
+                result = checked(side, children[side].measure(), args, args.tokens)
+            got[side].append(result)
+            if side in runs:
+                runs[side].append(_rate(result))
+        for side in sides:
+            rates[side].append(combined([(sum(r["generated"]), r["seconds"]) for r in got[side]]))
+        for side in phases:
+            phases[side].append(
+                (sum(r["prefill_s"] for r in got[side]), sum(r["decode_s"] for r in got[side]))
+            )
         (sp, sd), (cp, cd) = phases["sipp"][-1], phases["cpp"][-1]
         print(
             f"round {i + 1} ({' > '.join(order)}): "
-            + "   ".join(f"{s} {rates[s][-1]:6.1f} tok/s" for s in sides)
+            + "   ".join(f"{s} {' '.join(f'{_rate(r):6.1f}' for r in got[s])} tok/s" for s in sides)
             + f"   sipp/server {rates['sipp'][-1] / rates['server'][-1]:.2f}"
-            + f"   sipp/C++ {rates['sipp'][-1] / rates['cpp'][-1]:.2f}"
+            + f"   sipp/C++ {rates['sipp'][-1] / rates['cpp'][-1]:.3f}"
             + f"   (prefill sipp {sp:.2f} s, C++ {cp:.2f} s; decode sipp {sd:.2f} s, C++ {cd:.2f} s)",
             flush=True,
         )
@@ -369,7 +382,9 @@ def main() -> None:
     print(f"sipp   {spread(rates['sipp'], unit='tok/s')}")
     pairs = list(zip(rates["sipp"], rates["server"], rates["cpp"]))
     print(f"ratio sipp/server {spread([s / v for s, v, _ in pairs], '.2f')}")
-    print(f"ratio sipp/C++    {spread([s / c for s, _, c in pairs], '.2f')}")
+    print(f"ratio sipp/C++    {spread([s / c for s, _, c in pairs], '.3f')}")
+    neighbours = [s / c for s, c in zip(runs["sipp"], runs["cpp"], strict=True)]
+    print(f"  of single neighbouring runs {spread(neighbours, '.3f')}")
     # Where the ratio comes from: each phase's C++ time over sipp's (> 1: sipp faster).
     both = list(zip(phases["sipp"], phases["cpp"]))
     print(f"  prefill, C++ s / sipp s {spread([c[0] / s[0] for s, c in both], '.2f')}")

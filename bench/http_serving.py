@@ -10,15 +10,18 @@ each generates exactly --tokens tokens (checked from `usage`); non-streamed, or 
 --stream streamed (SSE, every event parsed as it arrives, usage in the last one).
 
 Both servers stay up for --per-process rounds and take turns: while one is measured the
-other idles (its slots empty, nothing computing), so a round's two figures are seconds
-apart rather than a server start apart; the machine's speed drifts over seconds here.
-Each is warmed up once after it starts. Each turn measures:
+other idles (its slots empty, nothing computing), so a round's figures are seconds apart
+rather than a server start apart; the machine's speed drifts over seconds here. Each is
+warmed up once after it starts. A round measures each kind twice a side, in the order
+A B B A (bench/_turns.py), singles first, then concurrent:
 * single: one request; generated tokens / wall time from request out to response in
   (prefill included, as a caller sees it);
 * concurrent: --clients requests with distinct prompts sent at once; all generated
   tokens / wall time from the first request out to the last response in.
-The side that goes first alternates by round. Prints each round, then medians with
-spread and the per-round ratios sipp / llama-server (> 1: sipp faster).
+A side's figure for a round is its two runs together; the side at the ends alternates
+by round. Prints each round, then medians with spread and the per-round ratios sipp /
+llama-server (> 1: sipp faster), and the ratios of single pairs (a run and the other
+side's run next to it) to show what the A B B A order takes out.
 
     ./dev bench http_serving [--rounds 3] [--tokens 128] [--clients 8] [--stream]
 """
@@ -32,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -43,7 +46,7 @@ import httpx
 from _eog import eog_tokens
 from _llama_tools import ensure_tools, tool_env
 from _stats import spread
-from _turns import SETTLE_S
+from _turns import SETTLE_S, abba, combined
 from batched_throughput import QUESTIONS
 from gateway_overhead import free_port
 
@@ -217,11 +220,11 @@ def _streamed(http: httpx.Client, url: str, body: dict[str, Any], headers: dict[
     return int(usage["completion_tokens"])
 
 
-def measure(url: str, args: argparse.Namespace, bias: dict[str, int]) -> tuple[float, float]:
-    """(single, concurrent) generated tokens per second against the server at `url`."""
+def measure(url: str, kind: str, args: argparse.Namespace, bias: dict[str, int]) -> float:
+    """Seconds taken by one turn of `kind` (single or concurrent) against `url`."""
     headers = {"authorization": f"Bearer {TOKEN}"}
 
-    def one(http: httpx.Client, question: str, tokens: int) -> int:
+    def one(http: httpx.Client, question: str, tokens: int) -> None:
         body = {
             "model": "local",
             "messages": [
@@ -242,31 +245,25 @@ def measure(url: str, args: argparse.Namespace, bias: dict[str, int]) -> tuple[f
             generated = int(r.json()["usage"]["completion_tokens"])
         if generated != tokens:
             raise SystemExit(f"{url} generated {generated} tokens, not {tokens}")
-        return generated
-
-    def timed(work: Callable[[], int]) -> float:
-        start = time.perf_counter()
-        tokens = work()
-        return tokens / (time.perf_counter() - start)
 
     clients = [httpx.Client(timeout=900) for _ in range(args.clients)]
     try:
         one(clients[0], "List three colours.", 8)  # this turn's connections
-        single = timed(lambda: one(clients[0], QUESTIONS[0], args.tokens))
         with ThreadPoolExecutor(args.clients) as pool:
-
-            def together() -> int:
+            start = time.perf_counter()
+            if kind == "single":
+                one(clients[0], QUESTIONS[0], args.tokens)
+            else:
                 jobs = [
                     pool.submit(one, clients[i], QUESTIONS[i % len(QUESTIONS)], args.tokens)
                     for i in range(args.clients)
                 ]
-                return sum(job.result() for job in jobs)
-
-            concurrent = timed(together)
+                for job in jobs:
+                    job.result()
+            return time.perf_counter() - start
     finally:
         for http in clients:
             http.close()
-    return single, concurrent
 
 
 def main() -> None:
@@ -289,9 +286,11 @@ def main() -> None:
         args.model = models.pull("smollm2-135m-instruct", verify=False)
     bias = {str(t): -100 for t in eog_tokens(args.model)}
     sides = {"sipp": sipp_server, "llama-server": llama_server}
-    results: dict[str, dict[str, list[float]]] = {
-        name: {"single": [], "concurrent": []} for name in sides
-    }
+    kinds = {"single": args.tokens, "concurrent": args.tokens * args.clients}
+    # Per side and kind: each round's rate (both runs together), and each run's rate. A
+    # side's k-th run and the other side's k-th run are neighbours (A B, then B A).
+    rates: dict[str, dict[str, list[float]]] = {n: {k: [] for k in kinds} for n in sides}
+    runs: dict[str, dict[str, list[float]]] = {n: {k: [] for k in kinds} for n in sides}
     with tempfile.TemporaryDirectory(prefix="sipp-bench-http-") as tmp:
         up = ExitStack()  # the servers of the current group of rounds
         urls: dict[str, str] = {}
@@ -305,27 +304,38 @@ def main() -> None:
                     }
                     for url in urls.values():
                         warm_up(url, bias)
-                order = list(sides) if i % 2 == 0 else list(reversed(sides))
-                for name in order:
-                    time.sleep(SETTLE_S)
-                    single, concurrent = measure(urls[name], args, bias)
-                    results[name]["single"].append(single)
-                    results[name]["concurrent"].append(concurrent)
-                    print(
-                        f"round {i + 1} {name:12} single {single:6.1f} tok/s   "
-                        f"{args.clients} concurrent {concurrent:6.1f} tok/s",
-                        flush=True,
+                names = list(sides) if i % 2 == 0 else list(reversed(sides))
+                order = abba(*names)
+                line = []
+                for kind, tokens in kinds.items():
+                    taken: dict[str, list[tuple[float, float]]] = {name: [] for name in sides}
+                    for name in order:
+                        time.sleep(SETTLE_S)
+                        seconds = measure(urls[name], kind, args, bias)
+                        taken[name].append((tokens, seconds))
+                        runs[name][kind].append(tokens / seconds)
+                    for name in sides:
+                        rates[name][kind].append(combined(taken[name]))
+                    line.append(
+                        f"{kind} "
+                        + "  ".join(
+                            f"{name} {' '.join(f'{t / s:5.1f}' for t, s in taken[name])}"
+                            for name in names
+                        )
+                        + f"  ratio {rates['sipp'][kind][-1] / rates['llama-server'][kind][-1]:.3f}"
                     )
+                print(f"round {i + 1} ({' > '.join(order)}) tok/s: " + "   ".join(line), flush=True)
         finally:
             up.close()
-    for name, by_kind in results.items():
+    for name, by_kind in rates.items():
         for kind, values in by_kind.items():
             print(f"{name:12} {kind:10} {spread(values, '.1f', 'tok/s')}")
-    for kind in ("single", "concurrent"):
-        ratios = [
-            a / b for a, b in zip(results["sipp"][kind], results["llama-server"][kind], strict=True)
-        ]
-        print(f"sipp / llama-server {kind:10} per round: {spread(ratios, '.3f')}")
+    for label, by in (("per round", rates), ("per pair: ", runs)):
+        for kind in kinds:
+            ratios = [
+                a / b for a, b in zip(by["sipp"][kind], by["llama-server"][kind], strict=True)
+            ]
+            print(f"sipp / llama-server {kind:10} {label} {spread(ratios, '.3f')}")
 
 
 if __name__ == "__main__":
