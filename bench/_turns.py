@@ -6,6 +6,13 @@ figures of a round should be taken as close together as possible: with a process
 side and round they were several seconds apart and their ratio swung widely. The idle
 side blocks on its input meanwhile, so only one llama context computes at a time.
 
+A side that waits is stopped (SIGSTOP to its process group, `hold`) and continued for its
+turn (`resume`), so nothing of it runs during another side's measurement. An idle
+llama-cpp-python server still wakes ten times a second (uvicorn's tick, about 250 µs of
+CPU each here), and with it merely alive the sipp child ran 8-chat bursts at 0.949 of
+llama-batched-bench (8 A B B A rounds), against 1.024 with no server and 1.003 with the
+server stopped (session 13): the wakes cost the long-lived side more than the fresh one.
+
 A round measures each side twice, in the order A B B A (`abba`): a steady drift across
 the round weighs on both sides alike (their places add up the same), and each side runs
 once just before the other and once just after it, so neither gains from its place (of
@@ -16,14 +23,17 @@ figure for a side is its two runs together (`combined`).
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import IO, Any
 
-__all__ = ["Child", "abba", "combined", "serve"]
+__all__ = ["OWN_GROUP", "Child", "abba", "combined", "hold", "resume", "serve"]
 
-SETTLE_S = 0.5  # before each measurement: the other side's idle ggml threads stop spinning
+SETTLE_S = 0.5  # before each measurement: a side just resumed catches up (a pool stopped mid-poll, timers due)
 
 
 def abba(first: str, second: str) -> tuple[str, str, str, str]:
@@ -37,15 +47,40 @@ def combined(runs: list[tuple[float, float]]) -> float:
     return sum(a for a, _ in runs) / sum(s for _, s in runs)
 
 
+# Popen arguments that start a side in a process group of its own, in the driver's
+# session: if the driver dies while the side is stopped, the group is orphaned and the
+# kernel sends it SIGHUP and SIGCONT, so nothing is left stopped behind it (a new session
+# would not get them).
+OWN_GROUP: dict[str, Any] = (
+    {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+)
+
+
+def hold(proc: subprocess.Popen[Any]) -> None:
+    """Stop `proc` and everything it started; `proc` must lead its own process group
+    (started with `OWN_GROUP`)."""
+    os.killpg(proc.pid, signal.SIGSTOP)
+
+
+def resume(proc: subprocess.Popen[Any]) -> None:
+    os.killpg(proc.pid, signal.SIGCONT)
+
+
 class Child:
-    """A side's process, kept up between rounds."""
+    """A side's process, kept up between rounds and stopped between its turns."""
 
     def __init__(self, name: str, cmd: list[str]) -> None:
         self.name = name
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            **OWN_GROUP,
         )
         self._read()  # "ready": loaded and warmed up
+        hold(self.proc)
 
     def _read(self) -> str:
         assert self.proc.stdout is not None
@@ -57,13 +92,16 @@ class Child:
 
     def measure(self) -> dict[str, Any]:
         assert self.proc.stdin is not None
+        resume(self.proc)
         time.sleep(SETTLE_S)
         self.proc.stdin.write("go\n")
         self.proc.stdin.flush()
         result: dict[str, Any] = json.loads(self._read())
+        hold(self.proc)
         return result
 
     def close(self) -> None:
+        resume(self.proc)
         if self.proc.stdin is not None:
             self.proc.stdin.close()  # its input ends: it frees its context and exits
         self.proc.wait(timeout=120)

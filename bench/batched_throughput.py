@@ -16,7 +16,7 @@ every side). sipp and the server run greedy with every end-of-generation token
 banned, so each request generates exactly --tokens tokens; sipp runs with its
 prefix cache off so its warm-up leaves it no head start. Every side runs in its own
 process and computes only in its turn: sipp and the server stay up for --per-process
-rounds, blocked on their input between turns (bench/_turns.py), and llama-batched-bench
+rounds, stopped (SIGSTOP) between turns (bench/_turns.py), and llama-batched-bench
 runs as a new process each time. Each round runs sipp and C++ twice each, back to back in
 the order A B B A (each at the ends in turn), and the server once, before or after them.
 With --clients 1 this is the single-stream comparison against `llama-batched-bench` B=1.

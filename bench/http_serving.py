@@ -10,7 +10,7 @@ each generates exactly --tokens tokens (checked from `usage`); non-streamed, or 
 --stream streamed (SSE, every event parsed as it arrives, usage in the last one).
 
 Both servers stay up for --per-process rounds and take turns: while one is measured the
-other idles (its slots empty, nothing computing), so a round's figures are seconds apart
+other is stopped (SIGSTOP, bench/_turns.py), so a round's figures are seconds apart
 rather than a server start apart; the machine's speed drifts over seconds here. Each is
 warmed up once after it starts. A round measures each kind twice a side, in the order
 A B B A (bench/_turns.py), singles first, then concurrent:
@@ -38,6 +38,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ import httpx
 from _eog import eog_tokens
 from _llama_tools import ensure_tools, tool_env
 from _stats import spread
-from _turns import SETTLE_S, abba, combined
+from _turns import OWN_GROUP, SETTLE_S, abba, combined, hold, resume
 from batched_throughput import QUESTIONS
 from gateway_overhead import free_port
 
@@ -117,14 +118,23 @@ def _wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
         time.sleep(0.25)
 
 
+@dataclass(frozen=True)
+class Server:
+    url: str
+    proc: subprocess.Popen[bytes]  # leads its process group: held between its turns
+
+
 @contextmanager
-def _running(cmd: list[str], env: dict[str, str], ready: str, log: Path) -> Iterator[None]:
+def _running(
+    cmd: list[str], env: dict[str, str], url: str, ready: str, log: Path
+) -> Iterator[Server]:
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, **OWN_GROUP)
         try:
             _wait_ready(proc, ready, log)
-            yield
+            yield Server(url, proc)
         finally:
+            resume(proc)
             proc.terminate()
             try:
                 proc.wait(timeout=60)
@@ -134,7 +144,7 @@ def _running(cmd: list[str], env: dict[str, str], ready: str, log: Path) -> Iter
 
 
 @contextmanager
-def sipp_server(args: argparse.Namespace, directory: Path) -> Iterator[str]:
+def sipp_server(args: argparse.Namespace, directory: Path) -> Iterator[Server]:
     from sipp.local._llama import cpu_has_amx
 
     public, management = free_port(), free_port()
@@ -155,12 +165,13 @@ def sipp_server(args: argparse.Namespace, directory: Path) -> Iterator[str]:
     env = {**os.environ, "BENCH_TOKEN": TOKEN, "BENCH_ADMIN": "bench-admin"}
     cmd = [sys.executable, "-m", "sipp.cli.gateway", "serve", "--config", str(config)]
     ready = f"http://127.0.0.1:{management}/readyz"
-    with _running(cmd, env, ready, directory / "sipp-gateway.log"):
-        yield f"http://127.0.0.1:{public}"
+    url = f"http://127.0.0.1:{public}"
+    with _running(cmd, env, url, ready, directory / "sipp-gateway.log") as server:
+        yield server
 
 
 @contextmanager
-def llama_server(args: argparse.Namespace, directory: Path) -> Iterator[str]:
+def llama_server(args: argparse.Namespace, directory: Path) -> Iterator[Server]:
     from sipp.local._llama import cpu_has_amx
 
     port = free_port()
@@ -174,8 +185,8 @@ def llama_server(args: argparse.Namespace, directory: Path) -> Iterator[str]:
         *(["--no-repack"] if cpu_has_amx() else []),
     ]  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    with _running(cmd, tool_env(), url + "/health", directory / "llama-server.log"):
-        yield url
+    with _running(cmd, tool_env(), url, url + "/health", directory / "llama-server.log") as server:
+        yield server
 
 
 def warm_up(url: str, bias: dict[str, int]) -> None:
@@ -293,25 +304,28 @@ def main() -> None:
     runs: dict[str, dict[str, list[float]]] = {n: {k: [] for k in kinds} for n in sides}
     with tempfile.TemporaryDirectory(prefix="sipp-bench-http-") as tmp:
         up = ExitStack()  # the servers of the current group of rounds
-        urls: dict[str, str] = {}
+        servers: dict[str, Server] = {}
         try:
             for i in range(args.rounds):
                 if i % args.per_process == 0:
                     up.close()
                     up = ExitStack()
-                    urls = {
+                    servers = {
                         name: up.enter_context(run(args, Path(tmp))) for name, run in sides.items()
                     }
-                    for url in urls.values():
-                        warm_up(url, bias)
+                    for server in servers.values():
+                        warm_up(server.url, bias)
+                        hold(server.proc)
                 names = list(sides) if i % 2 == 0 else list(reversed(sides))
                 order = abba(*names)
                 line = []
                 for kind, tokens in kinds.items():
                     taken: dict[str, list[tuple[float, float]]] = {name: [] for name in sides}
                     for name in order:
+                        resume(servers[name].proc)
                         time.sleep(SETTLE_S)
-                        seconds = measure(urls[name], kind, args, bias)
+                        seconds = measure(servers[name].url, kind, args, bias)
+                        hold(servers[name].proc)
                         taken[name].append((tokens, seconds))
                         runs[name][kind].append(tokens / seconds)
                     for name in sides:

@@ -4,7 +4,7 @@ Each side runs in its own process, one llama context per process: two contexts i
 one process each bring a ggml thread pool and on 2 cores they slow each other
 down (docs/architecture.md, traps). The two processes stay up for --per-process
 rounds and take turns: the driver tells one to generate, waits for its figure,
-then tells the other, while the idle one blocks on its input. The two figures of a
+then tells the other, while the idle one is stopped (SIGSTOP). The two figures of a
 round are thus a second or less apart, so the machine's speed, which drifts over
 seconds here, is nearly the same for both; rounds alternate which side goes first,
 and fresh processes every --per-process rounds keep one process's luck (where its
