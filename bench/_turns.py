@@ -1,10 +1,10 @@
 """Sides that stay up and take turns: each side is a child process that loads once, then
 measures whenever the driver writes a line to it, printing one JSON line per measurement.
 
-The machine's speed drifts over seconds here (other tenants of the host), so the two
-figures of a round should be taken as close together as possible: with a process per
-side and round they were several seconds apart and their ratio swung widely. The idle
-side blocks on its input meanwhile, so only one llama context computes at a time.
+The machine's speed drifts over seconds here (other tenants of the host), so a round's
+figures should be taken as close together as possible: with a process per
+side and round they were several seconds apart and their ratio swung widely. Only one
+side computes at a time.
 
 A side that waits is stopped (SIGSTOP to its process group, `hold`) and continued for its
 turn (`resume`), so nothing of it runs during another side's measurement. An idle
@@ -33,7 +33,7 @@ from typing import IO, Any
 
 __all__ = ["OWN_GROUP", "Child", "abba", "combined", "hold", "resume", "serve"]
 
-SETTLE_S = 0.5  # before each measurement: a side just resumed catches up (a pool stopped mid-poll, timers due)
+SETTLE_S = 0.5  # before a measurement: the side just resumed catches up on timers and polling
 
 
 def abba(first: str, second: str) -> tuple[str, str, str, str]:
