@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -256,6 +257,26 @@ def running_gateway(
 def gateway(smollm_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     with running_gateway(smollm_path, tmp_path_factory.mktemp("gw")) as gw:
         yield gw
+
+
+def _loop_sleeps(gw: Gateway) -> int:
+    """How many times the gateway's event-loop (main) thread has gone to sleep so far."""
+    status = Path(f"/proc/{gw.proc.pid}/task/{gw.proc.pid}/status").read_text()
+    return int(re.search(r"^voluntary_ctxt_switches:\s+(\d+)$", status, re.M).group(1))  # type: ignore[union-attr]
+
+
+def test_an_idle_gateway_wakes_once_a_second(gateway: Gateway) -> None:
+    """uvicorn's own loop wakes every 0.1 s; on two cores each wake takes a slice of a
+    decode. The gateway's wakes once a second, for the Date header, which still moves."""
+    first = parsedate_to_datetime(httpx.get(f"{gateway.management}/healthz").headers["date"])
+    before = _loop_sleeps(gateway)
+    time.sleep(4)
+    woke = _loop_sleeps(gateway) - before
+    # One wake a second, and room for the odd extra one; uvicorn's loop would make 40.
+    assert woke <= 10, woke
+    later = parsedate_to_datetime(httpx.get(f"{gateway.management}/healthz").headers["date"])
+    assert later > first
+    assert abs(later.timestamp() - time.time()) < 3
 
 
 def _post(
