@@ -262,7 +262,9 @@ def gateway(smollm_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 def _loop_sleeps(gw: Gateway) -> int:
     """How many times the gateway's event-loop (main) thread has gone to sleep so far."""
     status = Path(f"/proc/{gw.proc.pid}/task/{gw.proc.pid}/status").read_text()
-    return int(re.search(r"^voluntary_ctxt_switches:\s+(\d+)$", status, re.M).group(1))  # type: ignore[union-attr]
+    switches = re.search(r"^voluntary_ctxt_switches:\s+(\d+)$", status, re.M)
+    assert switches is not None, status
+    return int(switches.group(1))
 
 
 def test_an_idle_gateway_wakes_once_a_second(gateway: Gateway) -> None:
