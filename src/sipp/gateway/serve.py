@@ -66,7 +66,8 @@ def configure_logging(env: Mapping[str, str]) -> None:
 
 
 class _Server(uvicorn.Server):
-    """A uvicorn server that leaves signal handling to `serve` (two servers share one loop)."""
+    """A uvicorn server that leaves signal handling to `serve` (two servers share one loop)
+    and wakes once a second, not ten times (`main_loop`)."""
 
     def install_signal_handlers(self) -> None:  # uvicorn < 0.29
         pass
