@@ -64,11 +64,12 @@ class Watched:
         self.script_errors: list[str] = []
         self.closing = False
         # Every request of the page goes through here, so every body it got is kept.
-        page.route(re.compile(r"/admin"), self._through)
+        page.route(re.compile(r"/admin"), self.answer)
         page.on("pageerror", lambda exc: self.script_errors.append(str(exc)))
         page.on("console", self._console)
 
-    def _through(self, route: Route) -> None:
+    def answer(self, route: Route) -> None:
+        """Let a request through to the server and keep the body it got."""
         try:
             response = route.fetch(max_redirects=0)
             body = response.text()
@@ -264,3 +265,32 @@ def test_page_returns_to_login_when_the_session_ends(page: Watched, gateway: Gat
     p.context.clear_cookies()
     expect(p.locator("#login-view")).to_be_visible(timeout=15_000)
     expect(p.locator("#login-error")).to_contain_text("session ended")
+
+
+def test_a_poll_answered_after_logout_leaves_the_logout_message(
+    page: Watched, gateway: Gateway
+) -> None:
+    p = page.page
+    _log_in(page, gateway)
+    # Hold the next metrics poll in flight, log out, then let it through: the server
+    # answers 401 (the session is gone), which must not read as an expired session.
+    held: list[Route] = []
+
+    def hold(route: Route) -> None:
+        held.append(route)
+
+    p.route(re.compile(r"/admin/api/metrics"), hold)
+    for _ in range(300):
+        if held:
+            break
+        p.wait_for_timeout(50)
+    assert held, "the page made no metrics poll in 15 s"
+    p.click("#logout")
+    expect(p.locator("#login-error")).to_have_text("Logged out.")
+    with p.expect_request_finished(lambda request: "/api/metrics" in request.url):
+        for route in held:
+            page.answer(route)
+    # Two turns of the page's task queue: the late answer's handlers have run.
+    p.evaluate("() => new Promise((done) => setTimeout(() => setTimeout(done, 0), 0))")
+    expect(p.locator("#login-error")).to_have_text("Logged out.")
+    expect(p.locator("#login-view")).to_be_visible()

@@ -15,6 +15,9 @@
   const edited = new Set(); // ids of control forms the operator has touched: polls leave them be
   let lastMetrics = null;
   let lastOverview = null;
+  // Counts logins and logouts: an answer to a call made under an earlier session
+  // (a poll still in flight at logout) must not touch the page.
+  let generation = 0;
 
   const $ = (selector) => document.querySelector(selector);
 
@@ -88,6 +91,7 @@
   // ---- views -------------------------------------------------------------
 
   function showLogin(message) {
+    generation += 1;
     csrf = null;
     stopPolling();
     $("#dashboard").hidden = true;
@@ -99,6 +103,7 @@
   }
 
   function showDashboard(session) {
+    generation += 1;
     csrf = session.csrf_token;
     expiresAt = Date.now() + session.expires_in * 1000;
     edited.clear();
@@ -502,8 +507,10 @@
   // ---- polling -----------------------------------------------------------
 
   async function refresh(all) {
+    const mine = generation;
     try {
       const [metrics, pools, usage, cache] = await Promise.all([call("GET", "metrics"), call("GET", "pools"), call("GET", "usage"), call("GET", "cache")]);
+      if (mine !== generation) return;
       lastMetrics = metrics;
       renderLive(metrics);
       renderPools(pools.pools);
@@ -511,11 +518,13 @@
       renderCache(cache.caches);
       if (all || !lastOverview) {
         const [overview, audit] = await Promise.all([call("GET", "overview"), call("GET", "audit")]);
+        if (mine !== generation) return;
         lastOverview = overview;
         renderAudit(audit);
       }
       renderOverview(lastOverview, lastMetrics);
     } catch (error) {
+      if (mine !== generation) return;
       if (error instanceof ApiError && error.status === 401) showLogin("Your session ended; log in again.");
       else notice(`Could not refresh: ${error.message}`);
     }
@@ -547,12 +556,15 @@
   }
 
   async function control(action, body, formId, path) {
+    const mine = generation;
     try {
       await call("POST", path || `controls/${action}`, body);
+      if (mine !== generation) return;
       notice("");
       edited.delete(formId);
       await refresh(true);
     } catch (error) {
+      if (mine !== generation) return;
       if (error instanceof ApiError && error.status === 401) showLogin("Your session ended; log in again.");
       else notice(`${action}: ${error.message}`);
     }
@@ -573,6 +585,9 @@
   });
 
   $("#logout").addEventListener("click", async () => {
+    // End this session's polls first; the DELETE below still needs the CSRF token.
+    generation += 1;
+    stopPolling();
     try {
       await call("DELETE", "session");
     } catch (_) {
