@@ -157,11 +157,32 @@ def json_schema_rules(schemas: Mapping[str, Mapping[str, Any]]) -> str:
     return str(converter.format_grammar())
 
 
+def set_fields(struct: Any, **values: Any) -> None:
+    """Assign fields of a ctypes struct by name, refusing a name it lacks: ctypes would
+    keep that as a plain Python attribute that C never reads (llama.cpp replaced
+    use_mmap and use_mlock with load_mode, and setting the old names did nothing)."""
+    unknown = set(values) - {field[0] for field in type(struct)._fields_}
+    if unknown:
+        raise AttributeError(f"{type(struct).__name__} has no field {', '.join(sorted(unknown))}")
+    for name, value in values.items():
+        setattr(struct, name, value)
+
+
+def load_mode(use_mmap: bool | None, use_mlock: bool) -> int:
+    """llama.cpp's load mode for the placement's two switches; with neither set,
+    llama.cpp's own choice (it maps the file where the backend allows)."""
+    if use_mlock:
+        return _lc.LLAMA_LOAD_MODE_MLOCK if use_mmap is False else _lc.LLAMA_LOAD_MODE_MMAP_MLOCK
+    if use_mmap is None:
+        return _lc.LLAMA_LOAD_MODE_AUTO
+    return _lc.LLAMA_LOAD_MODE_MMAP if use_mmap else _lc.LLAMA_LOAD_MODE_NONE
+
+
 @dataclass(frozen=True)
 class ModelParams:
     gpu_layers: int
     main_gpu: int
-    use_mmap: bool
+    use_mmap: bool | None  # None: llama.cpp's choice
     use_mlock: bool
     use_extra_bufts: bool
 
@@ -172,11 +193,13 @@ class LlamaModel:
     def __init__(self, path: Path, params: ModelParams) -> None:
         backend_init()
         mp = _lc.llama_model_default_params()
-        mp.n_gpu_layers = params.gpu_layers
-        mp.main_gpu = params.main_gpu
-        mp.use_mmap = params.use_mmap
-        mp.use_mlock = params.use_mlock
-        mp.use_extra_bufts = params.use_extra_bufts
+        set_fields(
+            mp,
+            n_gpu_layers=params.gpu_layers,
+            main_gpu=params.main_gpu,
+            load_mode=load_mode(params.use_mmap, params.use_mlock),
+            use_extra_bufts=params.use_extra_bufts,
+        )
         recent_log_errors()
         ptr = _lc.llama_model_load_from_file(os.fsencode(path), mp)
         if not ptr:
@@ -514,28 +537,30 @@ class Context:
 
     def __init__(self, model: LlamaModel, p: ContextParams) -> None:
         cp = _lc.llama_context_default_params()
-        cp.n_ctx = p.n_ctx
-        cp.n_batch = p.n_batch
-        cp.n_ubatch = p.n_ubatch
-        cp.n_seq_max = p.n_seq_max
-        cp.n_threads = p.n_threads
-        cp.n_threads_batch = p.n_threads_batch
-        cp.embeddings = p.embeddings
-        cp.offload_kqv = p.offload_kqv
-        cp.op_offload = p.op_offload
-        cp.no_perf = not p.profiling
-        # Text: each sequence gets its own n_ctx / n_seq_max window (a slot is a slot).
-        # Embeddings: one shared stream, so llama.cpp keeps every input of a batch in
-        # one micro-batch; split per stream, pooling would see only part of an input.
-        cp.kv_unified = p.embeddings or p.unified_kv
+        set_fields(
+            cp,
+            n_ctx=p.n_ctx,
+            n_batch=p.n_batch,
+            n_ubatch=p.n_ubatch,
+            n_seq_max=p.n_seq_max,
+            n_threads=p.n_threads,
+            n_threads_batch=p.n_threads_batch,
+            embeddings=p.embeddings,
+            offload_kqv=p.offload_kqv,
+            op_offload=p.op_offload,
+            no_perf=not p.profiling,
+            # Text: each sequence gets its own n_ctx / n_seq_max window (a slot is a
+            # slot). Embeddings: one shared stream, so llama.cpp keeps every input of a
+            # batch in one micro-batch; split per stream, pooling would see only part of
+            # an input.
+            kv_unified=p.embeddings or p.unified_kv,
+        )
         if p.pooling is not None:
-            cp.pooling_type = POOLING[p.pooling]
+            set_fields(cp, pooling_type=POOLING[p.pooling])
         if p.flash_attention is not None:
-            cp.flash_attn_type = (
-                _lc.LLAMA_FLASH_ATTN_TYPE_ENABLED
-                if p.flash_attention
-                else _lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
-            )
+            enabled = _lc.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            disabled = _lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            set_fields(cp, flash_attn_type=enabled if p.flash_attention else disabled)
         recent_log_errors()
         ptr = _lc.llama_init_from_model(model.ptr, cp)
         if not ptr:

@@ -99,15 +99,18 @@ class Projector:
         _llama.backend_init()
         _route_log()
         params = _mt.mtmd_context_params_default()
-        params.use_gpu = use_gpu
-        params.n_threads = n_threads
-        params.print_timings = False
-        # llama.cpp's own choice (-1, "auto") unless the caller decided.
-        params.flash_attn_type = -1 if flash_attention is None else int(flash_attention)
+        _llama.set_fields(
+            params,
+            use_gpu=use_gpu,
+            n_threads=n_threads,
+            print_timings=False,
+            # llama.cpp's own choice (-1, "auto") unless the caller decided.
+            flash_attn_type=-1 if flash_attention is None else int(flash_attention),
+        )
         if image_min_tokens is not None:
-            params.image_min_tokens = image_min_tokens
+            _llama.set_fields(params, image_min_tokens=image_min_tokens)
         if image_max_tokens is not None:
-            params.image_max_tokens = image_max_tokens
+            _llama.set_fields(params, image_max_tokens=image_max_tokens)
         _llama.recent_log_errors()
         ptr = _mt.mtmd_init_from_file(os.fsencode(path), model.ptr, params)
         if not ptr:

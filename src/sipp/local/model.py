@@ -145,7 +145,7 @@ def load_model(path: Path, config: NativeRuntimeConfig, backend: str | None = No
         if on_cpu
         else (placement.gpu_layers if placement.gpu_layers is not None else -1),
         main_gpu=placement.main_gpu or 0,
-        use_mmap=True if placement.use_mmap is None else placement.use_mmap,
+        use_mmap=placement.use_mmap,
         use_mlock=bool(placement.use_mlock),
         use_extra_bufts=use_extra_bufts,
     )
