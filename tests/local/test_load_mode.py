@@ -1,17 +1,22 @@
 """Placement's `use_mmap` and `use_mlock` reach llama.cpp, as its load mode: the weights
-are mapped from the file, read into memory, or locked there, as the config says. Each
-case loads in a fresh interpreter, so no model another test keeps loaded is in its maps."""
+are mapped from the file, read into memory, or locked there, as the config says; left
+unset, a model that fits in memory is read into it and put in huge pages. Each case
+loads in a fresh interpreter, so no model another test keeps loaded is in its maps."""
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from sipp.local import _llama
+from sipp.local import _llama, huge_pages
+
+HUGE_PAGES = huge_pages.available()  # THP not "never": true on the hosts CI runs on
 
 CHILD = """
 import json, re, sys
@@ -28,9 +33,11 @@ with SippClient() as client:
     options = SippTextOptions(max_tokens=6, temperature=0)
     text = client.query("The capital of France is", endpoint=ref, options=options).result().text
     status = Path("/proc/self/status").read_text()
+    rollup = Path("/proc/self/smaps_rollup").read_text()
     print(json.dumps({
         "mapped": path in Path("/proc/self/maps").read_text(),
         "locked_kb": int(re.search(r"VmLck:\\s+(\\d+)", status).group(1)),
+        "huge_kb": int(re.search(r"AnonHugePages:\\s+(\\d+)", rollup).group(1)),
         "text": text,
     }))
 """
@@ -54,24 +61,35 @@ def mapped_text(smollm_path: Path) -> object:
 
 
 @pytest.mark.parametrize(
-    ("mmap", "mlock", "mapped", "locked"),
+    ("mmap", "mlock", "mapped", "locked", "huge"),
     [
-        ("unset", "unset", True, False),  # llama.cpp's choice on the CPU: map the file
-        ("on", "unset", True, False),
-        ("off", "unset", False, False),
-        ("off", "on", False, True),
-        ("on", "on", True, True),
+        # Unset: read into memory and put in huge pages where the host has them, else
+        # llama.cpp's choice on the CPU (map the file).
+        ("unset", "unset", not HUGE_PAGES, False, HUGE_PAGES),
+        ("on", "unset", True, False, False),
+        ("off", "unset", False, False, HUGE_PAGES),
+        ("off", "on", False, True, HUGE_PAGES),
+        ("on", "on", True, True, False),
     ],
 )
 def test_the_placement_decides_how_the_weights_are_loaded(
-    smollm_path: Path, mapped_text: object, mmap: str, mlock: str, mapped: bool, locked: bool
+    smollm_path: Path,
+    mapped_text: object,
+    mmap: str,
+    mlock: str,
+    mapped: bool,
+    locked: bool,
+    huge: bool,
 ) -> None:
     got = _load(smollm_path, mmap, mlock)
     assert got["mapped"] is mapped
     weights_kb = smollm_path.stat().st_size // 1024
-    locked_kb = got["locked_kb"]
-    assert isinstance(locked_kb, int)
+    locked_kb, huge_kb = got["locked_kb"], got["huge_kb"]
+    assert isinstance(locked_kb, int) and isinstance(huge_kb, int)
     assert (locked_kb > weights_kb // 2) is locked, locked_kb
+    # Mapped weights stay in the file's 4 KiB pages (a few MiB of other memory may be
+    # huge anyway: the Python heap, a KV cache).
+    assert (huge_kb > weights_kb * 3 // 4) is huge, huge_kb
     assert got["text"] == mapped_text  # the same weights, however they got there
 
 
@@ -81,3 +99,38 @@ def test_a_field_the_binding_lacks_is_refused_not_ignored() -> None:
         _llama.set_fields(params, n_gpu_layers=0, use_mmap=False)
     _llama.set_fields(params, n_gpu_layers=3)
     assert params.n_gpu_layers == 3
+
+
+def test_anonymous_memory_allocated_during_the_body_ends_in_huge_pages() -> None:
+    size = 32 << 20
+    with huge_pages.weights_collapsed(True):
+        region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        region.write(b"w" * size)  # populated in 4 KiB pages, as a file read leaves it
+    address = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    assert _huge_kb_of(address) >= 28 << 10  # all but the unaligned ends
+    assert region[:1] == b"w" and region[size - 1 :] == b"w"  # the contents moved intact
+    region.close()
+
+
+def test_a_model_near_the_machines_memory_stays_mapped(tmp_path: Path) -> None:
+    small = tmp_path / "small.gguf"
+    small.write_bytes(b"GGUF")
+    assert huge_pages.fits_in_memory(small)
+    total_kb = int(Path("/proc/meminfo").read_text().split()[1])  # MemTotal, first line
+    large = tmp_path / "large.gguf"
+    with large.open("wb") as sparse:  # takes no disk space
+        sparse.truncate(total_kb * 1024)
+    assert not huge_pages.fits_in_memory(large)
+
+
+def _huge_kb_of(address: int) -> int:
+    """AnonHugePages of the mapping that holds `address`, from /proc/self/smaps."""
+    found, huge = False, 0
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            low, high = (int(x, 16) for x in head.split("-"))
+            found = low <= address < high
+        elif found and line.startswith("AnonHugePages:"):
+            huge = int(line.split()[1])
+    return huge

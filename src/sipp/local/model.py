@@ -18,7 +18,7 @@ from .._errors import (
     UnsupportedOperationError,
 )
 from .._runtime_config import ContextRuntimeConfig, NativeRuntimeConfig
-from . import _llama, _mtmd
+from . import _llama, _mtmd, huge_pages
 from .chat_template import ChatTemplate
 
 __all__ = ["BACKENDS", "LoadedModel", "load_model", "resolve_backend"]
@@ -140,17 +140,22 @@ def load_model(path: Path, config: NativeRuntimeConfig, backend: str | None = No
         # llama.cpp's AMX repacking crashes on first decode on some hosts (SIGSEGV
         # in ggml_backend_amx_mul_mat); it costs ~5% decode speed to avoid it.
         use_extra_bufts = not _llama.cpu_has_amx()
+    use_mmap = placement.use_mmap
+    thp = on_cpu and huge_pages.available()
+    if use_mmap is None and thp and huge_pages.fits_in_memory(path):
+        use_mmap = False  # read into memory, where its pages can be huge (see huge_pages)
     params = _llama.ModelParams(
         gpu_layers=0
         if on_cpu
         else (placement.gpu_layers if placement.gpu_layers is not None else -1),
         main_gpu=placement.main_gpu or 0,
-        use_mmap=placement.use_mmap,
+        use_mmap=use_mmap,
         use_mlock=bool(placement.use_mlock),
         use_extra_bufts=use_extra_bufts,
     )
     try:
-        model = _llama.LlamaModel(path, params)
+        with huge_pages.weights_collapsed(thp):
+            model = _llama.LlamaModel(path, params)
     except RuntimeError as exc:
         raise ModelLoadError(f"llama.cpp could not load {path}: {exc}") from exc
 
