@@ -131,6 +131,11 @@ def main() -> None:
             child.close()
     for name in SIDES:
         print(f"{name:6} {spread(rates[name], unit='tok/s')}  AnonHugePages {huge_kb[name]} kB")
+    if huge_kb["huge"] < args.model.stat().st_size // 2048:
+        raise SystemExit(
+            "the huge side's weights are not in huge pages on this host (THP off, or no "
+            "MADV_COLLAPSE): both sides ran on 4 KiB pages"
+        )
     print(f"huge / mapped tok/s {spread(ratios, '.3f')}")
 
 

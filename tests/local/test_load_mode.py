@@ -12,11 +12,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import llama_cpp
 import pytest
 
 from sipp.local import _llama, huge_pages
 
-HUGE_PAGES = huge_pages.available()  # THP not "never": true on the hosts CI runs on
+# Linux with THP not "never" and MADV_COLLAPSE: the hosts CI runs on. Where it is
+# False, the cases below expect weights mapped from the file.
+HUGE_PAGES = huge_pages.available()
+THP_MADVISE = "[madvise]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
 
 CHILD = """
 import json, re, sys
@@ -56,7 +60,7 @@ def _load(path: Path, mmap: str, mlock: str) -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def mapped_text(smollm_path: Path) -> object:
+def default_text(smollm_path: Path) -> object:
     return _load(smollm_path, "unset", "unset")["text"]
 
 
@@ -74,7 +78,7 @@ def mapped_text(smollm_path: Path) -> object:
 )
 def test_the_placement_decides_how_the_weights_are_loaded(
     smollm_path: Path,
-    mapped_text: object,
+    default_text: object,
     mmap: str,
     mlock: str,
     mapped: bool,
@@ -90,11 +94,11 @@ def test_the_placement_decides_how_the_weights_are_loaded(
     # Mapped weights stay in the file's 4 KiB pages (a few MiB of other memory may be
     # huge anyway: the Python heap, a KV cache).
     assert (huge_kb > weights_kb * 3 // 4) is huge, huge_kb
-    assert got["text"] == mapped_text  # the same weights, however they got there
+    assert got["text"] == default_text  # the same weights, however they got there
 
 
 def test_a_field_the_binding_lacks_is_refused_not_ignored() -> None:
-    params = _llama._lc.llama_model_default_params()
+    params = llama_cpp.llama_model_default_params()
     with pytest.raises(AttributeError, match="use_mmap"):
         _llama.set_fields(params, n_gpu_layers=0, use_mmap=False)
     _llama.set_fields(params, n_gpu_layers=3)
@@ -103,24 +107,65 @@ def test_a_field_the_binding_lacks_is_refused_not_ignored() -> None:
 
 def test_anonymous_memory_allocated_during_the_body_ends_in_huge_pages() -> None:
     size = 32 << 20
+    control = _filled(size)  # outside: under THP "madvise" it keeps its 4 KiB pages
     with huge_pages.weights_collapsed(True):
-        region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        region.write(b"w" * size)  # populated in 4 KiB pages, as a file read leaves it
-    address = ctypes.addressof(ctypes.c_char.from_buffer(region))
-    assert _huge_kb_of(address) >= 28 << 10  # all but the unaligned ends
+        region = _filled(size)  # populated in 4 KiB pages, as a file read leaves it
+    if THP_MADVISE:
+        assert _huge_kb_of(_address(control)) == 0
+    assert _huge_kb_of(_address(region)) >= 28 << 10  # all but the unaligned ends
     assert region[:1] == b"w" and region[size - 1 :] == b"w"  # the contents moved intact
+    control.close()
     region.close()
 
 
-def test_a_model_near_the_machines_memory_stays_mapped(tmp_path: Path) -> None:
+def test_a_sparse_neighbour_of_a_new_buffer_is_not_filled() -> None:
+    """A new buffer may merge in /proc/self/maps with an older region next to it; only
+    the new addresses are collapsed, and never a range with pages missing, which a
+    collapse would fill to a whole huge page."""
+    sparse = mmap.mmap(-1, 64 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    for offset in range(0, 64 << 20, 2 << 20):
+        sparse[offset] = 1  # one base page in each 2 MiB
+    before = _resident_pages(sparse)
+    with huge_pages.weights_collapsed(True):
+        region = _filled(32 << 20)
+        half = mmap.mmap(-1, 32 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        half.write(b"h" * (16 << 20))  # a buffer only half filled by the end of the load
+    assert _resident_pages(sparse) == before == 32
+    assert _resident_pages(half) <= (16 << 20) // mmap.PAGESIZE + 1
+    assert _huge_kb_of(_address(region)) >= 28 << 10
+    for m in (sparse, region, half):
+        m.close()
+
+
+def test_fits_in_memory_only_with_as_much_again_to_spare(tmp_path: Path) -> None:
     small = tmp_path / "small.gguf"
     small.write_bytes(b"GGUF")
     assert huge_pages.fits_in_memory(small)
+    # A split model's first file stands for files the check does not see.
+    assert not huge_pages.fits_in_memory(tmp_path / "model-00001-of-00003.gguf")
     total_kb = int(Path("/proc/meminfo").read_text().split()[1])  # MemTotal, first line
     large = tmp_path / "large.gguf"
     with large.open("wb") as sparse:  # takes no disk space
         sparse.truncate(total_kb * 1024)
     assert not huge_pages.fits_in_memory(large)
+
+
+def _filled(size: int) -> mmap.mmap:
+    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    region.write(b"w" * size)
+    return region
+
+
+def _address(region: mmap.mmap) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(region))
+
+
+def _resident_pages(region: mmap.mmap) -> int:
+    n = len(region) // mmap.PAGESIZE
+    vec = (ctypes.c_ubyte * n)()
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.mincore(ctypes.c_void_p(_address(region)), ctypes.c_size_t(len(region)), vec) == 0
+    return sum(b & 1 for b in bytes(vec))
 
 
 def _huge_kb_of(address: int) -> int:
