@@ -140,14 +140,21 @@ def _new_ranges(
     return new
 
 
-def _madvise() -> _Madvise | None:
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
     try:
-        call = ctypes.CDLL(None, use_errno=True).madvise
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        libc.madvise.restype = libc.mincore.restype = ctypes.c_int
     except (OSError, AttributeError):
         return None
-    call.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    call.restype = ctypes.c_int
-    return call
+    return libc
+
+
+def _madvise() -> _Madvise | None:
+    libc = _libc()
+    return None if libc is None else libc.madvise
 
 
 def _resident_runs(start: int, end: int, huge: int) -> list[tuple[int, int]]:
@@ -155,13 +162,14 @@ def _resident_runs(start: int, end: int, huge: int) -> list[tuple[int, int]]:
     page = mmap.PAGESIZE
     n = (end - start) // page
     vec = (ctypes.c_ubyte * n)()
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(end - start), vec) != 0:
+    libc = _libc()
+    if libc is None or libc.mincore(start, end - start, vec) != 0:
         return []
+    resident = bytes(vec)
     per = huge // page
     runs: list[tuple[int, int]] = []
     for i in range(0, n, per):
-        if all(b & 1 for b in bytes(vec[i : i + per])):
+        if all(b & 1 for b in resident[i : i + per]):
             low = start + i * page
             if runs and runs[-1][1] == low:
                 runs[-1] = (runs[-1][0], low + huge)
