@@ -31,7 +31,7 @@ from sipp import (ContextRuntimeConfig, LocalModelDescriptor, NativeRuntimeConfi
 path = sys.argv[1]
 switch = {"unset": None, "on": True, "off": False}
 placement = PlacementRuntimeConfig(use_mmap=switch[sys.argv[2]], use_mlock=switch[sys.argv[3]])
-context = ContextRuntimeConfig(n_ctx=128, n_parallel=1)
+context = ContextRuntimeConfig(n_ctx=int(sys.argv[4]), n_parallel=1)
 with SippClient() as client:
     ref = client.add("m", LocalModelDescriptor(path, NativeRuntimeConfig(placement=placement, context=context)))
     options = SippTextOptions(max_tokens=6, temperature=0)
@@ -47,9 +47,9 @@ with SippClient() as client:
 """
 
 
-def _load(path: Path, mmap: str, mlock: str) -> dict[str, object]:
+def _load(path: Path, mmap: str, mlock: str, n_ctx: int = 128) -> dict[str, object]:
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, str(path), mmap, mlock],
+        [sys.executable, "-c", CHILD, str(path), mmap, mlock, str(n_ctx)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -97,6 +97,20 @@ def test_the_placement_decides_how_the_weights_are_loaded(
     assert got["text"] == default_text  # the same weights, however they got there
 
 
+def test_a_context_s_kv_cache_goes_in_huge_pages_with_the_weights(smollm_path: Path) -> None:
+    # SmolLM2-135M keeps 30 layers x (K + V) x 192 f16 values a cell: 4,096 cells take
+    # 90 MiB, 128 cells 2.8 MiB (too small a buffer to copy). Mapped weights too: the
+    # context's memory is the process's own either way.
+    small = _load(smollm_path, "on", "unset", n_ctx=128)["huge_kb"]
+    large = _load(smollm_path, "on", "unset", n_ctx=4096)["huge_kb"]
+    assert isinstance(small, int) and isinstance(large, int)
+    kv_kb = 30 * 2 * 192 * 2 * 4096 // 1024
+    if HUGE_PAGES:
+        assert large - small >= kv_kb * 3 // 4, (small, large)
+    else:
+        assert large == small == 0
+
+
 def test_a_field_the_binding_lacks_is_refused_not_ignored() -> None:
     params = llama_cpp.llama_model_default_params()
     with pytest.raises(AttributeError, match="use_mmap"):
@@ -108,12 +122,29 @@ def test_a_field_the_binding_lacks_is_refused_not_ignored() -> None:
 def test_anonymous_memory_allocated_during_the_body_ends_in_huge_pages() -> None:
     size = 32 << 20
     control = _filled(size)  # outside: under THP "madvise" it keeps its 4 KiB pages
-    with huge_pages.weights_collapsed(True):
+    with huge_pages.collapsed(True):
         region = _filled(size)  # populated in 4 KiB pages, as a file read leaves it
     if THP_MADVISE:
         assert _huge_kb_of(_address(control)) == 0
     assert _huge_kb_of(_address(region)) >= 28 << 10  # all but the unaligned ends
     assert region[:1] == b"w" and region[size - 1 :] == b"w"  # the contents moved intact
+    control.close()
+    region.close()
+
+
+def test_untouched_new_memory_gets_huge_pages_when_it_is_first_written() -> None:
+    """A context's compute buffer is only written by its first decode: with
+    `untouched`, the pages it gets then come huge."""
+    size = 32 << 20
+    control = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with huge_pages.collapsed(True, untouched=True):
+        region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    assert _resident_pages(region) == 0  # nothing was filled on its behalf
+    for m in (control, region):
+        m.write(b"c" * size)
+    if THP_MADVISE:
+        assert _huge_kb_of(_address(control)) == 0
+    assert _huge_kb_of(_address(region)) >= 28 << 10
     control.close()
     region.close()
 
@@ -126,7 +157,7 @@ def test_a_sparse_neighbour_of_a_new_buffer_is_not_filled() -> None:
     for offset in range(0, 64 << 20, 2 << 20):
         sparse[offset] = 1  # one base page in each 2 MiB
     before = _resident_pages(sparse)
-    with huge_pages.weights_collapsed(True):
+    with huge_pages.collapsed(True):
         region = _filled(32 << 20)
         half = mmap.mmap(-1, 32 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         half.write(b"h" * (16 << 20))  # a buffer only half filled by the end of the load

@@ -1,17 +1,19 @@
-"""Model weights in transparent huge pages (Linux).
+"""Model weights and KV caches in transparent huge pages (Linux).
 
 A decode reads every weight once per step, so a small model's step is a stream over
 its whole file: in 4 KiB pages that is one TLB entry per 4 KiB, in 2 MiB pages one
 per 2 MiB. In a virtual machine each TLB miss walks two page tables (the guest's and
 the host's). Measured on SmolLM2-135M (2 vCPUs, Firecracker): weights collapsed into
 2 MiB pages decoded about 4 % faster than the same weights mapped from the file or
-read into 4 KiB pages (`bench/huge_page_weights.py`).
+read into 4 KiB pages (`bench/huge_page_weights.py`). A step over many sequences also
+reads each one's KV cells, which llama.cpp clears (so fills) when it makes a context:
+the same is done for the context's buffers.
 
-llama.cpp has no hook between allocating its weight buffers and filling them, so the
-pages are collapsed after loading: `MADV_COLLAPSE` (Linux 6.1+) copies each huge-page
+llama.cpp has no hook between allocating its buffers and filling them, so the
+pages are collapsed afterwards: `MADV_COLLAPSE` (Linux 6.1+) copies each huge-page
 range into a huge page there and then. The ranges are those of the address space that
-became anonymous memory during the load (llama.cpp's buffers, read into memory or
-repacked for the CPU's kernels), 16 MiB at least, and only where every base page is
+became anonymous memory during the load or the context's creation (llama.cpp's buffers:
+weights read into memory or repacked for the CPU's kernels, KV caches), 16 MiB at least, and only where every base page is
 already resident: a range that is mostly empty (a heap arena, a buffer another thread
 has only begun to fill) would grow to whole huge pages. Wherever any of this is missing
 (another OS, THP `never` or disabled for the process, a kernel without MADV_COLLAPSE),
@@ -31,11 +33,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-__all__ = ["available", "fits_in_memory", "weights_collapsed"]
+__all__ = ["available", "collapsed", "fits_in_memory"]
 
 logger = logging.getLogger("sipp.local")
 
-MIN_REGION = 16 << 20  # smaller new mappings are not weight buffers worth a copy
+MIN_REGION = 16 << 20  # smaller new mappings are not buffers worth a copy
 _MADV_HUGEPAGE = 14
 _MADV_COLLAPSE = 25
 _THP = Path("/sys/kernel/mm/transparent_hugepage")
@@ -179,9 +181,12 @@ def _resident_runs(start: int, end: int, huge: int) -> list[tuple[int, int]]:
 
 
 @contextmanager
-def weights_collapsed(enabled: bool) -> Iterator[None]:
-    """Around a model load: afterwards, put the anonymous memory that appeared during the
-    body in huge pages (see the module docstring). A failure leaves 4 KiB pages."""
+def collapsed(enabled: bool, *, untouched: bool = False) -> Iterator[None]:
+    """Around a model load or a context's creation: afterwards, put the anonymous memory
+    that appeared and was filled during the body in huge pages (see the module
+    docstring). With `untouched`, the rest of each new range is marked for huge pages
+    too, so what a buffer is first written later comes in huge pages: a context's compute
+    buffer, which its first decode fills. A failure leaves 4 KiB pages."""
     huge = _huge_page_size() if enabled else 0
     before = None
     if huge:
@@ -192,20 +197,22 @@ def weights_collapsed(enabled: bool) -> Iterator[None]:
     if before is None or madvise is None:
         return
     try:
-        collapsed = _collapse(madvise, huge, _new_ranges(before, _anonymous_regions()))
+        moved = _collapse(madvise, huge, _new_ranges(before, _anonymous_regions()), untouched)
     except (OSError, ValueError) as exc:
-        logger.debug("weights left in base pages: %s", exc)
+        logger.debug("buffers left in base pages: %s", exc)
         return
-    if collapsed:
-        logger.debug("weights in huge pages: %d MiB", collapsed >> 20)
+    if moved:
+        logger.debug("buffers in huge pages: %d MiB", moved >> 20)
 
 
-def _collapse(madvise: _Madvise, huge: int, ranges: list[tuple[int, int]]) -> int:
+def _collapse(madvise: _Madvise, huge: int, ranges: list[tuple[int, int]], untouched: bool) -> int:
     collapsed = 0
     for low, high in ranges:
         start, end = -(-low // huge) * huge, high // huge * huge
         if end - start < MIN_REGION:
             continue
+        if untouched:
+            madvise(start, end - start, _MADV_HUGEPAGE)
         for run_start, run_end in _resident_runs(start, end, huge):
             length = run_end - run_start
             # MADV_HUGEPAGE too: pages the range gains later come huge.

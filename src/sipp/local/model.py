@@ -154,7 +154,7 @@ def load_model(path: Path, config: NativeRuntimeConfig, backend: str | None = No
         use_extra_bufts=use_extra_bufts,
     )
     try:
-        with huge_pages.weights_collapsed(thp):
+        with huge_pages.collapsed(thp):
             model = _llama.LlamaModel(path, params)
     except RuntimeError as exc:
         raise ModelLoadError(f"llama.cpp could not load {path}: {exc}") from exc
@@ -197,7 +197,11 @@ def load_model(path: Path, config: NativeRuntimeConfig, backend: str | None = No
                 "ContextRuntimeConfig.flash_attention cannot be on with the explicit cpu backend"
             )
         try:
-            context = _llama.Context(model, cparams)
+            # Its KV cache is filled (cleared) as it is made, its compute buffer by the
+            # first decode: a step over many sequences reads their cells and activations
+            # as well as the weights, so these go in huge pages too (3 % at B=8).
+            with huge_pages.collapsed(thp, untouched=True):
+                context = _llama.Context(model, cparams)
         except RuntimeError as exc:
             raise ModelLoadError(f"llama.cpp could not create a context for {path}: {exc}") from exc
     except BaseException:
