@@ -9,13 +9,17 @@ read into 4 KiB pages (`bench/huge_page_weights.py`). A step over many sequences
 reads each one's KV cells, which llama.cpp clears (so fills) when it makes a context:
 the same is done for the context's buffers.
 
-llama.cpp has no hook between allocating its buffers and filling them, so the
-pages are collapsed afterwards: `MADV_COLLAPSE` (Linux 6.1+) copies each huge-page
-range into a huge page there and then. The ranges are those of the address space that
-became anonymous memory during the load or the context's creation (llama.cpp's buffers:
-weights read into memory or repacked for the CPU's kernels, KV caches), 16 MiB at least, and only where every base page is
-already resident: a range that is mostly empty (a heap arena, a buffer another thread
-has only begun to fill) would grow to whole huge pages. Wherever any of this is missing
+llama.cpp has no hook between allocating its buffers and filling them, so the pages
+are collapsed afterwards: `MADV_COLLAPSE` (Linux 6.1+) copies each huge-page range into
+a huge page there and then. The ranges are those of the address space that became
+anonymous memory during the load or the context's creation (llama.cpp's buffers:
+weights read into memory or repacked for the CPU's kernels, KV caches), 16 MiB at
+least, and only where every base page is already resident: a range that is mostly empty
+(a heap arena, a buffer another thread has only begun to fill) would grow to whole huge
+pages. The one exception is a context's compute buffer, which only its first decode
+writes: the ranges new at a context's creation are marked `MADV_HUGEPAGE` as a whole, so
+its pages fault in huge, and the kernel may later fill a range of it that is partly
+written (at most the buffer llama.cpp sized for its largest step). Wherever any of this is missing
 (another OS, THP `never` or disabled for the process, a kernel without MADV_COLLAPSE),
 `available()` is False and models stay mapped from their files.
 """
