@@ -20,7 +20,8 @@ from sipp.local import _llama, huge_pages
 # Linux with THP not "never" and MADV_COLLAPSE: the hosts CI runs on. Where it is
 # False, the cases below expect weights mapped from the file.
 HUGE_PAGES = huge_pages.available()
-THP_MADVISE = "[madvise]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+THP_MADVISE, THP_ALWAYS = "[madvise]" in THP_ENABLED, "[always]" in THP_ENABLED
 
 CHILD = """
 import json, re, sys
@@ -107,8 +108,8 @@ def test_a_context_s_kv_cache_goes_in_huge_pages_with_the_weights(smollm_path: P
     kv_kb = 30 * 2 * 192 * 2 * 4096 // 1024
     if HUGE_PAGES:
         assert large - small >= kv_kb * 3 // 4, (small, large)
-    else:
-        assert large == small == 0
+    elif not THP_ALWAYS:  # nothing asked the kernel for huge pages
+        assert large - small < kv_kb // 4, (small, large)
 
 
 def test_a_field_the_binding_lacks_is_refused_not_ignored() -> None:
