@@ -19,9 +19,9 @@ least, and only where every base page is already resident: a range that is mostl
 pages. The one exception is a context's compute buffer, which only its first decode
 writes: the ranges new at a context's creation are marked `MADV_HUGEPAGE` as a whole, so
 its pages fault in huge, and the kernel may later fill a range of it that is partly
-written (at most the buffer llama.cpp sized for its largest step). Wherever any of this is missing
-(another OS, THP `never` or disabled for the process, a kernel without MADV_COLLAPSE),
-`available()` is False and models stay mapped from their files.
+written (at most the buffer llama.cpp sized for its largest step). Wherever any of this
+is missing (another OS, THP `never` or disabled for the process, a kernel without
+MADV_COLLAPSE), `available()` is False and models stay mapped from their files.
 """
 
 from __future__ import annotations
@@ -215,12 +215,12 @@ def _collapse(madvise: _Madvise, huge: int, ranges: list[tuple[int, int]], untou
         start, end = -(-low // huge) * huge, high // huge * huge
         if end - start < MIN_REGION:
             continue
-        if untouched:
+        if untouched:  # the whole range: what is written later faults in huge pages
             madvise(start, end - start, _MADV_HUGEPAGE)
         for run_start, run_end in _resident_runs(start, end, huge):
             length = run_end - run_start
-            # MADV_HUGEPAGE too: pages the range gains later come huge.
-            madvise(run_start, length, _MADV_HUGEPAGE)
+            if not untouched:  # pages the run gains later come huge
+                madvise(run_start, length, _MADV_HUGEPAGE)
             if madvise(run_start, length, _MADV_COLLAPSE) == 0:
                 collapsed += length
             else:
