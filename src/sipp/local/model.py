@@ -199,7 +199,8 @@ def load_model(path: Path, config: NativeRuntimeConfig, backend: str | None = No
         try:
             # Its KV cache is filled (cleared) as it is made, its compute buffer by the
             # first decode: a step over many sequences reads their cells and activations
-            # as well as the weights, so these go in huge pages too (3 % at B=8).
+            # as well as the weights, so these go in huge pages too (see the huge-pages
+            # trap in docs/architecture.md).
             with huge_pages.collapsed(thp, untouched=True):
                 context = _llama.Context(model, cparams)
         except RuntimeError as exc:
