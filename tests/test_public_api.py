@@ -52,6 +52,7 @@ def test_every_public_error_has_a_stable_code() -> None:
         (lambda: SamplingRuntimeConfig(samplers=["top_k", "typical"]), "samplers must list"),
         (lambda: SamplingRuntimeConfig(mirostat=2), "not supported by this runtime yet"),
         (lambda: SamplingRuntimeConfig(logit_bias={5: float("nan")}), "not NaN"),
+        (lambda: SamplingRuntimeConfig(seed=2**32), "seed must be <= 4294967295"),
         (lambda: CacheRuntimeConfig(max_snapshot_entries=4), "need mode='snapshot'"),
         (
             lambda: CacheRuntimeConfig(mode="snapshot", retained_prefix_tokens=4),

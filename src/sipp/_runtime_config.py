@@ -59,7 +59,7 @@ class _Group:
     def _where(self, name: str) -> str:
         return f"{type(self).__name__}.{name}"
 
-    def _int(self, name: str, minimum: int) -> None:
+    def _int(self, name: str, minimum: int, maximum: int | None = None) -> None:
         value = getattr(self, name)
         if value is None:
             return
@@ -67,6 +67,8 @@ class _Group:
             raise InvalidConfigError(f"{self._where(name)} must be an integer, got {value!r}")
         if value < minimum:
             raise InvalidConfigError(f"{self._where(name)} must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise InvalidConfigError(f"{self._where(name)} must be <= {maximum}, got {value}")
 
     def _float(self, name: str, low: float, high: float = math.inf) -> None:
         value = getattr(self, name)
@@ -190,7 +192,9 @@ class SamplingRuntimeConfig(_Group):
                     f"{', '.join(SAMPLER_NAMES)}, got {list(names)!r}"
                 )
             object.__setattr__(self, "samplers", names)
-        self._int("seed", 0)
+        # llama.cpp's seeds are 32-bit; a wider one would wrap, and 2**32 - 1 is its
+        # "a random seed for every request".
+        self._int("seed", 0, 2**32 - 1)
         self._int("top_k", 0)
         self._float("top_p", 0.0, 1.0)
         self._float("min_p", 0.0, 1.0)

@@ -9,6 +9,9 @@ distribution; greedy ties and logit biases resolve as llama.cpp's greedy does.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import math
 import time
 from collections.abc import Iterator
@@ -32,7 +35,15 @@ from sipp import (
 )
 from sipp._runtime_config import SAMPLER_NAMES
 from sipp.local import _llama
-from sipp.local.batch_sampling import RowSampler, canonical, mt19937, row_sampler, sample_rows
+from sipp.local.batch_sampling import (
+    RowSampler,
+    _expf,
+    canonical,
+    greedy_token,
+    mt19937,
+    row_sampler,
+    sample_rows,
+)
 
 from .test_engine import PROMPTS  # the eight distinct prompts the engine tests batch
 
@@ -157,6 +168,29 @@ def test_a_batch_mixing_greedy_sampled_and_constrained_rows_matches_the_chains(
     assert batched[2][1].logprobs and len(batched[2][1].logprobs[0].top) == 3
 
 
+def test_settings_past_what_llama_cpp_holds_keep_the_engine_serving(smollm_path: Path) -> None:
+    # A min_p that is 0 as a float once took the endpoint down; a top_k past int32 wrapped
+    # into llama.cpp's int and meant something else than on the batch sampler.
+    sampled = SippTextOptions(max_tokens=24, temperature=0.9)
+    requests: list[tuple[str, SippTextOptions, LocalTextOptions | None]] = [
+        (
+            PROMPTS[0],
+            sampled,
+            LocalTextOptions(sampling=SamplingRuntimeConfig(seed=21, min_p=1e-46)),
+        ),
+        (
+            PROMPTS[1],
+            sampled,
+            LocalTextOptions(sampling=SamplingRuntimeConfig(seed=22, top_k=2**40)),
+        ),
+        (PROMPTS[2], GREEDY, None),
+    ]
+    chain = _together(smollm_path, False, requests)
+    batched = _together(smollm_path, True, requests)
+    assert [ids for ids, _ in batched] == [ids for ids, _ in chain]
+    assert all(r.text for _, r in batched)
+
+
 # ------------------------------------------------------------------ function level
 class _Logits:
     """A private context holding the logits of a few prompts, and a chain sampler
@@ -198,6 +232,19 @@ class _Logits:
             return [sampler.sample(self.ctx, self.index[entry]) for _ in range(n)]
         finally:
             sampler.close()
+
+    @contextlib.contextmanager
+    def row_set_to(self, entry: int, values: np.ndarray) -> Iterator[None]:
+        """Put `values` in llama.cpp's logits buffer in place of `entry`'s row, where
+        the chain and the batch sampler both read it, for the `with` block."""
+        logits, rows = self.ctx.logits_rows([self.index[entry]])
+        row = logits[rows[0]]
+        kept = row.copy()
+        row[:] = values
+        try:
+            yield
+        finally:
+            row[:] = kept
 
     def fast_draws(self, s: _llama.SamplerSettings, entry: int, n: int) -> list[int]:
         fast = row_sampler(s)
@@ -248,6 +295,93 @@ def test_seeded_draws_equal_the_chains_draw_for_draw(
             seen.update(chain)
     if changes.get("top_k") != 1:
         assert len(seen) > 4  # the draws did spread over several tokens
+
+
+def _two_finite(row: np.ndarray) -> np.ndarray:
+    out = np.full_like(row, -np.inf)
+    out[7], out[9] = 1.0, 0.5
+    return out
+
+
+@pytest.mark.parametrize(
+    ("changes", "edit"),
+    [
+        ({"min_p": 1e-46}, None),  # 0 as a float: llama.cpp's min_p does nothing
+        ({"top_p": 0.99999999, "min_p": 0.0}, None),  # 1 as a float: nor does top_p
+        ({"temperature": 1e-46}, None),  # 0 as a float: only the first best token is left
+        ({"temperature": 1e-39}, None),  # logits / t overflow: inf - inf in the draw
+        ({"temperature": 1e39}, None),  # inf as a float: every logit becomes 0
+        ({"logit_bias": {500: math.inf}, "min_p": 0.0, "top_p": 1.0}, None),
+        ({"logit_bias": {500: math.inf, 600: math.inf}}, None),
+        ({"top_k": 3}, _two_finite),  # fewer finite logits than k
+    ],
+)
+def test_edge_settings_and_infinite_logits_draw_as_the_chain(
+    smollm_logits: _Logits, changes: dict[str, Any], edit: Any
+) -> None:
+    logits, rows = smollm_logits.ctx.logits_rows([smollm_logits.index[0]])
+    values = logits[rows[0]].copy()
+    with smollm_logits.row_set_to(0, edit(values) if edit else values):
+        for seed in (0, 1, 42):
+            s = _settings(seed=seed, **changes)
+            assert row_sampler(s) is not None  # the batch sampler takes these rows
+            chain = smollm_logits.chain_draws(s, 0, 30)
+            assert smollm_logits.fast_draws(s, 0, 30) == chain, (changes, seed)
+
+
+def test_a_sampled_row_never_draws_a_nan_while_another_token_is_left() -> None:
+    # llama.cpp's partial sort gives NaN no defined place; here it ranks below -inf.
+    n = 49152
+    row = np.random.default_rng(5).standard_normal(n).astype(np.float32)
+    best = int(np.argmax(row))
+    second = int(np.argsort(-row, kind="stable")[1])
+    for nan_at in ([best], list(range(0, n, 7)), list(range(n - 5))):
+        broken = row.copy()
+        broken[nan_at] = np.nan
+        for k in (1, 40, 5000):
+            fast = row_sampler(_settings(top_k=k, seed=3))
+            assert fast is not None
+            draws = [sample_rows(broken[None, :], [0], [fast])[0] for _ in range(10)]
+            assert not np.isnan(broken[draws]).any(), (len(nan_at), k)
+            if k == 1 and nan_at == [best]:
+                assert draws == [second] * 10
+    fast = row_sampler(_settings(top_k=40, seed=3))
+    assert fast is not None
+    every = np.full((1, n), np.nan, dtype=np.float32)
+    assert 0 <= sample_rows(every, [0], [fast])[0] < n  # a token, not an error
+
+
+def _c_float_function(name: str) -> Any:
+    function = getattr(ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6"), name)
+    function.argtypes = [ctypes.c_float]
+    function.restype = ctypes.c_float
+    return function
+
+
+def test_softmax_terms_are_the_c_librarys_expf() -> None:
+    # libllama's samplers call the C library's expf, which is not correctly rounded:
+    # near a midpoint between two floats it may round the other way.
+    expf = _c_float_function("expf")
+    rng = np.random.default_rng(3)
+    x = np.concatenate(
+        [rng.uniform(-30.0, 0.0, 300_000), rng.uniform(-105.0, -80.0, 50_000)]  # subnormals
+    ).astype(np.float32)
+    x[:3] = (0.0, -np.inf, np.nan)
+    want = np.array([expf(v) for v in x.tolist()], dtype=np.float32)
+    assert _expf(x).view(np.uint32).tolist() == want.view(np.uint32).tolist()
+    rounded = np.exp(x.astype(np.float64)).astype(np.float32)
+    assert (rounded[3:] != want[3:]).sum() > 10  # so rounding the true value would not do
+
+
+def test_min_p_takes_the_c_librarys_logf() -> None:
+    logf = _c_float_function("logf")
+    ps = np.random.default_rng(4).uniform(1e-4, 1.0, 200_000).astype(np.float32)
+    c = np.array([logf(v) for v in ps.tolist()], dtype=np.float32)
+    off = np.flatnonzero(np.log(ps.astype(np.float64)).astype(np.float32) != c)
+    assert len(off) > 0  # values where logf is not the correctly rounded log
+    for p in ps[off[:5]].tolist():
+        fast = row_sampler(_settings(min_p=p))
+        assert fast is not None and fast.log_min_p == np.float32(logf(p))
 
 
 def _expected(row: np.ndarray, k: int, top_p: float, temperature: float) -> dict[int, float]:
@@ -400,17 +534,14 @@ def test_a_ban_list_never_lifts_a_token_over_the_unbiased_winner(
     row: list[float], odd: list[tuple[int, float]], bias: dict[int, float]
 ) -> None:
     # Biases <= 0 take a shortcut when the winner is finite and unbiased; infinite winners
-    # (inf - inf is NaN) and NaN rows take the full comparison. Either way: numpy's argmax
-    # of the biased row, which is llama.cpp's greedy pick whenever the row holds no NaN.
+    # (inf - inf is NaN) and NaN rows take the full comparison. Either way: llama.cpp's
+    # greedy pick of the biased row.
     for at, value in odd:
         row[at] = value
     logits = np.array([row], dtype=np.float32)
-    want = _biased(logits[0], bias)
     fast = row_sampler(_settings(temperature=0.0, logit_bias=bias))
     assert fast is not None and fast.lowers_only
-    assert sample_rows(logits, [0], [fast]) == [int(np.argmax(want))]
-    if not np.isnan(want).any():
-        assert int(np.argmax(want)) == _llama_greedy(logits[0], bias)
+    assert sample_rows(logits, [0], [fast]) == [_llama_greedy(logits[0], bias)]
 
 
 @pytest.mark.parametrize("n_biased", [1, 17])  # compared as floats; gathered with numpy
@@ -428,21 +559,25 @@ def test_a_bias_below_half_a_float32_step_leaves_a_tie(n_biased: int) -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(
-    row=st.lists(st.sampled_from([math.nan, -1.0, 0.0, 2.0, 3e38]), min_size=20, max_size=20),
+    row=st.lists(
+        st.sampled_from([math.nan, -math.inf, -1.0, 0.0, 2.0, 3e38]), min_size=20, max_size=20
+    ),
     bias=st.dictionaries(
-        st.integers(0, 19), st.sampled_from([-math.inf, -1e30, 1.0, 1e38]), max_size=20
+        st.integers(0, 19), st.sampled_from([-math.inf, -1e30, 1.0, 1e38, math.inf]), max_size=20
     ),
 )
-def test_a_row_with_nan_gets_numpys_argmax_of_the_biased_row(
+def test_a_row_with_nan_gets_llama_cpps_greedy_pick(
     row: list[float], bias: dict[int, float]
 ) -> None:
-    # A model that produces NaN is broken; the answer is still defined: the first NaN
-    # once the bias is added (numpy's argmax), on the float and the gathered paths.
+    # A NaN comes from a broken model, or from a +inf bias on a -inf logit. llama.cpp's
+    # greedy sampler never moves to one (token 0 stays picked when it is NaN); so with
+    # and without a bias, on the float and the gathered paths.
     logits = np.array([row], dtype=np.float32)
-    want = _biased(logits[0], bias)
     fast = row_sampler(_settings(temperature=0.0, logit_bias=bias))
     assert fast is not None
-    assert sample_rows(logits, [0], [fast]) == [int(np.argmax(want))]
+    assert sample_rows(logits, [0], [fast]) == [_llama_greedy(logits[0], bias)]
+    alone = logits[0]  # the lone request's loop: numpy's argmax first, then the check
+    assert greedy_token(alone, int(alone.argmax()), fast) == _llama_greedy(alone, bias)
 
 
 @pytest.mark.parametrize("n", [100, 1000, 49152, 49153, 151936])

@@ -5,21 +5,24 @@ SmolLM2, ~152k for Qwen) into a candidate array for every row, every step, befor
 its first sampler even runs. For the common requests this module skips that:
 
 * **greedy** rows (temperature <= 0) without grammar or penalties are argmax'ed
-  in one numpy call over a view of the logits buffer (no copy). A logit bias is
-  applied on top, exactly as llama.cpp adds it (float32 `logit += bias`), and ties
-  go to the lowest token id, as llama.cpp's greedy sampler picks them. A row with a
-  NaN (a broken model) gets numpy's argmax of the biased row: its first NaN.
+  in one numpy call over a view of the logits buffer (no copy when the rows are
+  adjacent). A logit bias is applied on top, exactly as llama.cpp adds it (float32
+  `logit += bias`), and ties go to the lowest token id, as llama.cpp's greedy
+  sampler picks them. A row with a NaN (a broken model, or a +inf bias on a -inf
+  logit) gets llama.cpp's answer too: its greedy sampler never moves to a NaN, so
+  the pick is token 0 when that one is NaN, else the best of the other tokens.
 * **sampled** rows whose first active stage is `top_k` (k > 0), without grammar or
   penalties, select the k best logits first (a threshold from column maxima, then
-  a sort of the few dozen logits above it), then run top_p / min_p / temperature on those k in the
-  configured order and draw the token with llama.cpp's own arithmetic: float32
-  softmax pieces, a float64 running sum, and a uniform double from a Mersenne
+  a sort of the few dozen logits above it), then run top_p / min_p / temperature on
+  those k in the configured order and draw the token with llama.cpp's own
+  arithmetic: float32 softmax pieces from the C library's `expf` and `logf` (the
+  ones libllama calls), a float64 running sum, and a uniform double from a Mersenne
   Twister (std::mt19937) seeded like llama.cpp's `dist` sampler. For a fixed seed
-  this gives the same token as the llama.cpp chain, draw after draw; only exact
-  logit ties inside the top k may order differently (llama.cpp's partial sort
-  leaves their order unspecified) and `expf`/`logf` may differ from numpy's
-  correctly rounded results in the last bit, so the guarantee is the same
-  distribution and, in practice, the same tokens.
+  this gives the same token as the llama.cpp chain, draw after draw, infinite
+  logits and overflowing temperatures included. Two cases have no llama.cpp answer
+  to match, as its partial sort leaves their order unspecified: exact logit ties
+  inside the top k (here the lower id comes first) and NaN logits (here never
+  drawn while any other token is left).
 
 Rows with a grammar or penalties, or sampled rows with top_k disabled (or not
 first), keep the llama.cpp chain: their samplers carry state or need the whole
@@ -28,10 +31,12 @@ vocabulary anyway.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -71,9 +76,46 @@ def canonical(gen: np.random.MT19937) -> float:
     return value if value < 1.0 else math.nextafter(1.0, 0.0)
 
 
+def _c_float_function(name: str) -> Callable[[float], float] | None:
+    """The C library's float function `name` (the one libllama links), or None."""
+    try:
+        libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+        function = getattr(libm, name)
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_float]
+    function.restype = ctypes.c_float
+    return function  # type: ignore[no-any-return]
+
+
+_C_EXPF = _c_float_function("expf")
+_C_LOGF = _c_float_function("logf")
+# glibc's expf works in double and rounds once, its double within 1.69 * 2^-34 of the
+# true value (e_expf.c); so it can round otherwise than the true value only when that
+# lies this close (relative) to a midpoint between two floats: about one input in 200.
+_NEAR_MIDPOINT = 2.0**-32
+
+
 def _expf(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    # In float64 then rounded: the correctly rounded float32, as glibc's expf gives.
-    out: npt.NDArray[np.float32] = np.exp(x.astype(np.float64)).astype(np.float32)
+    """expf of each element, as the C library computes it: rounded from float64, which
+    is the true value correctly rounded, except near a midpoint, where the C function
+    itself is asked."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        exact = np.exp(x.astype(np.float64))
+        out: npt.NDArray[np.float32] = exact.astype(np.float32)
+        if _C_EXPF is None:
+            return out
+        near = out.astype(np.float64)
+        toward = np.where(exact > near, np.float32(np.inf), np.float32(-np.inf))
+        midpoint = (near + np.nextafter(out, toward).astype(np.float64)) * 0.5
+        hard = (exact != near) & (np.abs(exact - midpoint) <= exact * _NEAR_MIDPOINT)
+    for i in np.flatnonzero(hard).tolist():
+        out[i] = _C_EXPF(float(x[i]))
+    return out
+
+
+def _logf(x: float) -> np.float32:
+    out: np.float32 = np.float32(_C_LOGF(x) if _C_LOGF is not None else math.log(x))
     return out
 
 
@@ -88,7 +130,7 @@ class RowSampler:
     stages: tuple[str, ...] = ()  # what runs on the top-k survivors, in order
     # float32, as llama.cpp's samplers hold them
     top_p: np.float32 = field(default_factory=lambda: np.float32(1.0))
-    min_p: np.float32 = field(default_factory=lambda: np.float32(0.0))
+    log_min_p: np.float32 = field(default_factory=lambda: np.float32(-np.inf))  # logf(min_p)
     temperature: np.float32 = field(default_factory=lambda: np.float32(1.0))
     rng: np.random.MT19937 | None = None
     bias_set: frozenset[int] = field(init=False)
@@ -124,26 +166,31 @@ def row_sampler(s: SamplerSettings) -> RowSampler | None:
     values = np.array([b for _, b in items], dtype=np.float32)
     if s.temperature <= 0.0:
         return RowSampler(True, tokens, values)
+    # llama.cpp's samplers hold p as a float and skip themselves on its float value
+    # (top_p at >= 1, min_p at <= 0): a min_p of 1e-50 is 0 there, and does nothing.
+    top_p, min_p = np.float32(s.top_p), np.float32(s.min_p)
     active = [
         stage
         for stage in s.order
         if (stage == "top_k" and s.top_k > 0)
-        or (stage == "top_p" and s.top_p < 1.0)
-        or (stage == "min_p" and s.min_p > 0.0)
+        or (stage == "top_p" and top_p < 1.0)
+        or (stage == "min_p" and min_p > 0.0)
         or stage == "temperature"
     ]
     if not active or active[0] != "top_k":
         return None
     seed = int.from_bytes(os.urandom(4), "little") if s.seed == DEFAULT_SEED else s.seed
+    with np.errstate(over="ignore"):  # a temperature past float32's range is inf, as in C
+        temperature = np.float32(s.temperature)
     return RowSampler(
         False,
         tokens,
         values,
         top_k=s.top_k,
         stages=tuple(active[1:]),
-        top_p=np.float32(s.top_p),
-        min_p=np.float32(s.min_p),
-        temperature=np.float32(s.temperature),
+        top_p=top_p,
+        log_min_p=_logf(float(min_p)) if min_p > 0.0 else np.float32(-np.inf),
+        temperature=temperature,
         rng=mt19937(seed),
     )
 
@@ -164,7 +211,7 @@ def sample_rows(
             found = np.argmax(logits[picked], axis=1).tolist()
         for i, token in zip(greedy, found):
             s = samplers[i]
-            tokens[i] = _greedy_with_bias(logits[rows[i]], token, s) if s.bias_pairs else token
+            tokens[i] = greedy_token(logits[rows[i]], token, s)
     for i, s in enumerate(samplers):
         if not s.greedy:
             tokens[i] = _sample_top_k(s.biased(logits[rows[i]]), s)
@@ -172,8 +219,24 @@ def sample_rows(
 
 
 def greedy_token(row: npt.NDArray[np.float32], best: int, s: RowSampler) -> int:
-    """A greedy row's token, given the argmax of its raw logits."""
-    return _greedy_with_bias(row, best, s) if s.bias_pairs else best
+    """A greedy row's token, given numpy's argmax of its raw logits (its first NaN, if
+    the row holds one)."""
+    if s.bias_pairs:
+        return _greedy_with_bias(row, best, s)
+    win = row.item(best)
+    return best if win == win else _greedy_scan(row)
+
+
+def _greedy_scan(row: npt.NDArray[np.float32]) -> int:
+    """llama.cpp's greedy pick: scanning from token 0, the first logit strictly above
+    every earlier one. It never moves to a NaN, so it stays on token 0 when that one
+    is NaN, and otherwise ends on the first best of the other logits."""
+    best = int(np.argmax(row))
+    win = row.item(best)
+    if win == win:  # numpy's argmax stops at a NaN: there is none
+        return best
+    first = row.item(0)
+    return 0 if first != first else int(np.nanargmax(row))
 
 
 def _greedy_with_bias(row: npt.NDArray[np.float32], best: int, s: RowSampler) -> int:
@@ -185,7 +248,7 @@ def _greedy_with_bias(row: npt.NDArray[np.float32], best: int, s: RowSampler) ->
     tens of microseconds when a decode has just evicted the caches, a float a fraction
     of one. A long bias list is gathered with numpy."""
     if best in s.bias_set:
-        return int(np.argmax(s.biased(row)))
+        return _greedy_scan(s.biased(row))
     win = row.item(best)
     if s.lowers_only and math.isfinite(win):
         # A finite winner means no NaN or +inf in the row, so a bias <= 0 leaves every
@@ -208,8 +271,8 @@ def _greedy_with_bias(row: npt.NDArray[np.float32], best: int, s: RowSampler) ->
                     break
     if top < win:
         return best
-    if win != win or top != top:  # a NaN: numpy's argmax of the biased row, as documented
-        return int(np.argmax(s.biased(row)))
+    if win != win or top != top:  # a NaN in the biased row: the whole scan decides
+        return _greedy_scan(s.biased(row))
     return first_moved if top > win else min(best, first_moved)
 
 
@@ -225,10 +288,13 @@ def _float32(x: float) -> float:
 
 
 def _top_k(row: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.intp]:
-    """Token ids of the k largest logits, largest first (ties: lower id first)."""
+    """Token ids of the k largest logits, largest first (ties: lower id first; NaN
+    counts as -inf)."""
     n = row.shape[0]
     cols = n // _ROWS
     if cols < 4 * k:
+        if np.isnan(row).any():
+            row = _nan_lowest(row)
         ids = np.arange(n)
     else:
         # The row as a grid of _ROWS rows: k columns have their maximum at or above the
@@ -237,8 +303,12 @@ def _top_k(row: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.intp]:
         # few hundred logits found are sorted, never the vocabulary. (Maxima down
         # columns: numpy reduces along axis 0 with SIMD, along axis 1 row by row.)
         size = _ROWS * cols
+        col_max = row[:size].reshape(_ROWS, cols).max(axis=0)
+        # A column's maximum is NaN if the column holds one: the check costs no pass.
+        if np.isnan(col_max).any() or np.isnan(row[size:]).any():
+            row = _nan_lowest(row)
+            col_max = row[:size].reshape(_ROWS, cols).max(axis=0)
         grid = row[:size].reshape(_ROWS, cols)
-        col_max = grid.max(axis=0)
         floor = np.partition(col_max, cols - k)[cols - k]
         hit = np.flatnonzero(col_max >= floor)
         r, c = np.nonzero(grid[:, hit] >= floor)
@@ -248,29 +318,42 @@ def _top_k(row: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.intp]:
     return ids[np.argsort(-row[ids], kind="stable")[:k]]
 
 
+def _nan_lowest(values: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    out: npt.NDArray[np.float32] = np.where(np.isnan(values), np.float32(-np.inf), values)
+    return out
+
+
 def _sample_top_k(row: npt.NDArray[np.float32], s: RowSampler) -> int:
     assert s.rng is not None
     ids = _top_k(row, s.top_k)
     vals = row[ids]
-    for stage in s.stages:
-        if stage == "top_p":
-            # llama_sampler_softmax_impl, then the first prefix whose float sum >= p.
-            p = _expf(vals - vals[0])
-            p = p / np.add.accumulate(p, dtype=np.float32)[-1]
-            reached = np.flatnonzero(np.add.accumulate(p, dtype=np.float32) >= s.top_p)
-            keep = int(reached[0]) + 1 if len(reached) else len(vals)
-            ids, vals = ids[:keep], vals[:keep]
-        elif stage == "min_p":
-            floor = np.float32(vals[0] + np.float32(math.log(float(s.min_p))))
-            keep = max(1, int(np.count_nonzero(vals >= floor)))
-            ids, vals = ids[:keep], vals[:keep]
-        elif stage == "temperature":
-            vals = (vals / s.temperature).astype(np.float32, copy=False)
-    # llama_sampler_dist_apply: float32 weights, a float64 running sum, one uniform draw.
-    rnd = canonical(s.rng)
-    if len(ids) == 1:
-        return int(ids[0])
-    weights = _expf(vals - vals[0]).astype(np.float64)  # float32 terms, float64 sum
-    running = np.add.accumulate(weights)
-    pick = int(np.searchsorted(running, running[-1] * rnd, side="left"))
-    return int(ids[min(pick, len(ids) - 1)])
+    if np.isnan(vals).any():  # fewer than k tokens were not NaN
+        vals = _nan_lowest(vals)
+    # An infinite logit or temperature overflow makes inf - inf: NaN, as in C.
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for stage in s.stages:
+            if stage == "top_p":
+                # llama_sampler_softmax_impl, then the first prefix whose float sum >= p.
+                p = _expf(vals - vals[0])
+                p = p / np.add.accumulate(p, dtype=np.float32)[-1]
+                reached = np.flatnonzero(np.add.accumulate(p, dtype=np.float32) >= s.top_p)
+                keep = int(reached[0]) + 1 if len(reached) else len(vals)
+                ids, vals = ids[:keep], vals[:keep]
+            elif stage == "min_p":
+                floor = np.float32(vals[0] + s.log_min_p)
+                keep = max(1, int(np.count_nonzero(vals >= floor)))
+                ids, vals = ids[:keep], vals[:keep]
+            elif stage == "temperature":
+                if s.temperature > 0.0:
+                    vals = (vals / s.temperature).astype(np.float32, copy=False)
+                else:  # 0 as a float (say 1e-46): llama.cpp keeps the first best only
+                    vals = np.concatenate((vals[:1], np.full(len(vals) - 1, -np.inf, np.float32)))
+        # llama_sampler_dist_apply: float32 weights, a float64 running sum, one uniform
+        # draw, and the first token whose running sum reaches it. A NaN sum reaches
+        # nothing: llama.cpp then falls back to the last token.
+        rnd = canonical(s.rng)
+        if len(ids) == 1:
+            return int(ids[0])
+        running = np.add.accumulate(_expf(vals - vals[0]).astype(np.float64))
+        reached = np.flatnonzero(running >= running[-1] * rnd)
+    return int(ids[reached[0]] if len(reached) else ids[-1])

@@ -263,7 +263,9 @@ class LocalEndpoint(Endpoint):
                 model,
                 _llama.SamplerSettings(
                     temperature=float(sampling.temperature or 0.0),
-                    top_k=int(sampling.top_k or 0),
+                    # A k past the vocabulary keeps it all; past int32 it would wrap
+                    # into llama.cpp's int and mean something else.
+                    top_k=min(int(sampling.top_k or 0), 2**31 - 1),
                     top_p=float(sampling.top_p if sampling.top_p is not None else 1.0),
                     min_p=float(sampling.min_p or 0.0),
                     repeat_penalty=float(sampling.repeat_penalty or 1.0),
