@@ -91,6 +91,7 @@ def _together(
         ref = client.add("m", LocalModelDescriptor(path, config))
         engine = client._registry._endpoints[ref.id]._engine  # type: ignore[attr-defined]
         engine.batch_sampling = batch_sampling
+        engine.sampled_rows_batched = True  # sampled rows too, whatever the vocabulary
         admit = engine._admit
 
         def admit_all_together() -> Any:
@@ -166,6 +167,20 @@ def test_a_batch_mixing_greedy_sampled_and_constrained_rows_matches_the_chains(
     assert batched[3][1].text in ("yes", "no")
     assert batched[2][1].logprobs == chain[2][1].logprobs
     assert batched[2][1].logprobs and len(batched[2][1].logprobs[0].top) == 3
+
+
+def test_sampled_rows_take_the_batch_sampler_only_on_large_vocabularies(
+    smollm_path: Path, qwen_path: Path
+) -> None:
+    # Measured in the engine (BENCHMARKS.md, session 18): on SmolLM2's 49,152 entries
+    # llama.cpp's chain samples a row faster, on Qwen's 151,936 the batch sampler does.
+    for path, batched in ((smollm_path, False), (qwen_path, True)):
+        with SippClient() as client:
+            config = NativeRuntimeConfig(context=ContextRuntimeConfig(n_ctx=256))
+            ref = client.add("m", LocalModelDescriptor(path, config))
+            engine = client._registry._endpoints[ref.id]._engine  # type: ignore[attr-defined]
+            assert engine.sampled_rows_batched is batched
+            assert engine.batch_sampling
 
 
 def test_settings_past_what_llama_cpp_holds_keep_the_engine_serving(smollm_path: Path) -> None:
@@ -371,6 +386,76 @@ def test_softmax_terms_are_the_c_librarys_expf() -> None:
     assert _expf(x).view(np.uint32).tolist() == want.view(np.uint32).tolist()
     rounded = np.exp(x.astype(np.float64)).astype(np.float32)
     assert (rounded[3:] != want[3:]).sum() > 10  # so rounding the true value would not do
+
+
+def _dist(terms: list[float], rnd: float) -> int:
+    """llama_sampler_dist_apply's pick, written out: a double running sum of the float
+    terms, the first that reaches `rnd` of the total, the last if none does."""
+    total = 0.0
+    for term in terms:
+        total += term
+    running = 0.0
+    for i, term in enumerate(terms):
+        running += term
+        if running >= total * rnd:
+            return i
+    return len(terms) - 1
+
+
+def _top_p(terms: list[float], top_p: float) -> int:
+    """llama_sampler_top_p's kept count, written out in float32 (softmax_impl, then the
+    running sum of the probabilities until it reaches p)."""
+    total = np.float32(0.0)
+    for term in terms:
+        total = np.float32(total + np.float32(term))
+    running = np.float32(0.0)
+    for i, term in enumerate(terms):
+        running = np.float32(running + np.float32(np.float32(term) / total))
+        if running >= np.float32(top_p):
+            return i + 1
+    return len(terms)
+
+
+def _odd_exponents(expf: Any) -> list[float]:
+    """Inputs whose C expf is not the correctly rounded value."""
+    x = np.random.default_rng(8).uniform(-3.0, 0.0, 300_000).astype(np.float32)
+    c = np.array([expf(v) for v in x.tolist()], dtype=np.float32)
+    return x[c != np.exp(x.astype(np.float64)).astype(np.float32)].tolist()
+
+
+def test_a_draw_or_a_top_p_cut_on_a_rounding_edge_takes_the_c_librarys_terms() -> None:
+    # The batch sampler sums correctly rounded terms first, and asks the C library only
+    # when a sum lies that close to its threshold: cases built to land between the two.
+    from sipp.local.batch_sampling import _draw, _top_p_keep
+
+    expf = _c_float_function("expf")
+    draws = cuts = 0
+    for odd in _odd_exponents(expf)[:40]:
+        x = np.array([0.0, odd, -1.0, -2.5], dtype=np.float32)
+        c_terms = [float(np.float32(expf(v))) for v in x.tolist()]
+        rounded = np.exp(x.astype(np.float64)).astype(np.float32).astype(np.float64).tolist()
+        # The fraction of the total at which the pick moves past token 1, for each set
+        # of terms; a draw between the two picks token 1 with one and token 2 with the other.
+        edges = [(ts[0] + ts[1]) / (ts[0] + ts[1] + ts[2] + ts[3]) for ts in (c_terms, rounded)]
+        rnd = sum(edges) / 2
+        assert _draw(x, rnd) == _dist(c_terms, rnd)
+        draws += _dist(c_terms, rnd) != _dist(rounded, rnd)
+        for at in range(1, 3):  # a p equal to the larger of the two running sums
+            p = max(_top_p_sums(c_terms)[at - 1], _top_p_sums(rounded)[at - 1])
+            assert _top_p_keep(x, p) == _top_p(c_terms, p)
+            cuts += _top_p(c_terms, p) != _top_p(rounded, p)
+    assert (draws, cuts) > (0, 0) and min(draws, cuts) > 0  # some did land on the edge
+
+
+def _top_p_sums(terms: list[float]) -> list[float]:
+    total = np.float32(0.0)
+    for term in terms:
+        total = np.float32(total + np.float32(term))
+    sums, running = [], np.float32(0.0)
+    for term in terms:
+        running = np.float32(running + np.float32(np.float32(term) / total))
+        sums.append(float(running))
+    return sums
 
 
 def test_min_p_takes_the_c_librarys_logf() -> None:
@@ -592,4 +677,6 @@ def test_top_k_keeps_the_k_best_logits_lowest_id_first_on_ties(n: int) -> None:
         row[-3:] = row[4]  # and in the tail past the last full column
         want = np.lexsort((np.arange(n), -row.astype(np.float64)))
         for k in (1, 4, 40, 200, 5000, n):
-            assert _top_k(row, k).tolist() == want[:k].tolist(), (scale, k)
+            ids, vals = _top_k(row, k)
+            assert ids.tolist() == want[:k].tolist(), (scale, k)
+            assert vals.tolist() == row[want[:k]].tolist()

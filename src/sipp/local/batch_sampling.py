@@ -90,27 +90,30 @@ def _c_float_function(name: str) -> Callable[[float], float] | None:
 
 _C_EXPF = _c_float_function("expf")
 _C_LOGF = _c_float_function("logf")
-# glibc's expf works in double and rounds once, its double within 1.69 * 2^-34 of the
-# true value (e_expf.c); so it can round otherwise than the true value only when that
-# lies this close (relative) to a midpoint between two floats: about one input in 200.
-_NEAR_MIDPOINT = 2.0**-32
+# glibc's expf works in double and rounds once to float, its double within 1.69 * 2^-34
+# of the true value (e_expf.c). So it rounds as the true value does unless that lies
+# within 2^-33 (relative) of a midpoint between two floats, which for a normal float is
+# a double whose 29 bits below the float's last one are within 2^21 of 2^28 (its half).
+# About one input in 200 is that close; float subnormals are all asked.
+_BELOW_FLOAT = np.int64(2**29 - 1)
+_HALF_FLOAT_STEP = np.int64(2**28)
+_NEAR = np.int64(2**21)
+_SUBNORMALS = (2.0**-151 + 2.0**-126) / 2, (2.0**-126 - 2.0**-151) / 2  # centre, half width
 
 
 def _expf(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    """expf of each element, as the C library computes it: rounded from float64, which
-    is the true value correctly rounded, except near a midpoint, where the C function
-    itself is asked."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        exact = np.exp(x.astype(np.float64))
-        out: npt.NDArray[np.float32] = exact.astype(np.float32)
-        if _C_EXPF is None:
-            return out
-        near = out.astype(np.float64)
-        toward = np.where(exact > near, np.float32(np.inf), np.float32(-np.inf))
-        midpoint = (near + np.nextafter(out, toward).astype(np.float64)) * 0.5
-        hard = (exact != near) & (np.abs(exact - midpoint) <= exact * _NEAR_MIDPOINT)
-    for i in np.flatnonzero(hard).tolist():
-        out[i] = _C_EXPF(float(x[i]))
+    """expf of each element as the C library computes it (x <= 0 or NaN: softmax terms):
+    the true value rounded to float, through float64, except near a midpoint, where the
+    C function itself is asked. (About 12 us for 40 terms, against 2 us for rounding.)"""
+    exact = np.exp(x.astype(np.float64))
+    out: npt.NDArray[np.float32] = exact.astype(np.float32)
+    if _C_EXPF is None:
+        return out
+    hard = np.abs((exact.view(np.int64) & _BELOW_FLOAT) - _HALF_FLOAT_STEP) <= _NEAR
+    hard |= np.abs(exact - _SUBNORMALS[0]) < _SUBNORMALS[1]
+    if hard.any():
+        for i in np.flatnonzero(hard).tolist():
+            out[i] = _C_EXPF(float(x[i]))
     return out
 
 
@@ -287,9 +290,11 @@ def _float32(x: float) -> float:
     return value
 
 
-def _top_k(row: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.intp]:
-    """Token ids of the k largest logits, largest first (ties: lower id first; NaN
-    counts as -inf)."""
+def _top_k(
+    row: npt.NDArray[np.float32], k: int
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.float32]]:
+    """Token ids of the k largest logits, largest first (ties: lower id first), and those
+    logits. NaN counts as -inf."""
     n = row.shape[0]
     cols = n // _ROWS
     if cols < 4 * k:
@@ -305,7 +310,7 @@ def _top_k(row: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.intp]:
         size = _ROWS * cols
         col_max = row[:size].reshape(_ROWS, cols).max(axis=0)
         # A column's maximum is NaN if the column holds one: the check costs no pass.
-        if np.isnan(col_max).any() or np.isnan(row[size:]).any():
+        if np.isnan(col_max).any() or (size < n and np.isnan(row[size:]).any()):
             row = _nan_lowest(row)
             col_max = row[:size].reshape(_ROWS, cols).max(axis=0)
         grid = row[:size].reshape(_ROWS, cols)
@@ -315,7 +320,8 @@ def _top_k(row: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.intp]:
         ids = np.concatenate((r * cols + hit[c], np.flatnonzero(row[size:] >= floor) + size))
         ids.sort()
     # Stable on ascending ids: equal logits keep the lower id first.
-    return ids[np.argsort(-row[ids], kind="stable")[:k]]
+    ids = ids[np.argsort(-row[ids], kind="stable")[:k]]
+    return ids, row[ids]
 
 
 def _nan_lowest(values: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -325,19 +331,12 @@ def _nan_lowest(values: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
 
 def _sample_top_k(row: npt.NDArray[np.float32], s: RowSampler) -> int:
     assert s.rng is not None
-    ids = _top_k(row, s.top_k)
-    vals = row[ids]
-    if np.isnan(vals).any():  # fewer than k tokens were not NaN
-        vals = _nan_lowest(vals)
+    ids, vals = _top_k(row, s.top_k)
     # An infinite logit or temperature overflow makes inf - inf: NaN, as in C.
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         for stage in s.stages:
             if stage == "top_p":
-                # llama_sampler_softmax_impl, then the first prefix whose float sum >= p.
-                p = _expf(vals - vals[0])
-                p = p / np.add.accumulate(p, dtype=np.float32)[-1]
-                reached = np.flatnonzero(np.add.accumulate(p, dtype=np.float32) >= s.top_p)
-                keep = int(reached[0]) + 1 if len(reached) else len(vals)
+                keep = _top_p_keep(vals - vals[0], float(s.top_p))
                 ids, vals = ids[:keep], vals[:keep]
             elif stage == "min_p":
                 floor = np.float32(vals[0] + s.log_min_p)
@@ -348,12 +347,65 @@ def _sample_top_k(row: npt.NDArray[np.float32], s: RowSampler) -> int:
                     vals = (vals / s.temperature).astype(np.float32, copy=False)
                 else:  # 0 as a float (say 1e-46): llama.cpp keeps the first best only
                     vals = np.concatenate((vals[:1], np.full(len(vals) - 1, -np.inf, np.float32)))
-        # llama_sampler_dist_apply: float32 weights, a float64 running sum, one uniform
-        # draw, and the first token whose running sum reaches it. A NaN sum reaches
-        # nothing: llama.cpp then falls back to the last token.
         rnd = canonical(s.rng)
         if len(ids) == 1:
             return int(ids[0])
-        running = np.add.accumulate(_expf(vals - vals[0]).astype(np.float64))
-        reached = np.flatnonzero(running >= running[-1] * rnd)
-    return int(ids[reached[0]] if len(reached) else ids[-1])
+        return int(ids[_draw(vals - vals[0], rnd)])
+
+
+# Softmax terms are first taken correctly rounded (_rounded_expf), which is cheap. The
+# C library's expf is at most one float step (2^-23 of a term) away from that, so the
+# sums built from them move by less than the margins below. Only a sum within its margin
+# of the threshold it is compared with can decide otherwise; then the terms are taken
+# again from _expf (once in thousands of draws).
+_STEP = 2.0**-20
+
+
+def _rounded_expf(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    out: npt.NDArray[np.float32] = np.exp(x.astype(np.float64)).astype(np.float32)
+    return out
+
+
+def _top_p_keep(x: npt.NDArray[np.float32], top_p: float) -> int:
+    """llama_sampler_top_p on sorted logits (`x`: each minus the first): float32
+    softmax, then the shortest prefix whose float32 running sum reaches p (a float32)."""
+    for terms in (_rounded_expf, _expf):
+        e = terms(x)
+        p = e / np.add.accumulate(e, dtype=np.float32)[-1]
+        sums = np.add.accumulate(p, dtype=np.float32)
+        at = _first_reaching(sums, top_p)
+        # Each float32 addition after a moved term may round one step otherwise: the
+        # sums (near 1) move by less than 3 steps per term, a third of this margin.
+        if _settled(sums, top_p, at, (len(sums) + 2) * _STEP):
+            break
+    return min(at + 1, len(sums))
+
+
+def _draw(x: npt.NDArray[np.float32], rnd: float) -> int:
+    """llama_sampler_dist on the survivors (`x`: each minus the first): float32 terms, a
+    float64 running sum, and the first whose sum reaches `rnd` of the whole; the last
+    when none does (a NaN term)."""
+    for terms in (_rounded_expf, _expf):
+        sums = np.add.accumulate(terms(x).astype(np.float64))
+        target = sums.item(-1) * rnd
+        at = _first_reaching(sums, target)
+        # Terms move by 2^-23 of themselves at most: sums and target by 2^-23 of the total.
+        if _settled(sums, target, at, sums.item(-1) * _STEP):
+            break
+    return min(at, len(sums) - 1)
+
+
+def _first_reaching(sums: npt.NDArray[np.floating], target: float) -> int:
+    """The index of the first sum at or above `target`, len(sums) if none is: the loop
+    llama.cpp runs (a NaN compares as below)."""
+    hit = np.flatnonzero(sums >= target)
+    return int(hit[0]) if len(hit) else len(sums)
+
+
+def _settled(sums: npt.NDArray[np.floating], target: float, at: int, margin: float) -> bool:
+    """Whether sums that each move by less than `margin` (nondecreasing, as sums of
+    terms >= 0 are) would still first reach `target` at `at`. False on a NaN: those
+    answers do not depend on rounding, and the second pass gives them unchanged."""
+    if at < len(sums) and not sums.item(at) >= target + margin:
+        return False
+    return at == 0 or sums.item(at - 1) < target - margin

@@ -59,6 +59,7 @@ logger = logging.getLogger("sipp.local")
 
 DEFAULT_MAX_QUEUED = 256
 SMALL_VOCAB = 16384  # below this, a lone greedy row samples faster on its chain
+SAMPLED_BATCH_VOCAB = 100_000  # below this, sampled rows are cheaper on their chains
 MIN_SNAPSHOT_TOKENS = 16  # shorter sequences are cheaper to prefill again than to store
 # A job copies a sibling's prompt prefix only when it shares at least this many tokens
 # more than its slot kept, or an image: copying waits a step for the sibling's decode,
@@ -221,6 +222,12 @@ class Engine:
         # cheaper below ~13k entries (a tiny test model's 212: 1.2 against 14 us), the
         # batch path above (SmolLM2's 49,152: 25 against 59 us).
         self._small_vocab = self.model.n_vocab < SMALL_VOCAB
+        # A sampled row (temperature > 0): the batch sampler's numpy costs about the same
+        # at any vocabulary size, the chain grows with it. In the engine, a decode having
+        # just evicted the caches, per row and step: SmolLM2 (49,152 entries) chain 210 us
+        # against 547 alone, 129 against 212 in a step of 8; Qwen2.5 (151,936) chain 1,387
+        # against 591 alone, 329 against 304 in 8 (BENCHMARKS.md, session 18).
+        self.sampled_rows_batched = self.model.n_vocab >= SAMPLED_BATCH_VOCAB
         # False: a lone generating job goes through the step loop like any other (the
         # reference path `_generate_alone` is tested against).
         self.lone_loop = True
@@ -561,7 +568,9 @@ class Engine:
         slot.context_key = job.context_key
         job.prefilled = job.cached = keep
         job.t_admit = time.perf_counter()
-        job.fast = row_sampler(job.sampler.settings) if self.batch_sampling else None
+        settings = job.sampler.settings
+        batched = settings.temperature <= 0.0 or self.sampled_rows_batched
+        job.fast = row_sampler(settings) if self.batch_sampling and batched else None
         if self._can_share:
             self._share_sibling_prompt(job)
 
