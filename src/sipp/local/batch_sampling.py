@@ -374,8 +374,9 @@ def _top_p_keep(x: npt.NDArray[np.float32], top_p: float) -> int:
         p = e / np.add.accumulate(e, dtype=np.float32)[-1]
         sums = np.add.accumulate(p, dtype=np.float32)
         at = _first_reaching(sums, top_p)
-        # Each float32 addition after a moved term may round one step otherwise: the
-        # sums (near 1) move by less than 3 steps per term, a third of this margin.
+        # A moved term moves the total, every quotient, and each float32 addition after
+        # it may round one step (2^-23) otherwise: the sums (at most 1) move by less
+        # than 3 steps per term and 5 more, under half this margin.
         if _settled(sums, top_p, at, (len(sums) + 2) * _STEP):
             break
     return min(at + 1, len(sums))
