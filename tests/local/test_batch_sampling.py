@@ -344,7 +344,7 @@ def test_edge_settings_and_infinite_logits_draw_as_the_chain(
             assert smollm_logits.fast_draws(s, 0, 30) == chain, (changes, seed)
 
 
-def test_a_sampled_row_never_draws_a_nan_while_another_token_is_left() -> None:
+def test_a_sampled_row_never_draws_a_nan_while_a_finite_logit_is_left() -> None:
     # llama.cpp's partial sort gives NaN no defined place; here it ranks below -inf.
     n = 49152
     row = np.random.default_rng(5).standard_normal(n).astype(np.float32)

@@ -21,8 +21,8 @@ its first sampler even runs. For the common requests this module skips that:
   this gives the same token as the llama.cpp chain, draw after draw, infinite
   logits and overflowing temperatures included. Two cases have no llama.cpp answer
   to match, as its partial sort leaves their order unspecified: exact logit ties
-  inside the top k (here the lower id comes first) and NaN logits (here never
-  drawn while any other token is left).
+  inside the top k (here the lower id comes first) and NaN logits (here counted as
+  -inf: never drawn while a finite logit is left).
 
 Rows with a grammar or penalties, or sampled rows with top_k disabled (or not
 first), keep the llama.cpp chain: their samplers carry state or need the whole
