@@ -201,6 +201,43 @@ def test_snapshot_mode_restores_an_evicted_conversation(smollm_path: Path) -> No
         assert again.text == first.text
 
 
+@pytest.mark.parametrize(
+    ("keys", "entries"),
+    [
+        # one conversation branched: saving branch B supersedes branch A's snapshot,
+        # the one about to be restored
+        (["talk", "talk", "talk"], 16),
+        # a full store: saving B evicts A, the one about to be restored
+        (["a", "b", "a"], 1),
+    ],
+)
+def test_restoring_a_snapshot_survives_the_save_that_would_drop_it(
+    smollm_path: Path, keys: list[str], entries: int
+) -> None:
+    branch_a = "Branch A: " + "the quick brown fox jumps over the lazy dog " * 3
+    branch_b = "Branch B: " + "a different sentence about trains and rails " * 3
+    with SippClient() as client:
+        ref = _endpoint(
+            client,
+            smollm_path,
+            "snap",
+            context=ContextRuntimeConfig(n_ctx=256, n_parallel=1),
+            cache=CacheRuntimeConfig(mode="snapshot", max_snapshot_entries=entries),
+        )
+        runs = [
+            client.query(
+                prompt, endpoint=ref, options=GREEDY, local=LocalTextOptions(context_key=key)
+            ).result()
+            for prompt, key in zip([branch_a, branch_b, branch_a], keys)
+        ]
+        first, _, again = runs
+        assert again.local_stats is not None and first.usage is not None
+        assert again.local_stats.cached_prompt_tokens == first.usage.input_tokens - 1
+        assert again.text == first.text
+        assert client.runtime_metrics(ref)["snapshots_restored"] == 1
+        assert client.query("Hello", endpoint=ref, options=GREEDY).result().text  # still up
+
+
 def test_snapshot_store_stays_within_its_bounds(smollm_path: Path) -> None:
     with SippClient() as client:
         ref = _endpoint(

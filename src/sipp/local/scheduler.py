@@ -638,14 +638,17 @@ class Engine:
         """Save what `slot` would lose; restore a stored sequence that shares more of the prompt."""
         assert self.snapshots is not None
         candidate = self.snapshots.best(job.prompt, job.context_key)
-        restore = candidate is not None and candidate[1] > keep
-        if len(slot.tokens) - keep >= MIN_SNAPSHOT_TOKENS or (restore and slot.tokens):
+        # Taken out before the slot's own state goes in: that put may evict it (the
+        # store is full) or supersede it (the same context_key).
+        snap = None
+        if candidate is not None and candidate[1] > keep:
+            snap = self.snapshots.take(candidate[0])
+        if len(slot.tokens) - keep >= MIN_SNAPSHOT_TOKENS or (snap is not None and slot.tokens):
             self.snapshots.put(
                 Snapshot(tuple(slot.tokens), self.ctx.seq_state(slot.seq_id), slot.context_key)
             )
-        if not restore or candidate is None:
+        if snap is None or candidate is None:
             return keep
-        snap = self.snapshots.take(candidate[0])
         self.ctx.seq_rm(slot.seq_id, -1, -1)
         if self.ctx.set_seq_state(slot.seq_id, snap.state):
             slot.tokens = list(snap.tokens)
