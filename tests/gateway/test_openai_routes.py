@@ -181,3 +181,27 @@ def test_request_ids_are_echoed_only_when_well_formed(gateway: Gateway) -> None:
     assert odd.status_code == 200
     assert re.fullmatch(r"[0-9a-f]{32}", odd.headers["x-request-id"])
     assert odd.json()["id"] == "cmpl-" + odd.headers["x-request-id"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (
+            "chat/completions",
+            b'{"model":"local","messages":[{"role":"user","content":"a \\ud800"}]}',
+        ),
+        ("completions", b'{"model":"local","prompt":"a \\ud800","max_tokens":2}'),
+        ("embeddings", b'{"model":"minilm","input":"a \\ud800"}'),
+    ],
+)
+def test_a_lone_surrogate_is_a_bad_request(gateway: Gateway, path: str, body: bytes) -> None:
+    # JSON's \u escapes carry it into a Python str; UTF-8, and so the tokenizer, refuse it.
+    r = httpx.post(
+        f"{gateway.public}/v1/{path}",
+        content=body,
+        headers={"authorization": f"Bearer {TOKEN}", "content-type": "application/json"},
+        timeout=60,
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    assert "not valid Unicode" in r.json()["error"]["message"]

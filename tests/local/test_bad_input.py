@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +16,7 @@ from sipp import (
     ContextRuntimeConfig,
     EndpointRef,
     InvalidRequestError,
+    LocalEmbedOptions,
     LocalModelDescriptor,
     ModelLoadError,
     NativeRuntimeConfig,
@@ -94,6 +97,22 @@ def test_prompt_longer_than_context(text_client: Client) -> None:
         client.query("Hi", endpoint=ref, options=SippTextOptions(max_tokens=2)).result().text
         is not None
     )
+
+
+LONE_SURROGATE = "a \ud800 b"  # a str Python (and JSON's \\u escapes) allow, UTF-8 does not
+
+
+def test_text_that_is_not_valid_unicode(text_client: Client, embed_client: Client) -> None:
+    client, ref = text_client
+    two = SippTextOptions(max_tokens=2)
+    with pytest.raises(InvalidRequestError, match="not valid Unicode"):
+        client.query(LONE_SURROGATE, endpoint=ref, options=two)
+    with pytest.raises(InvalidRequestError, match="not valid Unicode"):
+        client.chat([ChatMessage("user", LONE_SURROGATE)], endpoint=ref, options=two)
+    embedder, embed_ref = embed_client
+    with pytest.raises(InvalidRequestError, match="not valid Unicode"):
+        embedder.embed(LONE_SURROGATE, endpoint=embed_ref, local=LocalEmbedOptions())
+    assert client.query("Hi", endpoint=ref, options=two).result().text is not None
 
 
 def test_provider_or_endpoint_options_on_local_endpoint(text_client: Client) -> None:
@@ -189,3 +208,48 @@ def test_close_during_generation_fails_the_run_cleanly(smollm_path: Path) -> Non
     client.close()
     with pytest.raises(ClientClosedError):
         run.result(timeout=60)
+
+
+def test_close_waits_for_a_caller_still_tokenizing(smollm_path: Path) -> None:
+    """A sync call tokenizes in the caller's thread: close() must not free the model
+    under it (that aborted the process inside llama_tokenize)."""
+    client = SippClient()
+    ref = client.add(
+        "m",
+        LocalModelDescriptor(
+            smollm_path, NativeRuntimeConfig(context=ContextRuntimeConfig(n_ctx=512))
+        ),
+    )
+    model: Any = client._registry._endpoints[ref.id].loaded.model  # type: ignore[attr-defined]
+    tokenize = model.tokenize
+    inside, release = threading.Event(), threading.Event()
+
+    def held_tokenize(text: str, **kw: Any) -> list[int]:
+        inside.set()
+        release.wait(60)
+        return tokenize(text, **kw)  # type: ignore[no-any-return]
+
+    model.tokenize = held_tokenize
+    outcome: list[object] = []
+
+    def call() -> None:
+        try:
+            outcome.append(
+                client.query("Hi", endpoint=ref, options=SippTextOptions(max_tokens=2)).result()
+            )
+        except ClientClosedError as exc:
+            outcome.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    assert inside.wait(60)
+    closer = threading.Thread(target=client.close)
+    closer.start()
+    closer.join(0.5)
+    assert closer.is_alive()  # held by the caller still inside tokenize
+    assert model.ptr is not None
+    release.set()
+    closer.join(60)
+    caller.join(60)
+    assert not closer.is_alive() and not caller.is_alive()
+    assert model.ptr is None and len(outcome) == 1  # freed after the caller left it

@@ -33,6 +33,11 @@ async def local_prompt_tokens(endpoint: LocalEndpoint, req: GatewayRequest) -> i
 
 
 def _count(endpoint: LocalEndpoint, req: GatewayRequest) -> int:
+    with endpoint.model_in_use():
+        return _tokens(endpoint, req)
+
+
+def _tokens(endpoint: LocalEndpoint, req: GatewayRequest) -> int:
     model = endpoint.loaded.model
     if req.operation == "embed":
         return sum(

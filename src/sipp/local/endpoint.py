@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import cached_property
 from typing import Any, TypeVar
 
@@ -56,6 +57,10 @@ class LocalEndpoint(Endpoint):
         self.backend = loaded.backend
         self._engine = Engine(loaded, descriptor.config, name)
         self._closed = threading.Event()
+        # Callers tokenizing in their own thread (the sync path, the gateway's token
+        # count): close() waits for them before the model is freed under them.
+        self._model_users = 0
+        self._model_free = threading.Condition()
         # One thread keeps preparation in arrival order (the engine queue is FIFO).
         self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sipp-prep-{name}")
 
@@ -115,9 +120,32 @@ class LocalEndpoint(Endpoint):
         text = template.render(plan.messages, tools=plan.template_tools, add_generation_prompt=True)
         return text, plan
 
+    @contextmanager
+    def model_in_use(self) -> Iterator[None]:
+        """Hold the model for work outside the engine (tokenizing, rendering, building a
+        sampler): close() waits for it to end. Text that is not valid Unicode (a lone
+        surrogate, which JSON's escapes can carry) is the request's fault, not ours."""
+        with self._model_free:
+            if self._closed.is_set():
+                raise ClientClosedError("the endpoint was closed")
+            self._model_users += 1
+        try:
+            yield
+        except UnicodeEncodeError as exc:
+            raise InvalidRequestError(
+                f"text holds {exc.object[exc.start : exc.end]!r}, which is not valid Unicode "
+                "(a lone surrogate)"
+            ) from None
+        finally:
+            with self._model_free:
+                self._model_users -= 1
+                if not self._model_users:
+                    self._model_free.notify_all()
+
     def start_text(self, request: TextRequest, channel: RunChannel[SippTextResponse]) -> None:
         self._check_text(request)
-        self._submit_text(request, channel)
+        with self.model_in_use():
+            self._submit_text(request, channel)
 
     def start_text_async(self, request: TextRequest, channel: RunChannel[SippTextResponse]) -> None:
         self._check_text(request)
@@ -156,9 +184,8 @@ class LocalEndpoint(Endpoint):
     def _prepare(self, submit: Callable[[], None], channel: RunChannel[R]) -> None:
         """Run `submit` on the preparation thread; its failure is the run's outcome."""
         try:
-            if self._closed.is_set():
-                raise ClientClosedError("the endpoint was closed")
-            submit()
+            with self.model_in_use():
+                submit()
         except SippError as exc:
             channel.finish(exc)
         except Exception:
@@ -309,7 +336,8 @@ class LocalEndpoint(Endpoint):
         self, request: EmbedRequest, channel: RunChannel[SippEmbeddingResponse]
     ) -> None:
         self._check_embed(request)
-        self._submit_embed(request, channel)
+        with self.model_in_use():
+            self._submit_embed(request, channel)
 
     def start_embed_async(
         self, request: EmbedRequest, channel: RunChannel[SippEmbeddingResponse]
@@ -348,7 +376,10 @@ class LocalEndpoint(Endpoint):
         return self._engine.failure
 
     def close(self) -> None:
-        self._closed.set()
+        with self._model_free:
+            self._closed.set()
+            while self._model_users:
+                self._model_free.wait()
         # Preparation tokenizes with the model: let it drain before the model is freed.
         self._prep.shutdown(wait=True)
         self._engine.close()
