@@ -18,6 +18,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from sipp import (
+    ContextOverflowError,
     ContextRuntimeConfig,
     EndpointRef,
     LocalEmbedOptions,
@@ -166,3 +167,33 @@ def test_batched_equals_single(minilm: tuple[SippClient, EndpointRef]) -> None:
     runs = [client.embed(t, endpoint=ref, local=unit) for t in SENTENCES]
     for one, run in zip(single, runs):
         assert max(abs(a - b) for a, b in zip(one, run.result().values)) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "context",
+    [
+        ContextRuntimeConfig(n_ctx=1024, embeddings=True, pooling="mean"),
+        # Embedding loads share one KV stream, 2,048 cells here, and a batch as long
+        ContextRuntimeConfig(
+            n_ctx=512, n_parallel=4, n_batch=2048, n_ubatch=2048, embeddings=True, pooling="mean"
+        ),
+    ],
+)
+def test_inputs_past_the_position_table_are_refused(
+    minilm_path: Path, smollm_path: Path, context: ContextRuntimeConfig
+) -> None:
+    # BERT learns 512 positions; llama.cpp reading a 513th aborted the whole process.
+    with SippClient() as client:
+        ref = client.add(
+            "m", LocalModelDescriptor(minilm_path, NativeRuntimeConfig(context=context))
+        )
+        with pytest.raises(ContextOverflowError, match="position table holds 512"):
+            client.embed("word " * 600, endpoint=ref)
+        longest = client.embed("word " * 510, endpoint=ref).result()  # with [CLS] and [SEP]
+        assert longest.usage is not None and longest.usage.input_tokens == 512
+        # RoPE models have no table: their limit is the context alone.
+        smol = load_model(smollm_path, CONFIG)
+        try:
+            assert smol.model.n_positions is None
+        finally:
+            smol.close()

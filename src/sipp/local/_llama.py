@@ -208,6 +208,7 @@ class LlamaModel:
         self.vocab = _lc.llama_model_get_vocab(ptr)
         self.n_vocab = int(_lc.llama_vocab_n_tokens(self.vocab))
         self.n_ctx_train = int(_lc.llama_model_n_ctx_train(ptr))
+        self.n_positions = position_table_rows(path)
         self.n_embd = int(_lc.llama_model_n_embd(ptr))
         self.has_encoder = bool(_lc.llama_model_has_encoder(ptr))
         self.has_decoder = bool(_lc.llama_model_has_decoder(ptr))
@@ -448,6 +449,60 @@ class _PoolApi:
     attach: Any
 
 
+def _loaded_libraries(stem: str, symbol: str) -> list[Any]:
+    """The libraries llama.cpp already loaded that export `symbol`: libllama itself (a
+    build that links ggml in statically), then `stem`.so.0 and `stem`.so. RTLD_NOLOAD
+    opens a library only if it is loaded already, so this never brings in a second copy."""
+    candidates: list[Any] = [_lc.llama_cpp._lib]
+    noload: int | None = getattr(os, "RTLD_NOLOAD", None)  # POSIX only
+    for name in (f"{stem}.so.0", f"{stem}.so"):
+        if noload is None:
+            break
+        try:
+            candidates.append(ctypes.CDLL(name, mode=noload | os.RTLD_LAZY))
+        except OSError:
+            continue
+    return [lib for lib in candidates if hasattr(lib, symbol)]
+
+
+class _GgufInitParams(ctypes.Structure):
+    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
+
+
+@functools.cache
+def _gguf_api() -> Any | None:
+    """ggml's GGUF reader (llama-cpp-python binds none of it), or None if not found."""
+    found = _loaded_libraries("libggml-base", "gguf_init_from_file")
+    if not found:
+        return None
+    lib = found[0]
+    lib.gguf_init_from_file.argtypes = [ctypes.c_char_p, _GgufInitParams]
+    lib.gguf_init_from_file.restype = ctypes.c_void_p
+    lib.gguf_find_tensor.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.gguf_find_tensor.restype = ctypes.c_int64
+    lib.gguf_get_tensor_ne.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.gguf_get_tensor_ne.restype = ctypes.POINTER(ctypes.c_int64)
+    lib.gguf_free.argtypes, lib.gguf_free.restype = [ctypes.c_void_p], None
+    return lib
+
+
+def position_table_rows(path: Path) -> int | None:
+    """How many positions the model's learned position table holds (BERT, GPT-2), or
+    None when it has none (RoPE, ALiBi, T5's relative buckets: any position computes).
+    llama.cpp reads past that table with a failed GGML_ASSERT, which aborts the process."""
+    api = _gguf_api()
+    if api is None:
+        return None
+    ctx = api.gguf_init_from_file(os.fsencode(path), _GgufInitParams(True, None))
+    if not ctx:
+        return None
+    try:
+        tensor = api.gguf_find_tensor(ctx, b"position_embd.weight")
+        return int(api.gguf_get_tensor_ne(ctx, tensor)[1]) if tensor >= 0 else None
+    finally:
+        api.gguf_free(ctx)
+
+
 @functools.cache
 def _pool_api() -> _PoolApi | None:
     """ggml's thread pool calls and libllama's llama_attach_threadpool (llama-cpp-python
@@ -459,16 +514,7 @@ def _pool_api() -> _PoolApi | None:
     made by a copy runs the copy's kernels, whose tables `ggml_cpu_init` never filled
     (found by Qwen2.5's repacked Q4_K weights decoding to garbage). RTLD_NOLOAD opens
     a library only if it is loaded already."""
-    candidates: list[Any] = [_lc.llama_cpp._lib]  # a build that links ggml in statically
-    noload: int | None = getattr(os, "RTLD_NOLOAD", None)  # POSIX only
-    for name in ("libggml-cpu.so.0", "libggml-cpu.so"):
-        if noload is None:
-            break
-        try:
-            candidates.append(ctypes.CDLL(name, mode=noload | os.RTLD_LAZY))
-        except OSError:
-            continue
-    found = [lib for lib in candidates if hasattr(lib, "ggml_threadpool_new")]
+    found = _loaded_libraries("libggml-cpu", "ggml_threadpool_new")
     attach = getattr(_lc.llama_cpp._lib, "llama_attach_threadpool", None)
     if not found or attach is None:
         return None

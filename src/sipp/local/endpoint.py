@@ -358,9 +358,14 @@ class LocalEndpoint(Endpoint):
             raise InvalidRequestError("embedding input is empty after tokenization")
         limit = min(self._engine.n_ctx_slot, self.loaded.n_batch)
         if len(tokens) > limit:
+            positions = self.loaded.model.n_positions
             raise ContextOverflowError(
                 f"embedding input is {len(tokens)} tokens; this load embeds at most {limit} "
-                "(raise ContextRuntimeConfig.n_ctx / n_batch)"
+                + (
+                    f"(the model's position table holds {positions})"
+                    if limit == positions
+                    else "(raise ContextRuntimeConfig.n_ctx / n_batch)"
+                )
             )
         local = request.local
         normalize = bool(local.normalize) if local is not None else False

@@ -176,6 +176,10 @@ class Engine:
             # One KV stream for every slot (see ContextParams.unified_kv): each slot gets
             # its share, so all of them together never overflow it.
             self.n_ctx_slot = self.ctx.n_ctx // self.ctx.n_seq_max
+        if self.model.n_positions is not None:
+            # A learned position table ends there; a sequence past it would abort the
+            # process (embeddings share one KV stream, whose n_ctx_seq is all of it).
+            self.n_ctx_slot = min(self.n_ctx_slot, self.model.n_positions)
         self.max_running = min(sched.max_running_requests or n_slots, n_slots)
         if sched.continuous_batching is False:
             self.max_running = 1
