@@ -25,6 +25,8 @@ from sipp import (
     LocalModelDescriptor,
     NativeRuntimeConfig,
     SippClient,
+    SippTextOptions,
+    UnsupportedOperationError,
     models,
 )
 from sipp._bert_gguf import _read_safetensors
@@ -197,3 +199,15 @@ def test_inputs_past_the_position_table_are_refused(
             assert smol.model.n_positions is None
         finally:
             smol.close()
+
+
+def test_a_bert_load_without_embeddings_refuses_text(minilm_path: Path) -> None:
+    # Its graph writes no logits: sampling read whatever the buffer held.
+    with SippClient() as client:
+        ref = client.add("m", LocalModelDescriptor(minilm_path))
+        for call in (
+            lambda: client.query("Hello", endpoint=ref, options=SippTextOptions(max_tokens=4)),
+            lambda: client.chat([{"role": "user", "content": "Hello"}], endpoint=ref),
+        ):
+            with pytest.raises(UnsupportedOperationError, match="embedding model"):
+                call()

@@ -214,6 +214,11 @@ class LlamaModel:
         self.has_decoder = bool(_lc.llama_model_has_decoder(ptr))
         # T5 and its family; an encoder-only model (T5ENCODER) is an embedding model.
         self.encoder_decoder = self.has_encoder and self.has_decoder
+        # llama.cpp calls BERT a decoder too, but a model whose attention sees both ways
+        # has no next token to predict: its graph writes no logits to sample from.
+        arch = self.meta("general.architecture")
+        bidirectional = arch is not None and self.meta(f"{arch}.attention.causal") == "false"
+        self.generates = self.has_decoder and (self.encoder_decoder or not bidirectional)
         # Encoder-decoder models: the token the decoder starts from, as llama.cpp's own
         # examples pick it (the model's decoder-start token, else BOS).
         start = int(_lc.llama_model_decoder_start_token(ptr))

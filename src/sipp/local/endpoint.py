@@ -68,7 +68,7 @@ class LocalEndpoint(Endpoint):
     def supports(self, operation: Operation) -> bool:
         if operation == "embed":
             return self.loaded.embeddings
-        return not self.loaded.embeddings and self.loaded.model.has_decoder
+        return not self.loaded.embeddings and self.loaded.model.generates
 
     def _require(self, operation: Operation) -> None:
         if self.supports(operation):
@@ -83,6 +83,11 @@ class LocalEndpoint(Endpoint):
             raise UnsupportedOperationError(
                 f"{name} was not loaded for embeddings; register it with "
                 "NativeRuntimeConfig(context=ContextRuntimeConfig(embeddings=True, pooling=...))"
+            )
+        if not self.loaded.model.generates:
+            raise UnsupportedOperationError(
+                f"{name} is an embedding model (its attention is not causal): it generates "
+                "no text; load it with ContextRuntimeConfig(embeddings=True) and use embed"
             )
         raise UnsupportedOperationError(
             f"{name} is loaded for embeddings only; {operation} needs a text-generation load"
