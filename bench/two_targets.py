@@ -11,9 +11,9 @@ fresh process, rotating which goes first:
 * `busy`:  a second thread embeds texts back to back for the whole timed request
            (its embeddings/s is printed too).
 
-Every context gets its own ggml thread pool, created for each decode and gone
-between them (llama.cpp's CPU backend without OpenMP), so an idle model costs no
-CPU. Two busy ones take turns on the cores through sipp's process-wide CPU budget
+Every context keeps its own ggml thread pool, whose idle workers poll briefly and
+then sleep (`sipp.local._llama.ThreadPool`), so an idle model costs no CPU. Two busy
+ones take turns on the cores through sipp's process-wide CPU budget
 (`sipp.local._llama.CpuBudget`; without it they spun against each other at ggml's
 barriers and the chat model fell to a few tokens/s). `--embed-threads` caps the
 embedding context's threads (its `n_threads`): 1-thread contexts run side by side.

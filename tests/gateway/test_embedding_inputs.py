@@ -65,7 +65,8 @@ def gateway(
             {"emb": "m", "emb-broken": "broken", "emb-stalled": "stalled"},
             "TEST_PROVIDER_TOKEN",
         )
-        return toml + MINILM.format(path=minilm)
+        per_token = MINILM.replace('"minilm"', '"minilm-tokens"').replace('"mean"', '"none"')
+        return toml + MINILM.format(path=minilm) + per_token.format(path=minilm)
 
     with running_gateway(smollm_path, tmp_path_factory.mktemp("emb"), edit) as gw:
         yield gw
@@ -185,3 +186,12 @@ def test_every_input_takes_a_rate_limit_token(smollm_path: Path, tmp_path: Path)
         assert int(refused.headers["retry-after"]) >= 1
         assert len(upstream.calls("/embeddings")) == 1
         assert gw.metric("sipp_gateway_rate_limited_total") == 2
+
+
+def test_per_token_vectors_have_no_openai_form(gateway: Gateway) -> None:
+    # Pooling 'none' gives a vector per token; flattened into one 'embedding', an
+    # OpenAI client read a vector ten times too long without a word.
+    with openai.OpenAI(base_url=gateway.public + "/v1", api_key=TOKEN, max_retries=0) as client:
+        with pytest.raises(openai.BadRequestError, match="pooling"):
+            client.embeddings.create(model="minilm-tokens", input="turn on dark mode")
+        assert len(client.embeddings.create(model="minilm", input="x").data[0].embedding) == 384

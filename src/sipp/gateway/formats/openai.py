@@ -18,7 +18,7 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse, Response
 
 from ... import protocol
-from ..._errors import InvalidRequestError, SippError
+from ..._errors import InvalidRequestError, SippError, UnsupportedOperationError
 from ..._types import (
     MEDIA_MARKER,
     ChatMessage,
@@ -453,6 +453,12 @@ def _embeddings_body(request: GatewayRequest, done: Completion) -> dict[str, Any
     base64_out = request.wire.get("encoding") == "base64"
     data, tokens = [], 0
     for index, emb in enumerate(done.embeddings):
+        if emb.pooling == "none":  # as llama-server refuses it
+            raise UnsupportedOperationError(
+                f"target {request.target!r} pools no vectors (pooling 'none'): its per-token "
+                "vectors have no OpenAI embeddings form; give the target a pooling "
+                "('mean', 'cls' or 'last')"
+            )
         tokens += emb.usage.input_tokens if emb.usage else 0
         vector: Any = emb.values
         if base64_out:
