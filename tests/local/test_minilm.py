@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from sipp import (
     ContextOverflowError,
     ContextRuntimeConfig,
     EndpointRef,
+    InvalidConfigError,
     LocalEmbedOptions,
     LocalModelDescriptor,
     NativeRuntimeConfig,
@@ -211,3 +213,23 @@ def test_a_bert_load_without_embeddings_refuses_text(minilm_path: Path) -> None:
         ):
             with pytest.raises(UnsupportedOperationError, match="embedding model"):
                 call()
+
+
+def test_a_reranker_is_not_taken_for_an_embedder(minilm_path: Path, tmp_path: Path) -> None:
+    # A GGUF that declares rank pooling (as rerankers do) gives scores, not vectors.
+    data = bytearray(minilm_path.read_bytes())
+    at = data.index(b"bert.pooling_type") + len(b"bert.pooling_type")
+    assert struct.unpack_from("<II", data, at) == (4, 1)  # a uint32 holding 'mean'
+    struct.pack_into("<I", data, at + 4, 4)  # 'rank'
+    reranker = tmp_path / "reranker.gguf"
+    reranker.write_bytes(bytes(data))
+    default = ContextRuntimeConfig(n_ctx=256, embeddings=True)
+    with SippClient() as client:
+        with pytest.raises(InvalidConfigError, match="rank pooling"):
+            client.add(
+                "r",
+                LocalModelDescriptor(reranker, NativeRuntimeConfig(context=default)),
+            )
+        chosen = ContextRuntimeConfig(n_ctx=256, embeddings=True, pooling="mean")
+        ref = client.add("m", LocalModelDescriptor(reranker, NativeRuntimeConfig(context=chosen)))
+        assert len(client.embed("hello", endpoint=ref).result().values) == 384

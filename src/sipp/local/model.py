@@ -166,6 +166,13 @@ def load_model(path: Path, config: NativeRuntimeConfig, backend: str | None = No
                 f"{path.name} is an encoder-decoder model: it generates text (query), "
                 "this runtime computes no embeddings with it (drop embeddings=True)"
             )
+        arch = model.meta("general.architecture")
+        if embeddings and ctx_cfg.pooling is None and model.meta(f"{arch}.pooling_type") == "4":
+            raise InvalidConfigError(
+                f"{path.name} declares rank pooling: it is a reranker, whose output is a "
+                "relevance score, not an embedding; set ContextRuntimeConfig.pooling "
+                "('mean', 'cls', 'last' or 'none') to embed with it anyway"
+            )
         n_parallel = ctx_cfg.n_parallel or 1
         n_ctx = ctx_cfg.n_ctx or min(DEFAULT_N_CTX, model.n_ctx_train or DEFAULT_N_CTX)
         n_batch, n_ubatch = batch_sizes(ctx_cfg, n_ctx, n_parallel)
