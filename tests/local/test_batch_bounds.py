@@ -20,6 +20,7 @@ from sipp import (
 )
 from sipp.local import _llama
 
+from .test_engine import NO_END
 from .test_engine import PROMPTS as ENGINE_PROMPTS
 
 GREEDY = SippTextOptions(max_tokens=8, temperature=0)
@@ -73,6 +74,32 @@ def test_sixteen_sequences_take_turns_in_a_batch_of_eight(smollm_path: Path) -> 
         busy = after["busy_slot_steps"] - before["busy_slot_steps"]
         assert busy / (after["steps"] - before["steps"]) > 8, "more ran than one batch holds"
         assert after["busy_slots"] == 0 and after["running"] == 0
+
+
+@pytest.mark.parametrize("n_batch", [1, 2])
+def test_a_new_prompt_gets_room_while_generations_fill_the_batch(
+    smollm_path: Path, n_batch: int
+) -> None:
+    # Three generations fill a batch of two every step: a prompt admitted then used to
+    # wait for them to end before its first token was prefilled.
+    config = NativeRuntimeConfig(
+        context=ContextRuntimeConfig(n_ctx=256, n_batch=n_batch, n_ubatch=n_batch, n_parallel=4)
+    )
+    with SippClient() as client:
+        ref = client.add("m", LocalModelDescriptor(smollm_path, config))
+        long = SippTextOptions(max_tokens=120, temperature=0)
+        runs = [
+            client.query(p, endpoint=ref, options=long, local=NO_END, emit_tokens=True)
+            for p in PROMPTS[:3]
+        ]
+        for run in runs:
+            next(iter(run))  # generating
+        short = client.query(
+            "Hi", endpoint=ref, options=SippTextOptions(max_tokens=1, temperature=0)
+        ).result(timeout=600)
+        assert short.usage is not None and short.usage.output_tokens == 1
+        assert not any(run.done for run in runs)
+        assert all(r.result(timeout=600).usage.output_tokens == 120 for r in runs)  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(

@@ -216,6 +216,7 @@ class Engine:
         self._embedding: list[EmbedJob] = []  # the embed step in progress, for _crashed
         self._batch = _llama.Batch(loaded.n_batch)
         self._turn = 0  # rotation offset when more sequences generate than n_batch holds
+        self._prefill_turn = False  # a one-token batch's turns between prompts and generation
         self._waiters: list[TextJob] = []  # jobs with a pending `share`
         self._can_share = self.reuse_prefix  # off for good if a memory cannot trim a copy
         # False: every row goes through its llama.cpp sampler chain (the reference path
@@ -773,11 +774,24 @@ class Engine:
 
     def _take_turns(self) -> list[TextJob]:
         """The generating jobs that decode this step: all of them when they fit in
-        `n_batch`, else `n_batch` of them in rotation, so every sequence advances."""
+        `n_batch`, else `n_batch` of them in rotation, so every sequence advances.
+
+        When they fill the batch, prompts waiting to prefill get a share of it too (in
+        proportion to their number, at least one token; with a one-token batch, every
+        other step): else a new request waits until enough generations have ended."""
         generating = [j for j in self._active if not j.prefilling]
         cap = self._batch.capacity
+        if len(generating) >= cap:
+            waiting = sum(1 for j in self._active if j.prefilling and j.share is None)
+            if waiting:
+                share = max(1, cap * waiting // (len(generating) + waiting))
+                self._prefill_turn = not self._prefill_turn
+                if share < cap or self._prefill_turn:
+                    cap -= share
         if len(generating) <= cap:
             return generating
+        if cap == 0:
+            return []
         start = self._turn % len(generating)
         self._turn = start + cap
         return (generating[start:] + generating[:start])[:cap]
