@@ -69,6 +69,8 @@ def test_hermes_parser_holds_back_only_a_possible_marker() -> None:
         '{"name": "launch_rockets", "arguments": {}}',  # not one of the request's tools
         '{"name": "get_weather", "arguments": [1, 2]}',
         '{"name": "get_weather", "arguments": {"city": "Par',  # cut short, never closed
+        '{"name": "get_weather", "arguments": {"days": ' + "9" * 5000 + "}}",  # int limit
+        '{"name": "get_weather", "arguments": {"a": ' + "[" * 3000 + "]" * 3000 + "}}",
     ],
 )
 def test_an_unparseable_call_block_stays_text(block: str) -> None:
@@ -99,7 +101,11 @@ def test_generic_parser_reads_calls_or_an_answer_and_keeps_anything_else_as_text
     ]
     answer = GenericParser(NAMES)
     assert _stream(answer, ['{"response": "It is sunny."}']) == ("It is sunny.", [])
-    for raw in ('{"tool_calls": [{"name": "get_weather", "argu', '{"tool_calls": [{"name": "x"}]}'):
+    for raw in (
+        '{"tool_calls": [{"name": "get_weather", "argu',
+        '{"tool_calls": [{"name": "x"}]}',
+        '{"tool_calls": ' + "[" * 3000 + "]" * 3000 + "}",
+    ):
         cut = GenericParser(NAMES)
         assert _stream(cut, [raw]) == (raw, []) and cut.calls == []
 

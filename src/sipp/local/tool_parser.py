@@ -43,6 +43,11 @@ class ToolCallParser(Protocol):
         ...
 
 
+# What json.loads raises on model output: malformed JSON (JSONDecodeError, a ValueError),
+# an integer past Python's 4,300-digit limit (ValueError), nesting past the recursion limit.
+_UNREADABLE = (ValueError, RecursionError)
+
+
 def _call_from(value: Any, names: frozenset[str]) -> tuple[str, str] | None:
     """(name, compact arguments JSON) when `value` is a call of one of `names`."""
     if not isinstance(value, dict) or value.get("name") not in names:
@@ -51,7 +56,7 @@ def _call_from(value: Any, names: frozenset[str]) -> tuple[str, str] | None:
     if isinstance(args, str):  # some models quote the arguments object
         try:
             args = json.loads(args)
-        except json.JSONDecodeError:
+        except _UNREADABLE:
             return None
     if not isinstance(args, dict):
         return None
@@ -135,7 +140,7 @@ class HermesParser(_Calls):
     def _parse(self, body: str) -> ToolCallDelta | None:
         try:
             value = json.loads(body)
-        except json.JSONDecodeError:
+        except _UNREADABLE:
             return None
         found = _call_from(value, self.names)
         return self._add(*found) if found is not None else None
@@ -157,7 +162,7 @@ class GenericParser(_Calls):
         text, found = raw, []
         try:
             value = json.loads(raw)
-        except json.JSONDecodeError:
+        except _UNREADABLE:
             value = None  # cut short (max_tokens, a stop string): it stays text
         if isinstance(value, dict):
             items = value.get("tool_calls")
