@@ -166,6 +166,53 @@ def test_bad_grammar_is_a_clear_error(text_client: Client) -> None:
         client.query("x", endpoint=ref, local=LocalTextOptions(grammar="root ::= ( unclosed"))
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+@pytest.mark.parametrize(
+    ("grammar", "after"),
+    [
+        ("root ::= [b-a]", 0),  # an empty range: nothing, from the first token
+        ("root ::= <[99999]>", 0),  # a token id past the vocabulary
+        ('root ::= "yes" [b-a]', 1),  # a dead end once "yes" is written
+    ],
+)
+def test_a_grammar_that_admits_no_token_fails_the_request_only(
+    text_client: Client, grammar: str, after: int, temperature: float
+) -> None:
+    # llama.cpp picks a token all the same (greedy the first, dist the last), and the
+    # grammar's accept of it aborted the whole process.
+    client, ref = text_client
+    run = client.query(
+        "Is water wet? Answer:",
+        endpoint=ref,
+        options=SippTextOptions(max_tokens=8, temperature=temperature),
+        local=LocalTextOptions(grammar=grammar),
+        emit_tokens=True,
+    )
+    with pytest.raises(InvalidRequestError, match=f"admits no token after {after} generated"):
+        run.result(timeout=120)
+    assert client.query(PROMPT, endpoint=ref, options=GREEDY).result().text
+
+
+def test_logit_bias_that_bans_what_the_grammar_allows_fails_the_request(
+    text_client: Client,
+) -> None:
+    client, ref = text_client
+    endpoint = client._registry._endpoints[ref.id]  # type: ignore[attr-defined]
+    model = endpoint.loaded.model
+    # every token whose text could begin "yes": the grammar's only way forward
+    firsts = {
+        t for t in range(model.n_vocab) if b"yes".startswith(model.piece(t)) and model.piece(t)
+    }
+    banned = SamplingRuntimeConfig(logit_bias={t: float("-inf") for t in firsts})
+    with pytest.raises(InvalidRequestError, match="admits no token after 0 generated"):
+        client.query(
+            "Answer:",
+            endpoint=ref,
+            options=SippTextOptions(max_tokens=4, temperature=0),
+            local=LocalTextOptions(grammar='root ::= "yes"', sampling=banned),
+        ).result(timeout=120)
+
+
 def test_streaming_multibyte_text_is_valid_utf8_per_batch(text_client: Client) -> None:
     client, ref = text_client
     run = client.query(

@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import functools
 import logging
+import math
 import os
 import threading
 from collections import deque
@@ -49,6 +50,7 @@ logger = logging.getLogger("sipp.llama")
 POOLING = {"none": 0, "mean": 1, "cls": 2, "last": 3}
 POOLING_NAMES = {v: k for k, v in POOLING.items()}
 DEFAULT_SEED = 0xFFFFFFFF
+NO_TOKEN = -1  # Sampler.sample's answer when its grammar admits no token
 
 _init_lock = threading.Lock()
 _initialised = False
@@ -865,11 +867,41 @@ class SamplerSettings:
     penalty_window: int = 0
 
 
+class _Candidates:
+    """A reusable llama_token_data array over the whole vocabulary, as
+    llama_sampler_sample builds one from a row of logits."""
+
+    _DTYPE = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+    def __init__(self, n_vocab: int) -> None:
+        assert self._DTYPE.itemsize == ctypes.sizeof(_lc.llama_token_data)
+        self._ids = np.arange(n_vocab, dtype=np.int32)
+        self._data = np.zeros(n_vocab, dtype=self._DTYPE)
+        self._array = _lc.llama_token_data_array()
+
+    def apply(self, chain: Any, logits: npt.NDArray[np.float32]) -> int | None:
+        """Run `chain` over `logits`: the token it selects, or None if that token was
+        left at -inf (all were: nothing is admitted)."""
+        data = self._data
+        data["id"] = self._ids
+        data["logit"] = logits
+        data["p"] = 0.0
+        array = self._array
+        array.data = data.ctypes.data_as(ctypes.POINTER(_lc.llama_token_data))  # type: ignore[assignment]
+        array.size, array.selected, array.sorted = len(data), -1, False
+        _lc.llama_sampler_apply(chain, ctypes.byref(array))
+        if not 0 <= array.selected < array.size:
+            return None
+        chosen = array.data[array.selected]  # a stage may have moved `data` elsewhere
+        return None if chosen.logit == -math.inf else int(chosen.id)
+
+
 class Sampler:
     """A llama.cpp sampler chain for one request."""
 
     def __init__(self, model: LlamaModel, s: SamplerSettings) -> None:
         self.settings = s  # batch_sampling decides from these whether the chain is needed
+        self._candidates: _Candidates | None = None  # set with a grammar
         chain = _lc.llama_sampler_chain_init(_lc.llama_sampler_chain_default_params())
         self._ptr = chain
         add = _lc.llama_sampler_chain_add
@@ -913,6 +945,7 @@ class Sampler:
                 self.close()
                 raise ValueError("; ".join(recent_log_errors()) or "the grammar does not parse")
             add(chain, g)
+            self._candidates = _Candidates(model.n_vocab)
         if s.temperature <= 0.0:
             add(chain, _lc.llama_sampler_init_greedy())
             return
@@ -928,8 +961,18 @@ class Sampler:
         add(chain, _lc.llama_sampler_init_dist(s.seed))
 
     def sample(self, ctx: Context, index: int) -> int:
-        # llama_sampler_sample also accepts the token into the chain's state.
-        return int(_lc.llama_sampler_sample(self._ptr, ctx.ptr, index))
+        """The next token, accepted into the chain's state; NO_TOKEN when the grammar
+        admits none (every candidate it leaves is at -inf, a logit_bias's or its own)."""
+        if self._candidates is None:
+            return int(_lc.llama_sampler_sample(self._ptr, ctx.ptr, index))
+        # llama_sampler_sample, with a look before the accept: it would pick a token
+        # anyway (greedy the first, dist the last), and the grammar's accept of a token
+        # it rejects aborts the process (GGML_ABORT, or a C++ exception through C).
+        chosen = self._candidates.apply(self._ptr, ctx.logits_row(index))
+        if chosen is None:
+            return NO_TOKEN
+        _lc.llama_sampler_accept(self._ptr, chosen)
+        return chosen
 
     def close(self) -> None:
         if self._ptr:

@@ -885,6 +885,16 @@ class Engine:
 
     def _on_token(self, job: TextJob, token: int) -> None:
         assert job.slot is not None
+        if token == _llama.NO_TOKEN:
+            self._release(job)
+            self._count_outcome(job, "failed")
+            job.channel.finish(
+                InvalidRequestError(
+                    f"the grammar admits no token after {job.generated} generated "
+                    "(it matches nothing, or logit_bias bans every token it allows)"
+                )
+            )
+            return
         if self.model.is_eog(token):
             self._finish(job, "stop")
             return
