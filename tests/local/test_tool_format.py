@@ -67,6 +67,7 @@ def test_hermes_parser_holds_back_only_a_possible_marker() -> None:
     [
         "not json at all",
         '{"name": "launch_rockets", "arguments": {}}',  # not one of the request's tools
+        '{"name": ["get_weather"], "arguments": {}}',  # a name that does not even hash
         '{"name": "get_weather", "arguments": [1, 2]}',
         '{"name": "get_weather", "arguments": {"city": "Par',  # cut short, never closed
         '{"name": "get_weather", "arguments": {"days": ' + "9" * 5000 + "}}",  # int limit

@@ -259,3 +259,10 @@ def test_tools_refuse_a_grammar_of_the_caller_and_query(text_client: Client) -> 
     bad_schema = FunctionTool(name="bad", parameters={"type": "object", "$ref": "#/nowhere"})
     with pytest.raises(InvalidRequestError, match="parameters schema"):
         client.chat(ASK, endpoint=ref, options=_options(tools=[bad_schema]))
+    deep: dict[str, object] = {"type": "string"}
+    for _ in range(3000):  # past Python's recursion limit
+        deep = {"type": "array", "items": deep}
+    nested = FunctionTool(name="deep", parameters={"type": "object", "properties": {"a": deep}})
+    with pytest.raises(InvalidRequestError, match="nested too deeply"):
+        client.chat(ASK, endpoint=ref, options=_options(tools=[nested], tool_choice="required"))
+    assert client.chat(ASK, endpoint=ref, options=_options()).result() is not None

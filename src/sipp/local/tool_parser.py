@@ -50,7 +50,9 @@ _UNREADABLE = (ValueError, RecursionError)
 
 def _call_from(value: Any, names: frozenset[str]) -> tuple[str, str] | None:
     """(name, compact arguments JSON) when `value` is a call of one of `names`."""
-    if not isinstance(value, dict) or value.get("name") not in names:
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None  # a list or object for a name would not even hash
+    if value["name"] not in names:
         return None
     args = value.get("arguments", {})
     if isinstance(args, str):  # some models quote the arguments object

@@ -153,8 +153,15 @@ def _call_schema(tools: Sequence[FunctionTool]) -> Mapping[str, Any]:
 
 def _move_refs(value: Any, prefix: str) -> Any:
     """`value` with `#/$defs/X` and `#/definitions/X` pointers renamed to `#/$defs/{prefix}X`."""
+    try:
+        return _renamed(value, prefix)
+    except RecursionError:
+        raise InvalidRequestError("a tool's parameters schema is nested too deeply") from None
+
+
+def _renamed(value: Any, prefix: str) -> Any:
     if isinstance(value, dict):
-        out = {k: _move_refs(v, prefix) for k, v in value.items()}
+        out = {k: _renamed(v, prefix) for k, v in value.items()}
         ref = out.get("$ref")
         if isinstance(ref, str):
             for old in ("#/$defs/", "#/definitions/"):
@@ -162,7 +169,7 @@ def _move_refs(value: Any, prefix: str) -> Any:
                     out["$ref"] = "#/$defs/" + prefix + ref[len(old) :]
         return out
     if isinstance(value, list):
-        return [_move_refs(v, prefix) for v in value]
+        return [_renamed(v, prefix) for v in value]
     return value
 
 
