@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal
 
 from ._errors import InvalidConfigError
+from ._types import real_number, shown
 
 __all__ = [
     "CacheMode",
@@ -64,21 +65,25 @@ class _Group:
         if value is None:
             return
         if isinstance(value, bool) or not isinstance(value, int):
-            raise InvalidConfigError(f"{self._where(name)} must be an integer, got {value!r}")
+            raise InvalidConfigError(f"{self._where(name)} must be an integer, got {shown(value)}")
         if value < minimum:
-            raise InvalidConfigError(f"{self._where(name)} must be >= {minimum}, got {value}")
+            raise InvalidConfigError(
+                f"{self._where(name)} must be >= {minimum}, got {shown(value)}"
+            )
         if maximum is not None and value > maximum:
-            raise InvalidConfigError(f"{self._where(name)} must be <= {maximum}, got {value}")
+            raise InvalidConfigError(
+                f"{self._where(name)} must be <= {maximum}, got {shown(value)}"
+            )
 
     def _float(self, name: str, low: float, high: float = math.inf) -> None:
         value = getattr(self, name)
         if value is None:
             return
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-            raise InvalidConfigError(f"{self._where(name)} must be a number, got {value!r}")
+        if real_number(value) is None:
+            raise InvalidConfigError(f"{self._where(name)} must be a number, got {shown(value)}")
         if not low <= value <= high:
             raise InvalidConfigError(
-                f"{self._where(name)} must be between {low} and {high}, got {value}"
+                f"{self._where(name)} must be between {low} and {high}, got {shown(value)}"
             )
 
     def _bool(self, name: str) -> None:
@@ -200,12 +205,16 @@ class SamplingRuntimeConfig(_Group):
         self._float("min_p", 0.0, 1.0)
         self._float("temperature", 0.0)
         self._float("repeat_penalty", 0.0)
+        if self.repeat_penalty == 0:  # llama.cpp would divide positive logits by it
+            raise InvalidConfigError(
+                "SamplingRuntimeConfig.repeat_penalty must be > 0 (1.0 turns it off), got 0"
+            )
         self._float("frequency_penalty", -2.0, 2.0)
         self._float("presence_penalty", -2.0, 2.0)
         if self.logit_bias is not None and (
             not isinstance(self.logit_bias, Mapping)
             or not all(
-                isinstance(k, int) and isinstance(v, (int, float)) and not math.isnan(v)
+                isinstance(k, int) and not isinstance(k, bool) and real_number(v) is not None
                 for k, v in self.logit_bias.items()
             )
         ):

@@ -286,11 +286,32 @@ class ChatMessage(_ReadsLikeMapping):
 MessageLike: TypeAlias = ChatMessage | Mapping[str, Any]
 
 
+def real_number(value: object) -> float | None:
+    """`value` as a float when it is a real number: not a bool, not NaN, and not an int
+    too large for a float (math.isnan and float() raise OverflowError on those)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return None if math.isnan(number) else number
+
+
+def shown(value: object) -> str:
+    """`value` for an error message: short, and never the 4,300-digit int whose str()
+    itself raises."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _check_probability(name: str, value: float | None, *, allow_zero: bool) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise InvalidRequestError(f"{name} must be a number, got {value!r}")
+    if real_number(value) is None:
+        raise InvalidRequestError(f"{name} must be a number, got {shown(value)}")
     low_ok = value >= 0 if allow_zero else value > 0
     if not low_ok or value > 1:
         bound = "[0, 1]" if allow_zero else "(0, 1]"
@@ -300,8 +321,8 @@ def _check_probability(name: str, value: float | None, *, allow_zero: bool) -> N
 def check_temperature(name: str, value: float | None) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise InvalidRequestError(f"{name} must be a number, got {value!r}")
+    if real_number(value) is None:
+        raise InvalidRequestError(f"{name} must be a number, got {shown(value)}")
     if value < 0 or math.isinf(value):
         raise InvalidRequestError(f"{name} must be >= 0 and finite, got {value}")
 
