@@ -67,6 +67,15 @@ def test_repeat_penalty_runs_and_curbs_the_loop(text_client: Client) -> None:
     _, plain_ids = _tokens(client, ref)
     text, ids = _tokens(client, ref, repeat_penalty=1.5)
     assert text and _top_count(ids) < _top_count(plain_ids), text
+    # Its window starts over the prompt's last 64 tokens, as in llama.cpp's server: the
+    # very first token is already penalised for the prompt's "la".
+    assert ids[0] != plain_ids[0]
+
+
+def test_a_repeat_penalty_of_zero_is_refused() -> None:
+    # llama.cpp would divide every positive logit it covers by it
+    with pytest.raises(InvalidConfigError, match="repeat_penalty must be > 0"):
+        SamplingRuntimeConfig(repeat_penalty=0.0)
 
 
 @pytest.mark.parametrize("field", ["frequency_penalty", "presence_penalty"])

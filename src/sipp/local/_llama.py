@@ -51,6 +51,7 @@ POOLING = {"none": 0, "mean": 1, "cls": 2, "last": 3}
 POOLING_NAMES = {v: k for k, v in POOLING.items()}
 DEFAULT_SEED = 0xFFFFFFFF
 NO_TOKEN = -1  # Sampler.sample's answer when its grammar admits no token
+REPEAT_WINDOW = 64  # the tokens repeat_penalty looks back over, llama.cpp's default
 
 _init_lock = threading.Lock()
 _initialised = False
@@ -899,7 +900,7 @@ class _Candidates:
 class Sampler:
     """A llama.cpp sampler chain for one request."""
 
-    def __init__(self, model: LlamaModel, s: SamplerSettings) -> None:
+    def __init__(self, model: LlamaModel, s: SamplerSettings, prompt: Sequence[int] = ()) -> None:
         self.settings = s  # batch_sampling decides from these whether the chain is needed
         self._candidates: _Candidates | None = None  # set with a grammar
         chain = _lc.llama_sampler_chain_init(_lc.llama_sampler_chain_default_params())
@@ -911,10 +912,14 @@ class Sampler:
             )
             add(chain, _lc.llama_sampler_init_logit_bias(model.n_vocab, len(s.logit_bias), items))
         if s.repeat_penalty != 1.0:
-            add(
-                chain,
-                _lc.llama_sampler_init_penalties(model.n_vocab, 64, s.repeat_penalty, 0.0, 0.0),
+            repeat = _lc.llama_sampler_init_penalties(
+                model.n_vocab, REPEAT_WINDOW, s.repeat_penalty, 0.0, 0.0
             )
+            # As llama.cpp's server and CLI do, the window starts over the prompt's end:
+            # a reply's first tokens are penalised for repeating what it answers.
+            for token in prompt[-REPEAT_WINDOW:]:
+                _lc.llama_sampler_accept(repeat, token)
+            add(chain, repeat)
         if s.frequency_penalty or s.presence_penalty:
             # OpenAI counts every token sampled so far in the response. llama.cpp keeps
             # the last `penalty_last_n` accepted tokens, and in this build both 0 and -1

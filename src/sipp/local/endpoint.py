@@ -312,6 +312,7 @@ class LocalEndpoint(Endpoint):
                     presence_penalty=float(sampling.presence_penalty or 0.0),
                     penalty_window=self._engine.n_ctx_slot,
                 ),
+                prompt=tokens,
             )
         except ValueError as exc:
             raise InvalidRequestError(f"invalid grammar: {exc}") from exc
