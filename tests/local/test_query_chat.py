@@ -160,6 +160,23 @@ def test_json_schema_output_parses_and_matches(text_client: Client) -> None:
     jsonschema.validate(value, schema)
 
 
+def test_json_schema_strings_hold_no_raw_control_characters(text_client: Client) -> None:
+    # JSON wants a line break in a string escaped; the schema converter let a raw one in,
+    # and a model pushed toward newlines (token 198 is "\n" in SmolLM2) wrote invalid JSON.
+    client, ref = text_client
+    schema = {"type": "object", "properties": {"poem": {"type": "string", "maxLength": 40}}}
+    response = client.chat(
+        [ChatMessage("user", "Write a two-line poem about the sea as JSON.")],
+        endpoint=ref,
+        options=SippTextOptions(max_tokens=60, temperature=0),
+        local=LocalTextOptions(
+            json_schema=schema, sampling=SamplingRuntimeConfig(logit_bias={198: 4.0})
+        ),
+    ).result()
+    assert response.finish_reason == "stop"
+    jsonschema.validate(json.loads(response.text), schema)
+
+
 def test_bad_grammar_is_a_clear_error(text_client: Client) -> None:
     client, ref = text_client
     with pytest.raises(InvalidRequestError, match="grammar"):

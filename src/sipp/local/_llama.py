@@ -140,6 +140,20 @@ def cpu_has_amx() -> bool:
         return False
 
 
+# A character of a JSON string, as llama.cpp's own converter writes it: llama-cpp-python's
+# leaves out the control characters JSON requires escaped, so a string could hold a raw
+# line break and the output would not parse.
+_JSON_CHAR = r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])'
+_SchemaConverter: Any = _grammar.SchemaConverter  # untyped upstream
+
+
+class _JsonConverter(_SchemaConverter):  # type: ignore[misc]
+    def _add_primitive(self, name: str, rule: Any) -> Any:
+        if name == "char":
+            rule = _grammar.BuiltinRule(_JSON_CHAR, [])
+        return super()._add_primitive(name, rule)
+
+
 def json_schema_to_grammar(schema: Mapping[str, Any]) -> str:
     """GBNF whose `root` rule matches JSON that follows `schema`."""
     return json_schema_rules({"root": schema})
@@ -151,8 +165,7 @@ def json_schema_rules(schemas: Mapping[str, Mapping[str, Any]]) -> str:
     build a larger grammar around them."""
     import json
 
-    converter_cls: Any = _grammar.SchemaConverter  # untyped upstream
-    converter = converter_cls(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    converter = _JsonConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
     for rule, schema in schemas.items():
         # The round trip copies the schema (the converter edits what it resolves).
         resolved = converter.resolve_refs(json.loads(json.dumps(schema)), "input")
