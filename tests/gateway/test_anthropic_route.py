@@ -79,6 +79,13 @@ def test_a_stop_sequence_is_reported_as_such(
     assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", stop)
     plain = client.messages.create(**ask, extra_body=GREEDY)
     assert plain.stop_sequence is None and plain.stop_reason != "stop_sequence"
+    # A stop at the very first word: no text, one empty text block either way.
+    first = direct.text.split()[0]
+    empty = client.messages.create(**ask, stop_sequences=[first], extra_body=GREEDY)
+    with client.messages.stream(**ask, stop_sequences=[first], extra_body=GREEDY) as stream:
+        streamed = stream.get_final_message()
+    assert [b.model_dump() for b in streamed.content] == [b.model_dump() for b in empty.content]
+    assert [(b.type, b.text) for b in empty.content] == [("text", "")]  # type: ignore[union-attr]
 
 
 def test_stream_helper_and_event_order(client: anthropic.Anthropic, gateway: Gateway) -> None:

@@ -1,11 +1,13 @@
 """Edges of the request pipeline: what is refused before admission, how a stream that
-fails is recorded, choices that die, hostile JSON on every route, and tool-call streams
-a format cannot express."""
+fails is recorded, choices that die, hostile JSON on every route, clients gone before
+their body arrived, and tool-call streams a format cannot express."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,13 +17,17 @@ import pytest
 from starlette.datastructures import Headers
 
 from sipp import SippTextResponse, TokenBatch, ToolCallDelta
-from sipp._errors import ExecutionError, SippError
+from sipp._errors import ExecutionError, InvalidRequestError, SippError
 from sipp.gateway.activity import RequestRecord
 from sipp.gateway.call import _merged
 from sipp.gateway.config import parse_config
 from sipp.gateway.config import tomllib as toml
+from sipp.gateway.formats.anthropic import AnthropicFormat
 from sipp.gateway.formats.anthropic_tools import BlockStream
+from sipp.gateway.formats.base import WireFormat
+from sipp.gateway.formats.native import NativeFormat
 from sipp.gateway.formats.openai import OpenAIFormat
+from sipp.gateway.formats.openai_responses import OpenAIResponsesFormat
 from sipp.gateway.joined import joined
 from sipp.gateway.request import ChoiceDone
 
@@ -183,6 +189,128 @@ def test_schemas_and_names_that_cannot_be_used_are_400(
     before = len(upstream.requests)
     r = httpx.post(f"{gateway.public}{route}", content=text, headers=ROUTES[route], timeout=60)
     assert r.status_code == 400, r.text
+    assert len(upstream.requests) == before
+
+
+@pytest.mark.parametrize("route", sorted(ROUTES))
+def test_an_error_echoing_a_lone_surrogate_is_the_formats_400(gateway: Gateway, route: str) -> None:
+    # A JSON escape puts a lone surrogate in a field's name; the 400 naming that field
+    # must still be encoded (as U+FFFD), not fail inside the error handler as a 500.
+    body = b'{"model": "up", "\\udfff": 1}'
+    r = httpx.post(f"{gateway.public}{route}", content=body, headers=ROUTES[route], timeout=60)
+    assert r.status_code == 400, (route, r.text[:200])
+    assert r.headers["content-type"] == "application/json"
+    assert "\ufffd" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        OpenAIFormat("chat"),
+        AnthropicFormat(),
+        OpenAIResponsesFormat(),
+        NativeFormat("chat"),
+    ],
+)
+def test_error_frames_and_bodies_replace_lone_surrogates(fmt: WireFormat) -> None:
+    def shown(payload: str) -> str:  # the JSON's text, escapes decoded
+        return json.dumps(json.loads(payload), ensure_ascii=False)
+
+    exc = InvalidRequestError("field '\udfff' is not a known field", field="\udfff")
+    frame = fmt.stream_error(exc).decode()  # strict UTF-8
+    assert "\ufffd" in shown(frame.split("data: ", 1)[1].split("\n", 1)[0])
+    assert "\ufffd" in shown(bytes(fmt.error(exc, "r1").body).decode())
+
+
+@pytest.mark.parametrize("route", sorted(ROUTES))
+def test_a_number_past_a_doubles_range_is_a_400_on_every_route(
+    gateway: Gateway, route: str
+) -> None:
+    for number in (b"1e400", b"-1e400", b"1" + b"0" * 400):
+        body = b'{"model": "up", "x": ' + number + b"}"
+        r = httpx.post(f"{gateway.public}{route}", content=body, headers=ROUTES[route], timeout=60)
+        assert r.status_code == 400, (route, r.text[:200])
+        assert "number out of range" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    "field",
+    [
+        '"text": {"format": {"type": "json_schema", "name": "x", "schema": SCHEMA}}',
+        '"tools": [{"type": "function", "name": "f", "parameters": SCHEMA}]',
+    ],
+)
+def test_responses_refuses_an_infinite_number_before_it_runs(
+    gateway: Gateway, upstream: CountingUpstream, field: str, stream: bool
+) -> None:
+    # The Response object echoes these fields: infinity there made the answer a 500
+    # after the generation ran, and a stream carried `Infinity`, which is not JSON.
+    schema = '{"type": "object", "properties": {"a": {"type": "number", "maximum": 1e400}}}'
+    head = f'{{"model": "up", "input": "hi", "stream": {json.dumps(stream)}, '
+    body = head + field.replace("SCHEMA", schema) + "}"
+    before = len(upstream.requests)
+    r = httpx.post(f"{gateway.public}/v1/responses", content=body, headers=AUTH, timeout=60)
+    assert r.status_code == 400, r.text[:300]
+    assert r.json()["error"]["code"] == "invalid_request"
+    assert len(upstream.requests) == before
+
+
+def test_a_client_gone_before_its_body_arrived_is_client_closed(gateway: Gateway) -> None:
+    def errors(code: str) -> float:
+        return gateway.metric("sipp_gateway_errors_total", f'{{code="{code}",operation="chat"}}')
+
+    before = errors("client_closed"), errors("execution")
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
+        f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
+        "Content-Length: 1000\r\n\r\n"
+    )
+    port = int(gateway.public.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(head.encode() + b'{"model": "up",')  # then hang up mid-body
+        time.sleep(0.5)  # the gateway is waiting for the rest of the body
+    poll(lambda: errors("client_closed") == before[0] + 1, "the hang-up recorded")
+    assert errors("execution") == before[1]  # not an internal failure (and no traceback)
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "field", "most"),
+    [
+        ("/v1/chat/completions", {"model": "up", "messages": ASK}, "stop", 4),
+        ("/v1/completions", {"model": "up", "prompt": "hi"}, "stop", 4),
+        ("/v1/messages", {"model": "up", "max_tokens": 5, "messages": ASK}, "stop_sequences", 16),
+        ("/v1/chat", {"model": "up", "messages": ASK}, "stop", 16),
+        ("/v1/query", {"model": "up", "prompt": "hi"}, "stop", 16),
+    ],
+)
+def test_stop_strings_are_capped_in_number_and_length(
+    gateway: Gateway,
+    upstream: CountingUpstream,
+    route: str,
+    body: dict[str, Any],
+    field: str,
+    most: int,
+) -> None:
+    # The engine checks every stop string after every token of every request it decodes.
+    def post(stops: list[str]) -> httpx.Response:
+        return httpx.post(
+            f"{gateway.public}{route}",
+            json={**body, field: stops},
+            headers=ROUTES[route],
+            timeout=60,
+        )
+
+    stops = [f"<{i}>" for i in range(most + 1)]
+    assert post(stops[:most]).status_code == 200
+    assert post(["x" * 1000]).status_code == 200
+    before = len(upstream.requests)
+    for refused in (stops, ["x" * 1001]):
+        r = post(refused)
+        assert r.status_code == 400, r.text[:200]
+        assert field in r.json()["error"]["message"]
+        if "param" in r.json()["error"]:  # OpenAI's envelope names it there too
+            assert r.json()["error"]["param"] == field
     assert len(upstream.requests) == before
 
 

@@ -26,6 +26,7 @@ from sipp.protocol import (
     error_body,
     error_frame,
     error_from_body,
+    load_json_object,
     parse_embedding_response,
     parse_text_response,
     query_body,
@@ -216,3 +217,40 @@ def test_error_envelopes_and_frames() -> None:
         frame == b'event: error\ndata: {"error":{"code":"overloaded","message":"queue full"}}\n\n'
     )
     assert usage_frame(Usage(1, 2, 3)).startswith(b"event: usage\ndata: {")
+
+
+@pytest.mark.parametrize("number", ["1e400", "-1e400", "1E+999", "1" + "0" * 400])
+def test_a_number_past_a_doubles_range_is_refused(number: str) -> None:
+    # 1e400 would parse to infinity, which no JSON encoder can write back; an integer that
+    # long overflows wherever it meets a float (here: temperature's finiteness check).
+    body = f'{{"model":"m","prompt":"x","temperature":{number}}}'
+    with pytest.raises(InvalidRequestError, match="number out of range") as info:
+        decode_query_body(body)
+    assert status_for(info.value) == 400
+    assert load_json_object('{"a": 1e308, "b": -1.5e-400}') == {"a": 1e308, "b": -0.0}
+
+
+def test_stop_strings_are_capped_in_number_and_length() -> None:
+    def decode(stop: object) -> SippTextOptions:
+        return decode_query_body({"model": "m", "prompt": "x", "stop": stop}).options
+
+    assert len(decode([f"<{i}>" for i in range(16)]).stop or ()) == 16
+    assert decode("x" * 1000).stop == ("x" * 1000,)
+    for refused, fragment in (
+        ([f"<{i}>" for i in range(17)], "field 'stop' holds 17 strings; at most 16"),
+        ("x" * 1001, "field 'stop' holds a string of 1001 characters; at most 1000"),
+    ):
+        with pytest.raises(InvalidRequestError, match=fragment) as info:
+            decode(refused)
+        assert info.value.field == "stop"
+
+
+def test_error_bodies_and_frames_replace_lone_surrogates() -> None:
+    # A JSON escape can put a lone surrogate in a field name the error then quotes.
+    with pytest.raises(InvalidRequestError) as info:
+        decode_chat_body(b'{"model":"m","messages":[],"\\udfff":1}')
+    body = error_body(info.value.code, info.value.message)
+    assert body["error"]["message"] == "field '\ufffd' is not a known field"
+    json.dumps(body, ensure_ascii=False).encode()  # UTF-8 can write it
+    frame = error_frame(info.value).decode()
+    assert "field '\ufffd' is not a known field" in frame

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable
 from typing import Protocol, TypeVar
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
 from .._client import AsyncSippClient
@@ -503,16 +503,21 @@ async def check_client(state: GatewayState, request: Request) -> str:
 
 
 async def read_body(request: Request, limit: int, name: str = "max_request_bytes") -> bytes:
-    """The body, refused with 413 as soon as more than `limit` bytes are declared or arrive."""
+    """The body, refused with 413 as soon as more than `limit` bytes are declared or arrive;
+    a client that hangs up before it is all sent is `client_closed`, like one that hangs
+    up later, not a failure of the gateway."""
     too_large = f"request body exceeds {name} ({limit} bytes)"
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(too_large)
     body = bytearray()
-    async for chunk in request.stream():  # counts bytes actually received, chunked bodies too
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLargeError(too_large)
+    try:
+        async for chunk in request.stream():  # counts bytes actually received, chunked too
+            body += chunk
+            if len(body) > limit:
+                raise PayloadTooLargeError(too_large)
+    except ClientDisconnect:
+        raise ClientClosedError("client disconnected before its request body was read") from None
     return bytes(body)
 
 

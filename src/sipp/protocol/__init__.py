@@ -5,6 +5,8 @@ request with a `SippClient`, encode the response (JSON or SSE frames).
 """
 
 from .codec import (
+    MAX_STOP_CHARS,
+    MAX_STOPS,
     DecodedEmbedRequest,
     DecodedTextRequest,
     chat_body,
@@ -19,14 +21,24 @@ from .codec import (
     parse_embedding_response,
     parse_text_response,
     query_body,
+    stop_problem,
     text_response_body,
     token_frame,
     usage_frame,
 )
-from .errors import STATUS_BY_CODE, error_body, error_from_body, error_from_status, status_for
+from .errors import (
+    STATUS_BY_CODE,
+    encodable,
+    error_body,
+    error_from_body,
+    error_from_status,
+    status_for,
+)
 from .sse import SSEDecoder, SSEEvent, encode_sse
 
 __all__ = [
+    "MAX_STOPS",
+    "MAX_STOP_CHARS",
     "STATUS_BY_CODE",
     "DecodedEmbedRequest",
     "DecodedTextRequest",
@@ -39,6 +51,7 @@ __all__ = [
     "done_frame",
     "embed_body",
     "embedding_response_body",
+    "encodable",
     "encode_sse",
     "error_body",
     "error_frame",
@@ -49,6 +62,7 @@ __all__ = [
     "parse_text_response",
     "query_body",
     "status_for",
+    "stop_problem",
     "text_response_body",
     "token_frame",
     "usage_frame",

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+import sys
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -29,6 +30,8 @@ from .errors import error_body
 from .sse import encode_sse
 
 __all__ = [
+    "MAX_STOPS",
+    "MAX_STOP_CHARS",
     "DecodedEmbedRequest",
     "DecodedTextRequest",
     "chat_body",
@@ -43,6 +46,7 @@ __all__ = [
     "parse_embedding_response",
     "parse_text_response",
     "query_body",
+    "stop_problem",
     "text_response_body",
     "token_frame",
     "usage_frame",
@@ -55,6 +59,10 @@ _TEXT_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "stop",
 _QUERY_FIELDS = _TEXT_FIELDS | {"prompt"}
 _CHAT_FIELDS = _TEXT_FIELDS | {"messages"}
 _EMBED_FIELDS = frozenset({"model", "input"})
+# A local engine checks every stop string against the text after every token, on the one
+# thread that decodes for every request: a request may bring a few short ones, not more.
+MAX_STOPS = 16
+MAX_STOP_CHARS = 1000
 
 
 @dataclass(frozen=True)
@@ -154,12 +162,41 @@ def _not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not JSON")
 
 
+class _OutOfRange(ValueError):
+    pass
+
+
+def _out_of_range(number: str) -> _OutOfRange:
+    shown = number if len(number) <= 40 else number[:37] + "..."
+    return _OutOfRange(f"request body has a number out of range: {shown}")
+
+
+def _finite(number: str) -> float:
+    """A JSON number as a float; one past a double's range (1e400) would be infinite."""
+    value = float(number)
+    if not math.isfinite(value):
+        raise _out_of_range(number)
+    return value
+
+
+def _within_float(number: str) -> int:
+    """A JSON integer; one past a double's range would overflow wherever it meets a float."""
+    value = int(number)
+    if abs(value) > sys.float_info.max:
+        raise _out_of_range(number)
+    return value
+
+
 def load_json_object(body: bytes | str) -> dict[str, Any]:
     """A request body as a JSON object, or InvalidRequestError: strict JSON (Python's
-    parser also takes NaN and Infinity, which no JSON encoder downstream can write
-    back), nesting within the parser's recursion limit."""
+    parser also takes NaN and Infinity, and turns 1e400 into infinity, none of which a
+    JSON encoder downstream can write back), nesting within the parser's recursion limit."""
     try:
-        obj = json.loads(body, parse_constant=_not_json)
+        obj = json.loads(
+            body, parse_constant=_not_json, parse_float=_finite, parse_int=_within_float
+        )
+    except _OutOfRange as exc:
+        raise InvalidRequestError(str(exc)) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
     except RecursionError:
@@ -225,6 +262,9 @@ def _text_options(obj: Mapping[str, Any]) -> SippTextOptions:
         isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
     ):
         raise _field_error("stop", "must be a string or an array of strings")
+    problem = stop_problem([stop] if isinstance(stop, str) else stop or [])
+    if problem is not None:
+        raise _field_error("stop", problem)
     try:
         return SippTextOptions(
             max_tokens=max_tokens,
@@ -234,6 +274,17 @@ def _text_options(obj: Mapping[str, Any]) -> SippTextOptions:
         )
     except InvalidRequestError as exc:
         raise InvalidRequestError(f"field {exc.message}") from None
+
+
+def stop_problem(stops: Sequence[Any], most: int = MAX_STOPS) -> str | None:
+    """What makes `stops` too costly to honour (more than `most` strings, or one longer
+    than `MAX_STOP_CHARS`), or None; other checks are the caller's."""
+    if len(stops) > most:
+        return f"holds {len(stops)} strings; at most {most} are allowed"
+    longest = max((len(s) for s in stops if isinstance(s, str)), default=0)
+    if longest > MAX_STOP_CHARS:
+        return f"holds a string of {longest} characters; at most {MAX_STOP_CHARS} are allowed"
+    return None
 
 
 # ---------------------------------------------------------------- encoding (server side)

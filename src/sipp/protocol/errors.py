@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from .._errors import (
@@ -25,7 +26,14 @@ from .._errors import (
     UnsupportedOperationError,
 )
 
-__all__ = ["STATUS_BY_CODE", "error_body", "error_from_body", "error_from_status", "status_for"]
+__all__ = [
+    "STATUS_BY_CODE",
+    "encodable",
+    "error_body",
+    "error_from_body",
+    "error_from_status",
+    "status_for",
+]
 
 _CLASSES: tuple[type[SippError], ...] = (
     InvalidRequestError,
@@ -80,8 +88,26 @@ def status_for(error: SippError) -> int:
     return STATUS_BY_CODE.get(error.code, 500)
 
 
+# json.loads joins an escaped pair into one character, so a surrogate left in a str is a
+# lone one (`"\udfff"`): no UTF-8 encoder can write it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def encodable(value: Any) -> Any:
+    """`value` (strings, and dicts and lists of them, keys too) with every lone surrogate
+    replaced by U+FFFD. An error echoes what the client sent (a field's name, say), and
+    a body that cannot be encoded as UTF-8 would turn a 400 into a failed response."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {encodable(k): encodable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [encodable(v) for v in value]
+    return value
+
+
 def error_body(code: str, message: str) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message}}
+    return {"error": {"code": code, "message": encodable(message)}}
 
 
 def error_from_status(

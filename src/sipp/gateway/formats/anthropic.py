@@ -34,7 +34,14 @@ from ..request import (
     TextDelta,
 )
 from .anthropic_tools import BlockStream, tool_fields, tool_use_blocks
-from .base import EVENT_STREAM_HEADERS, check_schema, error_headers, field_error, sse_event
+from .base import (
+    EVENT_STREAM_HEADERS,
+    check_schema,
+    check_stops,
+    error_response,
+    field_error,
+    sse_event,
+)
 
 __all__ = ["AnthropicFormat"]
 
@@ -106,6 +113,7 @@ class AnthropicFormat:
             not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops)
         ):
             raise field_error("stop_sequences", "stop_sequences: must be an array of strings")
+        check_stops(stops or [], "stop_sequences", protocol.MAX_STOPS, "stop_sequences: {}")
         top_k = obj.get("top_k")
         if top_k is not None and (
             isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1
@@ -164,7 +172,7 @@ class AnthropicFormat:
                     yield sse_event(frame["type"], frame)
             elif isinstance(event, ChoiceDone):
                 response = event.response
-                for frame in blocks.close():
+                for frame in blocks.finish():
                     yield sse_event(frame["type"], frame)
                 yield sse_event(
                     "message_delta",
@@ -183,11 +191,7 @@ class AnthropicFormat:
         return sse_event("error", _error_body(exc))
 
     def error(self, exc: SippError, request_id: str) -> Response:
-        return JSONResponse(
-            _error_body(exc),
-            status_code=protocol.status_for(exc),
-            headers=error_headers(exc, request_id),
-        )
+        return error_response(_error_body(exc), exc, request_id)
 
 
 # ----------------------------------------------------------------- decoding helpers
@@ -403,4 +407,4 @@ def _usage(usage: Usage | None) -> dict[str, int]:
 
 def _error_body(exc: SippError) -> dict[str, Any]:
     kind = _ERROR_TYPES.get(protocol.status_for(exc), "api_error")
-    return {"type": "error", "error": {"type": kind, "message": exc.message}}
+    return {"type": "error", "error": {"type": kind, "message": protocol.encodable(exc.message)}}

@@ -85,6 +85,13 @@ class BlockStream:
         if delta.arguments:
             yield self._delta({"type": "input_json_delta", "partial_json": delta.arguments})
 
+    def finish(self) -> Iterator[dict[str, Any]]:
+        """Close the last block; a message that got none still holds one empty text
+        block, as its non-streamed form does."""
+        if self._index < 0:
+            yield self._start({"type": "text", "text": ""}, "text")
+        yield from self.close()
+
     def close(self) -> Iterator[dict[str, Any]]:
         if self._open is not None:
             self._open = None

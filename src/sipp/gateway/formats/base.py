@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from starlette.datastructures import Headers
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
+from ... import protocol
 from ..._errors import InvalidRequestError, SippError
 from ..._types import FunctionTool
 from ..config import GatewayConfig
@@ -22,7 +23,9 @@ __all__ = [
     "WireFormat",
     "bearer",
     "check_schema",
+    "check_stops",
     "error_headers",
+    "error_response",
     "field_error",
     "sse_event",
 ]
@@ -117,6 +120,25 @@ def sse_event(name: str, data: Mapping[str, Any]) -> bytes:
 
 def bearer(headers: Headers) -> str | None:
     return headers.get("authorization")
+
+
+def check_stops(stops: Sequence[Any], name: str, most: int, problem: str) -> None:
+    """Refuse more than `most` stop strings, or one too long, with a 400 naming `name`;
+    `problem` is the format's message with `{}` where the reason goes."""
+    reason = protocol.stop_problem(stops, most)
+    if reason is not None:
+        raise field_error(name, problem.format(reason))
+
+
+def error_response(body: Mapping[str, Any], exc: SippError, request_id: str) -> JSONResponse:
+    """`exc`'s error `body` with its status and headers. Its strings are made encodable
+    first: a message may echo anything the client sent, and one that cannot be encoded
+    would fail inside the error handler itself."""
+    return JSONResponse(
+        protocol.encodable(dict(body)),
+        status_code=protocol.status_for(exc),
+        headers=error_headers(exc, request_id),
+    )
 
 
 def error_headers(exc: SippError, request_id: str) -> dict[str, str]:

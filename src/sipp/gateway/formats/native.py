@@ -17,7 +17,7 @@ from ..._errors import SippError
 from ...protocol.streaming import SSE_HEADERS
 from ..config import GatewayConfig
 from ..request import ChoiceDone, Completion, Event, GatewayRequest, Operation, TextDelta
-from .base import BearerFormat, error_headers
+from .base import BearerFormat, error_response
 
 __all__ = ["NativeFormat"]
 
@@ -70,8 +70,4 @@ class NativeFormat(BearerFormat):
         return protocol.error_frame(exc)
 
     def error(self, exc: SippError, request_id: str) -> Response:
-        return JSONResponse(
-            protocol.error_body(exc.code, exc.message),
-            status_code=protocol.status_for(exc),
-            headers=error_headers(exc, request_id),
-        )
+        return error_response(protocol.error_body(exc.code, exc.message), exc, request_id)

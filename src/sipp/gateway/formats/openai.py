@@ -40,7 +40,7 @@ from ..request import (
     TextDelta,
     UsageTotal,
 )
-from .base import BearerFormat, error_headers, field_error
+from .base import BearerFormat, check_stops, error_response, field_error
 from .openai_fields import attribution, generation
 from .openai_tools import call_delta, calls_out, tool_call, tool_fields
 
@@ -93,6 +93,7 @@ _ERROR_TYPES = {
     502: "upstream_error",
 }
 _STREAM_HEADERS = {"content-type": "text/event-stream; charset=utf-8"}
+MAX_STOPS = 4  # as OpenAI documents for `stop`
 
 
 def openai_error(exc: SippError, request_id: str) -> JSONResponse:
@@ -105,7 +106,7 @@ def openai_error(exc: SippError, request_id: str) -> JSONResponse:
             "code": exc.code,
         }
     }
-    return JSONResponse(body, status_code=status, headers=error_headers(exc, request_id))
+    return error_response(body, exc, request_id)
 
 
 class OpenAIFormat(BearerFormat):
@@ -237,7 +238,7 @@ class OpenAIFormat(BearerFormat):
 
     def stream_error(self, exc: SippError) -> bytes:
         error = {"message": exc.message, "type": "server_error", "param": None, "code": exc.code}
-        return b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
+        return b"data: " + json.dumps(protocol.encodable({"error": error})).encode() + b"\n\n"
 
     def error(self, exc: SippError, request_id: str) -> Response:
         return openai_error(exc, request_id)
@@ -265,6 +266,7 @@ def _options(obj: dict[str, Any], *, chat: bool) -> SippTextOptions:
     stop = obj.get("stop")
     if stop is not None and not isinstance(stop, (str, list)):
         raise InvalidRequestError("'stop' must be a string or an array of strings")
+    check_stops([stop] if isinstance(stop, str) else stop or [], "stop", MAX_STOPS, "'stop' {}")
     return SippTextOptions(
         max_tokens=max_tokens,
         temperature=obj.get("temperature"),

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..._errors import ExecutionError, SippError
 from ..._types import SippTextResponse, ToolCall, ToolCallDelta
+from ...protocol import encodable
 from ..request import GatewayRequest
 from .base import sse_event
 
@@ -90,7 +91,7 @@ def error_frame(exc: SippError, sequence_number: int) -> bytes:
         {
             "type": "error",
             "code": exc.code,
-            "message": exc.message,
+            "message": encodable(exc.message),
             "param": None,
             "sequence_number": sequence_number,
         },
