@@ -53,6 +53,12 @@ def test_every_public_error_has_a_stable_code() -> None:
         (lambda: SamplingRuntimeConfig(mirostat=2), "not supported by this runtime yet"),
         (lambda: SamplingRuntimeConfig(logit_bias={5: float("nan")}), "not NaN"),
         (lambda: SamplingRuntimeConfig(seed=2**32), "seed must be <= 4294967295"),
+        # past a float's range: math.isnan and float() raised OverflowError on these
+        (lambda: SamplingRuntimeConfig(temperature=10**400), "must be a number"),
+        (lambda: SamplingRuntimeConfig(logit_bias={5: 10**400}), "must map token ids"),
+        (lambda: SamplingRuntimeConfig(repeat_penalty=0.0), "repeat_penalty must be > 0"),
+        # past 4,300 digits str() itself raises: the message names the size instead
+        (lambda: SamplingRuntimeConfig(seed=10**5000), "an integer of 16610 bits"),
         (lambda: CacheRuntimeConfig(max_snapshot_entries=4), "need mode='snapshot'"),
         (
             lambda: CacheRuntimeConfig(mode="snapshot", retained_prefix_tokens=4),
@@ -95,6 +101,8 @@ def test_runtime_config_groups_default_and_merge() -> None:
         (lambda: SippTextOptions(temperature=-0.1), "temperature must be >= 0"),
         (lambda: SippTextOptions(temperature=float("nan")), "temperature must be a number"),
         (lambda: SippTextOptions(top_p=0), "top_p must be in (0, 1]"),
+        (lambda: SippTextOptions(top_p=10**400), "top_p must be a number"),
+        (lambda: SippTextOptions(max_tokens=-(10**5000)), "an integer of 16610 bits"),
         (lambda: SippTextOptions(stop=[""]), "non-empty strings"),
         (lambda: ChatMessage("robot", "hi"), "unknown chat role 'robot'"),
         (lambda: ChatMessage("user", 5), "content must be a string"),

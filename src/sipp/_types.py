@@ -331,9 +331,9 @@ def check_count(name: str, value: int | None, *, minimum: int) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequestError(f"{name} must be an integer, got {value!r}")
+        raise InvalidRequestError(f"{name} must be an integer, got {shown(value)}")
     if value < minimum:
-        raise InvalidRequestError(f"{name} must be >= {minimum}, got {value}")
+        raise InvalidRequestError(f"{name} must be >= {minimum}, got {shown(value)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -433,7 +433,7 @@ class LocalTextOptions:
         if self.top_logprobs is not None:
             if self.top_logprobs > MAX_TOP_LOGPROBS:
                 raise InvalidRequestError(
-                    f"top_logprobs must be <= {MAX_TOP_LOGPROBS}, got {self.top_logprobs}"
+                    f"top_logprobs must be <= {MAX_TOP_LOGPROBS}, got {shown(self.top_logprobs)}"
                 )
             if self.logprobs is not True:
                 raise InvalidRequestError("top_logprobs needs logprobs=True")

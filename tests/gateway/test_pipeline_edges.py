@@ -193,14 +193,22 @@ def test_schemas_and_names_that_cannot_be_used_are_400(
 
 
 @pytest.mark.parametrize("route", sorted(ROUTES))
-def test_an_error_echoing_a_lone_surrogate_is_the_formats_400(gateway: Gateway, route: str) -> None:
-    # A JSON escape puts a lone surrogate in a field's name; the 400 naming that field
-    # must still be encoded (as U+FFFD), not fail inside the error handler as a 500.
-    body = b'{"model": "up", "\\udfff": 1}'
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "up", "\\udfff": 1}',  # a field's name: echoed by the 400 that names it
+        b'{"model": "up", "metadata": {"k": "\\udfff"}}',  # echoed by /v1/responses' answer
+    ],
+)
+def test_a_lone_surrogate_anywhere_in_a_body_is_the_formats_400(
+    gateway: Gateway, route: str, body: bytes
+) -> None:
+    # A JSON escape puts a lone surrogate in a str; echoed back, no UTF-8 encoder can
+    # write it, and the response failed as a 500 (in the error handler, or after the run).
     r = httpx.post(f"{gateway.public}{route}", content=body, headers=ROUTES[route], timeout=60)
     assert r.status_code == 400, (route, r.text[:200])
     assert r.headers["content-type"] == "application/json"
-    assert "\ufffd" in r.json()["error"]["message"]
+    assert "not valid Unicode" in r.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(

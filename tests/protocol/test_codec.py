@@ -246,11 +246,13 @@ def test_stop_strings_are_capped_in_number_and_length() -> None:
 
 
 def test_error_bodies_and_frames_replace_lone_surrogates() -> None:
-    # A JSON escape can put a lone surrogate in a field name the error then quotes.
-    with pytest.raises(InvalidRequestError) as info:
+    # A body holding one is refused whole; an error that quotes one anyway (raised by
+    # code that did not read a body) must still be writable.
+    with pytest.raises(InvalidRequestError, match="not valid Unicode"):
         decode_chat_body(b'{"model":"m","messages":[],"\\udfff":1}')
-    body = error_body(info.value.code, info.value.message)
+    error = InvalidRequestError("field '\udfff' is not a known field")
+    body = error_body(error.code, error.message)
     assert body["error"]["message"] == "field '\ufffd' is not a known field"
     json.dumps(body, ensure_ascii=False).encode()  # UTF-8 can write it
-    frame = error_frame(info.value).decode()
+    frame = error_frame(error).decode()
     assert "field '\ufffd' is not a known field" in frame

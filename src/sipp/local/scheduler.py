@@ -279,7 +279,11 @@ class Engine:
         if len(tokens) >= self.n_ctx_slot:
             raise ContextOverflowError(
                 f"prompt is {len(tokens)} tokens but the context holds {self.n_ctx_slot} per slot "
-                "(raise ContextRuntimeConfig.n_ctx or shorten the prompt)"
+                + (
+                    "(the model's position table ends there: shorten the prompt)"
+                    if self.n_ctx_slot == self.model.n_positions
+                    else "(raise ContextRuntimeConfig.n_ctx or shorten the prompt)"
+                )
             )
         if self.encoder and len(tokens) > self.ctx.n_ubatch:
             raise ContextOverflowError(

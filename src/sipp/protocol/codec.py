@@ -187,14 +187,34 @@ def _within_float(number: str) -> int:
     return value
 
 
+# What may hide a number past a double's range: 309 digits in a row, or a 3-digit
+# exponent. Only a body that has one is parsed again with the (slower) range checks.
+_LONG_NUMBER = re.compile(r"[0-9]{309}|[eE][+]?0*[1-9][0-9]{2}")
+_LONG_NUMBER_BYTES = re.compile(_LONG_NUMBER.pattern.encode())
+# A \uD800-\uDFFF escape: a surrogate, of a pair (an emoji) or alone.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]|[\ud800-\udfff]")
+_SURROGATE_ESCAPE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def load_json_object(body: bytes | str) -> dict[str, Any]:
     """A request body as a JSON object, or InvalidRequestError: strict JSON (Python's
-    parser also takes NaN and Infinity, and turns 1e400 into infinity, none of which a
-    JSON encoder downstream can write back), nesting within the parser's recursion limit."""
+    parser also takes NaN and Infinity, turns 1e400 into infinity, and keeps a lone
+    surrogate escape as a character no UTF-8 encoder can write, none of which can be
+    written back downstream), nesting within the parser's recursion limit."""
+    text = isinstance(body, str)
     try:
-        obj = json.loads(
-            body, parse_constant=_not_json, parse_float=_finite, parse_int=_within_float
-        )
+        obj = json.loads(body, parse_constant=_not_json)
+        if (_LONG_NUMBER if text else _LONG_NUMBER_BYTES).search(body):  # type: ignore[arg-type]
+            obj = json.loads(
+                body, parse_constant=_not_json, parse_float=_finite, parse_int=_within_float
+            )
+        if (_SURROGATE_ESCAPE if text else _SURROGATE_ESCAPE_BYTES).search(body):  # type: ignore[arg-type]
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")  # a pair joined is fine
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(
+            f"request body holds {exc.object[exc.start : exc.end]!r}, which is not valid "
+            "Unicode (a lone surrogate)"
+        ) from None
     except _OutOfRange as exc:
         raise InvalidRequestError(str(exc)) from None
     except (ValueError, UnicodeDecodeError) as exc:
