@@ -6,6 +6,7 @@ import asyncio
 import json
 import threading
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
@@ -175,6 +176,55 @@ def test_json_schema_strings_hold_no_raw_control_characters(text_client: Client)
     ).result()
     assert response.finish_reason == "stop"
     jsonschema.validate(json.loads(response.text), schema)
+
+
+@pytest.mark.parametrize(
+    ("local", "prompt"),
+    [
+        (LocalTextOptions(grammar='root ::= "The sky is " [a-z ,]+ "."'), "Describe the sky:"),
+        (
+            LocalTextOptions(
+                json_schema={
+                    "type": "object",
+                    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+                    "required": ["name", "age"],
+                },
+                # stages before the grammar: a bias and a penalty move the argmax
+                sampling=SamplingRuntimeConfig(logit_bias={28: -2.0}, repeat_penalty=1.3),
+            ),
+            "Give me a person as JSON:",
+        ),
+        (LocalTextOptions(grammar='root ::= [0-9]+ " apples"'), "How many apples? Answer:"),
+    ],
+)
+def test_greedy_grammar_rows_check_the_argmax_first_with_the_same_tokens(
+    text_client: Client, monkeypatch: pytest.MonkeyPatch, local: LocalTextOptions, prompt: str
+) -> None:
+    # The grammar's pass over every token is skipped when it admits the argmax (15 ms
+    # a token on SmolLM2): the tokens must be those of the whole chain.
+    from sipp.local import _llama
+
+    client, ref = text_client
+    options = SippTextOptions(max_tokens=30, temperature=0)
+
+    def ids() -> tuple[str, list[int]]:
+        run = client.query(prompt, endpoint=ref, options=options, local=local, emit_tokens=True)
+        tokens = [t for batch in run for t in batch.token_ids]
+        return run.result().text, tokens
+
+    whole_chain = 0
+    finish = _llama._Candidates.finish
+
+    def counted(self: Any, chain: Any, first: int) -> int | None:
+        nonlocal whole_chain
+        whole_chain += 1
+        return finish(self, chain, first)
+
+    monkeypatch.setattr(_llama._Candidates, "finish", counted)
+    fast = ids()
+    assert fast[1] and whole_chain < len(fast[1])  # the argmax served some tokens
+    monkeypatch.setattr(_llama.Sampler, "fast_grammar", False)
+    assert ids() == fast
 
 
 def test_bad_grammar_is_a_clear_error(text_client: Client) -> None:

@@ -894,29 +894,70 @@ class _Candidates:
         self._data = self._fresh.copy()
         self._pointer = self._data.ctypes.data_as(ctypes.POINTER(_lc.llama_token_data))
         self._array = _lc.llama_token_data_array()
+        self._one_data = (_lc.llama_token_data * 1)()
+        self._one = _lc.llama_token_data_array(self._one_data, 1, -1, False)
 
     def apply(self, chain: Any, logits: npt.NDArray[np.float32]) -> int | None:
         """Run `chain` over `logits`: the token it selects, or None if that token was
         left at -inf (all were: nothing is admitted)."""
+        self._load(logits)
+        return self.finish(chain, 0)
+
+    def greedy(self, chain: Any, grammar_at: int, logits: npt.NDArray[np.float32]) -> int | None:
+        """What `chain` (stages before `grammar_at`, its grammar, then greedy) selects,
+        without the grammar's pass over every token when it admits the argmax.
+
+        The stages before the grammar (logit bias, penalties) only move logits. If the
+        grammar admits the first best token, greedy on the masked array takes it too:
+        the mask only lowers others. llama.cpp's server samples before the grammar the
+        same way. Otherwise, or on a NaN, the rest of the chain runs over them all."""
+        array = self._load(logits)
+        for stage in range(grammar_at):
+            _lc.llama_sampler_apply(_lc.llama_sampler_chain_get(chain, stage), ctypes.byref(array))
+        values = self._data["logit"]
+        best = int(values.argmax())  # the first best, as greedy takes; numpy's first NaN
+        value = float(values[best])
+        if value == value and value != -math.inf:
+            token = int(self._data["id"][best])
+            self._one_data[0] = _lc.llama_token_data(token, value, 0.0)
+            one = self._one
+            one.size, one.selected, one.sorted = 1, -1, False
+            grammar = _lc.llama_sampler_chain_get(chain, grammar_at)
+            _lc.llama_sampler_apply(grammar, ctypes.byref(one))
+            if self._one_data[0].logit != -math.inf:
+                return token
+        return self.finish(chain, grammar_at)
+
+    def finish(self, chain: Any, first: int) -> int | None:
+        """Run `chain`'s stages from `first` on over the loaded array, as `apply` does."""
+        array = self._array
+        for stage in range(first, _lc.llama_sampler_chain_n(chain)):
+            _lc.llama_sampler_apply(_lc.llama_sampler_chain_get(chain, stage), ctypes.byref(array))
+        if not 0 <= array.selected < array.size:
+            return None
+        chosen = array.data[array.selected]  # a stage may have moved `data` elsewhere
+        return None if chosen.logit == -math.inf else int(chosen.id)
+
+    def _load(self, logits: npt.NDArray[np.float32]) -> Any:
         data = self._data
         data[:] = self._fresh  # one copy, where three strided field writes cost twice as much
         data["logit"] = logits
         array = self._array
         array.data = self._pointer
         array.size, array.selected, array.sorted = len(data), -1, False
-        _lc.llama_sampler_apply(chain, ctypes.byref(array))
-        if not 0 <= array.selected < array.size:
-            return None
-        chosen = array.data[array.selected]  # a stage may have moved `data` elsewhere
-        return None if chosen.logit == -math.inf else int(chosen.id)
+        return array
 
 
 class Sampler:
     """A llama.cpp sampler chain for one request."""
 
+    fast_grammar = True  # a greedy grammar row checks the argmax first (tests compare)
+
     def __init__(self, model: LlamaModel, s: SamplerSettings, prompt: Sequence[int] = ()) -> None:
         self.settings = s  # batch_sampling decides from these whether the chain is needed
         self._candidates: _Candidates | None = None  # set with a grammar
+        self._grammar_at = 0  # the grammar's place in the chain
+        self._greedy = False  # the chain ends in greedy (after its grammar, if any)
         grammar = s.grammar.encode() if s.grammar is not None else None  # before any C
         chain = _lc.llama_sampler_chain_init(_lc.llama_sampler_chain_default_params())
         self._ptr = chain
@@ -966,10 +1007,12 @@ class Sampler:
             if not g:
                 self.close()
                 raise ValueError("; ".join(recent_log_errors()) or "the grammar does not parse")
+            self._grammar_at = int(_lc.llama_sampler_chain_n(chain))
             add(chain, g)
             self._candidates = _Candidates(model.n_vocab)
         if s.temperature <= 0.0:
             add(chain, _lc.llama_sampler_init_greedy())
+            self._greedy = True
             return
         for stage in s.order:
             if stage == "top_k" and s.top_k > 0:
@@ -990,7 +1033,11 @@ class Sampler:
         # llama_sampler_sample, with a look before the accept: it would pick a token
         # anyway (greedy the first, dist the last), and the grammar's accept of a token
         # it rejects aborts the process (GGML_ABORT, or a C++ exception through C).
-        chosen = self._candidates.apply(self._ptr, ctx.logits_row(index))
+        logits = ctx.logits_row(index)
+        if self._greedy and self.fast_grammar:
+            chosen = self._candidates.greedy(self._ptr, self._grammar_at, logits)
+        else:
+            chosen = self._candidates.apply(self._ptr, logits)
         if chosen is None:
             return NO_TOKEN
         _lc.llama_sampler_accept(self._ptr, chosen)
