@@ -298,6 +298,15 @@ def real_number(value: object) -> float | None:
     return None if math.isnan(number) else number
 
 
+def not_unicode(exc: UnicodeEncodeError, where: str) -> InvalidRequestError:
+    """The refusal of text UTF-8 cannot encode: a lone surrogate, which a JSON escape or
+    a Python str can hold."""
+    return InvalidRequestError(
+        f"{where} holds {exc.object[exc.start : exc.end]!r}, which is not valid Unicode "
+        "(a lone surrogate)"
+    )
+
+
 def shown(value: object) -> str:
     """`value` for an error message: short, and never the 4,300-digit int whose str()
     itself raises."""

@@ -174,16 +174,21 @@ def test_context_key_follow_up_only_prefills_the_new_suffix(smollm_path: Path) -
         assert second.text == uncached.text
 
 
+def _snapshot_endpoint(client: SippClient, path: Path, n_ctx: int, **store: int) -> EndpointRef:
+    """One slot of `n_ctx`, so every other conversation evicts the last into the store."""
+    return _endpoint(
+        client,
+        path,
+        "snap",
+        context=ContextRuntimeConfig(n_ctx=n_ctx, n_parallel=1),
+        cache=CacheRuntimeConfig(mode="snapshot", **store),  # type: ignore[arg-type]
+    )
+
+
 def test_snapshot_mode_restores_an_evicted_conversation(smollm_path: Path) -> None:
     conversation = [ChatMessage("user", "Write one sentence about the sea. " * 6)]
     with SippClient() as client:
-        ref = _endpoint(
-            client,
-            smollm_path,
-            "snap",
-            context=ContextRuntimeConfig(n_ctx=1024, n_parallel=1),
-            cache=CacheRuntimeConfig(mode="snapshot", max_snapshot_entries=4),
-        )
+        ref = _snapshot_endpoint(client, smollm_path, 1024, max_snapshot_entries=4)
         key = LocalTextOptions(context_key="sea")
         first = client.chat(conversation, endpoint=ref, options=GREEDY, local=key).result()
         # the only slot is taken over by another conversation: the first one is snapshotted
@@ -217,13 +222,7 @@ def test_restoring_a_snapshot_survives_the_save_that_would_drop_it(
     branch_a = "Branch A: " + "the quick brown fox jumps over the lazy dog " * 3
     branch_b = "Branch B: " + "a different sentence about trains and rails " * 3
     with SippClient() as client:
-        ref = _endpoint(
-            client,
-            smollm_path,
-            "snap",
-            context=ContextRuntimeConfig(n_ctx=256, n_parallel=1),
-            cache=CacheRuntimeConfig(mode="snapshot", max_snapshot_entries=entries),
-        )
+        ref = _snapshot_endpoint(client, smollm_path, 256, max_snapshot_entries=entries)
         runs = [
             client.query(
                 prompt, endpoint=ref, options=GREEDY, local=LocalTextOptions(context_key=key)
@@ -240,14 +239,8 @@ def test_restoring_a_snapshot_survives_the_save_that_would_drop_it(
 
 def test_snapshot_store_stays_within_its_bounds(smollm_path: Path) -> None:
     with SippClient() as client:
-        ref = _endpoint(
-            client,
-            smollm_path,
-            "snap",
-            context=ContextRuntimeConfig(n_ctx=512, n_parallel=1),
-            cache=CacheRuntimeConfig(
-                mode="snapshot", max_snapshot_entries=2, max_snapshot_bytes=8 << 20
-            ),
+        ref = _snapshot_endpoint(
+            client, smollm_path, 512, max_snapshot_entries=2, max_snapshot_bytes=8 << 20
         )
         for i in range(6):
             client.query(

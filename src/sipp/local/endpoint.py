@@ -29,7 +29,7 @@ from .._errors import (
     UnsupportedOperationError,
 )
 from .._runtime_config import SamplingRuntimeConfig
-from .._types import ChatMessage, SippEmbeddingResponse, SippTextResponse
+from .._types import ChatMessage, SippEmbeddingResponse, SippTextResponse, not_unicode
 from . import _llama
 from .chat_template import HERMES_OPEN
 from .images import load_image
@@ -137,10 +137,7 @@ class LocalEndpoint(Endpoint):
         try:
             yield
         except UnicodeEncodeError as exc:
-            raise InvalidRequestError(
-                f"text holds {exc.object[exc.start : exc.end]!r}, which is not valid Unicode "
-                "(a lone surrogate)"
-            ) from None
+            raise not_unicode(exc, "text") from None
         finally:
             with self._model_free:
                 self._model_users -= 1

@@ -25,6 +25,7 @@ from .._types import (
     TokenBatch,
     Usage,
     decode_image_data_url,
+    not_unicode,
 )
 from .errors import error_body
 from .sse import encode_sse
@@ -211,10 +212,7 @@ def load_json_object(body: bytes | str) -> dict[str, Any]:
         if (_SURROGATE_ESCAPE if text else _SURROGATE_ESCAPE_BYTES).search(body):  # type: ignore[arg-type]
             json.dumps(obj, ensure_ascii=False).encode("utf-8")  # a pair joined is fine
     except UnicodeEncodeError as exc:
-        raise InvalidRequestError(
-            f"request body holds {exc.object[exc.start : exc.end]!r}, which is not valid "
-            "Unicode (a lone surrogate)"
-        ) from None
+        raise not_unicode(exc, "request body") from None
     except _OutOfRange as exc:
         raise InvalidRequestError(str(exc)) from None
     except (ValueError, UnicodeDecodeError) as exc:
